@@ -1,0 +1,352 @@
+"""The aggregator: FedAsync, FedBuff and FedADT (either rule + KD correction) behind one API.
+
+    agg = Aggregator(model, rule=FedBuff(buffer_size=10), staleness=polynomial(0.5),
+                     correction=KDCorrection(proxy=x_proxy))
+    version, params = agg.pull()
+    receipt = agg.submit(delta, base_version=version, num_samples=64, client_id="c17")
+
+``submit`` is thread-safe. It validates the update (DESIGN.md section 7) and raises a subclass
+of ``fastagg.errors.InvalidUpdate`` on bad input, leaving the parameters, version, buffer and
+every counter but ``rejected[reason]`` unchanged. Accepted updates are written straight into a
+preallocated [capacity, P] buffer; when it is full (FedBuff: buffer_size, FedAsync:
+batch_size) they are corrected and merged in one fused pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from . import backends, errors, wire
+from . import rules as _rules
+from . import staleness as _staleness
+from .flat import ParamSpec, check_float, check_keys
+from .ops.merge import fused_merge
+from .version_store import VersionStore
+
+
+@dataclass(frozen=True)
+class Receipt:
+    seq: int  # order of acceptance: replaying accepted updates in seq order gives the same model
+    client_id: object
+    base_version: int
+    staleness: int  # staleness at merge time (t_merge - base_version)
+    status: str  # "buffered" or "merged"
+    version: int  # the global version after this submit returned
+
+
+@dataclass
+class _Pending:
+    seq: int
+    client_id: object
+    base_version: int
+    num_samples: int
+    staleness: int
+
+
+class Aggregator:
+    def __init__(self, model: torch.nn.Module, rule=None, staleness="polynomial", correction=None, *,
+                 max_staleness: int | None = None, max_update_norm: float | None = None,
+                 max_versions: int = 16, max_store_bytes: int = 2 << 30, on_evicted: str = "applied",
+                 device=None, backend: str = "auto"):
+        if on_evicted not in ("applied", "reject"):
+            raise ValueError(f"on_evicted must be 'applied' or 'reject', got {on_evicted!r}")
+        self.model = model
+        self.rule = _rules.resolve(rule or _rules.FedAsync())
+        self.staleness = _staleness.resolve(staleness)
+        self.correction = correction
+        self.max_staleness = max_staleness
+        self.max_update_norm = max_update_norm
+        self.on_evicted = on_evicted
+        self.spec = ParamSpec.from_module(model)
+        state = model.state_dict()
+        first = state[self.spec.names[0]]
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+        self.backend = backends.resolve(backend, self.device)
+        P = self.spec.numel
+        self.params = self.spec.flatten({n: state[n] for n in self.spec.names},
+                                        out=torch.empty(P, dtype=self.dtype, device=self.device))
+        self.version = 0
+        self._capacity = self.rule.capacity
+        self._deltas = torch.empty(self._capacity, P, dtype=self.dtype, device=self.device)
+        self._pending: list[_Pending] = []
+        self._momentum = None
+        self._needs_base = isinstance(self.rule, _rules.FedAsync) or (
+            correction is not None and correction.student == "client")
+        self.store = VersionStore(P, self.dtype, self.device, max_versions, max_store_bytes)
+        self.store.push(0, self.params)
+        if correction is not None:
+            correction.bind(model, self.spec, self.device, self.dtype, self.backend)
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._seen: set = set()
+        self._counters = collections.Counter()
+        self._rejected = collections.Counter()
+        self._hist = collections.Counter()
+        self._last_lambda = None
+
+    # -- clients' side -----------------------------------------------------------------------
+    def pull(self, flat: bool = False):
+        """(version, parameters): a copy, as {name: tensor} or as the flat [P] vector."""
+        with self._lock:
+            if flat:
+                return self.version, self.params.clone()
+            return self.version, {k: v.clone() for k, v in self.spec.unflatten(self.params).items()}
+
+    def pull_bytes(self) -> bytes:
+        """The current model in the wire format (safetensors, version in the metadata)."""
+        with self._lock:
+            return wire.encode_model(self.spec.unflatten(self.params), self.version)
+
+    def submit(self, update, base_version: int | None = None, num_samples: int | None = None,
+               client_id=None) -> Receipt:
+        """Validate and accept one update (a delta against ``base_version``).
+
+        ``update``: {name: tensor} with exactly the model's floating keys, a flat [P] tensor, a
+        list of arrays in state_dict order, or safetensors bytes (see fastagg.wire), whose
+        metadata may carry base_version / num_samples / client_id.
+        """
+        try:
+            if isinstance(update, (bytes, bytearray, memoryview)):
+                update, meta = wire.decode_update(update)
+                base_version = meta.get("base_version") if base_version is None else base_version
+                num_samples = meta.get("num_samples") if num_samples is None else num_samples
+                client_id = meta.get("client_id") if client_id is None else client_id
+            base_version, num_samples = _check_args(base_version, num_samples)
+            with self._lock:
+                return self._accept(update, base_version, num_samples, client_id)
+        except errors.InvalidUpdate as exc:
+            with self._lock:
+                self._rejected[exc.reason] += 1
+            raise
+
+    def _accept(self, update, base_version, num_samples, client_id):
+        if base_version > self.version:
+            raise errors.FutureVersionError(f"base version {base_version} is newer than the server's {self.version}")
+        if client_id is not None and (client_id, base_version) in self._seen:
+            raise errors.DuplicateUpdateError(
+                f"client {client_id!r} already submitted an update on version {base_version}")
+        offset = len(self._pending) if isinstance(self.rule, _rules.FedAsync) else 0
+        s = self.version + offset - base_version
+        if self.max_staleness is not None and s > self.max_staleness:
+            raise errors.StaleUpdateError(f"staleness {s} exceeds max_staleness={self.max_staleness}")
+        if self._needs_base and base_version not in self.store and self.on_evicted == "reject":
+            raise errors.EvictedVersionError(
+                f"base version {base_version} is not in the version store (holds {self.store.versions[:1]}.."
+                f"{self.store.versions[-1:]}) and on_evicted='reject'")
+        row = self._deltas[len(self._pending)]  # scratch until committed below
+        self._write_row(update, row)
+        if not bool(torch.isfinite(row).all()):
+            raise errors.NonFiniteUpdateError("update holds NaN or Inf")
+        if self.max_update_norm is not None:
+            norm = float(row.norm())
+            if norm > self.max_update_norm:
+                raise errors.UpdateNormError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
+        # -- commit: nothing below raises on bad input
+        seq = self._seq
+        self._seq += 1
+        if client_id is not None:
+            self._seen.add((client_id, base_version))
+        self._pending.append(_Pending(seq, client_id, base_version, num_samples, s))
+        self._counters["accepted"] += 1
+        status = "buffered"
+        if len(self._pending) == self._capacity:
+            self._merge_pending()
+            status = "merged"
+        return Receipt(seq, client_id, base_version, s, status, self.version)
+
+    def _write_row(self, update, row):
+        spec = self.spec
+        if isinstance(update, torch.Tensor):
+            if update.dim() != 1 or update.numel() != spec.numel:
+                raise errors.UpdateShapeError(f"a flat update must have shape ({spec.numel},), got {tuple(update.shape)}")
+            check_float("flat update", update.dtype)
+            row.copy_(update)
+        elif isinstance(update, dict):
+            check_keys(spec, update)
+            for name, shape, off, n in spec.items():
+                t = update[name]
+                t = t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t))
+                if tuple(t.shape) != shape:
+                    raise errors.UpdateShapeError(f"{name!r} has shape {tuple(t.shape)}, expected {shape}")
+                check_float(name, t.dtype)
+                row[off:off + n].copy_(t.reshape(-1))
+        elif isinstance(update, (list, tuple)):
+            if len(update) != len(spec):
+                raise errors.UpdateKeysError(f"got {len(update)} arrays, the model has {len(spec)} tensors")
+            for (name, shape, off, n), arr in zip(spec.items(), update):
+                t = torch.as_tensor(np.asarray(arr))
+                if tuple(t.shape) != shape:
+                    raise errors.UpdateShapeError(f"array {name!r} has shape {tuple(t.shape)}, expected {shape}")
+                check_float(name, t.dtype)
+                row[off:off + n].copy_(t.reshape(-1))
+        else:
+            raise errors.MalformedUpdateError(
+                f"unsupported update type {type(update).__name__}: pass a state_dict, a flat tensor, "
+                "a list of arrays or safetensors bytes")
+
+    # -- merging -----------------------------------------------------------------------------
+    def flush(self) -> int:
+        """Merge whatever is buffered now (a partial FedBuff buffer included). Returns the version."""
+        with self._lock:
+            if self._pending:
+                self._merge_pending()
+            return self.version
+
+    def _merge_pending(self):
+        pend = self._pending
+        K = len(pend)
+        D = self._deltas[:K]
+        t0 = self.version
+        w = [float(self.staleness(p.staleness)) for p in pend]
+        slots = [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
+        fallbacks = sum(1 for s in slots if s is None) if self._needs_base else 0
+
+        corr_idx, corr_rows, corr_scale = [], None, None
+        if self.correction is not None:
+            corr = self.correction
+            teacher = corr.teacher(self.params, t0)
+            self._last_lambda = float(corr.schedule(t0, teacher))
+            lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
+            corr_idx = [k for k in range(K) if lam[k] > 0]
+            if corr_idx:
+                idx = torch.tensor(corr_idx, device=self.device)
+                if corr.student == "client":
+                    base = torch.stack([self.store.rows[slots[k]] if slots[k] is not None else self.params
+                                        for k in corr_idx])
+                else:
+                    base = self.params.expand(len(corr_idx), -1)
+                deltas = D.index_select(0, idx)
+                corr_rows, corr_scale = corr.correct(base + deltas, deltas, [lam[k] for k in corr_idx], teacher)
+                corr_scale = corr_scale.double().cpu().tolist()
+                self._counters["corrected"] += len(corr_idx)
+
+        if isinstance(self.rule, _rules.FedAsync):
+            c0, coefs = self.rule.coefficients(w)
+            base_idx = [s for s in slots if s is not None]
+            base_coef = [coefs[k] for k in range(K) if slots[k] is not None]
+            c0 += sum(coefs[k] for k in range(K) if slots[k] is None)  # evicted base: theta_t0 stands in
+            groups = [(D, coefs, None), (self.store.rows, base_coef, base_idx)]
+            if corr_idx:
+                groups.append((corr_rows, [-coefs[k] * sc for k, sc in zip(corr_idx, corr_scale)], None))
+            fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
+            self.version += K
+        else:
+            rule = self.rule
+            a = rule.coefficients(w, [p.num_samples for p in pend])
+            if rule.momentum > 0:
+                if self._momentum is None:
+                    self._momentum = torch.zeros_like(self.params)
+                groups = [(D, a, None)]
+                if corr_idx:
+                    groups.append((corr_rows, [-a[k] * sc for k, sc in zip(corr_idx, corr_scale)], None))
+                fused_merge(self._momentum, rule.momentum, groups, out=self._momentum, backend=self.backend)
+                fused_merge(self.params, 1.0, [(self._momentum[None], [rule.server_lr], None)],
+                            out=self.params, backend=self.backend)
+            else:
+                coefs = [rule.server_lr * x for x in a]
+                groups = [(D, coefs, None)]
+                if corr_idx:
+                    groups.append((corr_rows, [-coefs[k] * sc for k, sc in zip(corr_idx, corr_scale)], None))
+                fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
+            self.version += 1
+        self.store.push(self.version, self.params)
+        self._counters["merged"] += K
+        self._counters["fallbacks"] += fallbacks
+        for p in pend:
+            self._hist[p.staleness] += 1
+        self._pending = []
+
+    # -- inspection and checkpoints ----------------------------------------------------------
+    def stats(self) -> dict:
+        with self._lock:
+            merged = self._counters["merged"]
+            mean_s = (sum(s * n for s, n in self._hist.items()) / merged) if merged else 0.0
+            return {
+                "version": self.version,
+                "accepted": self._counters["accepted"],
+                "merged": merged,
+                "buffered": len(self._pending),
+                "rejected": dict(self._rejected),
+                "rejected_total": sum(self._rejected.values()),
+                "corrected": self._counters["corrected"],
+                "fallbacks": self._counters["fallbacks"],
+                "staleness_histogram": dict(sorted(self._hist.items())),
+                "mean_staleness": mean_s,
+                "lambda": self._last_lambda,
+                "teacher_forwards": self.correction.teacher_forwards if self.correction else 0,
+                "backend": self.backend,
+                "store": {"versions": len(self.store.versions), "capacity": self.store.capacity,
+                          "bytes_reserved": self.store.nbytes, "bytes_used": self.store.used_bytes(),
+                          "evictions": self.store.evictions},
+            }
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: parameters, version, buffer, momentum,
+        version store, duplicate-detection set and counters."""
+        with self._lock:
+            return {
+                "format": "fastagg-aggregator-1",
+                "version": self.version,
+                "params": self.params.clone(),
+                "pending_deltas": self._deltas[:len(self._pending)].clone(),
+                "pending": [asdict(p) for p in self._pending],
+                "momentum": None if self._momentum is None else self._momentum.clone(),
+                "store": self.store.state_dict(),
+                "seq": self._seq,
+                "seen": sorted(self._seen, key=repr),
+                "counters": dict(self._counters),
+                "rejected": dict(self._rejected),
+                "staleness_histogram": dict(self._hist),
+                "last_lambda": self._last_lambda,
+            }
+
+    def load_state_dict(self, state: dict):
+        if state.get("format") != "fastagg-aggregator-1":
+            raise ValueError("not a fastagg aggregator checkpoint")
+        if state["params"].numel() != self.spec.numel:
+            raise ValueError(f"checkpoint has {state['params'].numel()} parameters, the model {self.spec.numel}")
+        if len(state["pending"]) > self._capacity:
+            raise ValueError(f"checkpoint buffers {len(state['pending'])} updates, this rule holds {self._capacity}")
+        with self._lock:
+            self.params.copy_(state["params"])
+            self.version = int(state["version"])
+            n = len(state["pending"])
+            self._deltas[:n].copy_(state["pending_deltas"])
+            self._pending = [_Pending(**p) for p in state["pending"]]
+            self._momentum = None if state["momentum"] is None else state["momentum"].to(self.params).clone()
+            self.store.load_state_dict(state["store"])
+            self._seq = int(state["seq"])
+            self._seen = {tuple(x) for x in state["seen"]}
+            self._counters = collections.Counter(state["counters"])
+            self._rejected = collections.Counter(state["rejected"])
+            self._hist = collections.Counter(state["staleness_histogram"])
+            self._last_lambda = state["last_lambda"]
+            if self.correction is not None:
+                self.correction.invalidate()
+
+    def load_into(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Copy the global parameters into ``model`` (default: the model given at construction)."""
+        model = model or self.model
+        with self._lock, torch.no_grad():
+            state = model.state_dict()
+            for name, view in self.spec.unflatten(self.params).items():
+                state[name].copy_(view)
+        return model
+
+
+def _check_args(base_version, num_samples):
+    if base_version is None:
+        raise errors.BadArgumentError("base_version is required (the version the client trained on)")
+    if isinstance(base_version, bool) or not isinstance(base_version, (int, np.integer)) or base_version < 0:
+        raise errors.BadArgumentError(f"base_version must be a non-negative int, got {base_version!r}")
+    if num_samples is None:
+        num_samples = 1
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise errors.BadArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
+    return int(base_version), int(num_samples)

@@ -1,0 +1,85 @@
+"""Backend dispatch for the fused ops (DESIGN.md section 3).
+
+``backend="auto"``: triton for CUDA tensors, else cpp if the extension was built, else numba,
+else torch. Asking for a backend that is not available raises ``BackendUnavailable`` with the
+reason; fastagg never falls back silently from an explicitly requested backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp", "numba")
+_OPS = ("fused_merge", "kd_loss_grad")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _probe(name):
+    """(available, reason) for a backend on this machine."""
+    if name == "torch":
+        return True, "always available"
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except Exception as exc:  # ImportError, or a broken install
+            return False, f"triton cannot be imported: {exc}"
+        if torch.cuda.is_available():
+            return True, "CUDA device present"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "CPU tensors through TRITON_INTERPRET=1 (slow; for tests)"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU for tests)"
+    if name in ("cpp", "numba"):
+        try:
+            mod = importlib.import_module(f"fastagg.cpu_{name}")
+        except Exception as exc:
+            return False, f"fastagg.cpu_{name} cannot be imported: {exc}"
+        return mod.available()
+    return False, f"unknown backend {name!r}"
+
+
+def available() -> dict:
+    return {name: _probe(name) for name in BACKENDS}
+
+
+def resolve(backend: str, device) -> str:
+    device = torch.device(device)
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
+        return backend
+    order = ("triton", "torch") if device.type == "cuda" else ("cpp", "numba", "torch")
+    for name in order:
+        if _probe(name)[0]:
+            return name
+    return "torch"
+
+
+def _impl(op, name):
+    if name == "torch":
+        mod = importlib.import_module(f"fastagg.ops.{ {'fused_merge': 'merge', 'kd_loss_grad': 'kd_loss'}[op] }")
+        return getattr(mod, f"{op}_reference")
+    if name == "triton":
+        mod = importlib.import_module(f"fastagg.kernels.{ {'fused_merge': 'merge', 'kd_loss_grad': 'kd_loss'}[op] }")
+        return getattr(mod, op)
+    mod = importlib.import_module(f"fastagg.cpu_{name}")
+    return getattr(mod, op)
+
+
+_cache: dict = {}
+
+
+def get(op: str, backend: str, device):
+    name = resolve(backend, device)
+    key = (op, name)
+    if key not in _cache:
+        ok, why = _probe(name)
+        if not ok:
+            raise BackendUnavailable(f"backend {name!r} is not available: {why}")
+        _cache[key] = _impl(op, name)
+    return _cache[key]

@@ -1,0 +1,202 @@
+"""FedADT: correct stale updates by knowledge distillation from the latest global model.
+
+Teacher: the global model theta_t on the proxy inputs X, p_T = softmax(f(theta_t, X) / T),
+cached once per version (``teacher_forwards`` counts the forwards).
+
+Student: ``"client"`` theta_s = theta_tau + delta (needs the version store), ``"applied"``
+theta_s = theta_t + delta.
+
+KD loss: L(theta_s) = T^2 * mean_x KL(p_T(x) || softmax(f(theta_s, x) / T)); g = dL/dtheta_s.
+Correction of one update with weight lam = lambda(t) * c(s):
+  step="absolute": each of ``steps`` steps moves the student by  eta * lam * g
+  step="relative": each step moves it by  rho * lam * ||delta|| / steps  along  g / ||g||
+and the corrected update is delta' = delta - (sum of the steps). fastagg returns the sum as
+``rows`` [K, P] and a per-client ``scale`` [K] with delta' = delta - scale * rows, so that a
+one-step correction's scale folds into the merge coefficients.
+
+The K students of a buffer are corrected together: one vmap'd forward over their stacked
+parameters, the fused KD loss+gradient op on the [K*N, C] logits, and one vjp back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, vjp, vmap
+
+from . import schedules as _schedules
+from . import staleness as _staleness
+from .ops.kd_loss import kd_loss_grad
+
+
+@dataclass
+class Teacher:
+    version: int
+    probs: torch.Tensor  # [N, C]
+    confidence: float  # (mean max p_T - 1/C) / (1 - 1/C)
+    accuracy: float | None  # on labelled proxy data, else None
+
+
+class KDCorrection:
+    """Configuration and engine of the KD correction. Pass it to ``Aggregator(correction=...)``.
+
+    Defaults were chosen by the experiments in docs/results.md (see README).
+    """
+
+    def __init__(self, proxy, *, temperature=3.0, schedule="teacher_confidence", step="relative",
+                 eta=0.05, rho=1.0, steps=5, student="client", min_staleness=1,
+                 staleness_factor="grows", factor_staleness=None, proxy_labels=None):
+        if proxy is None:
+            raise ValueError("KD correction needs unlabeled proxy inputs: pass proxy=<tensor [N, ...]> "
+                             "(e.g. a small held-out slice of the training distribution)")
+        proxy = torch.as_tensor(proxy)
+        if proxy.dim() < 1 or proxy.shape[0] == 0:
+            raise ValueError(f"proxy must be a non-empty batch of inputs, got shape {tuple(proxy.shape)}")
+        if step not in ("absolute", "relative"):
+            raise ValueError(f"step must be 'absolute' or 'relative', got {step!r}")
+        if student not in ("client", "applied"):
+            raise ValueError(f"student must be 'client' or 'applied', got {student!r}")
+        if staleness_factor not in ("none", "grows"):
+            raise ValueError(f"staleness_factor must be 'none' or 'grows', got {staleness_factor!r}")
+        if temperature <= 0 or steps < 1:
+            raise ValueError("temperature must be > 0 and steps >= 1")
+        self.proxy = proxy
+        self.proxy_labels = None if proxy_labels is None else torch.as_tensor(proxy_labels)
+        self.temperature = float(temperature)
+        self.schedule = _schedules.resolve(schedule)
+        if getattr(self.schedule, "needs_labels", False) and self.proxy_labels is None:
+            raise ValueError("the teacher_accuracy schedule needs proxy_labels=")
+        self.step, self.eta, self.rho, self.steps = step, float(eta), float(rho), int(steps)
+        self.student = student
+        self.min_staleness = int(min_staleness)
+        self.staleness_factor = staleness_factor
+        self.factor_staleness = _staleness.resolve(factor_staleness or _staleness.polynomial(0.5))
+        self.teacher_forwards = 0
+        self._teacher: Teacher | None = None
+        self.model = self.spec = None
+        self.backend = "torch"
+
+    # -- binding ---------------------------------------------------------------------------
+    def bind(self, model, spec, device, dtype, backend="torch"):
+        self.model, self.spec, self.backend = model, spec, backend
+        self.proxy = self.proxy.to(device=device, dtype=dtype if self.proxy.is_floating_point() else None)
+        if self.proxy_labels is not None:
+            self.proxy_labels = self.proxy_labels.to(device)
+
+    def _forward(self, params: dict, x):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return functional_call(self.model, params, (x,))
+        finally:
+            self.model.train(was_training)
+
+    # -- teacher ---------------------------------------------------------------------------
+    def teacher(self, theta: torch.Tensor, version: int) -> Teacher:
+        if self._teacher is not None and self._teacher.version == version:
+            return self._teacher
+        with torch.no_grad():
+            logits = self._forward(self.spec.unflatten(theta), self.proxy)
+        self.teacher_forwards += 1
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if theta.dtype == torch.float64:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+        C = probs.shape[-1]
+        conf = float((probs.max(dim=-1).values.mean() - 1.0 / C) / (1.0 - 1.0 / C))
+        acc = None
+        if self.proxy_labels is not None:
+            acc = float((logits.argmax(-1) == self.proxy_labels).float().mean())
+        self._teacher = Teacher(version, probs, max(conf, 0.0), acc)
+        return self._teacher
+
+    def invalidate(self):
+        self._teacher = None
+
+    def weight(self, version: int, teacher: Teacher, staleness: int) -> float:
+        """lambda_i = lambda(t) * c(s_i); 0 below ``min_staleness``."""
+        if staleness < self.min_staleness:
+            return 0.0
+        c = 1.0 if self.staleness_factor == "none" else 1.0 - float(self.factor_staleness(staleness))
+        return float(self.schedule(version, teacher)) * c
+
+    # -- gradients -------------------------------------------------------------------------
+    def student_grads(self, students: torch.Tensor, teacher: Teacher):
+        """KD loss [K] and gradient [K, P] (zeros for buffers) of K stacked students [K, P]."""
+        spec, K = self.spec, students.shape[0]
+        views = spec.unflatten(students)
+        trainable = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr}
+        frozen = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr}
+        x = self.proxy
+
+        def one(p, b):
+            return self._forward({**p, **b}, x)
+
+        def batched(p):
+            return vmap(one, in_dims=(0, 0))(p, frozen)
+
+        logits, pullback = vjp(batched, trainable)
+        N, C = teacher.probs.shape
+        loss, glogits = kd_loss_grad(logits.reshape(K * N, C), teacher.probs, self.temperature, self.backend)
+        (grads,) = pullback(glogits.view_as(logits).to(logits.dtype))
+        out = torch.zeros_like(students)
+        for name, shape, off, n in spec.items():
+            if name in grads:
+                out[:, off:off + n] = grads[name].reshape(K, n)
+        return loss, out
+
+    def correct(self, students: torch.Tensor, deltas: torch.Tensor, weights, teacher: Teacher,
+                grad_fn=None):
+        """Correction rows [K, P] and scale [K] such that delta' = delta - scale[:, None] * rows."""
+        grad_fn = grad_fn or (lambda s: self.student_grads(s, teacher)[1])
+        lam = torch.as_tensor(weights, dtype=students.dtype, device=students.device)
+        dnorm = deltas.norm(dim=1)
+        if self.steps == 1:
+            g = grad_fn(students)
+            if self.step == "absolute":
+                scale = self.eta * lam
+            else:
+                gnorm = g.norm(dim=1)
+                scale = torch.where(gnorm > 0, self.rho * lam * dnorm / gnorm.clamp_min(1e-30), torch.zeros_like(gnorm))
+            return g, scale
+        total = torch.zeros_like(students)
+        s = students.clone()
+        for _ in range(self.steps):
+            g = grad_fn(s)
+            if self.step == "absolute":
+                step = (self.eta * lam)[:, None] * g
+            else:
+                gnorm = g.norm(dim=1, keepdim=True)
+                coef = (self.rho * lam * dnorm / self.steps)[:, None] / gnorm.clamp_min(1e-30)
+                step = torch.where(gnorm > 0, coef * g, torch.zeros_like(g))
+            total += step
+            s -= step
+        return total, torch.ones_like(lam)
+
+    def correct_loop(self, students, deltas, weights, teacher):
+        """Test oracle: the same correction, client by client, with plain autograd of the
+        explicit formula T^2 * mean KL(p_T || softmax(z / T))."""
+        rows, scales = [], []
+        for k in range(students.shape[0]):
+            r, sc = self.correct(students[k:k + 1], deltas[k:k + 1], [float(weights[k])], teacher,
+                                 grad_fn=lambda s: self._loop_grad(s, teacher))
+            rows.append(r)
+            scales.append(sc)
+        return torch.cat(rows), torch.cat(scales)
+
+    def _loop_grad(self, students, teacher):
+        out = torch.zeros_like(students)
+        T = self.temperature
+        for k in range(students.shape[0]):
+            params = {n: t.detach().clone().requires_grad_(tr) for (n, t), tr
+                      in zip(self.spec.unflatten(students[k]).items(), self.spec.trainable)}
+            z = self._forward(params, self.proxy)
+            p = teacher.probs.to(z.dtype)
+            loss = T * T * (torch.xlogy(p, p) - p * torch.log_softmax(z / T, dim=-1)).sum(-1).mean()
+            names = [n for n, tr in zip(self.spec.names, self.spec.trainable) if tr]
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            gd = dict(zip(names, grads))
+            for name, shape, off, n in self.spec.items():
+                if name in gd:
+                    out[k, off:off + n] = gd[name].reshape(-1)
+        return out

@@ -1,0 +1,68 @@
+"""The wire format: safetensors (no pickle; never ``torch.load`` untrusted bytes).
+
+A client update is a safetensors payload whose tensors are the delta (named as in the model's
+state_dict) and whose metadata carries ``base_version``, ``num_samples`` and ``client_id``
+as strings. A model sent to a client carries ``version`` in its metadata.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from . import errors
+
+FORMAT = "fastagg-update-1"
+
+
+def encode_update(delta: dict, *, base_version: int, num_samples: int = 1, client_id=None) -> bytes:
+    """Client side: serialise a delta {name: tensor} with its base version and sample count."""
+    meta = {"format": FORMAT, "base_version": str(int(base_version)), "num_samples": str(int(num_samples))}
+    if client_id is not None:
+        meta["client_id"] = str(client_id)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in delta.items()}
+    return _st_save(tensors, metadata=meta)
+
+
+def decode_update(payload: bytes) -> tuple[dict, dict]:
+    """Server side: bytes -> ({name: tensor}, metadata). Raises MalformedUpdateError."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise errors.MalformedUpdateError(f"expected bytes, got {type(payload).__name__}")
+    try:
+        tensors = _st_load(bytes(payload))
+        meta = _read_metadata(bytes(payload))
+    except errors.InvalidUpdate:
+        raise
+    except Exception as exc:  # safetensors raises its own error types, and struct/json errors
+        raise errors.MalformedUpdateError(f"not a valid safetensors payload: {exc}") from None
+    parsed = {}
+    for key, conv in (("base_version", int), ("num_samples", int), ("client_id", str)):
+        if key in meta:
+            try:
+                parsed[key] = conv(meta[key])
+            except ValueError:
+                raise errors.MalformedUpdateError(f"metadata {key}={meta[key]!r} is not a valid {conv.__name__}") from None
+    return tensors, parsed
+
+
+def _read_metadata(payload: bytes) -> dict:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8:8 + n])
+    return header.get("__metadata__", {}) or {}
+
+
+def encode_model(state: dict, version: int) -> bytes:
+    return _st_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata={"version": str(version)})
+
+
+def decode_model(payload: bytes) -> tuple[int, dict]:
+    tensors = _st_load(bytes(payload))
+    return int(_read_metadata(bytes(payload))["version"]), tensors
+
+
+def to_tensor_dict(obj) -> dict:
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in obj.items()}
