@@ -304,6 +304,7 @@ class Aggregator:
                 "rejected": dict(self._rejected),
                 "staleness_histogram": dict(self._hist),
                 "last_lambda": self._last_lambda,
+                "teacher_forwards": self.correction.teacher_forwards if self.correction else 0,
             }
 
     def load_state_dict(self, state: dict):
@@ -329,6 +330,7 @@ class Aggregator:
             self._last_lambda = state["last_lambda"]
             if self.correction is not None:
                 self.correction.invalidate()
+                self.correction.teacher_forwards = int(state.get("teacher_forwards", 0))
 
     def load_into(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
         """Copy the global parameters into ``model`` (default: the model given at construction)."""

@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+
+def mlp(d_in=6, hidden=9, classes=5, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, classes)).to(dtype)
+
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = torch.nn.Linear(3 * 5 * 5, classes)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def cnn(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return TinyCNN().to(dtype)
+
+
+def random_delta(agg, scale=0.1, gen=None):
+    return torch.randn(agg.spec.numel, dtype=agg.dtype, generator=gen) * scale
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))

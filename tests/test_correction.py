@@ -1,0 +1,169 @@
+"""KD correction (FedADT) against float64 autograd of the explicit formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastagg
+from fastagg import staleness
+
+from conftest import cnn, mlp
+
+
+def _bound(model, proxy, **kw):
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=fastagg.KDCorrection(proxy, **kw))
+    return agg, agg.correction
+
+
+def _explicit_kd_grad(model, spec, flat, teacher_logits, T):
+    """float64 autograd of T^2 * mean_x KL(softmax(t/T) || softmax(z/T)) via F.kl_div."""
+    params = {n: v.detach().clone().requires_grad_(True) for n, v in spec.unflatten(flat).items()}
+    z = torch.func.functional_call(model, params, (PROXY[0],))
+    p = torch.softmax(teacher_logits / T, -1)
+    loss = T * T * F.kl_div(torch.log_softmax(z / T, -1), p, reduction="batchmean")
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+PROXY = [None]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_kd_gradient_matches_float64_autograd(kind, rng):
+    if kind == "mlp":
+        model, proxy = mlp(dtype=torch.float64), torch.randn(13, 6, dtype=torch.float64, generator=rng)
+    else:
+        model, proxy = cnn(dtype=torch.float64), torch.randn(7, 2, 5, 5, dtype=torch.float64, generator=rng)
+    PROXY[0] = proxy
+    T = 2.5
+    agg, corr = _bound(model, proxy, temperature=T)
+    teacher = corr.teacher(agg.params, 0)
+    with torch.no_grad():
+        teacher_logits = torch.func.functional_call(model, agg.spec.unflatten(agg.params), (proxy,))
+    K = 3
+    students = agg.params + 0.5 * torch.randn(K, agg.spec.numel, dtype=torch.float64, generator=rng)
+    loss, grads = corr.student_grads(students, teacher)
+    for k in range(K):
+        ref_loss, ref_grad = _explicit_kd_grad(model, agg.spec, students[k], teacher_logits, T)
+        assert torch.allclose(loss[k], ref_loss, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(grads[k], ref_grad, rtol=1e-9, atol=1e-12)
+        assert ref_grad.abs().max() > 1e-4  # a real gradient, not zeros
+
+
+@pytest.mark.parametrize("step,steps", [("absolute", 1), ("relative", 1), ("absolute", 3), ("relative", 4)])
+def test_vmap_batch_equals_per_client_loop(step, steps, rng):
+    model = mlp(dtype=torch.float64)
+    proxy = torch.randn(10, 6, dtype=torch.float64, generator=rng)
+    agg, corr = _bound(model, proxy, step=step, steps=steps, eta=0.3, rho=0.7)
+    teacher = corr.teacher(agg.params, 0)
+    K = 5
+    deltas = 0.4 * torch.randn(K, agg.spec.numel, dtype=torch.float64, generator=rng)
+    students = agg.params + deltas
+    lam = torch.rand(K, dtype=torch.float64, generator=rng).tolist()
+    rows, scale = corr.correct(students, deltas, lam, teacher)
+    rows_ref, scale_ref = corr.correct_loop(students, deltas, lam, teacher)
+    got = deltas - scale[:, None] * rows
+    ref = deltas - scale_ref[:, None] * rows_ref
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+    assert (got - deltas).abs().max() > 1e-6
+
+
+def test_relative_step_moves_by_rho_lambda_delta_norm(rng):
+    model = mlp(dtype=torch.float64)
+    proxy = torch.randn(10, 6, dtype=torch.float64, generator=rng)
+    agg, corr = _bound(model, proxy, step="relative", steps=1, rho=0.5)
+    teacher = corr.teacher(agg.params, 0)
+    deltas = torch.randn(2, agg.spec.numel, dtype=torch.float64, generator=rng)
+    rows, scale = corr.correct(agg.params + deltas, deltas, [0.8, 0.3], teacher)
+    moved = (scale[:, None] * rows).norm(dim=1)
+    assert torch.allclose(moved, torch.tensor([0.4, 0.15], dtype=torch.float64) * deltas.norm(dim=1))
+
+
+def test_teacher_forward_runs_once_per_version(rng):
+    model = mlp()
+    proxy = torch.randn(16, 6, generator=rng)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=fastagg.KDCorrection(proxy, min_staleness=0, staleness_factor="none"))
+    for i in range(20):
+        agg.submit(0.05 * torch.randn(agg.spec.numel, generator=rng), base_version=max(0, agg.version - 1))
+    st = agg.stats()
+    assert st["version"] == 5 and st["merged"] == 20
+    assert st["teacher_forwards"] == 5  # one per merged version, not one per client
+    assert st["corrected"] == 20
+
+
+def test_min_staleness_and_grows_factor(rng):
+    model = mlp()
+    proxy = torch.randn(8, 6, generator=rng)
+    corr = fastagg.KDCorrection(proxy, schedule=fastagg.schedules.constant(2.0), min_staleness=2,
+                                staleness_factor="grows", factor_staleness=staleness.polynomial(0.5))
+    fastagg.Aggregator(model, fastagg.FedBuff(2), correction=corr)
+    assert corr.weight(10, None, 0) == 0.0 and corr.weight(10, None, 1) == 0.0
+    assert corr.weight(10, None, 3) == pytest.approx(2.0 * (1 - 4 ** -0.5))
+    corr.staleness_factor = "none"
+    assert corr.weight(10, None, 3) == 2.0
+
+
+def test_fresh_updates_are_not_corrected(rng):
+    """min_staleness=1: a buffer of fresh updates merges exactly as plain FedBuff."""
+    model = mlp(dtype=torch.float64)
+    proxy = torch.randn(8, 6, dtype=torch.float64, generator=rng)
+    plain = fastagg.Aggregator(model, fastagg.FedBuff(3))
+    kd = fastagg.Aggregator(model, fastagg.FedBuff(3), correction=fastagg.KDCorrection(proxy))
+    for _ in range(3):
+        d = torch.randn(plain.spec.numel, dtype=torch.float64, generator=rng)
+        plain.submit(d, base_version=0)
+        kd.submit(d, base_version=0)
+    assert torch.equal(plain.params, kd.params)
+    assert kd.stats()["corrected"] == 0
+
+
+def test_correction_reduces_kl_to_latest_global_model(rng):
+    """Toy two-client problem: the global model moves on with a fresh client; a very stale
+    client's corrected update lands closer (in KL on held-out inputs) to the latest model."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = mlp(d_in=6, hidden=16, classes=5, dtype=torch.float64)
+    proxy = torch.randn(64, 6, dtype=torch.float64)
+    held_out = torch.randn(256, 6, dtype=torch.float64)
+    corr = fastagg.KDCorrection(proxy, schedule=fastagg.schedules.constant(1.0), step="relative",
+                                rho=1.0, steps=5, staleness_factor="none")
+    agg = fastagg.Aggregator(model, fastagg.FedAsync(0.9), staleness="constant", correction=corr)
+    P = agg.spec.numel
+    fresh_dir = torch.randn(P, dtype=torch.float64)
+    for _ in range(8):  # the fresh client moves the global model far from version 0
+        agg.submit(0.3 * fresh_dir + 0.05 * torch.randn(P, dtype=torch.float64), base_version=agg.version)
+    stale_delta = 0.3 * torch.randn(P, dtype=torch.float64)
+    teacher = corr.teacher(agg.params, agg.version)
+    base = agg.store.get(0)
+    rows, scale = corr.correct((base + stale_delta)[None], stale_delta[None], [1.0], teacher)
+    corrected = stale_delta - scale[0] * rows[0]
+
+    def kl_to_global(flat):
+        f = lambda th: torch.func.functional_call(model, agg.spec.unflatten(th), (held_out,))
+        return F.kl_div(torch.log_softmax(f(flat), -1), torch.softmax(f(agg.params), -1), reduction="batchmean")
+
+    assert kl_to_global(base + corrected) < 0.8 * kl_to_global(base + stale_delta)
+
+
+def test_fedadt_end_to_end_uses_teacher_at_batch_start(rng):
+    """FedAsync batch with correction == the merge formula with deltas corrected against theta_0."""
+    model = mlp(dtype=torch.float64)
+    proxy = torch.randn(9, 6, dtype=torch.float64, generator=rng)
+    mk = lambda: fastagg.KDCorrection(proxy, step="absolute", eta=0.5, steps=1,
+                                      schedule=fastagg.schedules.constant(1.0), staleness_factor="none")
+    agg = fastagg.Aggregator(model, fastagg.FedAsync(0.5, batch_size=3), staleness="constant", correction=mk())
+    agg.submit(0.1 * torch.randn(agg.spec.numel, dtype=torch.float64, generator=rng), base_version=0)
+    agg.flush()  # version 1
+    theta0 = agg.params.clone()
+    ds = [0.1 * torch.randn(agg.spec.numel, dtype=torch.float64, generator=rng) for _ in range(3)]
+    for d in ds:
+        agg.submit(d, base_version=0)
+    # reference: every update stale (s = 1, 2, 3), corrected once against the teacher theta0
+    ref_corr = mk()
+    fastagg.Aggregator(model, fastagg.FedAsync(0.5), correction=ref_corr)
+    teacher = ref_corr.teacher(theta0, 1)
+    base = agg.store.get(0)
+    theta = theta0.clone()
+    for d in ds:
+        g = ref_corr._loop_grad((base + d)[None], teacher)[0]
+        theta = 0.5 * theta + 0.5 * (base + d - 0.5 * g)
+    assert torch.allclose(agg.params, theta, rtol=0, atol=1e-12)

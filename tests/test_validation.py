@@ -1,0 +1,130 @@
+"""Every bad input: a specific error, and nothing but the rejection counter changes."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastagg
+from fastagg import errors
+
+from conftest import mlp
+
+
+def _agg(**kw):
+    model = mlp()
+    proxy = torch.randn(8, 6)
+    kw.setdefault("correction", fastagg.KDCorrection(proxy))
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), max_update_norm=50.0, max_staleness=5,
+                             max_versions=3, **kw)
+    g = torch.Generator().manual_seed(1)
+    for i in range(25):  # six merges, one buffered update
+        agg.submit(0.01 * torch.randn(agg.spec.numel, generator=g), base_version=agg.version, client_id=f"w{i}")
+    return agg
+
+
+def _snapshot(agg):
+    st = agg.stats()
+    st.pop("rejected"), st.pop("rejected_total")
+    return (agg.params.clone(), agg.version, agg._deltas[:len(agg._pending)].clone(), st,
+            [p.seq for p in agg._pending], set(agg._seen), agg._seq)
+
+
+def _same(a, b):
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert a[1:2] == b[1:2] and a[3:] == b[3:]
+
+
+def _good_state(agg):
+    return {k: 0.01 * torch.ones_like(v) for k, v in agg.pull()[1].items()}
+
+
+BAD = {
+    "keys_missing": (errors.UpdateKeysError, lambda a: ({k: v for k, v in list(_good_state(a).items())[1:]}, {})),
+    "keys_extra": (errors.UpdateKeysError, lambda a: ({**_good_state(a), "x.weight": torch.zeros(2)}, {})),
+    "shape": (errors.UpdateShapeError, lambda a: ({**_good_state(a), "0.weight": torch.zeros(3, 3)}, {})),
+    "flat_len": (errors.UpdateShapeError, lambda a: (torch.zeros(a.spec.numel + 1), {})),
+    "dtype": (errors.UpdateDTypeError, lambda a: ({**_good_state(a), "0.bias": torch.zeros(9, dtype=torch.int64)}, {})),
+    "ndarray_count": (errors.UpdateKeysError, lambda a: ([np.zeros((9, 6), np.float32)], {})),
+    "nan": (errors.NonFiniteUpdateError, lambda a: (torch.full((a.spec.numel,), float("nan")), {})),
+    "inf": (errors.NonFiniteUpdateError,
+            lambda a: (torch.cat([torch.zeros(a.spec.numel - 1), torch.tensor([float("inf")])]), {})),
+    "norm": (errors.UpdateNormError, lambda a: (torch.full((a.spec.numel,), 100.0), {})),
+    "future": (errors.FutureVersionError, lambda a: (torch.zeros(a.spec.numel), {"base_version": a.version + 1})),
+    "too_stale": (errors.StaleUpdateError, lambda a: (torch.zeros(a.spec.numel), {"base_version": a.version - 6})),
+    "duplicate": (errors.DuplicateUpdateError, lambda a: (torch.zeros(a.spec.numel), {"base_version": 2, "client_id": "w8"})),
+    "truncated": (errors.MalformedUpdateError,
+                  lambda a: (fastagg.encode_update(_good_state(a), base_version=a.version)[:-7], {})),
+    "garbage": (errors.MalformedUpdateError, lambda a: (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx", {})),
+    "wrong_type": (errors.MalformedUpdateError, lambda a: ("a string", {})),
+    "bad_samples": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"num_samples": 0})),
+    "no_base": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"base_version": None})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_rejected_and_state_unchanged(case):
+    agg = _agg()
+    exc_type, make = BAD[case]
+    update, kw = make(agg)
+    kw.setdefault("base_version", agg.version)
+    before = _snapshot(agg)
+    with pytest.raises(exc_type) as info:
+        agg.submit(update, **kw)
+    assert str(info.value)  # a message that says what was wrong
+    _same(before, _snapshot(agg))
+    assert agg.stats()["rejected"] == {exc_type.reason: 1}
+    # and the aggregator still works afterwards
+    agg.submit(torch.zeros(agg.spec.numel), base_version=agg.version)
+
+
+def test_evicted_base_version_rejected_when_no_fallback():
+    agg = _agg(on_evicted="reject")
+    for _ in range(12):  # push versions until version 0 is evicted from a 3-slot store
+        agg.submit(0.01 * torch.ones(agg.spec.numel), base_version=agg.version)
+    assert 0 not in agg.store and agg.store.evictions > 0
+    before = _snapshot(agg)
+    with pytest.raises(errors.EvictedVersionError, match="not in the version store"):
+        agg.submit(torch.zeros(agg.spec.numel), base_version=agg.version - 4)
+    _same(before, _snapshot(agg))
+
+
+def test_evicted_base_version_falls_back_to_applied_and_counts():
+    agg = _agg()  # on_evicted="applied"
+    for _ in range(12):
+        agg.submit(0.01 * torch.ones(agg.spec.numel), base_version=agg.version)
+    old = agg.version - 4
+    assert old not in agg.store
+    for i in range(4):
+        agg.submit(0.01 * torch.ones(agg.spec.numel), base_version=old, client_id=f"late{i}")
+    assert agg.stats()["fallbacks"] >= 3
+
+
+def test_all_input_forms_give_the_same_model():
+    results = []
+    for form in ("flat", "state_dict", "ndarrays", "bytes"):
+        agg = fastagg.Aggregator(mlp(), fastagg.FedBuff(2), staleness="constant")
+        g = torch.Generator().manual_seed(3)
+        for i in range(4):
+            flat = torch.randn(agg.spec.numel, generator=g)
+            sd = {k: v.clone() for k, v in agg.spec.unflatten(flat).items()}
+            upd = {"flat": flat, "state_dict": sd, "ndarrays": [v.numpy() for v in sd.values()],
+                   "bytes": fastagg.encode_update(sd, base_version=agg.version, num_samples=5, client_id=i)}[form]
+            agg.submit(upd, base_version=agg.version)
+        results.append(agg.params)
+    for r in results[1:]:
+        assert torch.equal(results[0], r)
+
+
+def test_bytes_metadata_supplies_arguments():
+    agg = fastagg.Aggregator(mlp(), fastagg.FedBuff(3, sample_weighted=True))
+    sd = {k: torch.zeros_like(v) for k, v in agg.pull()[1].items()}
+    r = agg.submit(fastagg.encode_update(sd, base_version=0, num_samples=17, client_id="alice"))
+    assert r.client_id == "alice" and r.base_version == 0
+    assert agg._pending[0].num_samples == 17
+    with pytest.raises(errors.DuplicateUpdateError):
+        agg.submit(fastagg.encode_update(sd, base_version=0, client_id="alice"))
+
+
+def test_correction_without_proxy_is_a_clear_error():
+    with pytest.raises(ValueError, match="proxy"):
+        fastagg.KDCorrection(None)
