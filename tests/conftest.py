@@ -1,5 +1,12 @@
 import os
 
+# One suite for every device: FASTAGG_TEST_DEVICE=cuda runs the kernel tests on the GPU (the
+# device check script does); by default they run on the CPU, the Triton kernels through the
+# interpreter, which must be chosen before triton is imported anywhere (torch imports it lazily).
+DEVICE = os.environ.get("FASTAGG_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
@@ -32,3 +39,8 @@ def random_delta(agg, scale=0.1, gen=None):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.fixture
+def device():
+    return torch.device(DEVICE)
