@@ -4,7 +4,8 @@ For row r of the student logits z [M, C] (client k = r // N, teacher row r % N):
     q = softmax(z / T);  p = teacher_probs[r % N]   (or softmax(t / T) from teacher logits)
     row_loss[r] = sum_c p (log p - log q)
     grad[r]     = grad_scale * (q - p)      (grad_scale = T / N for d loss_k / d z)
-Two passes over the row: an online max / sum-of-exponentials, then loss and gradient. The
+Two passes over the row: an online max / sum-of-exponentials, then loss and gradient (for
+C <= 256, a second kernel holds BLOCK_M whole rows per program and makes one pass). The
 logits are read twice and the gradient written once (3 * M * C * bytes); eager PyTorch
 materialises softmax, log-softmax and the product in fp32 (~8 passes). ``grad`` may alias
 ``z`` (the chunked fused-linear path overwrites its logits chunk with the gradient).
@@ -63,6 +64,33 @@ def _kd_kernel(z_ptr, z_stride, t_ptr, t_stride, g_ptr, g_stride, loss_ptr, n_te
     tl.store(loss_ptr + row, loss)
 
 
+@triton.jit
+def _kd_small_kernel(z_ptr, z_stride, t_ptr, t_stride, g_ptr, g_stride, loss_ptr, M, n_teacher, C,
+                     inv_T, grad_scale, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Small vocabularies (C <= 256): BLOCK_M whole rows per program, one pass, teacher probs."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rows < M
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    z = tl.load(z_ptr + rows[:, None] * z_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_T
+    z = tl.where(cmask[None, :], z, -float("inf"))
+    m = tl.max(z, 1)
+    e = tl.exp(z - m[:, None])
+    s = tl.sum(e, 1)
+    logq = z - m[:, None] - tl.log(s)[:, None]
+    q = e / s[:, None]
+    p = tl.load(t_ptr + (rows % n_teacher)[:, None] * t_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    logp = tl.log(tl.where(p > 0, p, 1.0))
+    kl = tl.where(mask & (p > 0), p * (logp - logq), 0.0)
+    tl.store(loss_ptr + rows, tl.sum(kl, 1), mask=rmask)
+    tl.store(g_ptr + rows[:, None] * g_stride + cols[None, :], ((q - p) * grad_scale).to(g_ptr.dtype.element_ty),
+             mask=mask)
+
+
+SMALL_C = 256
+
+
 def _block_c(C):
     return min(4096, triton.next_power_of_2(C))
 
@@ -73,6 +101,13 @@ def launch_kd(z, teacher, temperature, grad_scale, grad, teacher_is_logits, bloc
     if z.stride(1) != 1 or teacher.stride(1) != 1 or grad.stride(1) != 1:
         raise ValueError("logits, teacher and grad must be contiguous along classes")
     row_loss = torch.empty(M, dtype=torch.float32, device=z.device)
+    if block_c is None and C <= SMALL_C and not teacher_is_logits:
+        bc = triton.next_power_of_2(C)
+        bm = max(1, 2048 // bc)
+        _kd_small_kernel[(triton.cdiv(M, bm),)](z, z.stride(0), teacher, teacher.stride(0), grad, grad.stride(0),
+                                                row_loss, M, teacher.shape[0], C, 1.0 / float(temperature),
+                                                float(grad_scale), BLOCK_M=bm, BLOCK_C=bc, num_warps=num_warps or 4)
+        return row_loss
     bc = block_c or _block_c(C)
     nw = num_warps or (4 if bc <= 1024 else 8)
     _kd_kernel[(M,)](z, z.stride(0), teacher, teacher.stride(0), grad, grad.stride(0), row_loss,

@@ -54,16 +54,18 @@ def test_fused_merge_in_place_and_empty_groups(rng, device):
     assert _rel(theta, ref) < 1e-6
 
 
-@pytest.mark.parametrize("K,N,C", [(1, 5, 300), (37, 3, 130), (4, 6, 10)])
+@pytest.mark.parametrize("K,N,C,block_c", [(1, 5, 300, 128), (37, 3, 130, 128), (4, 6, 10, None),
+                                           (37, 3, 130, None)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kd_loss_grad_matches_reference(K, N, C, dtype, rng, device):
+def test_kd_loss_grad_matches_reference(K, N, C, block_c, dtype, rng, device):
+    """block_c=128: the looping two-pass kernel (C > block); None with C <= 256: the row-block kernel."""
     T = 2.7
     logits = (3 * torch.randn(K * N, C, generator=rng)).to(device, dtype)
     teacher = torch.softmax(2 * torch.randn(N, C, generator=rng), -1).to(device)
     teacher[0, :3] = 0.0  # exact zeros in p_T: 0 log 0 = 0
     teacher[0] /= teacher[0].sum()
     loss_ref, grad_ref = kd_loss_grad_reference(logits.double(), teacher.double(), T)
-    loss, grad = kdk.kd_loss_grad(logits, teacher, T, block_c=128)
+    loss, grad = kdk.kd_loss_grad(logits, teacher, T, block_c=block_c)
     assert grad.dtype == dtype and loss.shape == (K,)
     assert _rel(loss, loss_ref) < 1e-5
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is stored in the logits' dtype
