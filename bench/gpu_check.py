@@ -96,25 +96,30 @@ def limits():
 def merge_bench():
     bw = R["copy_GBps"]
     res = []
-    # block / warps sweep at one shape
+    # block / warps / unroll sweep at one shape per row dtype
     K, P = 64, 11_700_000
     theta = torch.randn(P, device=dev)
-    rows = torch.randn(K, P, device=dev)
-    coefs = torch.randn(K).tolist()
     out = torch.empty_like(theta)
-    need = (K * 4 + 8) * P
-    best = None
-    for block in (1024, 2048, 4096):
-        for nw in (4, 8):
-            ms = bench(lambda: mk.fused_merge(theta, 1.0, [(rows, coefs, None)], out=out, block=block, num_warps=nw))
-            frac = need / ms / 1e6 / bw
-            row(f"merge sweep K=64 P=11.7M fp32 block={block} warps={nw}", ms, frac_copy_bw=frac)
-            if best is None or ms < best[0]:
-                best = (ms, block, nw)
-    R["merge_best_config"] = {"block": best[1], "num_warps": best[2]}
-    del theta, rows, out
+    coefs = torch.randn(K).tolist()
+    best_by_dtype = {}
+    for dt in (torch.float32, torch.bfloat16):
+        rows = torch.randn(K, P, device=dev, dtype=dt)
+        need = (K * rows.element_size() + 8) * P
+        best = None
+        for block in (2048, 4096, 8192):
+            for nw in (4, 8):
+                for unroll in (1, 4):
+                    ms = bench(lambda: mk.fused_merge(theta, 1.0, [(rows, coefs, None)], out=out, block=block,
+                                                      num_warps=nw, unroll=unroll))
+                    row(f"merge sweep K=64 P=11.7M {str(dt)[6:]} b={block} w={nw} u={unroll}", ms,
+                        frac_copy_bw=need / ms / 1e6 / bw)
+                    if best is None or ms < best[0]:
+                        best = (ms, block, nw, unroll)
+        best_by_dtype[dt] = best[1:]
+        del rows
+    R["merge_best_config"] = {str(k): v for k, v in best_by_dtype.items()}
+    del theta, out
     torch.cuda.empty_cache()
-    block, nw = best[1], best[2]
     for K, P, dt in [(64, 11_700_000, torch.float32), (64, 11_700_000, torch.bfloat16),
                      (256, 11_700_000, torch.float32), (256, 11_700_000, torch.bfloat16),
                      (64, 100_000_000, torch.float32), (64, 100_000_000, torch.bfloat16),
@@ -125,7 +130,9 @@ def merge_bench():
         coefs = torch.tensor(coefs_l, device=dev)
         out = torch.empty_like(theta)
         need = (K * rows.element_size() + 8) * P
-        tri = bench(lambda: mk.fused_merge(theta, 1.0, [(rows, coefs_l, None)], out=out, block=block, num_warps=nw))
+        block, nw, unroll = best_by_dtype[dt]
+        tri = bench(lambda: mk.fused_merge(theta, 1.0, [(rows, coefs_l, None)], out=out, block=block, num_warps=nw,
+                                           unroll=unroll))
         name = f"K={K} P={P / 1e6:.1f}M {str(dt)[6:]}"
         r = {"K": K, "P": P, "dtype": str(dt), "triton_ms": tri, "floor_ms": need / bw / 1e6,
              "triton_frac_copy_bw": need / tri / 1e6 / bw}

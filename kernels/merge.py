@@ -21,15 +21,26 @@ MAX_GROUPS = 3
 
 
 @triton.jit
-def _accumulate(acc, rows_ptr, coef_ptr, idx_ptr, R, stride, offs, mask, HAS_IDX: tl.constexpr):
-    for r in range(R):
-        coef = tl.load(coef_ptr + r)
-        if HAS_IDX:
-            row = tl.load(idx_ptr + r)
-        else:
-            row = r
-        x = tl.load(rows_ptr + row.to(tl.int64) * stride + offs, mask=mask, other=0.0)
-        acc += coef * x.to(tl.float32)
+def _row(acc, rows_ptr, coef_ptr, idx_ptr, r, stride, offs, mask, HAS_IDX: tl.constexpr):
+    coef = tl.load(coef_ptr + r)
+    if HAS_IDX:
+        row = tl.load(idx_ptr + r).to(tl.int64)
+    else:
+        row = tl.cast(r, tl.int64)
+    x = tl.load(rows_ptr + row * stride + offs, mask=mask, other=0.0)
+    return acc + coef * x.to(tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, rows_ptr, coef_ptr, idx_ptr, R, stride, offs, mask, HAS_IDX: tl.constexpr,
+                UNROLL: tl.constexpr):
+    # UNROLL rows per iteration: their loads are independent, so several are in flight at once
+    R_main = (R // UNROLL) * UNROLL
+    for r0 in range(0, R_main, UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc = _row(acc, rows_ptr, coef_ptr, idx_ptr, r0 + u, stride, offs, mask, HAS_IDX)
+    for r in range(R_main, R):
+        acc = _row(acc, rows_ptr, coef_ptr, idx_ptr, r, stride, offs, mask, HAS_IDX)
     return acc
 
 
@@ -38,18 +49,19 @@ def _merge_kernel(theta_ptr, out_ptr, c0, P,
                   a_ptr, a_coef, a_idx, RA, a_stride,
                   b_ptr, b_coef, b_idx, RB, b_stride,
                   c_ptr, c_coef, c_idx, RC, c_stride,
-                  A_IDX: tl.constexpr, B_IDX: tl.constexpr, C_IDX: tl.constexpr, BLOCK: tl.constexpr):
+                  A_IDX: tl.constexpr, B_IDX: tl.constexpr, C_IDX: tl.constexpr, BLOCK: tl.constexpr,
+                  UNROLL: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     acc = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(tl.float32) * c0
-    acc = _accumulate(acc, a_ptr, a_coef, a_idx, RA, a_stride, offs, mask, A_IDX)
-    acc = _accumulate(acc, b_ptr, b_coef, b_idx, RB, b_stride, offs, mask, B_IDX)
-    acc = _accumulate(acc, c_ptr, c_coef, c_idx, RC, c_stride, offs, mask, C_IDX)
+    acc = _accumulate(acc, a_ptr, a_coef, a_idx, RA, a_stride, offs, mask, A_IDX, UNROLL)
+    acc = _accumulate(acc, b_ptr, b_coef, b_idx, RB, b_stride, offs, mask, B_IDX, UNROLL)
+    acc = _accumulate(acc, c_ptr, c_coef, c_idx, RC, c_stride, offs, mask, C_IDX, UNROLL)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_merge(theta, c0, groups, out=None, block=2048, num_warps=8):
+def fused_merge(theta, c0, groups, out=None, block=4096, num_warps=4, unroll=4):
     """Same contract as fastagg.ops.merge.fused_merge_reference (theta fp32)."""
     if theta.dtype != torch.float32:
         raise TypeError(f"triton fused_merge takes float32 parameters, got {theta.dtype}")
@@ -79,5 +91,5 @@ def fused_merge(theta, c0, groups, out=None, block=2048, num_warps=8):
         flags.append(False)
     grid = (triton.cdiv(P, block),)
     _merge_kernel[grid](theta, out, float(c0), P, *args, A_IDX=flags[0], B_IDX=flags[1], C_IDX=flags[2],
-                        BLOCK=block, num_warps=num_warps)
+                        BLOCK=block, UNROLL=unroll, num_warps=num_warps)
     return out

@@ -39,7 +39,7 @@ def test_fused_merge_matches_reference(K, dtype, rng, device):
     c_v = torch.rand(3, generator=rng).tolist()
     groups = [(deltas, c_d, None), (corr, c_c, None), (store, c_v, idx)]
     out = torch.full_like(theta, float("nan"))  # poisoned: every element must be written
-    mk.fused_merge(theta, 0.37, groups, out=out, block=256)
+    mk.fused_merge(theta, 0.37, groups, out=out, block=256, unroll=4)  # K=37: 9 unrolled steps + 1
     ref = fused_merge_reference(theta.double(), 0.37, [(r.double(), c, i) for r, c, i in groups])
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-6
@@ -50,7 +50,7 @@ def test_fused_merge_in_place_and_empty_groups(rng, device):
     theta = torch.randn(P, generator=rng).to(device)
     rows = torch.randn(2, P, generator=rng).to(device)
     ref = fused_merge_reference(theta.double(), 1.0, [(rows.double(), [0.5, -2.0], None)])
-    mk.fused_merge(theta, 1.0, [(rows, [0.5, -2.0], None), (rows, [], None)], out=theta, block=128)
+    mk.fused_merge(theta, 1.0, [(rows, [0.5, -2.0], None), (rows, [], None)], out=theta, block=128, unroll=1)
     assert _rel(theta, ref) < 1e-6
 
 
