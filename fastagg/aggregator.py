@@ -68,6 +68,7 @@ class Aggregator:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
         self.backend = backends.resolve(backend, self.device)
+        backends.get("fused_merge", self.backend, self.device)  # an unavailable backend fails here, not mid-merge
         P = self.spec.numel
         self.params = self.spec.flatten({n: state[n] for n in self.spec.names},
                                         out=torch.empty(P, dtype=self.dtype, device=self.device))

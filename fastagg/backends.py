@@ -17,7 +17,7 @@ _OPS = ("fused_merge", "kd_loss_grad")
 
 
 class BackendUnavailable(RuntimeError):
-    pass
+    """An explicitly requested backend cannot run here; the message says why."""
 
 
 def _probe(name):

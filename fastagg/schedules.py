@@ -9,12 +9,14 @@ A schedule is called as ``schedule(version, teacher)`` where ``teacher`` is the
 from __future__ import annotations
 
 import math
+import abc
 from dataclasses import dataclass
 
 
-class Schedule:
-    def __call__(self, version: int, teacher) -> float:  # pragma: no cover - interface
-        raise NotImplementedError
+class Schedule(abc.ABC):
+    @abc.abstractmethod
+    def __call__(self, version: int, teacher) -> float:
+        """The weight."""
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 
-class Staleness:
-    def __call__(self, s: int) -> float:  # pragma: no cover - interface
-        raise NotImplementedError
+class Staleness(abc.ABC):
+    @abc.abstractmethod
+    def __call__(self, s: int) -> float:
+        """The weight."""
 
 
 @dataclass(frozen=True)
