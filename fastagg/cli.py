@@ -12,8 +12,9 @@ def _simulate(args):
 
     cfg = SimConfig(dataset=args.dataset, clients=args.clients, concurrency=args.concurrency,
                     arrivals=args.arrivals, dirichlet=args.dirichlet, sigma=args.sigma, proxy=args.proxy,
-                    local_steps=args.local_steps, target=args.target,
-                    algorithms=tuple(args.algorithms.split(",")))
+                    local_steps=args.local_steps, target=args.target, alpha=args.alpha, buffer=args.buffer,
+                    weights=args.weights, dropout=args.dropout, partition=args.partition,
+                    algorithms=tuple(a.replace(";", ",") for a in args.algorithms.split(",")))
     try:
         results = run(cfg, seeds=tuple(range(args.seed, args.seed + args.seeds)), out_dir=args.out,
                       show_progress=not args.quiet)
@@ -38,7 +39,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="fastagg", description="fast aggregator for asynchronous federated learning")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="run FedAsync, FedBuff and FedADT on the same simulated clients")
-    s.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
+    s.add_argument("--dataset", default="digits", help="digits | fashion-mnist | mnist1d | synthetic(a,b)")
     s.add_argument("--clients", type=int, default=100)
     s.add_argument("--concurrency", type=int, default=30)
     s.add_argument("--arrivals", type=int, default=1500, help="client updates per algorithm")
@@ -46,8 +47,14 @@ def main(argv=None):
     s.add_argument("--dirichlet", type=float, default=0.1, help="Dirichlet alpha of the label split")
     s.add_argument("--sigma", type=float, default=1.0, help="spread of the lognormal client speeds")
     s.add_argument("--proxy", type=int, default=150, help="unlabeled server-side proxy inputs")
+    s.add_argument("--alpha", type=float, default=0.6, help="FedAsync mixing weight")
+    s.add_argument("--buffer", type=int, default=10, help="FedBuff buffer size")
+    s.add_argument("--weights", default="polynomial", choices=["polynomial", "constant"], help="staleness weights")
+    s.add_argument("--dropout", type=float, default=0.0, help="probability that a job's update is lost")
+    s.add_argument("--partition", default="dirichlet", choices=["dirichlet", "natural"])
     s.add_argument("--target", type=float, default=0.8, help="accuracy for the time-to-target column")
-    s.add_argument("--algorithms", default="fedasync,fedbuff,fedadt-async,fedadt-buff")
+    s.add_argument("--algorithms", default="fedasync,fedbuff,fedadt-async,fedadt-buff",
+                   help="comma list; FedADT variants as fedadt-async/schedule=constant;student=applied")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std)")
     s.add_argument("--out", default="fastagg-sim", help="folder for results.json and accuracy.png")

@@ -63,7 +63,64 @@ def load_dataset(name: str, seed: int = 0):
         xte = torch.from_numpy(_idx(files["t10k-images-idx3"]).astype(np.float32) / 255.0).unsqueeze(1)
         return (xtr, torch.from_numpy(_idx(files["train-labels-idx1"]).astype(np.int64)),
                 xte, torch.from_numpy(_idx(files["t10k-labels-idx1"]).astype(np.int64)))
-    raise ValueError(f"unknown dataset {name!r}; choose 'digits' or 'fashion-mnist'")
+    if name == "mnist1d":
+        return _mnist1d(seed)
+    if name.startswith("synthetic"):
+        x, y, _users = synthetic_fedprox(*_synthetic_params(name), seed=seed)
+        return x["train"], y["train"], x["test"], y["test"]
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+DATASETS = ("digits", "fashion-mnist", "mnist1d", "synthetic(1,1)")
+
+
+def _synthetic_params(name):
+    if name == "synthetic":
+        return 1.0, 1.0
+    try:
+        a, b = name[len("synthetic("):-1].split(",")
+        return float(a), float(b)
+    except ValueError:
+        raise ValueError(f"write the FedProx synthetic data set as synthetic(alpha,beta), got {name!r}") from None
+
+
+def _mnist1d(seed):
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise FileNotFoundError("MNIST-1D needs the mnist1d package: pip install mnist1d") from None
+    state = np.random.get_state()  # make_dataset reseeds numpy's global generator
+    try:
+        args = get_dataset_args()
+        args.seed = seed
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return (torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"], dtype=torch.int64),
+            torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"], dtype=torch.int64))
+
+
+def synthetic_fedprox(alpha=1.0, beta=1.0, users=30, dim=60, classes=10, seed=0):
+    """FedProx Synthetic(alpha, beta) (Li et al. 2020), non-IID by construction. Returns
+    ({'train','test'} -> x), ({'train','test'} -> y), and each training sample's user."""
+    rng = np.random.default_rng(seed)
+    sizes = (rng.lognormal(4, 2, users)).astype(int) + 50
+    sigma = np.array([(j + 1) ** -1.2 for j in range(dim)])
+    xs, ys, us = {"train": [], "test": []}, {"train": [], "test": []}, []
+    for k in range(users):
+        u_k = rng.normal(0, alpha)
+        b_k = rng.normal(0, beta)
+        v_k = rng.normal(b_k, 1, dim)
+        W = rng.normal(u_k, 1, (dim, classes))
+        b = rng.normal(u_k, 1, classes)
+        x = rng.normal(v_k, np.sqrt(sigma), (sizes[k], dim))
+        y = np.argmax(x @ W + b, axis=1)
+        n_train = int(0.9 * sizes[k])
+        xs["train"].append(x[:n_train]), ys["train"].append(y[:n_train])
+        xs["test"].append(x[n_train:]), ys["test"].append(y[n_train:])
+        us.extend([k] * n_train)
+    cat = lambda d, dt: {s: torch.tensor(np.concatenate(v), dtype=dt) for s, v in d.items()}
+    return cat(xs, torch.float32), cat(ys, torch.int64), np.array(us)
 
 
 def dirichlet_split(labels, n_clients: int, alpha: float, rng: np.random.Generator):
@@ -84,7 +141,7 @@ def dirichlet_split(labels, n_clients: int, alpha: float, rng: np.random.Generat
 
 
 def make_model(dataset: str, n_in: int, n_classes: int):
-    if dataset == "fashion-mnist":
+    if dataset.startswith("fashion"):
         return torch.nn.Sequential(
             torch.nn.Conv2d(1, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 5, stride=2), torch.nn.ReLU(),
             torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 64), torch.nn.ReLU(), torch.nn.Linear(64, n_classes))
@@ -105,22 +162,69 @@ class SimConfig:
     sigma: float = 1.0  # spread of the lognormal client speeds
     jitter: float = 0.2  # per-job multiplicative noise (uniform 1 +- jitter)
     proxy: int = 150
+    dropout: float = 0.0  # probability that a finished job's update is lost
+    alpha: float = 0.6  # FedAsync mixing
+    buffer: int = 10  # FedBuff buffer size
+    weights: str = "polynomial"  # staleness weights: polynomial (a = 0.5) or constant
+    partition: str = "dirichlet"  # or "natural" (FedProx synthetic: one client per user)
     seed: int = 0
     eval_every: int = 50
     target: float = 0.8
     algorithms: tuple = ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff")
 
 
-def build_aggregator(algo: str, model, proxy_x, cfg: SimConfig):
-    w = staleness.polynomial(0.5)
+def parse_algorithm(name: str):
+    """'fedasync' | 'fedbuff' | 'fedadt-async' | 'fedadt-buff', optionally followed by
+    '/key=value,...' overrides of the correction: schedule (constant, linear_warmup,
+    exp_saturation, sigmoid, teacher_confidence, teacher_accuracy), lam, student, factor
+    (grows | none), step, rho, eta, steps, T. Returns (rule, correction options or None)."""
+    base, _, opts = name.partition("/")
+    if base not in ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff"):
+        raise ValueError(f"unknown algorithm {name!r}")
+    rule = "async" if base.endswith("async") else "buff"
+    if not base.startswith("fedadt"):
+        if opts:
+            raise ValueError(f"{base} takes no correction options: {name!r}")
+        return rule, None
+    kw = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        kw[key] = value
+    return rule, kw
+
+
+def _schedule(name, lam, horizon):
+    h = max(horizon, 1)
+    return {"constant": lambda: schedules.constant(lam),
+            "linear_warmup": lambda: schedules.linear_warmup(lam, max(1, h // 4)),
+            "exp_saturation": lambda: schedules.exp_saturation(lam, h / 8),
+            "sigmoid": lambda: schedules.sigmoid(lam, center=h / 4, k=16.0 / h),
+            "teacher_confidence": lambda: schedules.teacher_confidence(lam),
+            "teacher_accuracy": lambda: schedules.teacher_accuracy(lam)}[name]()
+
+
+def build_aggregator(algo: str, model, proxy_x, proxy_y, cfg: SimConfig):
+    rule, opts = parse_algorithm(algo)
+    w = staleness.polynomial(0.5) if cfg.weights == "polynomial" else staleness.constant()
     corr = None
-    if algo.startswith("fedadt"):
-        corr = KDCorrection(proxy_x)
-    elif algo.startswith("ablation-constant"):
-        corr = KDCorrection(proxy_x, schedule=schedules.constant(1.0))
-    if algo.endswith("async"):
-        return Aggregator(model, FedAsync(alpha=0.6), staleness=w, correction=corr, max_versions=64, backend="torch")
-    return Aggregator(model, FedBuff(buffer_size=10), staleness=w, correction=corr, max_versions=64, backend="torch")
+    if opts is not None:
+        horizon = cfg.arrivals if rule == "async" else cfg.arrivals // cfg.buffer
+        kw = {}
+        if "schedule" in opts or "lam" in opts:
+            kw["schedule"] = _schedule(opts.get("schedule", "teacher_confidence"), float(opts.get("lam", 1.0)), horizon)
+        for key, name, conv in (("student", "student", str), ("factor", "staleness_factor", str),
+                                ("step", "step", str), ("rho", "rho", float), ("eta", "eta", float),
+                                ("steps", "steps", int), ("T", "temperature", float)):
+            if key in opts:
+                kw[name] = conv(opts[key])
+        unknown = set(opts) - {"schedule", "lam", "student", "factor", "step", "rho", "eta", "steps", "T"}
+        if unknown:
+            raise ValueError(f"unknown correction options {sorted(unknown)} in {algo!r}")
+        corr = KDCorrection(proxy_x, proxy_labels=proxy_y, **kw)
+    if rule == "async":
+        return Aggregator(model, FedAsync(alpha=cfg.alpha), staleness=w, correction=corr, max_versions=64, backend="torch")
+    return Aggregator(model, FedBuff(buffer_size=cfg.buffer), staleness=w, correction=corr, max_versions=64,
+                      backend="torch")
 
 
 # -- the simulation ------------------------------------------------------------------------
@@ -143,12 +247,19 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(len(ytr))
     proxy_idx, train_idx = perm[:cfg.proxy], perm[cfg.proxy:]
-    parts = [train_idx[p] for p in dirichlet_split(ytr[train_idx].numpy(), cfg.clients, cfg.dirichlet, rng)]
-    speeds = rng.lognormal(0.0, cfg.sigma, cfg.clients)
+    if cfg.partition == "natural":
+        if not cfg.dataset.startswith("synthetic"):
+            raise ValueError("partition='natural' exists only for the FedProx synthetic data set")
+        users = synthetic_fedprox(*_synthetic_params(cfg.dataset), seed=cfg.seed)[2]
+        parts = [p for p in (train_idx[users[train_idx] == u] for u in range(users.max() + 1)) if len(p)]
+    else:
+        parts = [train_idx[p] for p in dirichlet_split(ytr[train_idx].numpy(), cfg.clients, cfg.dirichlet, rng)]
+    n_clients = len(parts)
+    speeds = rng.lognormal(0.0, cfg.sigma, n_clients)
     torch.manual_seed(cfg.seed)
     n_in = int(np.prod(xtr.shape[1:]))
     model = make_model(cfg.dataset, n_in, int(ytr.max()) + 1)
-    agg = build_aggregator(algo, model, xtr[proxy_idx], cfg)
+    agg = build_aggregator(algo, model, xtr[proxy_idx], ytr[proxy_idx], cfg)
     worker = make_model(cfg.dataset, n_in, int(ytr.max()) + 1)
     spec = agg.spec
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -156,7 +267,7 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
     sched = np.random.default_rng(cfg.seed + 1)  # the delay trace: independent of the models
     now, job_id = 0.0, 0
     events = []
-    idle = list(range(cfg.clients))
+    idle = list(range(n_clients))
 
     def start(t):
         nonlocal job_id
@@ -166,11 +277,17 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
         heapq.heappush(events, (t + duration, job_id, k, version, flat))
         job_id += 1
 
-    for _ in range(min(cfg.concurrency, cfg.clients)):
+    for _ in range(min(cfg.concurrency, n_clients)):
         start(0.0)
     curve = Curve(algo)
-    for n in range(1, cfg.arrivals + 1):
+    n = 0
+    while n < cfg.arrivals:
         now, jid, k, version, base = heapq.heappop(events)
+        if cfg.dropout and sched.random() < cfg.dropout:  # the client vanished: its update never arrives
+            idle.append(k)
+            start(now)
+            continue
+        n += 1
         # local SGD from the model the client pulled
         with torch.no_grad():
             for name, view in spec.unflatten(base).items():
@@ -237,18 +354,24 @@ def table(results, target):
         finals = np.array([r["accuracy"][-1] for r in runs])
         bests = np.array([max(r["accuracy"]) for r in runs])
         hits = [next((t for t, a in zip(r["time"], r["accuracy"]) if a >= target), math.nan) for r in runs]
+        # time to target: mean over the seeds that reached it (nan when none did)
+        hits = [h for h in hits if not math.isnan(h)] or [math.nan]
         rows.append({"algorithm": algo, "final_mean": float(finals.mean()), "final_std": float(finals.std()),
                      "best_mean": float(bests.mean()), "time_to_target_mean": float(np.mean(hits)),
                      "mean_staleness": float(np.mean([r["stats"]["mean_staleness"] for r in runs]))})
     return rows
 
 
-def format_table(rows, target):
-    lines = [f"{'algorithm':16s} {'final acc':>16s} {'best acc':>9s} {'time to ' + format(target, '.0%'):>14s} {'staleness':>10s}"]
-    for r in rows:
-        lines.append(f"{r['algorithm']:16s} {r['final_mean']:9.3f} ± {r['final_std']:.3f} {r['best_mean']:9.3f} "
-                     f"{r['time_to_target_mean']:14.1f} {r['mean_staleness']:10.2f}")
-    return "\n".join(lines)
+def format_table(rows, target, markdown=False):
+    head = ["algorithm", "final acc", "best acc", f"sim. time to {target:.0%}", "mean staleness"]
+    body = [[r["algorithm"], f"{r['final_mean']:.3f} ± {r['final_std']:.3f}", f"{r['best_mean']:.3f}",
+             "not reached" if math.isnan(r["time_to_target_mean"]) else f"{r['time_to_target_mean']:.0f}",
+             f"{r['mean_staleness']:.1f}"] for r in rows]
+    if markdown:
+        return "\n".join("| " + " | ".join(line) + " |" for line in [head, ["---"] * len(head)] + body)
+    width = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, width)))
+                     for line in [head] + body)
 
 
 def plot(results, path):
