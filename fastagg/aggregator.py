@@ -67,7 +67,7 @@ class Aggregator:
         first = state[self.spec.names[0]]
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
-        self.backend = backends.resolve(backend, self.device)
+        self.backend = backends.resolve(backend, self.device, self.dtype)
         backends.get("fused_merge", self.backend, self.device)  # an unavailable backend fails here, not mid-merge
         P = self.spec.numel
         self.params = self.spec.flatten({n: state[n] for n in self.spec.names},

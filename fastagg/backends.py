@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -47,15 +48,28 @@ def available() -> dict:
     return {name: _probe(name) for name in BACKENDS}
 
 
-def resolve(backend: str, device) -> str:
+_warned: set = set()
+
+
+def resolve(backend: str, device, dtype=torch.float32) -> str:
+    """The concrete backend for ``backend`` on ``device``. "auto" warns once when it has to pass
+    over the C++ kernels on a CPU (naming why), and uses torch for float64 parameters (the
+    kernels accumulate in fp32)."""
     device = torch.device(device)
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}")
         return backend
+    if dtype == torch.float64:
+        return "torch"
     order = ("triton", "torch") if device.type == "cuda" else ("cpp", "numba", "torch")
     for name in order:
-        if _probe(name)[0]:
+        ok, _ = _probe(name)
+        if ok:
+            if name != order[0] and order[0] not in _warned:
+                _warned.add(order[0])
+                warnings.warn(f"fastagg: {order[0]} kernels unavailable ({_probe(order[0])[1]}); using {name}",
+                              RuntimeWarning, stacklevel=3)
             return name
     return "torch"
 

@@ -1,0 +1,41 @@
+"""The C++ CPU backend (csrc/fastagg_cpu.cpp, built as fastagg._cpu): same contracts as the
+references in fastagg.ops. Tensors are passed as raw pointers, so any torch version works."""
+
+from __future__ import annotations
+
+import torch
+
+from ._cpu_common import DTYPE_CODE, check_kd_args, merge_groups
+
+try:
+    from . import _cpu
+except ImportError as exc:  # not built: no compiler at install, or FASTAGG_NO_CPP=1
+    _cpu = None
+    _why = f"the C++ extension fastagg._cpu was not built ({exc})"
+
+
+def available():
+    if _cpu is None:
+        return False, _why
+    return True, f"built, OpenMP {'on' if _cpu.openmp else 'off'} ({_cpu.num_threads()} threads)"
+
+
+def fused_merge(theta, c0, groups, out=None):
+    groups = merge_groups(theta, groups)
+    if out is None:
+        out = torch.empty_like(theta)
+    _cpu.fused_merge(theta.data_ptr(), out.data_ptr(), theta.numel(), float(c0),
+                     [(rows.data_ptr(), DTYPE_CODE[rows.dtype], rows.stride(0), coefs, idx)
+                      for rows, coefs, idx in groups])
+    return out
+
+
+def kd_loss_grad(logits, teacher_probs, temperature):
+    logits, teacher_probs, K, N = check_kd_args(logits, teacher_probs)
+    M, C = logits.shape
+    T = float(temperature)
+    grad = torch.empty_like(logits)
+    row_loss = torch.empty(M, dtype=torch.float32)
+    _cpu.kd_loss_grad(logits.data_ptr(), DTYPE_CODE[logits.dtype], M, C, logits.stride(0), teacher_probs.data_ptr(),
+                      N, teacher_probs.stride(0), grad.data_ptr(), grad.stride(0), row_loss.data_ptr(), 1.0 / T, T / N)
+    return row_loss.view(K, N).sum(1) * (T * T / N), grad

@@ -1,0 +1,116 @@
+"""C++ and numba CPU kernels against the plain-PyTorch references (float64), awkward sizes,
+every dtype, K = 1 and large K; the auto-dispatch fallback when the extension is missing."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import fastagg
+from fastagg import backends, cpu_cpp, cpu_numba
+from fastagg.ops import fused_merge_reference, kd_loss_grad_reference
+
+from conftest import mlp
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _backend_module(name):
+    mod = {"cpp": cpu_cpp, "numba": cpu_numba}[name]
+    ok, why = mod.available()
+    if not ok:
+        if name == "cpp" and os.environ.get("FASTAGG_REQUIRE_CPP") == "1":
+            pytest.fail(f"the C++ extension must be built here: {why}")
+        pytest.skip(why)
+    return mod
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.fixture(params=["cpp", "numba"])
+def cpu_backend(request):
+    return _backend_module(request.param)
+
+
+@pytest.mark.parametrize("K", [1, 37, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_fused_merge_matches_reference(cpu_backend, K, dtype, rng):
+    P = 10007  # two full 4096 blocks and a tail
+    theta = torch.randn(P, generator=rng)
+    deltas = torch.randn(K, P, generator=rng).to(dtype)
+    corr = torch.randn(K, P, generator=rng).to(dtype)
+    store = torch.randn(6, P, generator=rng)
+    groups = [(deltas, torch.randn(K, generator=rng).tolist(), None),
+              (corr, torch.randn(K, generator=rng).tolist(), None),
+              (store, torch.rand(3, generator=rng).tolist(), torch.randint(0, 6, (3,), generator=rng).tolist())]
+    out = torch.full_like(theta, float("nan"))
+    cpu_backend.fused_merge(theta, -0.81, groups, out=out)
+    ref = fused_merge_reference(theta.double(), -0.81, [(r.double(), c, i) for r, c, i in groups])
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-6
+
+
+def test_cpu_fused_merge_in_place(cpu_backend, rng):
+    theta = torch.randn(999, generator=rng)
+    rows = torch.randn(3, 999, generator=rng)
+    ref = fused_merge_reference(theta.double(), 0.5, [(rows.double(), [1.0, -1.0, 0.25], None)])
+    cpu_backend.fused_merge(theta, 0.5, [(rows, [1.0, -1.0, 0.25], None)], out=theta)
+    assert _rel(theta, ref) < 1e-6
+
+
+@pytest.mark.parametrize("K,N,C", [(1, 5, 1000), (37, 3, 130), (16, 7, 10)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_kd_loss_grad_matches_reference(cpu_backend, K, N, C, dtype, rng):
+    T = 1.7
+    logits = (3 * torch.randn(K * N, C, generator=rng)).to(dtype)
+    teacher = torch.softmax(2 * torch.randn(N, C, generator=rng), -1)
+    teacher[0, :4] = 0.0
+    teacher[0] /= teacher[0].sum()
+    loss_ref, grad_ref = kd_loss_grad_reference(logits.double(), teacher.double(), T)
+    loss, grad = cpu_backend.kd_loss_grad(logits, teacher, T)
+    assert grad.dtype == dtype and loss.shape == (K,)
+    assert torch.isfinite(grad).all()
+    assert _rel(loss, loss_ref) < 1e-5
+    assert _rel(grad, grad_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("name", ["cpp", "numba"])
+@pytest.mark.parametrize("rule", [fastagg.FedBuff(4, momentum=0.3), fastagg.FedAsync(0.6, batch_size=3)])
+def test_aggregator_cpu_backend_equals_torch_over_a_fedadt_run(name, rule, rng):
+    _backend_module(name)
+    proxy = torch.randn(8, 6, generator=rng)
+    results = []
+    for backend in ("torch", name):
+        corr = fastagg.KDCorrection(proxy, steps=2, schedule=fastagg.schedules.constant(1.0))
+        agg = fastagg.Aggregator(mlp(), rule, correction=corr, backend=backend)
+        g = torch.Generator().manual_seed(11)
+        for _ in range(14):
+            lag = int(torch.randint(0, 3, (1,), generator=g))
+            agg.submit(0.1 * torch.randn(agg.spec.numel, generator=g), base_version=max(0, agg.version - lag))
+        assert agg.backend == backend and agg.stats()["corrected"] > 0
+        results.append(agg.params)
+    assert _rel(results[1], results[0]) < 1e-5
+
+
+def test_auto_falls_back_with_a_warning_when_the_extension_is_missing(monkeypatch):
+    monkeypatch.setattr(cpu_cpp, "_cpu", None)
+    monkeypatch.setattr(cpu_cpp, "_why", "simulated: not built", raising=False)
+    monkeypatch.setattr(backends, "_cache", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    expected = "numba" if cpu_numba.available()[0] else "torch"
+    with pytest.warns(RuntimeWarning, match="cpp kernels unavailable .*simulated: not built.*; using " + expected):
+        agg = fastagg.Aggregator(mlp(), fastagg.FedBuff(2))
+    assert agg.backend == expected
+    monkeypatch.setattr(cpu_numba, "numba", None)
+    monkeypatch.setattr(cpu_numba, "_why", "simulated: no numba", raising=False)
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert fastagg.Aggregator(mlp(), fastagg.FedBuff(2)).backend == "torch"
+
+
+def test_float64_parameters_use_the_torch_backend():
+    assert fastagg.Aggregator(mlp(dtype=torch.float64), fastagg.FedBuff(2)).backend == "torch"
