@@ -1,0 +1,1 @@
+"""Integrations with FL frameworks: ``fastagg.integrations.flower`` (pip install fastagg[flower])."""
