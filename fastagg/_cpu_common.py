@@ -18,7 +18,7 @@ def merge_groups(theta, groups):
             raise TypeError(f"rows must be fp32, bf16 or fp16, got {rows.dtype}")
         if rows.device.type != "cpu" or rows.stride(1) != 1:
             raise ValueError("rows must be CPU tensors, contiguous along parameters")
-        coefs = [float(c) for c in coefs]
+        coefs = coefs.tolist() if isinstance(coefs, torch.Tensor) else [float(c) for c in coefs]
         idx = list(range(len(coefs))) if index is None else [int(i) for i in index]
         if idx and (min(idx) < 0 or max(idx) >= rows.shape[0]):
             raise IndexError(f"row index out of range for {rows.shape[0]} rows")

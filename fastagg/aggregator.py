@@ -75,6 +75,12 @@ class Aggregator:
         self.version = 0
         self._capacity = self.rule.capacity
         self._deltas = torch.empty(self._capacity, P, dtype=self.dtype, device=self.device)
+        # On a GPU, host updates land in pinned staging rows and go to the device asynchronously on
+        # an ingest stream, so that ingest of the next buffer overlaps the merge of this one.
+        self._staging = self._ingest_stream = None
+        if self.device.type == "cuda":
+            self._staging = torch.empty(self._capacity, P, dtype=self.dtype, pin_memory=True)
+            self._ingest_stream = torch.cuda.Stream(self.device)
         self._pending: list[_Pending] = []
         self._momentum = None
         self._needs_base = isinstance(self.rule, _rules.FedAsync) or (
@@ -140,7 +146,9 @@ class Aggregator:
             raise errors.EvictedVersionError(
                 f"base version {base_version} is not in the version store (holds {self.store.versions[:1]}.."
                 f"{self.store.versions[-1:]}) and on_evicted='reject'")
-        row = self._deltas[len(self._pending)]  # scratch until committed below
+        slot = len(self._pending)
+        host = self._staging is not None and not (isinstance(update, torch.Tensor) and update.is_cuda)
+        row = self._staging[slot] if host else self._deltas[slot]  # scratch until committed below
         self._write_row(update, row)
         if not bool(torch.isfinite(row).all()):
             raise errors.NonFiniteUpdateError("update holds NaN or Inf")
@@ -149,6 +157,9 @@ class Aggregator:
             if norm > self.max_update_norm:
                 raise errors.UpdateNormError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
         # -- commit: nothing below raises on bad input
+        if host:
+            with torch.cuda.stream(self._ingest_stream):
+                self._deltas[slot].copy_(row, non_blocking=True)
         seq = self._seq
         self._seq += 1
         if client_id is not None:
@@ -200,6 +211,8 @@ class Aggregator:
             return self.version
 
     def _merge_pending(self):
+        if self._ingest_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._ingest_stream)
         pend = self._pending
         K = len(pend)
         D = self._deltas[:K]
@@ -216,7 +229,7 @@ class Aggregator:
             lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
             corr_idx = [k for k in range(K) if lam[k] > 0]
             if corr_idx:
-                idx = torch.tensor(corr_idx, device=self.device)
+                idx = _to_device(corr_idx, torch.int64, self.device)
                 if corr.student == "client":
                     base = torch.stack([self.store.rows[slots[k]] if slots[k] is not None else self.params
                                         for k in corr_idx])
@@ -224,7 +237,6 @@ class Aggregator:
                     base = self.params.expand(len(corr_idx), -1)
                 deltas = D.index_select(0, idx)
                 corr_rows, corr_scale = corr.correct(base + deltas, deltas, [lam[k] for k in corr_idx], teacher)
-                corr_scale = corr_scale.double().cpu().tolist()
                 self._counters["corrected"] += len(corr_idx)
 
         if isinstance(self.rule, _rules.FedAsync):
@@ -234,7 +246,7 @@ class Aggregator:
             c0 += sum(coefs[k] for k in range(K) if slots[k] is None)  # evicted base: theta_t0 stands in
             groups = [(D, coefs, None), (self.store.rows, base_coef, base_idx)]
             if corr_idx:
-                groups.append((corr_rows, [-coefs[k] * sc for k, sc in zip(corr_idx, corr_scale)], None))
+                groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
             fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
             self.version += K
         else:
@@ -245,7 +257,7 @@ class Aggregator:
                     self._momentum = torch.zeros_like(self.params)
                 groups = [(D, a, None)]
                 if corr_idx:
-                    groups.append((corr_rows, [-a[k] * sc for k, sc in zip(corr_idx, corr_scale)], None))
+                    groups.append((corr_rows, _scaled(a, corr_idx, corr_scale, self.device), None))
                 fused_merge(self._momentum, rule.momentum, groups, out=self._momentum, backend=self.backend)
                 fused_merge(self.params, 1.0, [(self._momentum[None], [rule.server_lr], None)],
                             out=self.params, backend=self.backend)
@@ -253,7 +265,7 @@ class Aggregator:
                 coefs = [rule.server_lr * x for x in a]
                 groups = [(D, coefs, None)]
                 if corr_idx:
-                    groups.append((corr_rows, [-coefs[k] * sc for k, sc in zip(corr_idx, corr_scale)], None))
+                    groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
                 fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
             self.version += 1
         self.store.push(self.version, self.params)
@@ -341,6 +353,21 @@ class Aggregator:
             for name, view in self.spec.unflatten(self.params).items():
                 state[name].copy_(view)
         return model
+
+
+def _to_device(values, dtype, device):
+    """A host list as a device tensor without a host sync: pinned memory and a non-blocking copy
+    (a pageable copy would wait for all the work queued before it)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _scaled(coefs, idx, scale, device):
+    """-coefs[idx] * scale as a device tensor: the KD rows' merge coefficients, kept on the device
+    so that the correction's per-client scale never makes the host wait."""
+    return -_to_device([coefs[k] for k in idx], scale.dtype, device) * scale
 
 
 def _check_args(base_version, num_samples):

@@ -27,12 +27,28 @@ def _simulate(args):
     return 0
 
 
+def _bench(args):
+    from . import bench
+
+    bench.run(device=args.device, models=tuple(args.models.split(",")), K=args.k, sweep=not args.no_sweep,
+              small=args.small, out=args.out, compile_baseline=not args.no_compile)
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
 def _info(args):
     from . import backends
 
     for name, (ok, why) in backends.available().items():
         print(f"{name:7s} {'yes' if ok else 'no ':3s}  {why}")
     return 0
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None):
@@ -60,6 +76,15 @@ def main(argv=None):
     s.add_argument("--out", default="fastagg-sim", help="folder for results.json and accuracy.png")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_simulate)
+    b = sub.add_parser("bench", help="server-step throughput (updates/s) by stage, against baselines and limits")
+    b.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    b.add_argument("--models", default="cnn,resnet18,lm")
+    b.add_argument("--k", type=int, default=None, help="buffer size (default per model)")
+    b.add_argument("--small", action="store_true", default=None, help="tiny proxy sets (default on CPU)")
+    b.add_argument("--no-sweep", action="store_true")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--out", default="fastagg-bench.json")
+    b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="which kernel backends are available here, and why not")
     i.set_defaults(fn=_info)
     args = p.parse_args(argv)

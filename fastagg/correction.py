@@ -14,8 +14,9 @@ and the corrected update is delta' = delta - (sum of the steps). fastagg returns
 ``rows`` [K, P] and a per-client ``scale`` [K] with delta' = delta - scale * rows, so that a
 one-step correction's scale folds into the merge coefficients.
 
-The K students of a buffer are corrected together: one vmap'd forward over their stacked
-parameters, the fused KD loss+gradient op on the [K*N, C] logits, and one vjp back.
+The K students of a buffer are corrected together by fastagg.engine: one vmap'd forward over
+their stacked parameters (optionally bf16 autocast and CUDA graphs), the fused KD loss+gradient
+op on the [K*N, C] logits, and one vjp back into a flat [K, P] gradient buffer.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call
 
 from . import schedules as _schedules
 from . import staleness as _staleness
-from .ops.kd_loss import kd_loss_grad
+from .engine import StudentGradEngine
 
 
 @dataclass
@@ -46,7 +47,8 @@ class KDCorrection:
 
     def __init__(self, proxy, *, temperature=3.0, schedule="teacher_confidence", step="relative",
                  eta=0.05, rho=1.0, steps=5, student="client", min_staleness=1,
-                 staleness_factor="grows", factor_staleness=None, proxy_labels=None):
+                 staleness_factor="grows", factor_staleness=None, proxy_labels=None, precision="fp32",
+                 cuda_graphs=False):
         if proxy is None:
             raise ValueError("KD correction needs unlabeled proxy inputs: pass proxy=<tensor [N, ...]> "
                              "(e.g. a small held-out slice of the training distribution)")
@@ -72,6 +74,7 @@ class KDCorrection:
         self.min_staleness = int(min_staleness)
         self.staleness_factor = staleness_factor
         self.factor_staleness = _staleness.resolve(factor_staleness or _staleness.polynomial(0.5))
+        self.precision, self.cuda_graphs = precision, cuda_graphs
         self.teacher_forwards = 0
         self._teacher: Teacher | None = None
         self.model = self.spec = None
@@ -81,6 +84,8 @@ class KDCorrection:
     def bind(self, model, spec, device, dtype, backend="torch"):
         self.model, self.spec, self.backend = model, spec, backend
         self.proxy = self.proxy.to(device=device, dtype=dtype if self.proxy.is_floating_point() else None)
+        self.engine = StudentGradEngine(model, spec, self.proxy, self.temperature, backend, self.precision,
+                                        self.cuda_graphs)
         if self.proxy_labels is not None:
             self.proxy_labels = self.proxy_labels.to(device)
 
@@ -122,34 +127,16 @@ class KDCorrection:
 
     # -- gradients -------------------------------------------------------------------------
     def student_grads(self, students: torch.Tensor, teacher: Teacher):
-        """KD loss [K] and gradient [K, P] (zeros for buffers) of K stacked students [K, P]."""
-        spec, K = self.spec, students.shape[0]
-        views = spec.unflatten(students)
-        trainable = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr}
-        frozen = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr}
-        x = self.proxy
-
-        def one(p, b):
-            return self._forward({**p, **b}, x)
-
-        def batched(p):
-            return vmap(one, in_dims=(0, 0))(p, frozen)
-
-        logits, pullback = vjp(batched, trainable)
-        N, C = teacher.probs.shape
-        loss, glogits = kd_loss_grad(logits.reshape(K * N, C), teacher.probs, self.temperature, self.backend)
-        (grads,) = pullback(glogits.view_as(logits).to(logits.dtype))
-        out = torch.zeros_like(students)
-        for name, shape, off, n in spec.items():
-            if name in grads:
-                out[:, off:off + n] = grads[name].reshape(K, n)
-        return loss, out
+        """KD loss [K] and gradient [K, P] (zeros for buffers) of K stacked students [K, P],
+        computed together by the batched engine (fastagg.engine)."""
+        return self.engine(students, teacher.probs)
 
     def correct(self, students: torch.Tensor, deltas: torch.Tensor, weights, teacher: Teacher,
                 grad_fn=None):
         """Correction rows [K, P] and scale [K] such that delta' = delta - scale[:, None] * rows."""
         grad_fn = grad_fn or (lambda s: self.student_grads(s, teacher)[1])
-        lam = torch.as_tensor(weights, dtype=students.dtype, device=students.device)
+        lam = torch.tensor(weights, dtype=students.dtype)
+        lam = lam.pin_memory().to(students.device, non_blocking=True) if students.is_cuda else lam
         dnorm = deltas.norm(dim=1)
         if self.steps == 1:
             g = grad_fn(students)

@@ -167,3 +167,55 @@ def test_fedadt_end_to_end_uses_teacher_at_batch_start(rng):
         g = ref_corr._loop_grad((base + d)[None], teacher)[0]
         theta = 0.5 * theta + 0.5 * (base + d - 0.5 * g)
     assert torch.allclose(agg.params, theta, rtol=0, atol=1e-12)
+
+
+def test_engine_fp32_matches_per_client_autograd_and_merges_identically(rng):
+    """fp32: the batched engine's corrected deltas equal the client-by-client oracle within
+    rounding, and a FedADT buffer merged from them equals the merge of the oracle's deltas."""
+    model = mlp(d_in=6, hidden=12, classes=5)
+    proxy = torch.randn(24, 6, generator=rng)
+    corr = fastagg.KDCorrection(proxy, steps=1, step="absolute", eta=0.7, schedule=fastagg.schedules.constant(1.0),
+                                staleness_factor="none")
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(6), correction=corr, backend="torch")
+    teacher = corr.teacher(agg.params, 0)
+    deltas = 0.2 * torch.randn(6, agg.spec.numel, generator=rng)
+    lam = [1.0] * 6
+    rows, scale = corr.correct(agg.params + deltas, deltas, lam, teacher)
+    rows_ref, scale_ref = corr.correct_loop(agg.params + deltas, deltas, lam, teacher)
+    got, ref = deltas - scale[:, None] * rows, deltas - scale_ref[:, None] * rows_ref
+    assert float((got - ref).norm() / ref.norm()) < 1e-6
+    assert float(((scale[:, None] * rows) - (scale_ref[:, None] * rows_ref)).norm() / (scale_ref[:, None] * rows_ref).norm()) < 1e-5
+
+
+BF16_TOLERANCE = 3e-2  # relative L2 error of the bf16 correction (KD step) against fp32; documented in README
+
+
+def test_engine_bf16_within_stated_tolerance_of_fp32(rng):
+    model = cnn()
+    proxy = torch.randn(32, 2, 5, 5, generator=rng)
+    deltas = 0.1 * torch.randn(4, sum(p.numel() for p in model.state_dict().values()), generator=rng)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        corr = fastagg.KDCorrection(proxy, steps=1, step="absolute", eta=1.0,
+                                    schedule=fastagg.schedules.constant(1.0), precision=precision)
+        agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend="torch")
+        teacher = corr.teacher(agg.params, 0)
+        rows, scale = corr.correct(agg.params + deltas, deltas, [1.0] * 4, teacher)
+        out[precision] = scale[:, None] * rows
+    err = float((out["bf16"] - out["fp32"]).norm() / out["fp32"].norm())
+    assert 0 < err < BF16_TOLERANCE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and pinned staging need a CUDA device")
+def test_cuda_graph_engine_and_pinned_ingest_match_eager(rng):
+    model = cnn().cuda()
+    proxy = torch.randn(32, 2, 5, 5, generator=rng)
+    res = []
+    for graphs in (False, True):
+        corr = fastagg.KDCorrection(proxy, cuda_graphs=graphs, schedule=fastagg.schedules.constant(1.0))
+        agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, device="cuda")
+        g = torch.Generator().manual_seed(5)
+        for i in range(12):
+            agg.submit(0.05 * torch.randn(agg.spec.numel, generator=g), base_version=max(0, agg.version - 1))
+        res.append(agg.params.cpu())
+    assert float((res[1] - res[0]).norm() / res[0].norm()) < 1e-5

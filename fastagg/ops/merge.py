@@ -20,6 +20,8 @@ from .. import backends
 
 
 def _as_coefs(coefs, device):
+    if isinstance(coefs, torch.Tensor):
+        return coefs.to(device=device, dtype=torch.float64)
     return torch.as_tensor(coefs, dtype=torch.float64, device="cpu").to(device)
 
 

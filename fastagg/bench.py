@@ -1,0 +1,354 @@
+"""``fastagg bench``: throughput of the whole FedADT server step, stage by stage, against
+baselines and limits measured in the same process.
+
+Models: a CIFAR-shaped CNN (~1.07M parameters, 256 proxy inputs), a BatchNorm-free
+ResNet-18-sized CIFAR model (~11.2M, 64 proxy inputs) and a small transformer language model
+with a 32k vocabulary. For each: updates/s of the server step (ingest + KD correction + merge,
+teacher amortised over the buffer) with fastagg's engine, and of the correction alone with the
+baselines a user has in stock PyTorch: per-client eager autograd, fp32 and bf16
+``torch.func.vmap``, ``torch.compile`` of the bf16 vmap; the merge against a Flower-style
+per-layer numpy loop. Limits: device copy bandwidth and matmul rate, measured here; the floor of
+a stage is max(bytes / bandwidth, FLOPs / rate).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from functools import reduce
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import staleness
+from .aggregator import Aggregator
+from .correction import KDCorrection
+from .engine import StudentGradEngine
+from .ops.merge import fused_merge
+from .rules import FedBuff
+from .wire import encode_update
+
+
+# -- models -------------------------------------------------------------------------------------
+class CifarCNN(nn.Module):
+    """~1.03M parameters: four 3x3 convolutions, three poolings, two linear layers."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(64, 128, 3, padding=1), nn.Conv2d(128, 128, 3, padding=1)
+        self.f1, self.f2 = nn.Linear(128 * 4 * 4, 384), nn.Linear(384, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)
+        x = F.max_pool2d(F.relu(self.c3(x)), 2)
+        x = F.max_pool2d(F.relu(self.c4(x)), 2)
+        return self.f2(F.relu(self.f1(x.flatten(1))))
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.a = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.b = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.skip = nn.Conv2d(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        y = self.b(F.relu(self.a(x)))
+        return F.relu(y + (x if self.skip is None else self.skip(x)))
+
+
+class ResNet18NoBN(nn.Module):
+    """ResNet-18 for 32x32 inputs without BatchNorm (~11.2M parameters)."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, 1, 1)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):  # pre-norm block: causal self-attention, then MLP
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # explicit attention (S = 32): vmap has batching rules for every op here
+        att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        att = att.masked_fill(torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        a = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+        x = x + self.proj(a)
+        return x + self.down(F.gelu(self.up(self.n2(x))))
+
+
+class TinyLM(nn.Module):
+    """Two pre-norm transformer blocks over a 32k vocabulary; logits for every position."""
+
+    def __init__(self, vocab=32000, d=128, heads=4, layers=2, seq=32):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.zeros(seq, d))
+        self.blocks = nn.ModuleList(_Attention(d, heads) for _ in range(layers))
+        self.norm, self.out = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        x = self.emb(tokens) + self.pos[: tokens.shape[-1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.out(self.norm(x)).flatten(0, -2)  # [B * S, vocab]
+
+
+def make(name: str, device, small=False):
+    """(model, proxy inputs) for 'cnn', 'resnet18' or 'lm' (``small``: tiny sizes for CPU tests)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "cnn":
+        return CifarCNN().to(device), torch.randn(32 if small else 256, 3, 32, 32, generator=g).to(device)
+    if name == "resnet18":
+        return ResNet18NoBN().to(device), torch.randn(4 if small else 64, 3, 32, 32, generator=g).to(device)
+    if name == "lm":
+        vocab = 1000 if small else 32000
+        return TinyLM(vocab=vocab).to(device), torch.randint(0, vocab, (4 if small else 16, 32), generator=g).to(device)
+    raise ValueError(f"unknown model {name!r}; choose cnn, resnet18 or lm")
+
+
+# -- timing and limits ----------------------------------------------------------------------------
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, reps=5, warmup=2, min_time=0.0):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < reps or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def limits(device):
+    n = (1 << 28) if torch.device(device).type == "cuda" else (1 << 24)
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    copy = timeit(lambda: b.copy_(a), device)
+    m = 8192 if torch.device(device).type == "cuda" else 1024
+    dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    x, y = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
+    mm = timeit(lambda: x @ y, device)
+    return {"copy_GBps": 2 * n * 4 / copy / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm / 1e12,
+            "matmul_dtype": str(dt).replace("torch.", "")}
+
+
+def flops_per_student(model, proxy):
+    """Forward + backward FLOPs of one student on the proxy batch (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in model.state_dict().items()}
+    with FlopCounterMode(display=False) as counter:
+        out = torch.func.functional_call(model, params, (proxy,))
+        out.float().sum().backward()
+    return counter.get_total_flops()
+
+
+# -- the correction baselines ----------------------------------------------------------------------
+def per_client_eager(model, spec, proxy, probs, T, students):
+    grads = []
+    for k in range(students.shape[0]):
+        params = {n: v.detach().clone().requires_grad_(True) for n, v in spec.unflatten(students[k]).items()}
+        z = torch.func.functional_call(model, params, (proxy,))
+        loss = T * T * F.kl_div(torch.log_softmax(z.float() / T, -1), probs, reduction="batchmean")
+        grads.append(torch.autograd.grad(loss, list(params.values())))
+    return grads
+
+
+def vmap_baseline(model, spec, proxy, probs, T, bf16):
+    """Stock PyTorch: torch.func.grad of an eager KL loss, vmap'd over students."""
+    def loss_fn(p, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            z = torch.func.functional_call(model, p, (x,))
+        return T * T * F.kl_div(torch.log_softmax(z.float() / T, -1), probs, reduction="batchmean")
+
+    g = torch.func.vmap(torch.func.grad(loss_fn), in_dims=(0, None))
+    return lambda students: g(spec.unflatten(students), proxy)
+
+
+def flower_numpy_merge(layers_per_client, weights):
+    total = sum(weights)
+    scaled = [[layer * w for layer in layers] for layers, w in zip(layers_per_client, weights)]
+    return [reduce(np.add, ls) / total for ls in zip(*scaled)]
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
+                eager_clients=8, log=print):
+    device = torch.device(device)
+    model, proxy = make(name, device, small)
+    model.eval()
+    T = 3.0
+    corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", steps=1, min_staleness=1,
+                        cuda_graphs=cuda_graphs and device.type == "cuda", staleness_factor="none",
+                        schedule=1.0)
+    agg = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr, device=device,
+                     max_versions=4)
+    spec, P = agg.spec, agg.spec.numel
+    g = torch.Generator().manual_seed(1)
+    host_deltas = [1e-3 * torch.randn(P, generator=g) for _ in range(K)]
+    payloads = [encode_update(spec.unflatten(d), base_version=0, num_samples=10, client_id=i)
+                for i, d in enumerate(host_deltas)]
+    r = {"model": name, "P": P, "proxy": int(proxy.shape[0]), "K": K, "device": str(device),
+         "precision": corr.precision, "cuda_graphs": corr.cuda_graphs}
+    flops = flops_per_student(model, proxy)
+    r["gflop_per_update"] = flops / 1e9
+
+    # whole step: K submits (bytes -> validated -> staged -> device), then the correction and merge
+    agg.submit(payloads[0])
+    agg.flush()  # version 1: every later update is stale by one and gets corrected
+    counter = [0]
+
+    def step(deltas):
+        for _ in range(2):  # two buffers back to back: ingest of the second overlaps the first's merge
+            base = agg.version - 1
+            for p in deltas:
+                counter[0] += 1
+                agg.submit(p, base_version=base, num_samples=10, client_id=counter[0])
+        assert agg.stats()["buffered"] == 0
+
+    t_step = timeit(lambda: step(host_deltas), device, reps=2, warmup=1)
+    r["step_updates_per_s"] = 2 * K / t_step  # host updates: decode-free submit, validation, staging
+    dev_deltas = [d.to(device) for d in host_deltas]
+    t_dev = timeit(lambda: step(dev_deltas), device, reps=2, warmup=1)
+    r["step_device_updates_per_s"] = 2 * K / t_dev  # updates already on the device
+
+    # stages
+    t_ingest = timeit(lambda: [agg.__class__._write_row(agg, p, agg._staging[0] if agg._staging is not None
+                                                        else agg._deltas[0]) for p in host_deltas[:8]],
+                      device, reps=3) / 8
+    from .wire import decode_update
+    t_decode = timeit(lambda: [decode_update(p) for p in payloads[:8]], device, reps=3) / 8
+    teacher = corr.teacher(agg.params, agg.version)
+    students = agg.params + torch.stack([d.to(device) for d in host_deltas])
+    out = torch.empty_like(students)
+    t_corr = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=5)
+    coefs = [1.0 / K] * K
+    t_merge = timeit(lambda: fused_merge(agg.params.clone(), 1.0, [(students, coefs, None), (out, coefs, None)],
+                                         backend=agg.backend), device, reps=5)
+    corr.invalidate()
+    t_teacher = timeit(lambda: (corr.invalidate(), corr.teacher(agg.params, agg.version)), device, reps=3)
+    lim = r["limits"] = limits(device)
+    r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
+                      "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3}
+    r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12), 2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
+                      "merge": (2 * K + 2) * P * 4 / (lim["copy_GBps"] * 1e9) * 1e3}
+    r["correction_updates_per_s"] = K / t_corr
+    log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
+        f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
+        f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f}); "
+        f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f})")
+
+    if baselines:
+        probs = teacher.probs.float()
+        few = students[:eager_clients]
+        r["baseline_updates_per_s"] = {}
+        t = timeit(lambda: per_client_eager(model, spec, proxy, probs, T, few), device, reps=2, warmup=1)
+        r["baseline_updates_per_s"]["per_client_eager_fp32"] = eager_clients / t
+        for bf16 in (False, True):
+            fn = vmap_baseline(model, spec, proxy, probs, T, bf16)
+            try:
+                t = timeit(lambda: fn(students), device, reps=3, warmup=1)
+                r["baseline_updates_per_s"][f"vmap_{'bf16' if bf16 else 'fp32'}"] = K / t
+            except torch.OutOfMemoryError:
+                r["baseline_updates_per_s"][f"vmap_{'bf16' if bf16 else 'fp32'}"] = "out of memory"
+        if compile_baseline:
+            fn = torch.compile(vmap_baseline(model, spec, proxy, probs, T, True))
+            try:
+                t = timeit(lambda: fn(students), device, reps=3, warmup=2)
+                r["baseline_updates_per_s"]["compiled_vmap_bf16"] = K / t
+            except Exception as exc:  # report, do not hide: a failed baseline is a result too
+                r["baseline_updates_per_s"]["compiled_vmap_bf16"] = f"failed: {type(exc).__name__}"
+        layers = [[v.cpu().numpy() for v in spec.unflatten(d).values()] for d in host_deltas[:16]]
+        t = timeit(lambda: flower_numpy_merge(layers, [10] * len(layers)), "cpu", reps=2, warmup=1)
+        r["flower_numpy_merge_ms_per_update"] = t / len(layers) * 1e3
+        log(f"  baselines (correction upd/s): " + ", ".join(
+            f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["baseline_updates_per_s"].items()))
+    return r
+
+
+def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print):
+    """Correction throughput and peak memory against the buffer size K."""
+    device = torch.device(device)
+    model, proxy = make(name, device, small)
+    corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", schedule=1.0)
+    agg = Aggregator(model, FedBuff(1), correction=corr, device=device)
+    teacher = corr.teacher(agg.params, 0)
+    rows = []
+    for K in ks:
+        try:
+            students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
+            out = torch.empty_like(students)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            rows.append({"K": K, "updates_per_s": K / t, "ms": t * 1e3, "peak_bytes": peak})
+            log(f"  K={K}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms" + (f", peak {peak / 1e9:.2f} GB" if peak else ""))
+            del students, out
+        except torch.OutOfMemoryError:
+            rows.append({"K": K, "updates_per_s": None, "error": "out of memory"})
+            log(f"  K={K}: out of memory")
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, small=None, out=None, log=print,
+        compile_baseline=True):
+    device = torch.device(device)
+    small = (device.type == "cpu") if small is None else small
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
+           "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+           "models": [], "sweep": {}}
+    try:
+        import triton
+
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    default_k = {"cnn": 128, "resnet18": 32, "lm": 16} if not small else {"cnn": 8, "resnet18": 4, "lm": 4}
+    for name in models:
+        res["models"].append(bench_model(name, device, K or default_k[name], small=small, log=log,
+                                         compile_baseline=compile_baseline))
+    if sweep:
+        log("K sweep (cnn correction):")
+        res["sweep"]["cnn"] = sweep_k("cnn", device, ks=(1, 16, 64, 256, 1024) if not small else (1, 4, 16),
+                                      small=small, log=log)
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
