@@ -264,28 +264,14 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
     spec = agg.spec
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    sched = np.random.default_rng(cfg.seed + 1)  # the delay trace: independent of the models
-    now, job_id = 0.0, 0
-    events = []
-    idle = list(range(n_clients))
-
-    def start(t):
-        nonlocal job_id
-        k = idle.pop(int(sched.integers(len(idle))))
-        version, flat = agg.pull(flat=True)
-        duration = speeds[k] * cfg.local_steps * (1 + cfg.jitter * (2 * sched.random() - 1))
-        heapq.heappush(events, (t + duration, job_id, k, version, flat))
-        job_id += 1
-
-    for _ in range(min(cfg.concurrency, n_clients)):
-        start(0.0)
     curve = Curve(algo)
-    n = 0
-    while n < cfg.arrivals:
-        now, jid, k, version, base = heapq.heappop(events)
-        if cfg.dropout and sched.random() < cfg.dropout:  # the client vanished: its update never arrives
-            idle.append(k)
-            start(now)
+    bases, n = {}, 0
+    for kind, jid, k, now in delay_trace(cfg, speeds):
+        if kind == "start":  # an idle client pulls the latest model and starts a job
+            bases[jid] = agg.pull(flat=True)
+            continue
+        version, base = bases.pop(jid)
+        if kind == "drop":  # the client vanished: its update never arrives
             continue
         n += 1
         # local SGD from the model the client pulled
@@ -302,8 +288,6 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
             opt.step()
         delta = {name: worker.state_dict()[name] - view for name, view in spec.unflatten(base).items()}
         agg.submit(encode_update(delta, base_version=version, num_samples=len(data_k), client_id=jid))
-        idle.append(k)
-        start(now)
         if n % cfg.eval_every == 0 or n == cfg.arrivals:
             curve.time.append(now)
             curve.arrivals.append(n)
@@ -312,7 +296,50 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
             progress.update(1)
     st = agg.stats()
     curve.stats = {k: st[k] for k in ("version", "merged", "corrected", "mean_staleness", "lambda", "fallbacks")}
+    curve.aggregator = agg  # not serialised: for callers that want the final model
     return curve
+
+
+def delay_trace(cfg: SimConfig, speeds):
+    """The simulated clock, independent of the models: yields ("start", job, client, time) when
+    an idle client (chosen uniformly) pulls the model, and ("finish" | "drop", job, client, time)
+    when its job ends after speed * local_steps * (1 +- jitter). At most ``concurrency`` jobs run;
+    every end starts a new job. Stops after ``cfg.arrivals`` finished (not dropped) jobs."""
+    sched = np.random.default_rng(cfg.seed + 1)
+    idle = list(range(len(speeds)))
+    heap, job = [], 0
+
+    def launch(t):
+        nonlocal job
+        k = idle.pop(int(sched.integers(len(idle))))
+        duration = speeds[k] * cfg.local_steps * (1 + cfg.jitter * (2 * sched.random() - 1))
+        heapq.heappush(heap, (t + duration, job, k))
+        job += 1
+        return "start", job - 1, k, t
+
+    for _ in range(min(cfg.concurrency, len(speeds))):
+        yield launch(0.0)
+    n = 0
+    while n < cfg.arrivals:
+        t, j, k = heapq.heappop(heap)
+        dropped = bool(cfg.dropout) and sched.random() < cfg.dropout
+        n += not dropped
+        yield ("drop" if dropped else "finish"), j, k, t
+        idle.append(k)
+        yield launch(t)
+
+
+def trace_staleness(cfg: SimConfig, speeds, versions_per_arrival=1.0):
+    """Staleness of every arrival of the trace when the version advances every 1/versions_per_arrival
+    arrivals (FedAsync: 1; FedBuff with buffer K: 1/K)."""
+    started, out, n = {}, [], 0
+    for kind, j, _, _ in delay_trace(cfg, speeds):
+        if kind == "start":
+            started[j] = int(n * versions_per_arrival)
+        elif kind == "finish":
+            out.append(int(n * versions_per_arrival) - started.pop(j))
+            n += 1
+    return np.array(out)
 
 
 def summarize(curves, target):

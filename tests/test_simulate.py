@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 
@@ -41,3 +42,63 @@ def test_missing_fashion_mnist_gives_install_hint(monkeypatch, tmp_path):
     monkeypatch.setattr(simulate, "FASHION_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         simulate.load_dataset("fashion-mnist")
+
+
+def test_delay_model_staleness_distribution():
+    """Closed system with c jobs in flight: every arrival overtakes, on average, the c - 1 others,
+    so FedAsync's mean staleness is c - 1 (FedBuff's (c - 1) / K); with equal speeds and no
+    jitter every arrival has exactly that staleness; heavier-tailed speeds spread it out."""
+    c, n_clients = 20, 300
+    base = dict(clients=n_clients, concurrency=c, arrivals=6000, seed=5)
+    rng = np.random.default_rng(0)
+    speeds = rng.lognormal(0.0, 1.0, n_clients)
+    s = simulate.trace_staleness(simulate.SimConfig(**base, sigma=1.0), speeds)[500:]
+    assert abs(s.mean() - (c - 1)) < 0.05 * (c - 1)
+    p50, p90, p99 = np.percentile(s, [50, 90, 99])
+    assert p50 < s.mean() < p90 < p99  # right-skewed: a few very slow jobs see many versions pass
+    s_buff = simulate.trace_staleness(simulate.SimConfig(**base, sigma=1.0), speeds, versions_per_arrival=0.1)[500:]
+    assert abs(s_buff.mean() - (c - 1) / 10) < 0.1 * (c - 1) / 10
+    equal = simulate.trace_staleness(simulate.SimConfig(**base, sigma=0.0, jitter=0.0), np.ones(n_clients))[c:]
+    assert np.all(equal == c - 1)
+    heavy = simulate.trace_staleness(simulate.SimConfig(**base, sigma=2.0), rng.lognormal(0.0, 2.0, n_clients))[500:]
+    assert np.percentile(heavy, 99) / max(np.percentile(heavy, 50), 1) > p99 / max(p50, 1)
+
+
+def test_fedasync_concurrency_one_zero_delay_is_sequential_sgd():
+    """One client at a time, FedAsync with alpha = 1 and constant weights: the global model is
+    exactly the result of training the clients one after another (sequential SGD)."""
+    cfg = simulate.SimConfig(clients=8, concurrency=1, arrivals=12, local_steps=4, sigma=0.0, jitter=0.0, alpha=1.0,
+                             weights="constant", proxy=20, eval_every=12, lr=0.1, algorithms=("fedasync",))
+    data = simulate.load_dataset("digits", cfg.seed)
+    curve = simulate.run_one("fedasync", cfg, data)
+    xtr, ytr = data[0], data[1]
+    rng = np.random.default_rng(cfg.seed)
+    perm = rng.permutation(len(ytr))
+    train_idx = perm[cfg.proxy:]
+    parts = [train_idx[p] for p in simulate.dirichlet_split(ytr[train_idx].numpy(), cfg.clients, cfg.dirichlet, rng)]
+    speeds = rng.lognormal(0.0, cfg.sigma, len(parts))
+    torch.manual_seed(cfg.seed)
+    model = simulate.make_model("digits", 64, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    for kind, jid, k, _ in simulate.delay_trace(cfg, speeds):
+        if kind != "finish":
+            continue
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + jid)
+        for _ in range(cfg.local_steps):
+            b = parts[k][torch.randint(len(parts[k]), (min(cfg.batch_size, len(parts[k])),), generator=g).numpy()]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xtr[b]), ytr[b]).backward()
+            opt.step()
+    got = curve.aggregator.pull()[1]
+    for name, value in model.state_dict().items():
+        assert torch.allclose(got[name], value, atol=1e-6), name
+    assert curve.aggregator.stats()["staleness_histogram"] == {0: 12}
+
+
+def test_two_thousand_clients_run():
+    """Scale: N = 2,000 virtual clients, 200 training at once (clients hold only indices)."""
+    cfg = simulate.SimConfig(dataset="mnist1d", clients=2000, concurrency=200, arrivals=300, local_steps=2,
+                             eval_every=300, proxy=100, algorithms=("fedbuff",))
+    res = simulate.run(cfg, show_progress=False)
+    run = res["runs"][0]
+    assert run["stats"]["merged"] == 300 and run["stats"]["mean_staleness"] > 5
