@@ -22,3 +22,17 @@ sim() { fastagg simulate --quiet --seeds 3 "$@"; }
   sim --out $R/fmnist-a0.5 --dataset fashion-mnist --dirichlet 0.5 --target 0.7 --algorithms "$MAIN"
 ) > $R/log-b.txt 2>&1 &
 wait
+# Sensitivity of the correction where it matters (harsh FedAsync on digits), and FedBuff with a
+# constant lambda on both data sets: the runs that chose the defaults.
+H="--alpha 0.9 --weights constant --sigma 2"
+(
+  sim --out $R/sens-strength $H --algorithms "fedasync,fedadt-async/schedule=constant;lam=0.5,fedadt-async/schedule=constant;lam=2,fedadt-async/schedule=constant;rho=0.5,fedadt-async/schedule=constant;steps=1,fedadt-async/schedule=constant;T=1,fedadt-buff/schedule=constant"
+  sim --out $R/sens-proxy50 $H --proxy 50 --algorithms "fedasync,fedadt-async/schedule=constant"
+  sim --out $R/sens-proxy500 $H --proxy 500 --algorithms "fedasync,fedadt-async/schedule=constant"
+  sim --out $R/digits-buff-constant --algorithms "fedbuff,fedadt-buff/schedule=constant"
+) > $R/log-c.txt 2>&1 &
+(
+  sim --out $R/fmnist-a0.1-constant --dataset fashion-mnist --dirichlet 0.1 --target 0.7 \
+      --algorithms "fedadt-buff/schedule=constant,fedadt-async/schedule=constant;lam=2"
+) > $R/log-d.txt 2>&1 &
+wait
