@@ -26,8 +26,9 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
             print("fastagg: WARNING: built the C++ kernels without OpenMP (single-threaded)", file=sys.stderr)
         except Exception as exc:
-            print(f"fastagg: WARNING: C++ kernels not built ({type(first).__name__}: {first}; {exc}); "
+            print(f"fastagg: WARNING: C++ kernels not built (the C++ compiler failed: {type(exc).__name__}); "
                   "numba or torch kernels will be used", file=sys.stderr)
+            del first
 
     def run(self):
         try:
