@@ -14,21 +14,22 @@ from setuptools.command.build_ext import build_ext
 
 class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
-        flags = ext.extra_compile_args[:]
-        try:
-            super().build_extension(ext)
+        attempts = [(ext.extra_compile_args, ext.extra_link_args, None),  # with OpenMP
+                    ([f for f in ext.extra_compile_args if "openmp" not in f],
+                     [f for f in ext.extra_link_args if "openmp" not in f],
+                     "fastagg: WARNING: built the C++ kernels without OpenMP (single-threaded)")]
+        for compile_args, link_args, warning in attempts:
+            ext.extra_compile_args, ext.extra_link_args = compile_args, link_args
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler missing or failing: the package still installs
+                error = exc
+                continue
+            if warning:
+                print(warning, file=sys.stderr)
             return
-        except Exception as exc:  # retry without OpenMP (e.g. clang without libomp)
-            first = exc
-        ext.extra_compile_args = [f for f in flags if "openmp" not in f]
-        ext.extra_link_args = [f for f in ext.extra_link_args if "openmp" not in f]
-        try:
-            super().build_extension(ext)
-            print("fastagg: WARNING: built the C++ kernels without OpenMP (single-threaded)", file=sys.stderr)
-        except Exception as exc:
-            print(f"fastagg: WARNING: C++ kernels not built (the C++ compiler failed: {type(exc).__name__}); "
-                  "numba or torch kernels will be used", file=sys.stderr)
-            del first
+        print(f"fastagg: WARNING: C++ kernels not built (the C++ compiler failed: {type(error).__name__}); "
+              "numba or torch kernels will be used", file=sys.stderr)
 
     def run(self):
         try:
