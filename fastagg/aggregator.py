@@ -345,6 +345,21 @@ class Aggregator:
                 self.correction.invalidate()
                 self.correction.teacher_forwards = int(state.get("teacher_forwards", 0))
 
+    def set_global(self, params) -> None:
+        """Replace the current version's parameters (a state_dict, or a flat [P] tensor), e.g.
+        with the initial model a framework hands over. The version number stays; the version
+        store and the teacher cache follow."""
+        with self._lock:
+            if isinstance(params, torch.Tensor):
+                if params.numel() != self.spec.numel:
+                    raise ValueError(f"expected {self.spec.numel} parameters, got {params.numel()}")
+                self.params.copy_(params.reshape(-1))
+            else:
+                self.spec.flatten(params, out=self.params)
+            self.store.push(self.version, self.params)
+            if self.correction is not None:
+                self.correction.invalidate()
+
     def load_into(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
         """Copy the global parameters into ``model`` (default: the model given at construction)."""
         model = model or self.model

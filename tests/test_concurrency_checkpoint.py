@@ -83,3 +83,15 @@ def test_checkpoint_with_half_full_buffer_continues_identically(rule, rng):
     dup_client = state["pending"][0]["client_id"]
     with pytest.raises(fastagg.errors.DuplicateUpdateError):
         b.submit(deltas[0], base_version=dup_base, client_id=dup_client)
+
+
+def test_set_global_replaces_the_current_version(rng):
+    agg = fastagg.Aggregator(mlp(), fastagg.FedAsync(0.5), max_versions=4)
+    new = torch.randn(agg.spec.numel, generator=rng)
+    agg.set_global(new)
+    assert torch.equal(agg.params, new) and torch.equal(agg.store.get(0), new) and agg.version == 0
+    sd = {k: v + 1 for k, v in agg.pull()[1].items()}
+    agg.set_global(sd)
+    assert torch.equal(agg.params, new + 1)
+    with pytest.raises(ValueError):
+        agg.set_global(torch.zeros(3))

@@ -161,9 +161,7 @@ class AsyncStrategy(Strategy):
         self.summary()
         agg, result = self.agg, Result()
         if initial_arrays is not None:
-            with agg._lock:
-                flat_from_arrays(agg, initial_arrays, out=agg.params)
-                agg.store.push(agg.version, agg.params)
+            agg.set_global(flat_from_arrays(agg, initial_arrays))
         train_config = train_config or ConfigRecord()
         if evaluate_fn is not None:
             res = evaluate_fn(0, arrays_from_flat(agg, agg.params))
@@ -248,10 +246,8 @@ class RoundStrategy(FedAvg):
         self.agg = aggregator
 
     def configure_train(self, server_round, arrays, config, grid):
-        if server_round == 1:  # start() hands the initial model here: it becomes version 0
-            with self.agg._lock:
-                flat_from_arrays(self.agg, arrays, out=self.agg.params)
-                self.agg.store.push(self.agg.version, self.agg.params)
+        if server_round == 1:  # start() hands the initial model here: it becomes the current version
+            self.agg.set_global(flat_from_arrays(self.agg, arrays))
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
