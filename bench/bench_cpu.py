@@ -52,7 +52,7 @@ def timeit(fn, reps=7, warmup=2):
     return statistics.median(times)
 
 
-def limits(n=1 << 25):
+def limits(n=1 << 27):  # 512 MB per array: far larger than any last-level cache
     a, b, c = torch.empty(n), torch.randn(n), torch.randn(n)
     triad = timeit(lambda: torch.add(b, c, alpha=0.5, out=a))
     copy = timeit(lambda: a.copy_(b))
