@@ -39,16 +39,12 @@ def load_data():
 
 def partition(pid: int, num_nodes: int = NUM_NODES):
     """(x_train, y_train) of node ``pid``: a Dirichlet(0.5) label split of the first 80%."""
+    from fastagg.simulate import dirichlet_split
+
     x, y = load_data()
     n_train = int(0.8 * len(y))
-    rng = np.random.default_rng(0)
-    parts = [[] for _ in range(num_nodes)]
-    for c in range(10):
-        idx = np.flatnonzero(y[:n_train].numpy() == c)
-        cuts = (np.cumsum(rng.dirichlet(np.full(num_nodes, 0.5))) * len(idx)).astype(int)[:-1]
-        for k, chunk in enumerate(np.split(idx, cuts)):
-            parts[k].extend(chunk.tolist())
-    idx = torch.tensor(sorted(parts[pid]) or [0])
+    parts = dirichlet_split(y[:n_train].numpy(), num_nodes, 0.5, np.random.default_rng(0))
+    idx = torch.from_numpy(parts[pid])
     return x[idx], y[idx]
 
 
