@@ -91,7 +91,9 @@ class Aggregator:
             correction.bind(model, self.spec, self.device, self.dtype, self.backend)
         self._lock = threading.RLock()
         self._seq = 0
-        self._seen: set = set()
+        # duplicate detection: base version -> client ids seen on it; versions older than
+        # max_staleness are dropped at each merge (such updates are rejected as too stale anyway)
+        self._seen: dict = collections.defaultdict(set)
         self._counters = collections.Counter()
         self._rejected = collections.Counter()
         self._hist = collections.Counter()
@@ -135,7 +137,7 @@ class Aggregator:
     def _accept(self, update, base_version, num_samples, client_id):
         if base_version > self.version:
             raise errors.FutureVersionError(f"base version {base_version} is newer than the server's {self.version}")
-        if client_id is not None and (client_id, base_version) in self._seen:
+        if client_id is not None and client_id in self._seen.get(base_version, ()):
             raise errors.DuplicateUpdateError(
                 f"client {client_id!r} already submitted an update on version {base_version}")
         offset = len(self._pending) if isinstance(self.rule, _rules.FedAsync) else 0
@@ -163,7 +165,7 @@ class Aggregator:
         seq = self._seq
         self._seq += 1
         if client_id is not None:
-            self._seen.add((client_id, base_version))
+            self._seen[base_version].add(client_id)
         self._pending.append(_Pending(seq, client_id, base_version, num_samples, s))
         self._counters["accepted"] += 1
         status = "buffered"
@@ -269,6 +271,9 @@ class Aggregator:
                 fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
             self.version += 1
         self.store.push(self.version, self.params)
+        if self.max_staleness is not None:
+            for v in [v for v in self._seen if v < self.version - self.max_staleness]:
+                del self._seen[v]
         self._counters["merged"] += K
         self._counters["fallbacks"] += fallbacks
         for p in pend:
@@ -312,7 +317,7 @@ class Aggregator:
                 "momentum": None if self._momentum is None else self._momentum.clone(),
                 "store": self.store.state_dict(),
                 "seq": self._seq,
-                "seen": sorted(self._seen, key=repr),
+                "seen": sorted(((c, v) for v, cs in self._seen.items() for c in cs), key=repr),
                 "counters": dict(self._counters),
                 "rejected": dict(self._rejected),
                 "staleness_histogram": dict(self._hist),
@@ -336,7 +341,9 @@ class Aggregator:
             self._momentum = None if state["momentum"] is None else state["momentum"].to(self.params).clone()
             self.store.load_state_dict(state["store"])
             self._seq = int(state["seq"])
-            self._seen = {tuple(x) for x in state["seen"]}
+            self._seen = collections.defaultdict(set)
+            for client_id, version in state["seen"]:
+                self._seen[version].add(client_id)
             self._counters = collections.Counter(state["counters"])
             self._rejected = collections.Counter(state["rejected"])
             self._hist = collections.Counter(state["staleness_histogram"])

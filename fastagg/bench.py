@@ -339,7 +339,7 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
 
         res["triton"] = triton.__version__
     except ImportError:
-        pass
+        res["triton"] = None
     default_k = {"cnn": 128, "resnet18": 32, "lm": 16} if not small else {"cnn": 8, "resnet18": 4, "lm": 4}
     for name in models:
         res["models"].append(bench_model(name, device, K or default_k[name], small=small, log=log,

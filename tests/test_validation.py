@@ -26,7 +26,7 @@ def _snapshot(agg):
     st = agg.stats()
     st.pop("rejected"), st.pop("rejected_total")
     return (agg.params.clone(), agg.version, agg._deltas[:len(agg._pending)].clone(), st,
-            [p.seq for p in agg._pending], set(agg._seen), agg._seq)
+            [p.seq for p in agg._pending], {v: set(c) for v, c in agg._seen.items() if c}, agg._seq)
 
 
 def _same(a, b):
@@ -128,3 +128,12 @@ def test_bytes_metadata_supplies_arguments():
 def test_correction_without_proxy_is_a_clear_error():
     with pytest.raises(ValueError, match="proxy"):
         fastagg.KDCorrection(None)
+
+
+def test_duplicate_memory_is_bounded_by_max_staleness():
+    agg = fastagg.Aggregator(mlp(), fastagg.FedAsync(0.5), max_staleness=3)
+    for i in range(50):
+        agg.submit(torch.zeros(agg.spec.numel), base_version=agg.version, client_id=f"c{i}")
+    assert set(agg._seen) <= set(range(agg.version - 3, agg.version + 1))
+    with pytest.raises(errors.DuplicateUpdateError):  # recent versions are still remembered
+        agg.submit(torch.zeros(agg.spec.numel), base_version=49, client_id="c49")
