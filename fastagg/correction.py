@@ -104,9 +104,8 @@ class KDCorrection:
         with torch.no_grad():
             logits = self._forward(self.spec.unflatten(theta), self.proxy)
         self.teacher_forwards += 1
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if theta.dtype == torch.float64:
-            probs = torch.softmax(logits / self.temperature, dim=-1)
+        acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
+        probs = torch.softmax(logits.to(acc) / self.temperature, dim=-1)
         C = probs.shape[-1]
         conf = float((probs.max(dim=-1).values.mean() - 1.0 / C) / (1.0 - 1.0 / C))
         acc = None
