@@ -108,10 +108,10 @@ class KDCorrection:
         probs = torch.softmax(logits.to(acc) / self.temperature, dim=-1)
         C = probs.shape[-1]
         conf = float((probs.max(dim=-1).values.mean() - 1.0 / C) / (1.0 - 1.0 / C))
-        acc = None
+        accuracy = None
         if self.proxy_labels is not None:
-            acc = float((logits.argmax(-1) == self.proxy_labels).float().mean())
-        self._teacher = Teacher(version, probs, max(conf, 0.0), acc)
+            accuracy = float((logits.argmax(-1) == self.proxy_labels).float().mean())
+        self._teacher = Teacher(version, probs, max(conf, 0.0), accuracy)
         return self._teacher
 
     def invalidate(self):
