@@ -36,3 +36,15 @@ H="--alpha 0.9 --weights constant --sigma 2"
       --algorithms "fedadt-buff/schedule=constant,fedadt-async/schedule=constant;lam=2"
 ) > $R/log-d.txt 2>&1 &
 wait
+# Every ablation on Fashion-MNIST (both splits) and Synthetic too.
+SCHED="fedadt-async/schedule=linear_warmup,fedadt-async/schedule=exp_saturation,fedadt-async/schedule=sigmoid,fedadt-async/schedule=teacher_accuracy"
+(
+  sim --out $R/fmnist-a0.1-schedules --dataset fashion-mnist --dirichlet 0.1 --target 0.7 --algorithms "fedasync,$SCHED"
+  sim --out $R/synthetic-ablations --dataset "synthetic(1,1)" --partition natural \
+      --algorithms "fedasync,fedadt-async/schedule=constant,$SCHED,fedadt-async/factor=none,fedadt-async/student=applied,fedbuff,fedadt-buff/factor=none"
+) > $R/log-e.txt 2>&1 &
+(
+  sim --out $R/fmnist-a0.5-ablations --dataset fashion-mnist --dirichlet 0.5 --target 0.7 \
+      --algorithms "fedasync,fedadt-async/schedule=constant,$SCHED,fedadt-async/factor=none,fedadt-async/student=applied"
+) > $R/log-f.txt 2>&1 &
+wait
