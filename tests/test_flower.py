@@ -28,7 +28,8 @@ def _fedadt():
 def test_async_strategy_in_a_real_flower_simulation():
     agg = _fedadt()
     initial = ex.accuracy(ex.make_model().state_dict())
-    out = ex.run(lambda: AsyncStrategy(agg, num_updates=40, min_nodes=ex.NUM_NODES, metrics_every=8))
+    out = ex.run(lambda: AsyncStrategy(agg, num_updates=40, min_nodes=ex.NUM_NODES, metrics_every=8,
+                                                 record_submissions=True))
     strategy, result = out["strategy"], out["result"]
     st = agg.stats()
     # every reply was submitted exactly once

@@ -61,14 +61,16 @@ class AsyncStrategy(Strategy):
     connect, so without waiting a run would start on the first two); ``clients_send`` "weights"
     or "delta"; ``weighted_by_key`` the reply metric holding the sample count;
     ``metrics_every`` updates between metric snapshots in ``Result.train_metrics_clientapp``
-    (keyed by update count).
+    (keyed by update count); ``record_submissions`` keeps every accepted delta in
+    ``self.submitted`` (for audits and replays). Rejected replies are counted in ``failures``
+    and in the aggregator's rejection counters, not in ``num_updates``.
     """
 
     def __init__(self, aggregator: Aggregator, *, num_updates: int | None = 100, time_budget: float | None = None,
                  concurrency: int | None = None, min_nodes: int = 2, node_wait_timeout: float = 120.0,
                  poll_interval: float = 0.005, clients_send: str = "weights", arrayrecord_key: str = "arrays",
                  configrecord_key: str = "config", weighted_by_key: str = "num-examples", metrics_every: int = 10,
-                 fraction_evaluate: float = 1.0):
+                 fraction_evaluate: float = 1.0, record_submissions: bool = False):
         if num_updates is None and time_budget is None:
             raise ValueError("give num_updates or time_budget (or both): an async run needs a stopping rule")
         if clients_send not in ("weights", "delta"):
@@ -80,7 +82,10 @@ class AsyncStrategy(Strategy):
         self.arrayrecord_key, self.configrecord_key = arrayrecord_key, configrecord_key
         self.weighted_by_key, self.metrics_every = weighted_by_key, metrics_every
         self.fraction_evaluate = fraction_evaluate
-        self.submitted: list = []  # (node_id, base_version, num_samples, delta) in submit order
+        # with record_submissions: (node_id, base_version, num_samples, delta, receipt seq) per
+        # accepted reply, in submit order (for audits and replays; it holds every delta)
+        self.record_submissions = record_submissions
+        self.submitted: list = []
         self.failures = 0
 
     # The round hooks are unused by the asynchronous start(); evaluation uses them once at the end.
@@ -187,8 +192,7 @@ class AsyncStrategy(Strategy):
                 node, base = in_flight.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     self.failures += 1
-                else:
-                    self._submit(reply, node, base, bases, scratch)
+                elif self._submit(reply, node, base, bases, scratch):
                     n += 1
                     if n % self.metrics_every == 0:
                         result.train_metrics_clientapp[n] = self._snapshot(n)
@@ -212,7 +216,7 @@ class AsyncStrategy(Strategy):
                 result.evaluate_metrics_serverapp[1] = res
         return result
 
-    def _submit(self, reply, node, base, bases, scratch):
+    def _submit(self, reply, node, base, bases, scratch) -> bool:
         content = reply.content
         record = content.array_records[self.arrayrecord_key] if self.arrayrecord_key in content.array_records \
             else next(iter(content.array_records.values()))
@@ -227,8 +231,10 @@ class AsyncStrategy(Strategy):
                                       client_id=(node, reply.metadata.reply_to_message_id))
         except InvalidUpdate:
             self.failures += 1  # counted by the aggregator under its reason, too
-            return
-        self.submitted.append((node, base, max(num, 1), delta.clone(), receipt.seq))
+            return False
+        if self.record_submissions:
+            self.submitted.append((node, base, max(num, 1), delta.clone(), receipt.seq))
+        return True
 
 
 class RoundStrategy(FedAvg):
