@@ -65,12 +65,17 @@ def accuracy(state_dict) -> float:
 client_app = ClientApp()
 
 
-@client_app.train()
-def train(msg: Message, context: Context):
+def _node(msg: Message, context: Context):
+    """(partition id, the model the server sent, this node's data)."""
     pid = int(context.node_config["partition-id"])
     model = make_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    x, y = partition(pid, int(context.node_config["num-partitions"]))
+    return pid, model, *partition(pid, int(context.node_config["num-partitions"]))
+
+
+@client_app.train()
+def train(msg: Message, context: Context):
+    pid, model, x, y = _node(msg, context)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(int(msg.content["config"].get("fastagg-version", 0)) * 100 + pid)
     for _ in range(10):
@@ -85,10 +90,7 @@ def train(msg: Message, context: Context):
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context):
-    pid = int(context.node_config["partition-id"])
-    model = make_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    x, y = partition(pid, int(context.node_config["num-partitions"]))
+    _, model, x, y = _node(msg, context)
     with torch.no_grad():
         acc = float((model(x).argmax(-1) == y).float().mean())
     return Message(content=RecordDict({"metrics": MetricRecord({"accuracy": acc, "num-examples": len(y)})}),
