@@ -36,34 +36,54 @@ if numba is not None:
             return np.uint32(np.uint16(bits)) << np.uint32(16)
         return table[np.uint16(bits)]
 
-    @njit(parallel=True, cache=True)
-    def _merge(theta, out, c0, rows_f32, rows_u16, codes, group_of, row_of, coefs, table):
+    @njit(inline="always", fastmath=True)
+    def _accumulate(acc, i0, n, rows_f32, rows_u16, code, coefs, idx, table):
+        R = coefs.shape[0]
+        if code == 0:
+            r = 0
+            while r + 4 <= R:  # four rows per pass over the accumulators
+                a, b, c, d = rows_f32[idx[r]], rows_f32[idx[r + 1]], rows_f32[idx[r + 2]], rows_f32[idx[r + 3]]
+                ca, cb, cc, cd = coefs[r], coefs[r + 1], coefs[r + 2], coefs[r + 3]
+                for i in range(n):
+                    acc[i] += ca * a[i0 + i] + cb * b[i0 + i] + cc * c[i0 + i] + cd * d[i0 + i]
+                r += 4
+            while r < R:
+                a = rows_f32[idx[r]]
+                ca = coefs[r]
+                for i in range(n):
+                    acc[i] += ca * a[i0 + i]
+                r += 1
+        else:
+            bits = np.empty(n, np.uint32)
+            vals = bits.view(np.float32)
+            for r in range(R):
+                x = rows_u16[idx[r]]
+                if code == 1:  # bf16: the high half of an fp32
+                    for i in range(n):
+                        bits[i] = np.uint32(x[i0 + i]) << np.uint32(16)
+                else:
+                    for i in range(n):
+                        bits[i] = table[x[i0 + i]]
+                ca = coefs[r]
+                for i in range(n):
+                    acc[i] += ca * vals[i]
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def _merge(theta, out, c0, a32, a16, acode, acoef, aidx, b32, b16, bcode, bcoef, bidx,
+               c32, c16, ccode, ccoef, cidx, table):
         P = theta.shape[0]
         nblocks = (P + BLOCK - 1) // BLOCK
-        for b in prange(nblocks):
-            i0 = b * BLOCK
-            i1 = min(P, i0 + BLOCK)
-            acc = np.empty(i1 - i0, np.float32)
-            for i in range(i0, i1):
-                acc[i - i0] = c0 * theta[i]
-            for k in range(coefs.shape[0]):
-                g = group_of[k]
-                r = row_of[k]
-                c = coefs[k]
-                if codes[g] == 0:
-                    x = rows_f32[g]
-                    for i in range(i0, i1):
-                        acc[i - i0] += c * x[r, i]
-                else:
-                    x16 = rows_u16[g]
-                    bits = np.empty(i1 - i0, np.uint32)
-                    for i in range(i0, i1):
-                        bits[i - i0] = _widen(x16[r, i], codes[g], table)
-                    vals = bits.view(np.float32)
-                    for i in range(i1 - i0):
-                        acc[i] += c * vals[i]
-            for i in range(i0, i1):
-                out[i] = acc[i - i0]
+        for blk in prange(nblocks):
+            i0 = blk * BLOCK
+            n = min(P, i0 + BLOCK) - i0
+            acc = np.empty(n, np.float32)
+            for i in range(n):
+                acc[i] = c0 * theta[i0 + i]
+            _accumulate(acc, i0, n, a32, a16, acode, acoef, aidx, table)
+            _accumulate(acc, i0, n, b32, b16, bcode, bcoef, bidx, table)
+            _accumulate(acc, i0, n, c32, c16, ccode, ccoef, cidx, table)
+            for i in range(n):
+                out[i0 + i] = acc[i]
 
     @njit(parallel=True, cache=True, fastmath=True)
     def _kd(z, p, g, row_loss, plogp, inv_T, grad_scale):
@@ -87,29 +107,25 @@ if numba is not None:
             row_loss[r] = plogp[t] - cross
 
 
-_EMPTY_F32 = np.zeros((1, 1), np.float32)
+_EMPTY_F32 = np.zeros((1, 1), np.float32)  # placeholders for a group's unused dtype
 _EMPTY_U16 = np.zeros((1, 1), np.uint16)
 
 
 def fused_merge(theta, c0, groups, out=None):
     groups = merge_groups(theta, groups)
+    if len(groups) > 3:
+        raise ValueError(f"at most 3 row groups, got {len(groups)}")
     if out is None:
         out = torch.empty_like(theta)
-    f32s, u16s, codes, group_of, row_of, coefs = [], [], [], [], [], []
-    for gi, (rows, cs, idx) in enumerate(groups):
+    args = []
+    for rows, cs, idx in groups:
         code = DTYPE_CODE[rows.dtype]
-        codes.append(code)
-        f32s.append(rows.numpy() if code == 0 else _EMPTY_F32)
-        u16s.append(rows.view(torch.int16).numpy().view(np.uint16) if code else _EMPTY_U16)
-        group_of += [gi] * len(cs)
-        row_of += idx
-        coefs += cs
-    if not groups:
-        out.copy_(theta * float(c0))
-        return out
-    _merge(theta.numpy(), out.numpy(), np.float32(c0), numba.typed.List(f32s), numba.typed.List(u16s),
-           np.array(codes, np.int64), np.array(group_of, np.int64), np.array(row_of, np.int64),
-           np.array(coefs, np.float32), _F16_TABLE)
+        args += [rows.numpy() if code == 0 else _EMPTY_F32,
+                 rows.view(torch.int16).numpy().view(np.uint16) if code else _EMPTY_U16,
+                 code, np.array(cs, np.float32), np.array(idx, np.int64)]
+    while len(args) < 15:  # unused groups: no rows
+        args += [_EMPTY_F32, _EMPTY_U16, 0, np.zeros(0, np.float32), np.zeros(0, np.int64)]
+    _merge(theta.numpy(), out.numpy(), np.float32(c0), *args, _F16_TABLE)
     return out
 
 
