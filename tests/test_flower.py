@@ -76,3 +76,51 @@ def test_round_strategy_equals_flowers_fedavg():
     strategy = out["strategy"]
     assert agg.version == 2 and agg.stats()["merged"] == strategy.n_replies >= ex.NUM_NODES
     assert strategy.max_err < 1e-6, strategy.max_err
+
+
+class _BatchGrid:
+    """A stand-in Grid whose every poll returns all replies at once (the timing a fast cluster
+    can produce): the strategy must still merge exactly num_updates of them."""
+
+    def __init__(self, nodes, agg):
+        self.nodes, self.agg, self.pending, self.count = nodes, agg, [], 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.count += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self.count}"
+            self.pending.append(msg)
+            ids.append(f"m{self.count}")
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+        out, self.pending = self.pending, []
+        replies = []
+        for msg in out:
+            sd = msg.content["arrays"].to_torch_state_dict()
+            sd = {k: v + 0.01 for k, v in sd.items()}
+            replies.append(Message(content=RecordDict({"arrays": ArrayRecord(sd),
+                                                       "metrics": MetricRecord({"num-examples": 5})}),
+                                   reply_to=msg))
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return []
+
+
+def test_async_strategy_merges_exactly_num_updates_when_replies_come_in_batches(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # normally set by the Flower runtime
+        if hasattr(TaskIdentity, attr):
+            monkeypatch.setattr(TaskIdentity, attr, 1)
+    agg = fastagg.Aggregator(ex.make_model(), fastagg.FedAsync(0.5), staleness="constant")
+    strategy = AsyncStrategy(agg, num_updates=7, min_nodes=3, fraction_evaluate=0.0)
+    strategy.start(_BatchGrid([1, 2, 3], agg))  # each poll returns 3 replies: 3, 6, then 1 of 3
+    assert agg.stats()["accepted"] == 7 and strategy.late_replies == 2

@@ -87,6 +87,7 @@ class AsyncStrategy(Strategy):
         self.record_submissions = record_submissions
         self.submitted: list = []
         self.failures = 0
+        self.late_replies = 0  # arrived after num_updates / time_budget was reached: not merged
 
     # The round hooks are unused by the asynchronous start(); evaluation uses them once at the end.
     def configure_train(self, server_round, arrays, config, grid):
@@ -179,17 +180,22 @@ class AsyncStrategy(Strategy):
             self._send(grid, node, train_config, in_flight, bases)
         t0, n = time.monotonic(), 0
         scratch = torch.empty(agg.spec.numel, dtype=agg.dtype)
-        while in_flight:
-            if self.num_updates is not None and n >= self.num_updates:
-                break
-            if self.time_budget is not None and time.monotonic() - t0 > self.time_budget:
-                break
+
+        def done():
+            return (self.num_updates is not None and n >= self.num_updates) or (
+                self.time_budget is not None and time.monotonic() - t0 > self.time_budget)
+
+        while in_flight and not done():
             replies = list(grid.pull_messages(list(in_flight)))
             if not replies:
                 time.sleep(self.poll_interval)
                 continue
             for reply in replies:
                 node, base = in_flight.pop(reply.metadata.reply_to_message_id)
+                if done():  # replies that arrive after the stopping rule are not merged
+                    self._release(bases, base)
+                    self.late_replies += 1
+                    continue
                 if reply.has_error():
                     self.failures += 1
                 elif self._submit(reply, node, base, bases, scratch):
@@ -197,9 +203,7 @@ class AsyncStrategy(Strategy):
                     if n % self.metrics_every == 0:
                         result.train_metrics_clientapp[n] = self._snapshot(n)
                 self._release(bases, base)
-                stop = (self.num_updates is not None and n >= self.num_updates) or (
-                    self.time_budget is not None and time.monotonic() - t0 > self.time_budget)
-                if not stop:
+                if not done():
                     self._send(grid, node, train_config, in_flight, bases)
         agg.flush()
         result.train_metrics_clientapp[n] = self._snapshot(n)
