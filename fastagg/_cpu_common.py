@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops.kd_loss import check_shapes
+
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -27,9 +29,7 @@ def merge_groups(theta, groups):
 
 
 def check_kd_args(logits, teacher_probs):
-    N, C = teacher_probs.shape
-    if logits.dim() != 2 or logits.shape[1] != C or logits.shape[0] % N:
-        raise ValueError(f"student logits {tuple(logits.shape)} do not stack teacher rows {tuple(teacher_probs.shape)}")
+    K, N, _ = check_shapes(logits, teacher_probs)
     if logits.dtype not in DTYPE_CODE:
         raise TypeError(f"CPU kd kernels take fp32 / bf16 / fp16 logits, got {logits.dtype}")
-    return logits.contiguous(), teacher_probs.float().contiguous(), logits.shape[0] // N, N
+    return logits.contiguous(), teacher_probs.float().contiguous(), K, N

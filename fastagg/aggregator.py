@@ -25,7 +25,7 @@ from . import backends, errors, wire
 from . import rules as _rules
 from . import staleness as _staleness
 from .flat import ParamSpec, check_float, check_keys
-from .ops.merge import fused_merge
+from .ops.merge import fused_merge, to_device
 from .version_store import VersionStore
 
 
@@ -231,7 +231,7 @@ class Aggregator:
             lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
             corr_idx = [k for k in range(K) if lam[k] > 0]
             if corr_idx:
-                idx = _to_device(corr_idx, torch.int64, self.device)
+                idx = to_device(corr_idx, torch.int64, self.device)
                 if corr.student == "client":
                     base = torch.stack([self.store.rows[slots[k]] if slots[k] is not None else self.params
                                         for k in corr_idx])
@@ -377,19 +377,10 @@ class Aggregator:
         return model
 
 
-def _to_device(values, dtype, device):
-    """A host list as a device tensor without a host sync: pinned memory and a non-blocking copy
-    (a pageable copy would wait for all the work queued before it)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
 def _scaled(coefs, idx, scale, device):
     """-coefs[idx] * scale as a device tensor: the KD rows' merge coefficients, kept on the device
     so that the correction's per-client scale never makes the host wait."""
-    return -_to_device([coefs[k] for k in idx], scale.dtype, device) * scale
+    return -to_device([coefs[k] for k in idx], scale.dtype, device) * scale
 
 
 def _check_args(base_version, num_samples):

@@ -29,6 +29,7 @@ from torch.func import functional_call
 from . import schedules as _schedules
 from . import staleness as _staleness
 from .engine import StudentGradEngine
+from .ops.merge import to_device
 
 
 @dataclass
@@ -134,8 +135,7 @@ class KDCorrection:
                 grad_fn=None):
         """Correction rows [K, P] and scale [K] such that delta' = delta - scale[:, None] * rows."""
         grad_fn = grad_fn or (lambda s: self.student_grads(s, teacher)[1])
-        lam = torch.tensor(weights, dtype=students.dtype)
-        lam = lam.pin_memory().to(students.device, non_blocking=True) if students.is_cuda else lam
+        lam = to_device(weights, students.dtype, students.device)
         dnorm = deltas.norm(dim=1)
         if self.steps == 1:
             g = grad_fn(students)

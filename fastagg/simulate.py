@@ -275,9 +275,10 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
             continue
         n += 1
         # local SGD from the model the client pulled
+        worker_state = worker.state_dict()  # views of the worker's tensors
         with torch.no_grad():
             for name, view in spec.unflatten(base).items():
-                worker.state_dict()[name].copy_(view)
+                worker_state[name].copy_(view)
         opt = torch.optim.SGD(worker.parameters(), lr=cfg.lr)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + jid)
         data_k = parts[k]
@@ -286,7 +287,7 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
             opt.zero_grad()
             loss_fn(worker(xtr[b]), ytr[b]).backward()
             opt.step()
-        delta = {name: worker.state_dict()[name] - view for name, view in spec.unflatten(base).items()}
+        delta = {name: worker_state[name] - view for name, view in spec.unflatten(base).items()}
         agg.submit(encode_update(delta, base_version=version, num_samples=len(data_k), client_id=jid))
         if n % cfg.eval_every == 0 or n == cfg.arrivals:
             curve.time.append(now)

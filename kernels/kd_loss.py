@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastagg.ops.kd_loss import check_shapes
+
 
 @triton.jit
 def _kd_kernel(z_ptr, z_stride, t_ptr, t_stride, g_ptr, g_stride, loss_ptr, n_teacher, C,
@@ -118,14 +120,11 @@ def launch_kd(z, teacher, temperature, grad_scale, grad, teacher_is_logits, bloc
 
 def kd_loss_grad(logits, teacher_probs, temperature, block_c=None, num_warps=None):
     """Same contract as fastagg.ops.kd_loss.kd_loss_grad_reference: (loss [K], grad [K*N, C])."""
-    N, C = teacher_probs.shape
-    if logits.dim() != 2 or logits.shape[1] != C or logits.shape[0] % N:
-        raise ValueError(f"student logits {tuple(logits.shape)} do not stack teacher rows {tuple(teacher_probs.shape)}")
+    K, N, C = check_shapes(logits, teacher_probs)
     if logits.dtype == torch.float64:
         raise TypeError("triton kd_loss_grad takes fp32 / bf16 / fp16 logits")
     logits = logits.contiguous()
     teacher_probs = teacher_probs.float().contiguous()
-    K = logits.shape[0] // N
     T = float(temperature)
     grad = torch.empty_like(logits)
     row_loss = launch_kd(logits, teacher_probs, T, T / N, grad, False, block_c, num_warps)

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastagg.ops.merge import to_device
+
 MAX_GROUPS = 3
 
 
@@ -61,14 +63,6 @@ def _merge_kernel(theta_ptr, out_ptr, c0, P,
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _on_device(values, dtype, device):
-    """Coefficients / indices on the device without making the host wait for queued work."""
-    if isinstance(values, torch.Tensor):
-        return values.to(device=device, dtype=dtype)
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def fused_merge(theta, c0, groups, out=None, block=4096, num_warps=4, unroll=4):
     """Same contract as fastagg.ops.merge.fused_merge_reference (theta fp32)."""
     if theta.dtype != torch.float32:
@@ -87,8 +81,8 @@ def fused_merge(theta, c0, groups, out=None, block=4096, num_warps=4, unroll=4):
             raise ValueError("rows must be contiguous along parameters")
         if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"rows must be fp32, bf16 or fp16, got {rows.dtype}")
-        coef_t = _on_device(coefs, torch.float32, theta.device)
-        idx_t = coef_t if index is None else _on_device(index, torch.int64, theta.device)  # coef_t: unused
+        coef_t = to_device(coefs, torch.float32, theta.device)
+        idx_t = coef_t if index is None else to_device(index, torch.int64, theta.device)  # coef_t: unused
         args += [rows, coef_t, idx_t, len(coef_t), rows.stride(0)]
         flags.append(index is not None)
     while len(flags) < MAX_GROUPS:

@@ -17,11 +17,17 @@ import torch
 from .. import backends
 
 
-def kd_loss_grad_reference(logits, teacher_probs, temperature):
+def check_shapes(logits, teacher_probs):
+    """(K, N, C) for student logits [K*N, C] stacked over teacher rows [N, C]; every backend
+    checks its arguments here."""
     N, C = teacher_probs.shape
     if logits.dim() != 2 or logits.shape[1] != C or logits.shape[0] % N:
         raise ValueError(f"student logits {tuple(logits.shape)} do not stack teacher rows {tuple(teacher_probs.shape)}")
-    K = logits.shape[0] // N
+    return logits.shape[0] // N, N, C
+
+
+def kd_loss_grad_reference(logits, teacher_probs, temperature):
+    K, N, C = check_shapes(logits, teacher_probs)
     T = float(temperature)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(acc).view(K, N, C) / T

@@ -19,6 +19,18 @@ import torch
 from .. import backends
 
 
+def to_device(values, dtype, device):
+    """A host list (or tensor) as a tensor on ``device`` without making the host wait: on CUDA
+    through pinned memory and a non-blocking copy (a pageable copy would wait for all the work
+    queued before it, which would serialise ingest and merge)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype)
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 def _as_coefs(coefs, device):
     if isinstance(coefs, torch.Tensor):
         return coefs.to(device=device, dtype=torch.float64)
