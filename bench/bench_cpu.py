@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-from functools import reduce
 
 import numpy as np
 import pytest
 import torch
 
 from fastagg import cpu_cpp, cpu_numba
+from fastagg.bench import flower_numpy_merge
+from fastagg.bench import timeit as _timeit
 from fastagg.ops import fused_merge_reference, kd_loss_grad_reference
 
 
@@ -42,14 +42,7 @@ def resnet18_shapes():
 
 
 def timeit(fn, reps=7, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return _timeit(fn, "cpu", reps=reps, warmup=warmup)
 
 
 def limits(n=1 << 27):  # 512 MB per array: far larger than any last-level cache
@@ -57,13 +50,6 @@ def limits(n=1 << 27):  # 512 MB per array: far larger than any last-level cache
     triad = timeit(lambda: torch.add(b, c, alpha=0.5, out=a))
     copy = timeit(lambda: a.copy_(b))
     return {"triad_GBps": 3 * n * 4 / triad / 1e9, "copy_GBps": 2 * n * 4 / copy / 1e9}
-
-
-def flower_style(weights, num_examples):
-    """Flower's FedAvg arithmetic: scale every layer of every client, then reduce per layer."""
-    total = sum(num_examples)
-    weighted = [[layer * n for layer in w] for w, n in zip(weights, num_examples)]
-    return [reduce(np.add, layers) / total for layers in zip(*weighted)]
 
 
 def merge_case(K=16, P=None, dtype=torch.float32, seed=0):
@@ -101,7 +87,7 @@ def summary():
                 flat = rows[k].numpy()
                 offs = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
                 clients.append([flat[offs[i]:offs[i + 1]].reshape(s) for i, s in enumerate(shapes)])
-            r["flower_numpy_s"] = timeit(lambda: flower_style(clients, [10] * K), reps=3, warmup=1)
+            r["flower_numpy_s"] = timeit(lambda: flower_numpy_merge(clients, [10] * K), reps=3, warmup=1)
         r["cpp_frac_triad"] = nbytes / r["cpp_s"] / 1e9 / lim["triad_GBps"]
         r["cpp_vs_torch_ref"] = r["torch_ref_s"] / r["cpp_s"]
         res["merge"].append(r)

@@ -3,7 +3,6 @@ up the vmap'd (grouped) convolutions of the correction engine? CNN of `fastagg b
 
 import json
 import os
-import sys
 
 import torch
 

@@ -14,7 +14,6 @@ a stage is max(bytes / bandwidth, FLOPs / rate).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 from . import staleness
 from .aggregator import Aggregator
 from .correction import KDCorrection
-from .engine import StudentGradEngine
 from .ops.merge import fused_merge
 from .rules import FedBuff
 from .wire import encode_update
@@ -136,13 +134,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, reps=5, warmup=2, min_time=0.0):
+def timeit(fn, device, reps=5, warmup=2):
+    """Median wall time of ``fn`` over ``reps`` runs after ``warmup``, synchronising the device."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
-    t_end = time.perf_counter() + min_time
-    while len(times) < reps or time.perf_counter() < t_end:
+    while len(times) < reps:
         t = time.perf_counter()
         fn()
         _sync(device)
@@ -292,7 +290,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         layers = [[v.cpu().numpy() for v in spec.unflatten(d).values()] for d in host_deltas[:16]]
         t = timeit(lambda: flower_numpy_merge(layers, [10] * len(layers)), "cpu", reps=2, warmup=1)
         r["flower_numpy_merge_ms_per_update"] = t / len(layers) * 1e3
-        log(f"  baselines (correction upd/s): " + ", ".join(
+        log("  baselines (correction upd/s): " + ", ".join(
             f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["baseline_updates_per_s"].items()))
     return r
 
