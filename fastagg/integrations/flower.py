@@ -87,7 +87,8 @@ class AsyncStrategy(Strategy):
         self.record_submissions = record_submissions
         self.submitted: list = []
         self.failures = 0
-        self.late_replies = 0  # arrived after num_updates / time_budget was reached: not merged
+        self.late_replies = 0
+        self.nodes: list = []  # arrived after num_updates / time_budget was reached: not merged
 
     # The round hooks are unused by the asynchronous start(); evaluation uses them once at the end.
     def configure_train(self, server_round, arrays, config, grid):
@@ -175,6 +176,7 @@ class AsyncStrategy(Strategy):
                 result.evaluate_metrics_serverapp[0] = res
         nodes = self._wait_for_nodes(grid)
         busy = nodes[: self.concurrency or len(nodes)]
+        self.nodes = list(busy)  # the nodes this run keeps busy
         in_flight, bases = {}, {}
         for node in busy:
             self._send(grid, node, train_config, in_flight, bases)
