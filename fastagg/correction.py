@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from . import schedules as _schedules
 from . import staleness as _staleness
-from .engine import StudentGradEngine
+from .engine import CONV_CHOICES, StudentGradEngine
 from .ops.merge import to_device
 
 
@@ -49,7 +49,7 @@ class KDCorrection:
     def __init__(self, proxy, *, temperature=3.0, schedule="teacher_confidence", step="relative",
                  eta=0.05, rho=1.0, steps=5, student="client", min_staleness=1,
                  staleness_factor="grows", factor_staleness=None, proxy_labels=None, precision="fp32",
-                 cuda_graphs=False):
+                 cuda_graphs=False, conv="auto", chunk=None):
         if proxy is None:
             raise ValueError("KD correction needs unlabeled proxy inputs: pass proxy=<tensor [N, ...]> "
                              "(e.g. a small held-out slice of the training distribution)")
@@ -64,6 +64,10 @@ class KDCorrection:
             raise ValueError(f"staleness_factor must be 'none' or 'grows', got {staleness_factor!r}")
         if temperature <= 0 or steps < 1:
             raise ValueError("temperature must be > 0 and steps >= 1")
+        if conv not in CONV_CHOICES:
+            raise ValueError(f"conv must be one of {CONV_CHOICES}, got {conv!r}")
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be None or >= 1, got {chunk!r}")
         self.proxy = proxy
         self.proxy_labels = None if proxy_labels is None else torch.as_tensor(proxy_labels)
         self.temperature = float(temperature)
@@ -75,7 +79,7 @@ class KDCorrection:
         self.min_staleness = int(min_staleness)
         self.staleness_factor = staleness_factor
         self.factor_staleness = _staleness.resolve(factor_staleness or _staleness.polynomial(0.5))
-        self.precision, self.cuda_graphs = precision, cuda_graphs
+        self.precision, self.cuda_graphs, self.conv, self.chunk = precision, cuda_graphs, conv, chunk
         self.teacher_forwards = 0
         self._teacher: Teacher | None = None
         self.model = self.spec = None
@@ -86,7 +90,7 @@ class KDCorrection:
         self.model, self.spec, self.backend = model, spec, backend
         self.proxy = self.proxy.to(device=device, dtype=dtype if self.proxy.is_floating_point() else None)
         self.engine = StudentGradEngine(model, spec, self.proxy, self.temperature, backend, self.precision,
-                                        self.cuda_graphs)
+                                        self.cuda_graphs, self.conv, self.chunk)
         if self.proxy_labels is not None:
             self.proxy_labels = self.proxy_labels.to(device)
 

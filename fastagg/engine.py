@@ -12,25 +12,48 @@ loss and its gradient, written into one flat [K, P] buffer that the fused merge 
    per-tensor gradients into the flat buffer;
 4. on CUDA with ``cuda_graphs=True``, steps 1-3 are captured once per K and replayed, with the
    students and the teacher copied into static buffers (the step has fixed shapes).
+
+Convolutions (``conv=``): vmap's own batching rule makes the K students' convolutions one
+grouped convolution (``"native"``, cuDNN on a GPU). ``"triton"`` routes the model's plain
+``nn.Conv2d`` layers through fastagg's grouped implicit-GEMM kernels (fastagg.ops.grouped_conv),
+``"torch"`` through the plain-PyTorch reference of the same route (tests). ``"auto"`` (default)
+times native and triton once per K on a CUDA device and keeps the faster (``conv_timings``);
+elsewhere it is native.
+
+``chunk``: at most this many students per pass (memory grows linearly with K; the gradients of
+a larger buffer are computed chunk by chunk into the same [K, P] output).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch.func import functional_call, vjp, vmap
 
+from .ops.grouped_conv import routable_convs, route_convs
 from .ops.kd_loss import kd_loss_grad
+
+CONV_CHOICES = ("auto", "native", "triton", "torch")
 
 
 class StudentGradEngine:
-    def __init__(self, model, spec, proxy, temperature, backend="torch", precision="fp32", cuda_graphs=False):
+    def __init__(self, model, spec, proxy, temperature, backend="torch", precision="fp32", cuda_graphs=False,
+                 conv="auto", chunk=None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if conv not in CONV_CHOICES:
+            raise ValueError(f"conv must be one of {CONV_CHOICES}, got {conv!r}")
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk must be None or >= 1, got {chunk!r}")
         self.model, self.spec, self.proxy = model, spec, proxy
         self.temperature, self.backend, self.precision = float(temperature), backend, precision
         self.cuda_graphs = bool(cuda_graphs) and proxy.device.type == "cuda"
+        self.conv, self.chunk = conv, None if chunk is None else int(chunk)
+        self.conv_choice: dict = {}  # K -> the conv route used for a pass of K students
+        self.conv_timings: dict = {}  # K -> {route: seconds} measured by conv="auto"
+        self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._graphs: dict = {}
         self._zeros: dict = {}
 
@@ -41,6 +64,12 @@ class StudentGradEngine:
 
     def _forward(self, params, x):
         return functional_call(self.model, params, (x,))
+
+    def _route(self, K):
+        route = self.conv_choice.get(K, self.conv)
+        if route in ("native", "auto"):
+            return contextlib.nullcontext()
+        return route_convs(self.model, route)
 
     def _step(self, students, probs, out):
         spec, K = self.spec, students.shape[0]
@@ -53,7 +82,9 @@ class StudentGradEngine:
             return vmap(lambda pp, bb: self._forward({**pp, **bb}, x), in_dims=(0, 0))(p, frozen)
 
         with self._autocast():
-            logits, pullback = vjp(batched, trainable)
+            with self._route(K) as routed:
+                logits, pullback = vjp(batched, trainable)
+            self.routed_convs += getattr(routed, "calls", 0)
             N, C = probs.shape
             loss, glogits = kd_loss_grad(logits.reshape(K * N, C), probs, self.temperature, self.backend)
             (grads,) = pullback(glogits.view_as(logits).to(logits.dtype))
@@ -74,13 +105,43 @@ class StudentGradEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.cuda_graphs:
-                return self._replay(students, teacher_probs, out)
             out = torch.empty_like(students) if out is None else out
-            loss = self._step(students.detach(), teacher_probs, out)
-            return loss, out
+            K = students.shape[0]
+            step = self.chunk or K
+            losses = [self._pass(students[i:i + step].detach(), teacher_probs, out[i:i + step])
+                      for i in range(0, K, step)]
+            return (losses[0] if len(losses) == 1 else torch.cat(losses)), out
         finally:
             self.model.train(was_training)
+
+    def _pass(self, students, probs, out):
+        K = students.shape[0]
+        if self.conv == "auto" and K not in self.conv_choice:
+            self.conv_choice[K] = self._pick_conv(students, probs, out)
+        if self.cuda_graphs:
+            return self._replay(students, probs, out)
+        return self._step(students, probs, out)
+
+    def _pick_conv(self, students, probs, out):
+        """conv="auto": native unless this is a CUDA device, the model has convolutions the
+        kernels cover, and the triton route measures faster for this K."""
+        K = students.shape[0]
+        if self.proxy.device.type != "cuda" or students.dtype == torch.float64:
+            return "native"
+        if not routable_convs(self.model):
+            return "native"
+        times = {}
+        for route in ("native", "triton"):
+            self.conv_choice[K] = route
+            self._step(students, probs, out)  # warm-up: cuDNN / Triton autotuning
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(3):
+                self._step(students, probs, out)
+            torch.cuda.synchronize()
+            times[route] = (time.perf_counter() - t) / 3
+        self.conv_timings[K] = times
+        return min(times, key=times.get)
 
     def _replay(self, students, probs, out):
         K = students.shape[0]
@@ -103,7 +164,5 @@ class StudentGradEngine:
         s_static.copy_(students)
         p_static.copy_(probs)
         graph.replay()
-        if out is None:
-            return loss_static.clone(), g_static.clone()
         out.copy_(g_static)
-        return loss_static.clone(), out
+        return loss_static.clone()

@@ -1,0 +1,245 @@
+"""Grouped 2-D convolution of K students, forward and both backwards, as implicit GEMMs.
+
+Why: ``torch.func.vmap`` turns the convolution of K students (each with its own weights) into
+one grouped convolution with ``groups=K``, and cuDNN's grouped kernels run far below the
+tensor-core rate (the H100 figures in bench/results). Here each student is one GEMM that is
+never materialised (implicit GEMM: the im2col gather happens in the loads), all K of them in
+one launch, with bf16/fp16/fp32 operands and fp32 accumulation.
+
+Shapes (NCHW, the layout vmap hands over), any strides:
+    x  [K, N, C, H, W]    (a stride-0 K dimension is fine: the proxy batch shared by all students)
+    w  [K, Co, C, R, S]
+    y  [K, N, Co, Ho, Wo]  y = conv2d(x[k], w[k], stride, padding) (+ b[k])
+
+    forward        GEMM per student: [N*Ho*Wo, C*R*S] x [C*R*S, Co]
+    backward data  GEMM per student: [N*H*W, Co*R*S] x [Co*R*S, C]   (gather of dy, masked on stride)
+    backward weight GEMM per student: [Co, N*Ho*Wo] x [N*Ho*Wo, C] for each (r, s); the long
+                   reduction over N*Ho*Wo can be split over programs (fp32 atomics)
+
+Loops run over (r, s) outside and channels inside, so no division sits in the inner loop.
+Offsets into x, dy and y are 64-bit (K*N*C*H*W passes 2^31 for a buffer of students).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = tl.constexpr(_INTERPRET)
+
+
+def _configs(shapes):
+    if _INTERPRET:  # the interpreter runs one config and pays per program: few, small blocks
+        return [triton.Config({"BM": 32, "BN": 16, "BK": 16}, num_warps=4)]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+_FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
+                 (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 16, 4, 4)])
+_WGRAD = _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (32, 32, 64, 4, 4),
+                   (64, 32, 128, 4, 3), (128, 128, 32, 8, 3)])
+
+
+@triton.jit
+def _mma(a, b, acc, TF32: tl.constexpr):
+    if INTERPRET:  # the interpreter's dot does not take bf16/fp16 operands; their fp32 products are exact
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, allow_tf32=False)
+    return tl.dot(a, b, acc, allow_tf32=TF32)
+
+
+@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
+@triton.jit
+def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
+              sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws,
+              SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+              R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m, pid_n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # output pixels (n, oh, ow)
+    offs_o = pid_n * BN + tl.arange(0, BN)  # output channels
+    m_ok, o_ok = offs_m < N * HO * WO, offs_o < CO
+    n = (offs_m // (HO * WO)).to(tl.int64)
+    oh, ow = (offs_m // WO) % HO, offs_m % WO
+    x_base = x_ptr + k * sxk + n * sxn
+    w_base = w_ptr + k * swk + offs_o.to(tl.int64) * swo
+    cc = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for r in tl.static_range(R):
+        ih = oh * SH - PH + r
+        for s in tl.static_range(S):
+            iw = ow * SW - PW + s
+            px_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_pix = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            for c0 in range(0, C, BK):
+                c = c0 + cc
+                a = tl.load(x_pix[:, None] + c[None, :] * sxc, mask=px_ok[:, None] & (c < C)[None, :], other=0.0)
+                b = tl.load(w_base[None, :] + c[:, None] * swc + r * swr + s * sws,
+                            mask=(c < C)[:, None] & o_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, TF32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + k * CO + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + ((k * N + n) * CO)[:, None] * (HO * WO) + offs_o[None, :] * (HO * WO) + (oh * WO + ow)[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
+@triton.jit
+def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
+                sdk, sdn, sdc, sdh, sdw, swk, swo, swc, swr, sws,
+                SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                R: tl.constexpr, S: tl.constexpr, TF32: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """dx[k, n, c, h, w] = sum over (co, r, s) with h = oh*SH - PH + r of dy[k, n, co, oh, ow] w[k, co, c, r, s]."""
+    pid_m, pid_n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # input pixels (n, h, w)
+    offs_c = pid_n * BN + tl.arange(0, BN)  # input channels
+    m_ok, c_ok = offs_m < N * H * W, offs_c < C
+    n = (offs_m // (H * W)).to(tl.int64)
+    h, w = (offs_m // W) % H, offs_m % W
+    dy_base = dy_ptr + k * sdk + n * sdn
+    w_base = w_ptr + k * swk + offs_c.to(tl.int64) * swc
+    oo = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for r in tl.static_range(R):
+        th = h + PH - r  # = oh * SH when this tap reaches pixel h
+        oh = th // SH
+        h_ok = (th >= 0) & (th - oh * SH == 0) & (oh < HO)
+        for s in tl.static_range(S):
+            tw = w + PW - s
+            ow = tw // SW
+            px_ok = m_ok & h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < WO)
+            dy_pix = dy_base + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+            for o0 in range(0, CO, BK):
+                o = o0 + oo
+                a = tl.load(dy_pix[:, None] + o[None, :] * sdc, mask=px_ok[:, None] & (o < CO)[None, :], other=0.0)
+                b = tl.load(w_base[None, :] + o[:, None] * swo + r * swr + s * sws,
+                            mask=(o < CO)[:, None] & c_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, TF32)
+    dx = dx_ptr + ((k * N + n) * C)[:, None] * (H * W) + offs_c[None, :] * (H * W) + (h * W + w)[:, None]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+# restore_value: autotuning runs the kernel once per config; dw must still hold the launcher's
+# zeros when the chosen config runs (the split path accumulates with atomics)
+@triton.autotune(_WGRAD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "SPLIT"],
+                 restore_value=["dw_ptr"])
+@triton.jit
+def _conv_wgrad(dy_ptr, x_ptr, dw_ptr, N, C, H, W, CO, HO, WO,
+                sdk, sdn, sdc, sdh, sdw, sxk, sxn, sxc, sxh, sxw,
+                SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, TF32: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """dw[k, co, c, r, s] = sum over (n, oh, ow) of dy[k, n, co, oh, ow] x[k, n, c, oh*SH-PH+r, ow*SW-PW+s].
+
+    Grid: (co tiles, c tiles * R * S, K * SPLIT); with SPLIT > 1 each program reduces one slice
+    of the output pixels and adds its partial sum into the fp32 dw (zeroed by the launcher)."""
+    pid_o, pid_cs, pid_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k, split = (pid_ks // SPLIT).to(tl.int64), pid_ks % SPLIT
+    rs = pid_cs % (R * S)
+    r, s = rs // S, rs % S
+    offs_o = pid_o * BM + tl.arange(0, BM)
+    offs_c = (pid_cs // (R * S)) * BN + tl.arange(0, BN)
+    o_ok, c_ok = offs_o < CO, offs_c < C
+    M = N * HO * WO
+    per = tl.cdiv(tl.cdiv(M, SPLIT), BK) * BK
+    lo = split * per
+    hi = tl.minimum(lo + per, M)
+    mm = tl.arange(0, BK)
+    dy_base = dy_ptr + k * sdk + offs_o.to(tl.int64)[:, None] * sdc
+    x_base = x_ptr + k * sxk + offs_c.to(tl.int64)[None, :] * sxc
+    acc = tl.zeros((BM, BN), tl.float32)
+    for m0 in range(lo, hi, BK):
+        m = m0 + mm
+        m_ok = m < hi
+        n = (m // (HO * WO)).to(tl.int64)
+        oh, ow = (m // WO) % HO, m % WO
+        ih, iw = oh * SH - PH + r, ow * SW - PW + s
+        px_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(dy_base + (n * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[None, :],
+                    mask=o_ok[:, None] & m_ok[None, :], other=0.0)
+        b = tl.load(x_base + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None],
+                    mask=px_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, TF32)
+    dw = dw_ptr + k * CO * C * R * S + (offs_o * (C * R * S))[:, None] + (offs_c * (R * S))[None, :] + rs
+    mask = o_ok[:, None] & c_ok[None, :]
+    if SPLIT == 1:
+        tl.store(dw, acc, mask=mask)
+    else:
+        tl.atomic_add(dw, acc, mask=mask)
+
+
+def _out_size(size, k, stride, pad):
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _tf32(dtype):
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def conv_forward(x, w, b, stride, padding):
+    """y [K, N, Co, Ho, Wo] (dtype of x) for x [K, N, C, H, W], w [K, Co, C, R, S], b [K, Co] or None."""
+    K, N, C, H, W = x.shape
+    Kw, CO, Cw, R, S = w.shape
+    if Kw != K or Cw != C:
+        raise ValueError(f"grouped conv: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match")
+    (SH, SW), (PH, PW) = stride, padding
+    HO, WO = _out_size(H, R, SH, PH), _out_size(W, S, SW, PW)
+    y = torch.empty(K, N, CO, HO, WO, dtype=x.dtype, device=x.device)
+    if b is not None:
+        b = b.reshape(K, CO).contiguous()
+
+    def grid(meta):
+        return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(CO, meta["BN"]), K
+
+    _conv_fwd[grid](x, w, b if b is not None else y, y, N, C, H, W, CO, HO, WO, *x.stride(), *w.stride(),
+                    SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+    return y
+
+
+def conv_backward_data(dy, w, x_shape, stride, padding):
+    """dx [K, N, C, H, W] (dtype of dy)."""
+    K, N, C, H, W = x_shape
+    _, CO, _, R, S = w.shape
+    HO, WO = dy.shape[-2:]
+    (SH, SW), (PH, PW) = stride, padding
+    dx = torch.empty(K, N, C, H, W, dtype=dy.dtype, device=dy.device)
+
+    def grid(meta):
+        return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BN"]), K
+
+    _conv_dgrad[grid](dy, w, dx, N, C, H, W, CO, HO, WO, *dy.stride(), *w.stride(),
+                      SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, TF32=_tf32(dy.dtype))
+    return dx
+
+
+def _wgrad_split(K, CO, C, R, S, M):
+    """Programs along the reduction so that the grid fills the device (~4 waves of 132 SMs)."""
+    if _INTERPRET:
+        return 2 if M > 64 else 1  # the tests exercise the atomic path
+    tiles = K * triton.cdiv(CO, 64) * triton.cdiv(C, 64) * R * S
+    split = 1
+    while tiles * split < 4 * 132 and M // (split * 2) >= 1024:
+        split *= 2
+    return split
+
+
+def conv_backward_weight(dy, x, w_shape, stride, padding):
+    """dw [K, Co, C, R, S] in fp32 (the students' master parameters are fp32)."""
+    K, N, C, H, W = x.shape
+    _, CO, _, R, S = w_shape
+    HO, WO = dy.shape[-2:]
+    (SH, SW), (PH, PW) = stride, padding
+    split = _wgrad_split(K, CO, C, R, S, N * HO * WO)
+    dw = (torch.zeros if split > 1 else torch.empty)(K, CO, C, R, S, dtype=torch.float32, device=dy.device)
+
+    def grid(meta):
+        return triton.cdiv(CO, meta["BM"]), triton.cdiv(C, meta["BN"]) * R * S, K * split
+
+    _conv_wgrad[grid](dy, x, dw, N, C, H, W, CO, HO, WO, *dy.stride(), *x.stride(),
+                      SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, SPLIT=split, TF32=_tf32(dy.dtype))
+    return dw

@@ -1,0 +1,190 @@
+"""Grouped convolution of K students (fastagg.kernels.grouped_conv, fastagg.ops.grouped_conv)
+against float64 PyTorch, and the engine's conv routes against vmap's own rule."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vjp, vmap
+
+import fastagg
+from fastagg.backends import BackendUnavailable
+from fastagg.ops.grouped_conv import grouped_conv2d, grouped_conv2d_reference, route_convs
+
+pytest.importorskip("triton")
+from fastagg.kernels import grouped_conv as gck  # noqa: E402
+
+from conftest import cnn  # noqa: E402
+
+# (K, N, C, Co, H, W, (R, S), stride, padding): channel counts above one block (16) and not a
+# multiple of it, pixel counts with tails, 1x1 / 3x3 / 5x5 / 3x1 taps, strides 1 and 2
+CASES = [
+    (2, 2, 3, 5, 7, 6, (3, 3), 1, 1),
+    (2, 3, 17, 20, 9, 7, (3, 3), 2, 1),
+    (3, 2, 4, 6, 5, 5, (1, 1), 2, 0),
+    (2, 2, 5, 18, 8, 8, (5, 5), 1, 2),
+    (2, 2, 6, 7, 7, 9, (3, 1), 1, (1, 0)),
+    (2, 1, 3, 4, 4, 4, (3, 3), 1, 0),  # output pixels <= one block: the unsplit weight-gradient path
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 operands: compare exact products (on a GPU, tl.dot would otherwise use TF32 as cuDNN does)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_kernels_match_float64_conv_and_its_gradients(case, shared_input, rng, device):
+    K, N, C, CO, H, W, (R, S), stride, padding = case
+    stride, padding = _pair(stride), _pair(padding)
+    x = torch.randn(1 if shared_input else K, N, C, H, W, generator=rng).to(device)
+    if shared_input:  # one proxy batch for all students: a stride-0 K dimension
+        x = x.expand(K, N, C, H, W)
+    w = torch.randn(K, CO, C, R, S, generator=rng).to(device)
+    b = torch.randn(K, CO, generator=rng).to(device)
+    xd, wd, bd = (t.double().cpu().requires_grad_() for t in (x, w, b))
+    ref = grouped_conv2d_reference(xd, wd, bd, stride, padding)
+    dy = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    ref.backward(dy)
+
+    y = gck.conv_forward(x, w, b, stride, padding)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    dyd = dy.float().to(device)
+    dx = gck.conv_backward_data(dyd, w, x.shape, stride, padding)
+    dw = gck.conv_backward_weight(dyd, x, w.shape, stride, padding)
+    for got, want in ((y, ref), (dx, xd.grad), (dw, wd.grad)):
+        got = got.double().cpu()
+        if shared_input and want is xd.grad:
+            want = want.expand_as(got)  # per-student data gradients, not their sum
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * float(want.abs().max())), \
+            float((got - want).abs().max())
+
+
+def test_bf16_operands_accumulate_in_fp32(rng, device):
+    K, N, C, CO, H, W = 2, 3, 19, 17, 6, 7
+    x = torch.randn(K, N, C, H, W, generator=rng).to(device, torch.bfloat16)
+    w = torch.randn(K, CO, C, 3, 3, generator=rng).to(device, torch.bfloat16)
+    xd, wd = (t.double().cpu().requires_grad_() for t in (x, w))
+    ref = grouped_conv2d_reference(xd, wd, None, (1, 1), (1, 1))
+    dy = torch.randn(ref.shape, generator=rng, dtype=torch.float64).to(torch.bfloat16).double()
+    ref.backward(dy)
+    y = gck.conv_forward(x, w, None, (1, 1), (1, 1))
+    dyd = dy.to(device, torch.bfloat16)
+    dx = gck.conv_backward_data(dyd, w, x.shape, (1, 1), (1, 1))
+    dw = gck.conv_backward_weight(dyd, x, w.shape, (1, 1), (1, 1))
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    for got, want, tol in ((y, ref, 1e-2), (dx, xd.grad, 1e-2), (dw, wd.grad, 1e-5)):
+        # bf16 outputs: one rounding (the interpreter truncates) of an fp32 sum; dw stays fp32
+        err = float((got.double().cpu() - want).abs().max() / want.abs().max())
+        assert err < tol, err
+
+
+def test_grouped_conv2d_rejects_mismatched_shapes_and_unknown_backends():
+    x, w = torch.randn(2, 1, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        grouped_conv2d(x, w[:1], None, 1, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        grouped_conv2d(x, w[:, :, :2], None, 1, 1)
+    with pytest.raises(BackendUnavailable, match="torch and triton"):
+        grouped_conv2d(x, w, None, 1, 1, backend="cpp")
+
+
+class Mixed(nn.Module):
+    """Routable convolutions (3x3, strided, 1x1) next to ones the kernels do not cover
+    (groups=2, dilation=2), which must keep vmap's own rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=2)
+        self.c3 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.c4 = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.c5 = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(5 * 2 * 2, 3)
+
+    def forward(self, x):
+        for c in (self.c1, self.c2, self.c3, self.c4, self.c5):
+            x = torch.tanh(c(x))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_route_under_vjp_of_vmap_equals_vmaps_own_rule(backend, rng, device):
+    model = Mixed().to(device)
+    x = torch.randn(3, 3, 7, 7, generator=rng).to(device)
+    params = {n: p.detach() + 0.3 * torch.randn(4, *p.shape, generator=rng).to(device)
+              for n, p in model.named_parameters()}
+    cot = torch.randn(4, 3, 3, generator=rng).to(device)
+
+    def grads(route):
+        f = vmap(lambda p: functional_call(model, p, (x,)))
+        ctx = route_convs(model, route) if route else None
+        if ctx is None:
+            out, pullback = vjp(f, params)
+            calls = 0
+        else:
+            with ctx as routed:
+                out, pullback = vjp(f, params)
+            calls = routed.calls
+        return out, pullback(cot)[0], calls
+
+    out0, g0, _ = grads(None)
+    out1, g1, calls = grads(backend)
+    assert calls == 3  # c1, c3, c5; the grouped and the dilated layer stay native
+    assert torch.allclose(out1, out0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5 * float(g0[n].abs().max())), n
+    # outside the block the model is untouched
+    assert all("_conv_forward" not in m.__dict__ for m in model.modules())
+
+
+def _engine_grads(model, proxy, students, **kw):
+    corr = fastagg.KDCorrection(proxy, schedule=1.0, **kw)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, device=proxy.device, backend="torch")
+    teacher = corr.teacher(agg.params, 0)
+    loss, g = corr.engine(agg.params + students, teacher.probs)
+    return loss, g, corr.engine
+
+
+def test_engine_triton_conv_route_equals_native_fp32_and_bf16_within_tolerance(rng, device):
+    from test_correction import BF16_TOLERANCE
+
+    model = cnn().to(device)
+    proxy = torch.randn(12, 2, 5, 5, generator=rng).to(device)
+    P = sum(p.numel() for p in model.parameters())
+    students = 0.1 * torch.randn(5, P, generator=rng).to(device)
+    loss0, g0, _ = _engine_grads(model, proxy, students, conv="native")
+    loss1, g1, eng = _engine_grads(model, proxy, students, conv="triton")
+    assert eng.routed_convs >= 1 and eng.conv_choice == {}
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    assert torch.allclose(loss1, loss0, rtol=1e-5)
+    _, g2, eng = _engine_grads(model, proxy, students, conv="triton", precision="bf16")
+    assert eng.routed_convs >= 1
+    assert float((g2 - g0).norm() / g0.norm()) < BF16_TOLERANCE
+
+
+def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):
+    model = cnn()
+    proxy = torch.randn(12, 2, 5, 5, generator=rng)
+    P = sum(p.numel() for p in model.parameters())
+    students = 0.1 * torch.randn(7, P, generator=rng)
+    loss0, g0, eng0 = _engine_grads(model, proxy, students)
+    loss1, g1, eng1 = _engine_grads(model, proxy, students, chunk=3)  # passes of 3, 3 and 1
+    assert torch.allclose(g1, g0, rtol=1e-5, atol=1e-7) and torch.allclose(loss1, loss0, rtol=1e-5)
+    assert eng0.conv_choice == {7: "native"} and eng1.conv_choice == {3: "native", 1: "native"}
+    assert eng0.conv_timings == {} and eng0.routed_convs == 0
+
+
+@pytest.mark.parametrize("kw, msg", [({"conv": "cudnn"}, "conv must be"), ({"chunk": 0}, "chunk must be")])
+def test_engine_options_are_checked(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        fastagg.KDCorrection(torch.randn(4, 2, 5, 5), **kw)
