@@ -153,7 +153,7 @@ def limits(device):
     a = torch.randn(n, device=device)
     b = torch.empty_like(a)
     copy = timeit(lambda: b.copy_(a), device)
-    m = 8192 if torch.device(device).type == "cuda" else 1024
+    m = 8192 if torch.device(device).type == "cuda" else 2048
     dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     x, y = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
     mm = timeit(lambda: x @ y, device)
@@ -262,10 +262,15 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12), 2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
                       "merge": (2 * K + 2) * P * 4 / (lim["copy_GBps"] * 1e9) * 1e3}
     r["correction_updates_per_s"] = K / t_corr
+    eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
+    r["chunk"] = eng.chunk  # students per pass (None: all K)
+    r["conv_route"] = dict(eng.conv_choice)  # pass size -> route
+    r["conv_route_ms"] = {k: {route: t * 1e3 for route, t in v.items()} for k, v in eng.conv_timings.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
         f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f}); "
-        f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f})")
+        f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {eng.chunk or K}, "
+        f"conv route {r['conv_route']} {r['conv_route_ms']}")
 
     if baselines:
         probs = teacher.probs.float()
@@ -295,33 +300,38 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     return r
 
 
-def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print):
-    """Correction throughput and peak memory against the buffer size K."""
+def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64):
+    """Correction throughput and peak memory against the buffer size K: one pass of K students
+    while it fits, then (and for comparison from K = chunk on) passes of ``chunk`` students."""
     device = torch.device(device)
     model, proxy = make(name, device, small)
-    corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", schedule=1.0)
-    agg = Aggregator(model, FedBuff(1), correction=corr, device=device)
-    teacher = corr.teacher(agg.params, 0)
     rows = []
     for K in ks:
-        try:
-            students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
-            out = torch.empty_like(students)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
-            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-            rows.append({"K": K, "updates_per_s": K / t, "ms": t * 1e3, "peak_bytes": peak})
-            log(f"  K={K}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms" + (f", peak {peak / 1e9:.2f} GB" if peak else ""))
-            del students, out
-        except torch.OutOfMemoryError:
-            rows.append({"K": K, "updates_per_s": None, "error": "out of memory"})
-            log(f"  K={K}: out of memory")
-            break
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for c in (None, chunk) if K > chunk else (None,):
+            corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", schedule=1.0, chunk=c)
+            agg = Aggregator(model, FedBuff(1), correction=corr, device=device)
+            teacher = corr.teacher(agg.params, 0)
+            row = {"K": K, "chunk": c}
+            try:
+                students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
+                out = torch.empty_like(students)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
+                peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=peak, conv_route=corr.engine.conv_choice)
+                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms" + (f", peak {peak / 1e9:.2f} GB" if peak else "")
+                    + f", conv {corr.engine.conv_choice}")
+                del students, out
+            except torch.OutOfMemoryError:
+                row.update(updates_per_s=None, error="out of memory")
+                log(f"  K={K} chunk={c}: out of memory")
+            finally:
+                rows.append(row)
+                del agg, corr
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -345,7 +355,7 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
     if sweep:
         log("K sweep (cnn correction):")
         res["sweep"]["cnn"] = sweep_k("cnn", device, ks=(1, 16, 64, 256, 1024) if not small else (1, 4, 16),
-                                      small=small, log=log)
+                                      small=small, log=log, chunk=64 if not small else 4)
     if out:
         with open(out, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -21,7 +21,10 @@ times native and triton once per K on a CUDA device and keeps the faster (``conv
 elsewhere it is native.
 
 ``chunk``: at most this many students per pass (memory grows linearly with K; the gradients of
-a larger buffer are computed chunk by chunk into the same [K, P] output).
+a larger buffer are computed chunk by chunk into the same [K, P] output). ``None``: all K in one
+pass, except for a model with convolutions on a CPU, where one student per pass is faster
+(`fastagg bench --device cpu`: batching multiplies the working set out of the caches, and the
+CPU is compute-bound either way; batching does pay there for linear layers and transformers).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from .ops.kd_loss import kd_loss_grad
 CONV_CHOICES = ("auto", "native", "triton", "torch")
 
 
+def _has_convs(model):
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+
+
 class StudentGradEngine:
     def __init__(self, model, spec, proxy, temperature, backend="torch", precision="fp32", cuda_graphs=False,
                  conv="auto", chunk=None):
@@ -50,6 +57,8 @@ class StudentGradEngine:
         self.model, self.spec, self.proxy = model, spec, proxy
         self.temperature, self.backend, self.precision = float(temperature), backend, precision
         self.cuda_graphs = bool(cuda_graphs) and proxy.device.type == "cuda"
+        if chunk is None and proxy.device.type == "cpu" and _has_convs(model):
+            chunk = 1
         self.conv, self.chunk = conv, None if chunk is None else int(chunk)
         self.conv_choice: dict = {}  # K -> the conv route used for a pass of K students
         self.conv_timings: dict = {}  # K -> {route: seconds} measured by conv="auto"

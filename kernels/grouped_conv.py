@@ -39,10 +39,11 @@ def _configs(shapes):
             for bm, bn, bk, w, s in shapes]
 
 
-_FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 32, 32, 4, 4),
-                 (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 16, 4, 4)])
-_WGRAD = _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (32, 32, 64, 4, 4),
-                   (64, 32, 128, 4, 3), (128, 128, 32, 8, 3)])
+# shapes vary per layer: one compiled kernel per (taps, stride, padding), not per divisibility of
+# every size (strides stay specialised: a unit stride is what makes a load contiguous)
+_SHAPE_ARGS = ["N", "C", "H", "W", "CO", "HO", "WO"]
+_FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (64, 128, 64, 4, 3)])
+_WGRAD = _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (32, 32, 128, 4, 3)])
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _mma(a, b, acc, TF32: tl.constexpr):
 
 
 @triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
               sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws,
               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -88,7 +89,7 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
 
 
 @triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
                 sdk, sdn, sdc, sdh, sdw, swk, swo, swc, swr, sws,
                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -128,7 +129,7 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
 # zeros when the chosen config runs (the split path accumulates with atomics)
 @triton.autotune(_WGRAD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "SPLIT"],
                  restore_value=["dw_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_wgrad(dy_ptr, x_ptr, dw_ptr, N, C, H, W, CO, HO, WO,
                 sdk, sdn, sdc, sdh, sdw, sxk, sxn, sxc, sxh, sxw,
                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -177,6 +178,13 @@ def _out_size(size, k, stride, pad):
     return (size + 2 * pad - k) // stride + 1
 
 
+def _relayout(w, order):
+    """w [K, Co, C, R, S] with its memory laid out in ``order`` (same logical shape): a copy of
+    the weights (small next to the activations) so that the GEMM's B tiles load contiguously."""
+    inverse = [order.index(d) for d in range(5)]
+    return w.permute(*order).contiguous().permute(*inverse)
+
+
 def _tf32(dtype):
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
@@ -190,6 +198,7 @@ def conv_forward(x, w, b, stride, padding):
     (SH, SW), (PH, PW) = stride, padding
     HO, WO = _out_size(H, R, SH, PH), _out_size(W, S, SW, PW)
     y = torch.empty(K, N, CO, HO, WO, dtype=x.dtype, device=x.device)
+    w = _relayout(w, (0, 3, 4, 2, 1))  # [K, R, S, C, Co] in memory: B tiles load along Co
     if b is not None:
         b = b.reshape(K, CO).contiguous()
 
@@ -208,6 +217,7 @@ def conv_backward_data(dy, w, x_shape, stride, padding):
     HO, WO = dy.shape[-2:]
     (SH, SW), (PH, PW) = stride, padding
     dx = torch.empty(K, N, C, H, W, dtype=dy.dtype, device=dy.device)
+    w = _relayout(w, (0, 3, 4, 1, 2))  # [K, R, S, Co, C] in memory: B tiles load along C
 
     def grid(meta):
         return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BN"]), K

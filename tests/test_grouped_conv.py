@@ -14,7 +14,7 @@ from fastagg.ops.grouped_conv import grouped_conv2d, grouped_conv2d_reference, r
 pytest.importorskip("triton")
 from fastagg.kernels import grouped_conv as gck  # noqa: E402
 
-from conftest import cnn  # noqa: E402
+from conftest import cnn, mlp  # noqa: E402
 
 # (K, N, C, Co, H, W, (R, S), stride, padding): channel counts above one block (16) and not a
 # multiple of it, pixel counts with tails, 1x1 / 3x3 / 5x5 / 3x1 taps, strides 1 and 2
@@ -177,11 +177,18 @@ def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):
     proxy = torch.randn(12, 2, 5, 5, generator=rng)
     P = sum(p.numel() for p in model.parameters())
     students = 0.1 * torch.randn(7, P, generator=rng)
-    loss0, g0, eng0 = _engine_grads(model, proxy, students)
+    loss0, g0, eng0 = _engine_grads(model, proxy, students, chunk=7)
     loss1, g1, eng1 = _engine_grads(model, proxy, students, chunk=3)  # passes of 3, 3 and 1
-    assert torch.allclose(g1, g0, rtol=1e-5, atol=1e-7) and torch.allclose(loss1, loss0, rtol=1e-5)
+    loss2, g2, eng2 = _engine_grads(model, proxy, students)  # CPU + convolutions: one student per pass
+    for loss, g in ((loss1, g1), (loss2, g2)):
+        assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7) and torch.allclose(loss, loss0, rtol=1e-5)
     assert eng0.conv_choice == {7: "native"} and eng1.conv_choice == {3: "native", 1: "native"}
+    assert eng2.chunk == 1 and eng2.conv_choice == {1: "native"}
     assert eng0.conv_timings == {} and eng0.routed_convs == 0
+    small = mlp(d_in=50)
+    P_mlp = sum(p.numel() for p in small.parameters())
+    _, _, eng_mlp = _engine_grads(small, torch.randn(12, 50, generator=rng), torch.randn(3, P_mlp, generator=rng))
+    assert eng_mlp.chunk is None  # no convolutions: the whole buffer in one pass
 
 
 @pytest.mark.parametrize("kw, msg", [({"conv": "cudnn"}, "conv must be"), ({"chunk": 0}, "chunk must be")])

@@ -11,8 +11,8 @@ gradients returned in fp32.
 
 ``route_convs(model, backend)`` makes the model's plain ``nn.Conv2d`` layers call this op while
 they run under ``torch.func.vmap`` (an ``autograd.Function`` with its own vmap rule); outside
-vmap, and for layers the kernels do not cover (groups, dilation, padding modes, string padding),
-they run as before. The yielded counter says how many calls were routed, so a caller can check
+vmap, for float64 and for layers the kernels do not cover (groups, dilation, padding modes,
+string padding), they run as before. The yielded counter says how many calls were routed, so a caller can check
 that the kernels really ran.
 """
 

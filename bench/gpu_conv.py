@@ -1,0 +1,108 @@
+"""Device check: fastagg's grouped implicit-GEMM convolution kernels against cuDNN's grouped
+convolution (what vmap's batching rule runs for K students), layer by layer for the CNN and the
+ResNet-18 of `fastagg bench`, bf16 operands. For each distinct layer shape: ms and TFLOP/s of
+the forward, data-gradient and weight-gradient passes, and the bf16 matmul rate measured in the
+same run (the limit). Run from the repository root on a CUDA machine:
+
+    OUT=out python bench/gpu_conv.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from fastagg import bench
+from fastagg.kernels import grouped_conv as gck
+
+OUT = os.environ.get("OUT", "out")
+os.makedirs(OUT, exist_ok=True)
+dev = torch.device("cuda")
+
+
+def layer_shapes(name):
+    """(N, C, H, W, Co, R, S, stride, padding) of every distinct Conv2d of the bench model."""
+    model, proxy = bench.make(name, dev)
+    seen, hooks = {}, []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda m, inp, out: seen.setdefault(
+                (*inp[0].shape, m.out_channels, *m.kernel_size, m.stride, m.padding), None)))
+    with torch.no_grad():
+        model(proxy)
+    for h in hooks:
+        h.remove()
+    return list(seen)
+
+
+def run_layer(K, shape):
+    N, C, H, W, CO, R, S, stride, padding = shape
+    HO, WO = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+    bf = torch.bfloat16
+    x = torch.randn(K, N, C, H, W, device=dev, dtype=bf)
+    w = torch.randn(K, CO, C, R, S, device=dev, dtype=bf)
+    dy = torch.randn(K, N, CO, HO, WO, device=dev, dtype=bf)
+    flops = 2 * K * N * HO * WO * CO * C * R * S
+    xg = x.movedim(0, 1).reshape(N, K * C, H, W).contiguous()
+    wg = w.reshape(K * CO, C, R, S).contiguous()
+    dyg = dy.movedim(0, 1).reshape(N, K * CO, HO, WO).contiguous()
+
+    def cudnn_bwd(mask):
+        return lambda: torch.ops.aten.convolution_backward(dyg, xg, wg, None, stride, padding, (1, 1), False,
+                                                           (0, 0), K, mask)
+
+    cases = {
+        "fwd": (lambda: gck.conv_forward(x, w, None, stride, padding),
+                lambda: F.conv2d(xg, wg, None, stride, padding, groups=K)),
+        "dgrad": (lambda: gck.conv_backward_data(dy, w, x.shape, stride, padding), cudnn_bwd((True, False, False))),
+        "wgrad": (lambda: gck.conv_backward_weight(dy, x, w.shape, stride, padding), cudnn_bwd((False, True, False))),
+    }
+    row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "S": S, "stride": stride[0],
+           "padding": padding[0], "gflop_per_pass": flops / 1e9}
+    # correctness at this shape (bf16 operands, fp32 accumulation on both sides)
+    ref = F.conv2d(xg, wg, None, stride, padding, groups=K).view(N, K, CO, HO, WO).movedim(1, 0)
+    got = gck.conv_forward(x, w, None, stride, padding)
+    row["fwd_rel_err"] = float((got.float() - ref.float()).norm() / ref.float().norm())
+    for name, (ours, theirs) in cases.items():
+        t_ours, t_cudnn = do_bench(ours, warmup=10, rep=40), do_bench(theirs, warmup=10, rep=40)
+        row[f"{name}_ms"], row[f"{name}_cudnn_ms"] = t_ours, t_cudnn
+        row[f"{name}_TFLOPs"] = flops / t_ours / 1e9
+        row[f"{name}_speedup_vs_cudnn"] = t_cudnn / t_ours
+    del x, w, dy, xg, wg, dyg
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    lim = bench.limits(dev)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%d"), "limits": lim, "rows": []}
+    print(f"{res['device']}  bf16 matmul {lim['matmul_TFLOPs']:.0f} TFLOP/s")
+    print("model K  N   C   HxW    Co  RxS s | fwd ms (TF/s, x cuDNN) | dgrad | wgrad")
+    for name, K in (("cnn", 64), ("resnet18", 32)):
+        for shape in layer_shapes(name):
+            try:
+                row = run_layer(K, shape)
+            except Exception as exc:  # a failed shape is a result too: keep going, record it
+                row = {"K": K, "shape": str(shape), "error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(name, row)
+                res["rows"].append({"model": name, **row})
+                continue
+            res["rows"].append({"model": name, **row})
+            print(f"{name:8s} {K:3d} {row['N']:3d} {row['C']:3d} {row['H']:3d}x{row['W']:<3d} {row['Co']:3d} "
+                  f"{row['R']}x{row['S']} {row['stride']} | " + " | ".join(
+                      f"{row[f'{p}_ms']:.3f} ({row[f'{p}_TFLOPs']:.0f}, {row[f'{p}_speedup_vs_cudnn']:.2f}x)"
+                      for p in ("fwd", "dgrad", "wgrad")) + f"  err {row['fwd_rel_err']:.1e}", flush=True)
+    with open(os.path.join(OUT, "gpu_conv.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
