@@ -1,5 +1,5 @@
 """Device check: fastagg's grouped implicit-GEMM convolution kernels against cuDNN's grouped
-convolution (what vmap's batching rule runs for K students), layer by layer for the CNN and the
+convolution (what vmap's batching rule runs for K students), layer by layer for the CNNs and the
 ResNet-18 of `fastagg bench`, bf16 operands. For each distinct layer shape: ms and TFLOP/s of
 the forward, data-gradient and weight-gradient passes, and the bf16 matmul rate measured in the
 same run (the limit). Run from the repository root on a CUDA machine:
@@ -64,6 +64,14 @@ def run_layer(K, shape):
         "dgrad": (lambda: gck.conv_backward_data(dy, w, x.shape, stride, padding), cudnn_bwd((True, False, False))),
         "wgrad": (lambda: gck.conv_backward_weight(dy, x, w.shape, stride, padding), cudnn_bwd((False, True, False))),
     }
+    # the same activations stored channels-last ([K, N, H, W, C] in memory, same logical shape):
+    # do the kernels gain enough from contiguous channel loads to pay for a relayout?
+    x_cl = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    dy_cl = dy.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    cases["fwd_channels_last"] = (lambda: gck.conv_forward(x_cl, w, None, stride, padding), None)
+    cases["dgrad_channels_last"] = (lambda: gck.conv_backward_data(dy_cl, w, x.shape, stride, padding), None)
+    cases["wgrad_channels_last"] = (lambda: gck.conv_backward_weight(dy_cl, x_cl, w.shape, stride, padding), None)
+    relayout = do_bench(lambda: x.permute(0, 1, 3, 4, 2).contiguous(), warmup=10, rep=40)
     row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "S": S, "stride": stride[0],
            "padding": padding[0], "gflop_per_pass": flops / 1e9}
     # correctness at this shape (bf16 operands, fp32 accumulation on both sides)
@@ -71,11 +79,13 @@ def run_layer(K, shape):
     got = gck.conv_forward(x, w, None, stride, padding)
     row["fwd_rel_err"] = float((got.float() - ref.float()).norm() / ref.float().norm())
     for name, (ours, theirs) in cases.items():
-        t_ours, t_cudnn = do_bench(ours, warmup=10, rep=40), do_bench(theirs, warmup=10, rep=40)
-        row[f"{name}_ms"], row[f"{name}_cudnn_ms"] = t_ours, t_cudnn
+        row[f"{name}_ms"] = t_ours = do_bench(ours, warmup=10, rep=40)
         row[f"{name}_TFLOPs"] = flops / t_ours / 1e9
-        row[f"{name}_speedup_vs_cudnn"] = t_cudnn / t_ours
-    del x, w, dy, xg, wg, dyg
+        if theirs is not None:
+            row[f"{name}_cudnn_ms"] = t_cudnn = do_bench(theirs, warmup=10, rep=40)
+            row[f"{name}_speedup_vs_cudnn"] = t_cudnn / t_ours
+    row["relayout_x_ms"] = relayout
+    del x, w, dy, xg, wg, dyg, x_cl, dy_cl
     torch.cuda.empty_cache()
     return row
 
@@ -86,7 +96,7 @@ def main():
            "date": time.strftime("%Y-%m-%d"), "limits": lim, "rows": []}
     print(f"{res['device']}  bf16 matmul {lim['matmul_TFLOPs']:.0f} TFLOP/s")
     print("model K  N   C   HxW    Co  RxS s | fwd ms (TF/s, x cuDNN) | dgrad | wgrad")
-    for name, K in (("cnn", 64), ("resnet18", 32)):
+    for name, K in (("cnn", 64), ("cnn4", 64), ("resnet18", 32)):
         for shape in layer_shapes(name):
             try:
                 row = run_layer(K, shape)
@@ -99,7 +109,9 @@ def main():
             print(f"{name:8s} {K:3d} {row['N']:3d} {row['C']:3d} {row['H']:3d}x{row['W']:<3d} {row['Co']:3d} "
                   f"{row['R']}x{row['S']} {row['stride']} | " + " | ".join(
                       f"{row[f'{p}_ms']:.3f} ({row[f'{p}_TFLOPs']:.0f}, {row[f'{p}_speedup_vs_cudnn']:.2f}x)"
-                      for p in ("fwd", "dgrad", "wgrad")) + f"  err {row['fwd_rel_err']:.1e}", flush=True)
+                      for p in ("fwd", "dgrad", "wgrad")) + f"  err {row['fwd_rel_err']:.1e}; channels-last "
+                  + ", ".join(f"{row[f'{p}_channels_last_ms']:.3f}" for p in ("fwd", "dgrad", "wgrad"))
+                  + f" (relayout {row['relayout_x_ms']:.3f})", flush=True)
     with open(os.path.join(OUT, "gpu_conv.json"), "w") as f:
         json.dump(res, f, indent=1)
 

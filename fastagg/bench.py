@@ -1,9 +1,9 @@
 """``fastagg bench``: throughput of the whole FedADT server step, stage by stage, against
 baselines and limits measured in the same process.
 
-Models: a CIFAR-shaped CNN (~1.07M parameters, 256 proxy inputs), a BatchNorm-free
-ResNet-18-sized CIFAR model (~11.2M, 64 proxy inputs) and a small transformer language model
-with a 32k vocabulary. For each: updates/s of the server step (ingest + KD correction + merge,
+Models: a CIFAR-shaped CNN (~1.1M parameters, 256 proxy inputs; ``cnn4``: a 1.03M-parameter
+CNN with three times its FLOPs), a BatchNorm-free ResNet-18-sized CIFAR model (~11.2M, 64 proxy
+inputs) and a small transformer language model with a 32k vocabulary. For each: updates/s of the server step (ingest + KD correction + merge,
 teacher amortised over the buffer) with fastagg's engine, and of the correction alone with the
 baselines a user has in stock PyTorch: per-client eager autograd, fp32 and bf16
 ``torch.func.vmap``, ``torch.compile`` of the bf16 vmap; the merge against a Flower-style
@@ -35,7 +35,24 @@ from .wire import encode_update
 
 # -- models -------------------------------------------------------------------------------------
 class CifarCNN(nn.Module):
-    """~1.03M parameters: four 3x3 convolutions, three poolings, two linear layers."""
+    """~1.11M parameters, the FedAvg CIFAR CNN shape (McMahan et al., 2017): two 5x5
+    convolutions (32, 64 channels, each followed by 2x2 max-pooling) and two linear layers;
+    ~25 GFLOP per corrected update on 256 proxy inputs."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 32, 5, padding=2), nn.Conv2d(32, 64, 5, padding=2)
+        self.f1, self.f2 = nn.Linear(64 * 8 * 8, 256), nn.Linear(256, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.f2(F.relu(self.f1(x.flatten(1))))
+
+
+class CifarCNN4(nn.Module):
+    """~1.03M parameters with three times the FLOPs of CifarCNN (~75 GFLOP per corrected update
+    on 256 proxy inputs): four 3x3 convolutions at 32x32, 16x16 and 8x8, two linear layers."""
 
     def __init__(self, classes=10):
         super().__init__()
@@ -115,17 +132,18 @@ class TinyLM(nn.Module):
 
 
 def make(name: str, device, small=False):
-    """(model, proxy inputs) for 'cnn', 'resnet18' or 'lm' (``small``: tiny sizes for CPU tests)."""
+    """(model, proxy inputs) for 'cnn', 'cnn4', 'resnet18' or 'lm' (``small``: tiny sizes for CPU runs)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    if name == "cnn":
-        return CifarCNN().to(device), torch.randn(32 if small else 256, 3, 32, 32, generator=g).to(device)
+    if name in ("cnn", "cnn4"):
+        net = CifarCNN() if name == "cnn" else CifarCNN4()
+        return net.to(device), torch.randn(32 if small else 256, 3, 32, 32, generator=g).to(device)
     if name == "resnet18":
         return ResNet18NoBN().to(device), torch.randn(4 if small else 64, 3, 32, 32, generator=g).to(device)
     if name == "lm":
         vocab = 1000 if small else 32000
         return TinyLM(vocab=vocab).to(device), torch.randint(0, vocab, (4 if small else 16, 32), generator=g).to(device)
-    raise ValueError(f"unknown model {name!r}; choose cnn, resnet18 or lm")
+    raise ValueError(f"unknown model {name!r}; choose cnn, cnn4, resnet18 or lm")
 
 
 # -- timing and limits ----------------------------------------------------------------------------
@@ -348,7 +366,8 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
         res["triton"] = triton.__version__
     except ImportError:
         res["triton"] = None
-    default_k = {"cnn": 128, "resnet18": 32, "lm": 16} if not small else {"cnn": 8, "resnet18": 4, "lm": 4}
+    default_k = ({"cnn": 128, "cnn4": 64, "resnet18": 32, "lm": 16} if not small
+                 else {"cnn": 8, "cnn4": 8, "resnet18": 4, "lm": 4})
     for name in models:
         res["models"].append(bench_model(name, device, K or default_k[name], small=small, log=log,
                                          compile_baseline=compile_baseline))

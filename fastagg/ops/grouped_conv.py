@@ -11,8 +11,9 @@ gradients returned in fp32.
 
 ``route_convs(model, backend)`` makes the model's plain ``nn.Conv2d`` layers call this op while
 they run under ``torch.func.vmap`` (an ``autograd.Function`` with its own vmap rule); outside
-vmap, for float64 and for layers the kernels do not cover (groups, dilation, padding modes,
-string padding), they run as before. The yielded counter says how many calls were routed, so a caller can check
+vmap, for float64, for layers the kernels do not cover (groups, dilation, padding modes, string
+padding) and for a layer whose input all students share (vmap's rule makes that one ordinary
+convolution with K * Co output channels, not a grouped one), they run as before. The yielded counter says how many calls were routed, so a caller can check
 that the kernels really ran.
 """
 
@@ -148,7 +149,11 @@ def _routable(m):
 
 
 def _routed_forward(module, backend, counter, x, weight, bias):
-    if x.dim() != 4 or not torch._C._functorch.is_batchedtensor(weight) or x.dtype == torch.float64:
+    batched = torch._C._functorch.is_batchedtensor
+    # Only a convolution whose input differs per student is grouped. One whose input is shared
+    # by all of them (the first layer, on the proxy batch) is a single ordinary convolution with
+    # K * Co output channels under vmap's own rule; it stays there.
+    if x.dim() != 4 or not batched(weight) or not batched(x) or x.dtype == torch.float64:
         return nn.Conv2d._conv_forward(module, x, weight, bias)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
