@@ -179,7 +179,7 @@ def test_engine_triton_conv_route_equals_native_fp32_and_bf16_within_tolerance(r
     loss1, g1, eng = _engine_grads(model, proxy, students, conv="triton", chunk=5)
     assert eng.routed_convs == 1 and eng.conv_choice == {}  # c2 (c1 reads the shared proxy batch)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
-    assert torch.allclose(loss1, loss0, rtol=1e-5)
+    assert torch.allclose(loss1, loss0, rtol=1e-4, atol=1e-7)  # a KL: cancellation in fp32
     _, g2, eng = _engine_grads(model, proxy, students, conv="triton", precision="bf16", chunk=5)
     assert eng.routed_convs == 1
     assert float((g2 - g0).norm() / g0.norm()) < BF16_TOLERANCE
