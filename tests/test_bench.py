@@ -37,3 +37,20 @@ def test_sweep_reports_one_pass_and_chunked_passes():
 def test_bench_rejects_unknown_models():
     with pytest.raises(ValueError, match="unknown model"):
         bench.make("vgg", "cpu")
+
+
+def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
+    """With every timed call taking 'one second', each rate must equal the number of updates that
+    call processed (a per-client baseline timed on fewer clients than K must not count K)."""
+    def one_second(fn, device, reps=5, warmup=2):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench, "timeit", one_second)
+    r = bench.bench_model("lm", "cpu", K=3, small=True, compile_baseline=False, eager_clients=2,
+                          log=lambda *a: None)
+    assert r["correction_updates_per_s"] == 3 and r["step_updates_per_s"] == 6  # two buffers of 3
+    assert r["baseline_updates_per_s"] == {"per_client_eager_fp32": 2, "vmap_fp32": 3, "vmap_bf16": 3}
+    r = bench.bench_model("lm", "cpu", K=3, small=True, baselines=True, compile_baseline=False, eager_clients=8,
+                          log=lambda *a: None)
+    assert r["baseline_updates_per_s"]["per_client_eager_fp32"] == 3

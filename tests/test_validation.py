@@ -49,6 +49,12 @@ BAD = {
     "inf": (errors.NonFiniteUpdateError,
             lambda a: (torch.cat([torch.zeros(a.spec.numel - 1), torch.tensor([float("inf")])]), {})),
     "norm": (errors.UpdateNormError, lambda a: (torch.full((a.spec.numel,), 100.0), {})),
+    # finite entries whose squares overflow fp32: a norm error, not a NaN/Inf one
+    "norm_overflow": (errors.UpdateNormError, lambda a: (torch.full((a.spec.numel,), 3e38), {})),
+    "nan_among_finite": (errors.NonFiniteUpdateError,
+                         lambda a: (torch.cat([torch.zeros(a.spec.numel - 2), torch.tensor([1.0, float("nan")])]), {})),
+    "neg_inf": (errors.NonFiniteUpdateError,
+                lambda a: (torch.cat([torch.tensor([-float("inf")]), torch.zeros(a.spec.numel - 1)]), {})),
     "future": (errors.FutureVersionError, lambda a: (torch.zeros(a.spec.numel), {"base_version": a.version + 1})),
     "too_stale": (errors.StaleUpdateError, lambda a: (torch.zeros(a.spec.numel), {"base_version": a.version - 6})),
     "duplicate": (errors.DuplicateUpdateError, lambda a: (torch.zeros(a.spec.numel), {"base_version": 2, "client_id": "w8"})),
@@ -75,6 +81,14 @@ def test_bad_input_rejected_and_state_unchanged(case):
     assert agg.stats()["rejected"] == {exc_type.reason: 1}
     # and the aggregator still works afterwards
     agg.submit(torch.zeros(agg.spec.numel), base_version=agg.version)
+
+
+def test_huge_but_finite_update_is_accepted_without_a_norm_bound():
+    """An fp32 update whose squared norm overflows is finite: without max_update_norm it is
+    accepted (the one-pass check must not mistake overflow for NaN/Inf)."""
+    agg = fastagg.Aggregator(mlp(), fastagg.FedBuff(4))
+    receipt = agg.submit(torch.full((agg.spec.numel,), 1e30), base_version=0)
+    assert receipt.status == "buffered" and agg.stats()["accepted"] == 1
 
 
 def test_evicted_base_version_rejected_when_no_fallback():
