@@ -167,6 +167,33 @@ def timeit(fn, device, reps=5, warmup=2):
     return statistics.median(times)
 
 
+def interleaved(cands, device, rounds=5, warmup=2):
+    """Updates/s of each candidate {name: (fn, updates per call)}, timed in alternating rounds so
+    that slow drifts of a shared machine hit every candidate alike (median over the rounds). A
+    candidate that fails in its warm-up (out of memory, a compiler error) is reported as the
+    failure, not timed: a failed baseline is a result too."""
+    rates, live = {}, []
+    for name, (fn, _) in cands.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+            live.append(name)
+        except torch.OutOfMemoryError:
+            rates[name] = "out of memory"
+        except Exception as exc:  # noqa: BLE001 - reported in the results
+            rates[name] = f"failed: {type(exc).__name__}"
+        if name not in live and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    times = {name: [] for name in live}
+    for _ in range(rounds):
+        for name in live:
+            times[name].append(timeit(cands[name][0], device, reps=1, warmup=0))
+    for name in live:
+        rates[name] = cands[name][1] / statistics.median(times[name])
+    return {name: rates[name] for name in cands}
+
+
 def limits(device):
     n = (1 << 28) if torch.device(device).type == "cuda" else (1 << 24)
     a = torch.randn(n, device=device)
@@ -269,7 +296,25 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     teacher = corr.teacher(agg.params, agg.version)
     students = agg.params + torch.stack([d.to(device) for d in host_deltas])
     out = torch.empty_like(students)
-    t_corr = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=5)
+    # the correction, and the stock-PyTorch baselines, timed in alternating rounds
+    probs = teacher.probs.float()
+    few = students[:eager_clients]
+    cands = {"engine": (lambda: corr.engine(students, teacher.probs, out=out), K)}
+    if device.type == "cpu":  # the engine runs fp32 on a CPU; one with bf16 units gains from bf16 too
+        eng16 = StudentGradEngine(model, spec, corr.proxy, corr.temperature, agg.backend, "bf16")
+        cands["engine_bf16"] = (lambda: eng16(students, teacher.probs, out=out), K)
+    if baselines:
+        cands["per_client_eager_fp32"] = (lambda: per_client_eager(model, spec, proxy, probs, T, few), few.shape[0])
+        for bf16 in (False, True):
+            cands[f"vmap_{'bf16' if bf16 else 'fp32'}"] = (
+                (lambda fn: lambda: fn(students))(vmap_baseline(model, spec, proxy, probs, T, bf16)), K)
+        if compile_baseline:
+            compiled = torch.compile(vmap_baseline(model, spec, proxy, probs, T, True))
+            cands["compiled_vmap_bf16"] = (lambda: compiled(students), K)
+    rates = interleaved(cands, device)
+    if not isinstance(rates["engine"], float):
+        raise RuntimeError(f"{name}: the engine failed: {rates['engine']}")
+    t_corr = K / rates["engine"]
     coefs = [1.0 / K] * K
     t_merge = timeit(lambda: fused_merge(agg.params.clone(), 1.0, [(students, coefs, None), (out, coefs, None)],
                                          backend=agg.backend), device, reps=5)
@@ -280,10 +325,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                       "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3}
     r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12), 2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
                       "merge": (2 * K + 2) * P * 4 / (lim["copy_GBps"] * 1e9) * 1e3}
-    r["correction_updates_per_s"] = K / t_corr
-    if device.type == "cpu":  # the engine ran in fp32 above; a CPU with bf16 units gains from bf16 too
-        eng16 = StudentGradEngine(model, spec, corr.proxy, corr.temperature, agg.backend, "bf16")
-        r["correction_bf16_updates_per_s"] = K / timeit(lambda: eng16(students, teacher.probs, out=out), device, reps=5)
+    r["correction_updates_per_s"] = rates.pop("engine")
+    if "engine_bf16" in rates:
+        r["correction_bf16_updates_per_s"] = rates.pop("engine_bf16")
     eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
     r["chunk"] = eng.chunk  # students per pass (None: all K)
     r["conv_route"] = dict(eng.conv_choice)  # pass size -> route
@@ -296,25 +340,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         f"conv route {r['conv_route']} {r['conv_route_ms']}")
 
     if baselines:
-        probs = teacher.probs.float()
-        few = students[:eager_clients]
-        r["baseline_updates_per_s"] = {}
-        t = timeit(lambda: per_client_eager(model, spec, proxy, probs, T, few), device, reps=2, warmup=1)
-        r["baseline_updates_per_s"]["per_client_eager_fp32"] = few.shape[0] / t
-        for bf16 in (False, True):
-            fn = vmap_baseline(model, spec, proxy, probs, T, bf16)
-            try:
-                t = timeit(lambda: fn(students), device, reps=3, warmup=1)
-                r["baseline_updates_per_s"][f"vmap_{'bf16' if bf16 else 'fp32'}"] = K / t
-            except torch.OutOfMemoryError:
-                r["baseline_updates_per_s"][f"vmap_{'bf16' if bf16 else 'fp32'}"] = "out of memory"
-        if compile_baseline:
-            fn = torch.compile(vmap_baseline(model, spec, proxy, probs, T, True))
-            try:
-                t = timeit(lambda: fn(students), device, reps=3, warmup=2)
-                r["baseline_updates_per_s"]["compiled_vmap_bf16"] = K / t
-            except Exception as exc:  # report, do not hide: a failed baseline is a result too
-                r["baseline_updates_per_s"]["compiled_vmap_bf16"] = f"failed: {type(exc).__name__}"
+        r["baseline_updates_per_s"] = rates
         layers = [[v.cpu().numpy() for v in spec.unflatten(d).values()] for d in host_deltas[:16]]
         t = timeit(lambda: flower_numpy_merge(layers, [10] * len(layers)), "cpu", reps=2, warmup=1)
         r["flower_numpy_merge_ms_per_update"] = t / len(layers) * 1e3

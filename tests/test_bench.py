@@ -54,3 +54,13 @@ def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     r = bench.bench_model("lm", "cpu", K=3, small=True, baselines=True, compile_baseline=False, eager_clients=8,
                           log=lambda *a: None)
     assert r["baseline_updates_per_s"]["per_client_eager_fp32"] == 3
+
+
+def test_interleaved_reports_failures_and_times_the_rest():
+    def boom():
+        raise RuntimeError("no kernel image")
+
+    calls = []
+    rates = bench.interleaved({"ok": (lambda: calls.append(1), 4), "bad": (boom, 4)}, "cpu", rounds=3, warmup=1)
+    assert list(rates) == ["ok", "bad"] and rates["bad"] == "failed: RuntimeError"
+    assert len(calls) == 4 and rates["ok"] > 0  # one warm-up and three timed rounds
