@@ -255,7 +255,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     T = 3.0
     corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", steps=1, min_staleness=1,
                         cuda_graphs=cuda_graphs and device.type == "cuda", staleness_factor="none",
-                        schedule=1.0)
+                        schedule=1.0, compile=compile_baseline)
     agg = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr, device=device,
                      max_versions=4)
     spec, P = agg.spec, agg.spec.numel
@@ -330,14 +330,14 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         r["correction_bf16_updates_per_s"] = rates.pop("engine_bf16")
     eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
     r["chunk"] = eng.chunk  # students per pass (None: all K)
-    r["conv_route"] = dict(eng.conv_choice)  # pass size -> route
-    r["conv_route_ms"] = {k: {route: t * 1e3 for route, t in v.items()} for k, v in eng.conv_timings.items()}
+    r["route"] = dict(eng.routes)  # pass size -> native / triton / compiled
+    r["route_ms"] = {k: {route: t * 1e3 for route, t in v.items()} for k, v in eng.route_timings.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
         f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f})"
         + (f", bf16 {r['correction_bf16_updates_per_s']:.0f} upd/s" if "correction_bf16_updates_per_s" in r else "") + "; "
         f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {eng.chunk or K}, "
-        f"conv route {r['conv_route']} {r['conv_route_ms']}")
+        f"route {r['route']} {r['route_ms']}")
 
     if baselines:
         r["baseline_updates_per_s"] = rates
@@ -369,9 +369,9 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                     torch.cuda.reset_peak_memory_stats()
                 t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
                 peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=peak, conv_route=corr.engine.conv_choice)
+                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=peak, route=corr.engine.routes)
                 log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms" + (f", peak {peak / 1e9:.2f} GB" if peak else "")
-                    + f", conv {corr.engine.conv_choice}")
+                    + f", route {corr.engine.routes}")
                 del students, out
             except torch.OutOfMemoryError:
                 row.update(updates_per_s=None, error="out of memory")

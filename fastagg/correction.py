@@ -49,7 +49,7 @@ class KDCorrection:
     def __init__(self, proxy, *, temperature=3.0, schedule="teacher_confidence", step="relative",
                  eta=0.05, rho=1.0, steps=5, student="client", min_staleness=1,
                  staleness_factor="grows", factor_staleness=None, proxy_labels=None, precision="fp32",
-                 cuda_graphs=False, conv="auto", chunk=None):
+                 cuda_graphs=False, conv="auto", chunk=None, compile=False):
         if proxy is None:
             raise ValueError("KD correction needs unlabeled proxy inputs: pass proxy=<tensor [N, ...]> "
                              "(e.g. a small held-out slice of the training distribution)")
@@ -79,7 +79,7 @@ class KDCorrection:
         self.min_staleness = int(min_staleness)
         self.staleness_factor = staleness_factor
         self.factor_staleness = _staleness.resolve(factor_staleness or _staleness.polynomial(0.5))
-        self.precision, self.cuda_graphs, self.conv, self.chunk = precision, cuda_graphs, conv, chunk
+        self.precision, self.cuda_graphs, self.conv, self.chunk, self.compile = precision, cuda_graphs, conv, chunk, compile
         self.teacher_forwards = 0
         self._teacher: Teacher | None = None
         self.model = self.spec = None
@@ -90,7 +90,7 @@ class KDCorrection:
         self.model, self.spec, self.backend = model, spec, backend
         self.proxy = self.proxy.to(device=device, dtype=dtype if self.proxy.is_floating_point() else None)
         self.engine = StudentGradEngine(model, spec, self.proxy, self.temperature, backend, self.precision,
-                                        self.cuda_graphs, self.conv, self.chunk)
+                                        self.cuda_graphs, self.conv, self.chunk, self.compile)
         if self.proxy_labels is not None:
             self.proxy_labels = self.proxy_labels.to(device)
 

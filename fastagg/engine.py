@@ -17,8 +17,14 @@ Convolutions (``conv=``): vmap's own batching rule makes the K students' convolu
 grouped convolution (``"native"``, cuDNN on a GPU). ``"triton"`` routes the model's plain
 ``nn.Conv2d`` layers through fastagg's grouped implicit-GEMM kernels (fastagg.ops.grouped_conv),
 ``"torch"`` through the plain-PyTorch reference of the same route (tests). ``"auto"`` (default)
-times native and triton once per K on a CUDA device and keeps the faster (``conv_timings``);
-elsewhere it is native.
+times native and triton once per pass size on a CUDA device and keeps the faster; elsewhere it
+is native.
+
+``compile=True`` adds one more candidate: ``torch.compile`` of the whole per-pass function
+(vmap of grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used
+there). The candidates are timed once per pass size and the fastest kept: ``routes`` says which
+ran, ``route_timings`` what each measured. Compilation takes seconds to a minute at the first
+pass of each size, so it is opt-in.
 
 ``chunk``: at most this many students per pass (memory grows linearly with K; the gradients of
 a larger buffer are computed chunk by chunk into the same [K, P] output). ``None``: all K in one
@@ -33,7 +39,7 @@ import contextlib
 import time
 
 import torch
-from torch.func import functional_call, vjp, vmap
+from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from .ops.grouped_conv import routable_convs, route_convs
 from .ops.kd_loss import kd_loss_grad
@@ -47,7 +53,7 @@ def _has_convs(model):
 
 class StudentGradEngine:
     def __init__(self, model, spec, proxy, temperature, backend="torch", precision="fp32", cuda_graphs=False,
-                 conv="auto", chunk=None):
+                 conv="auto", chunk=None, compile=False):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if conv not in CONV_CHOICES:
@@ -59,10 +65,11 @@ class StudentGradEngine:
         self.cuda_graphs = bool(cuda_graphs) and proxy.device.type == "cuda"
         if chunk is None and proxy.device.type == "cpu" and _has_convs(model):
             chunk = 1
-        self.conv, self.chunk = conv, None if chunk is None else int(chunk)
-        self.conv_choice: dict = {}  # K -> the conv route used for a pass of K students
-        self.conv_timings: dict = {}  # K -> {route: seconds} measured by conv="auto"
+        self.conv, self.chunk, self.compile = conv, None if chunk is None else int(chunk), bool(compile)
+        self.routes: dict = {}  # pass size -> the route that runs it: native, triton, torch or compiled
+        self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
+        self._compiled = None
         self._graphs: dict = {}
         self._zeros: dict = {}
 
@@ -74,14 +81,11 @@ class StudentGradEngine:
     def _forward(self, params, x):
         return functional_call(self.model, params, (x,))
 
-    def _route(self, K):
-        route = self.conv_choice.get(K, self.conv)
-        if route in ("native", "auto"):
-            return contextlib.nullcontext()
-        return route_convs(self.model, route)
-
     def _step(self, students, probs, out):
         spec, K = self.spec, students.shape[0]
+        route = self.routes[K]
+        if route == "compiled":
+            return self._compiled_step(students, probs, out)
         views = spec.unflatten(students)
         trainable = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr}
         frozen = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr}
@@ -91,23 +95,51 @@ class StudentGradEngine:
             return vmap(lambda pp, bb: self._forward({**pp, **bb}, x), in_dims=(0, 0))(p, frozen)
 
         with self._autocast():
-            with self._route(K) as routed:
+            with (contextlib.nullcontext() if route == "native" else route_convs(self.model, route)) as routed:
                 logits, pullback = vjp(batched, trainable)
             self.routed_convs += getattr(routed, "calls", 0)
             N, C = probs.shape
             loss, glogits = kd_loss_grad(logits.reshape(K * N, C), probs, self.temperature, self.backend)
             (grads,) = pullback(glogits.view_as(logits).to(logits.dtype))
-        parts = []
-        for name, shape, off, n in spec.items():
-            if name in grads:
-                parts.append(grads[name].reshape(K, n).to(out.dtype))
-            else:  # a floating buffer: no KD gradient
-                key = (K, n, out.dtype, out.device)
-                if key not in self._zeros:
-                    self._zeros[key] = torch.zeros(K, n, dtype=out.dtype, device=out.device)
-                parts.append(self._zeros[key])
-        torch.cat(parts, dim=1, out=out)
+        torch.cat(self._flat_parts(grads, K, out.dtype, out.device), dim=1, out=out)
         return loss
+
+    def _flat_parts(self, grads, K, dtype, device):
+        parts = []
+        for name, shape, off, n in self.spec.items():
+            if name in grads:
+                parts.append(grads[name].reshape(K, n).to(dtype))
+            else:  # a floating buffer: no KD gradient
+                key = (K, n, dtype, device)
+                if key not in self._zeros:
+                    self._zeros[key] = torch.zeros(K, n, dtype=dtype, device=device)
+                parts.append(self._zeros[key])
+        return parts
+
+    def _compiled_step(self, students, probs, out):
+        if self._compiled is None:
+            self._compiled = torch.compile(self._plain_flat_grads)
+        loss, flat = self._compiled(students, probs)
+        out.copy_(flat)
+        return loss
+
+    def _plain_flat_grads(self, students, probs):
+        """(loss [K], flat gradients [K, P]) with plain ops only: what torch.compile traces."""
+        spec, x, T = self.spec, self.proxy, self.temperature
+        views = spec.unflatten(students)
+        trainable = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr}
+        frozen = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr}
+        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+
+        def loss_k(p, b):
+            with self._autocast():
+                z = self._forward({**p, **b}, x)
+            logq = torch.log_softmax(z.to(acc) / T, dim=-1)
+            pt = probs.to(acc)
+            return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
+
+        grads, loss = vmap(grad_and_value(loss_k), in_dims=(0, 0))(trainable, frozen)
+        return loss, torch.cat(self._flat_parts(grads, students.shape[0], students.dtype, students.device), dim=1)
 
     def __call__(self, students, teacher_probs, out=None):
         """(loss [K], grads [K, P]) for students [K, P]; ``out`` receives the gradients."""
@@ -125,31 +157,39 @@ class StudentGradEngine:
 
     def _pass(self, students, probs, out):
         K = students.shape[0]
-        if self.conv == "auto" and K not in self.conv_choice:
-            self.conv_choice[K] = self._pick_conv(students, probs, out)
-        if self.cuda_graphs:
+        if K not in self.routes:
+            self.routes[K] = self._pick_route(students, probs, out)
+        if self.cuda_graphs and self.routes[K] != "compiled":  # compiled code runs as inductor made it
             return self._replay(students, probs, out)
         return self._step(students, probs, out)
 
-    def _pick_conv(self, students, probs, out):
-        """conv="auto": native unless this is a CUDA device, the model has convolutions the
-        kernels cover, and the triton route measures faster for this K."""
+    def _candidates(self, students):
+        if self.conv != "auto":
+            routes = [self.conv]
+        else:
+            cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
+            routes = ["native"] + (["triton"] if cuda and routable_convs(self.model) else [])
+        return routes + (["compiled"] if self.compile else [])
+
+    def _pick_route(self, students, probs, out):
+        """The route for passes of this size: the only candidate, or the fastest of them measured
+        here (one warm-up pass each, for autotuning and compilation, then three timed)."""
         K = students.shape[0]
-        if self.proxy.device.type != "cuda" or students.dtype == torch.float64:
-            return "native"
-        if not routable_convs(self.model):
-            return "native"
+        routes = self._candidates(students)
+        if len(routes) == 1:
+            return routes[0]
+        sync = torch.cuda.synchronize if students.is_cuda else (lambda: None)
         times = {}
-        for route in ("native", "triton"):
-            self.conv_choice[K] = route
-            self._step(students, probs, out)  # warm-up: cuDNN / Triton autotuning
-            torch.cuda.synchronize()
+        for route in routes:
+            self.routes[K] = route
+            self._step(students, probs, out)
+            sync()
             t = time.perf_counter()
             for _ in range(3):
                 self._step(students, probs, out)
-            torch.cuda.synchronize()
+            sync()
             times[route] = (time.perf_counter() - t) / 3
-        self.conv_timings[K] = times
+        self.route_timings[K] = times
         return min(times, key=times.get)
 
     def _replay(self, students, probs, out):

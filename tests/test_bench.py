@@ -23,7 +23,7 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_TFLOPs"] > 0
     assert abs(r["correction_updates_per_s"] - r["K"] / (r["stages_ms"]["correction"] / 1e3)) < 1e-6 * r["K"] * 1e3
     assert set(r["baseline_updates_per_s"]) == {"per_client_eager_fp32", "vmap_fp32", "vmap_bf16"}
-    assert r["chunk"] is None and r["conv_route"] == {str(r["K"]): "native"}  # no convolutions, one pass
+    assert r["chunk"] is None and r["route"] == {str(r["K"]): "native"}  # no convolutions, one pass
 
 
 def test_sweep_reports_one_pass_and_chunked_passes():
@@ -31,7 +31,7 @@ def test_sweep_reports_one_pass_and_chunked_passes():
     assert [(r["K"], r["chunk"]) for r in rows] == [(1, None), (4, None), (4, 2)]
     assert all(r["updates_per_s"] > 0 for r in rows)
     # a CNN on a CPU: the engine's default is one student per pass
-    assert rows[1]["conv_route"] == {1: "native"} and rows[2]["conv_route"] == {2: "native"}
+    assert rows[1]["route"] == {1: "native"} and rows[2]["route"] == {2: "native"}
 
 
 def test_bench_rejects_unknown_models():

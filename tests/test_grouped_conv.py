@@ -177,7 +177,7 @@ def test_engine_triton_conv_route_equals_native_fp32_and_bf16_within_tolerance(r
     students = 0.1 * torch.randn(5, P, generator=rng).to(device)
     loss0, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=5)
     loss1, g1, eng = _engine_grads(model, proxy, students, conv="triton", chunk=5)
-    assert eng.routed_convs == 1 and eng.conv_choice == {}  # c2 (c1 reads the shared proxy batch)
+    assert eng.routed_convs == 1 and eng.routes == {5: "triton"}  # c2 (c1 reads the shared proxy batch)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
     assert torch.allclose(loss1, loss0, rtol=1e-4, atol=1e-7)  # a KL: cancellation in fp32
     _, g2, eng = _engine_grads(model, proxy, students, conv="triton", precision="bf16", chunk=5)
@@ -195,9 +195,9 @@ def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):
     loss2, g2, eng2 = _engine_grads(model, proxy, students)  # CPU + convolutions: one student per pass
     for loss, g in ((loss1, g1), (loss2, g2)):
         assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7) and torch.allclose(loss, loss0, rtol=1e-5)
-    assert eng0.conv_choice == {7: "native"} and eng1.conv_choice == {3: "native", 1: "native"}
-    assert eng2.chunk == 1 and eng2.conv_choice == {1: "native"}
-    assert eng0.conv_timings == {} and eng0.routed_convs == 0
+    assert eng0.routes == {7: "native"} and eng1.routes == {3: "native", 1: "native"}
+    assert eng2.chunk == 1 and eng2.routes == {1: "native"}
+    assert eng0.route_timings == {} and eng0.routed_convs == 0
     small = mlp(d_in=50)
     P_mlp = sum(p.numel() for p in small.parameters())
     _, _, eng_mlp = _engine_grads(small, torch.randn(12, 50, generator=rng), torch.randn(3, P_mlp, generator=rng))
@@ -208,3 +208,44 @@ def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):
 def test_engine_options_are_checked(kw, msg):
     with pytest.raises(ValueError, match=msg):
         fastagg.KDCorrection(torch.randn(4, 2, 5, 5), **kw)
+
+
+def test_compiled_route_equals_the_native_one_and_auto_times_both(rng):
+    """compile=True: torch.compile of a plain-op vmap(grad) is one more candidate; on fresh
+    inputs it gives the native route's gradients (buffers included: zeros), and auto records
+    both timings and keeps one of them."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 5)).eval()
+    model[1].running_mean.normal_()
+    proxy = torch.randn(10, 6, generator=rng)
+    P = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    students = 0.2 * torch.randn(3, P, generator=rng)
+    loss0, g0, _ = _engine_grads(model, proxy, students, conv="native")
+    loss1, g1, eng = _engine_grads(model, proxy, students, compile=True)
+    assert set(eng.route_timings[3]) == {"native", "compiled"} and eng.routes[3] in ("native", "compiled")
+    eng.routes[3] = "compiled"  # whichever won, check the compiled route's numbers
+    teacher_probs = torch.softmax(torch.randn(10, 5, generator=rng), -1)
+    base = eng.spec.flatten({k: v for k, v in model.state_dict().items() if v.is_floating_point()})
+    lc, gc = eng(base + students, teacher_probs)
+    eng.routes[3] = "native"
+    ln, gn = eng(base + students, teacher_probs)
+    assert float((gc - gn).norm() / gn.norm()) < 1e-5 and torch.allclose(lc, ln, rtol=1e-4, atol=1e-7)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    buffers = [off for name, shape, off, n in eng.spec.items() if "running" in name]
+    assert buffers and all(float(gc[:, off:off + 8].abs().max()) == 0 for off in buffers)
+
+
+def test_compiled_route_in_bf16_within_stated_tolerance_of_fp32(rng):
+    from test_correction import BF16_TOLERANCE
+
+    model = cnn()
+    proxy = torch.randn(16, 2, 5, 5, generator=rng)
+    P = sum(p.numel() for p in model.parameters())
+    students = 0.1 * torch.randn(4, P, generator=rng)
+    _, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=4)
+    corr = fastagg.KDCorrection(proxy, schedule=1.0, conv="native", chunk=4, compile=True, precision="bf16")
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend="torch")
+    corr.engine.routes[4] = "compiled"  # skip the timing: this test is about the compiled numbers
+    _, g1 = corr.engine(agg.params + students, corr.teacher(agg.params, 0).probs)
+    err = float((g1 - g0).norm() / g0.norm())
+    assert 0 < err < BF16_TOLERANCE
