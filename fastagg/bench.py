@@ -301,7 +301,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     few = students[:eager_clients]
     cands = {"engine": (lambda: corr.engine(students, teacher.probs, out=out), K)}
     if device.type == "cpu":  # the engine runs fp32 on a CPU; one with bf16 units gains from bf16 too
-        eng16 = StudentGradEngine(model, spec, corr.proxy, corr.temperature, agg.backend, "bf16")
+        eng16 = StudentGradEngine(model, spec, corr.proxy, corr.temperature, agg.backend, "bf16",
+                                  compile=compile_baseline)
         cands["engine_bf16"] = (lambda: eng16(students, teacher.probs, out=out), K)
     if baselines:
         cands["per_client_eager_fp32"] = (lambda: per_client_eager(model, spec, proxy, probs, T, few), few.shape[0])
