@@ -332,7 +332,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
     r["chunk"] = eng.chunk  # students per pass (None: all K)
     r["route"] = dict(eng.routes)  # pass size -> native / triton / compiled
-    r["route_ms"] = {k: {route: t * 1e3 for route, t in v.items()} for k, v in eng.route_timings.items()}
+    r["route_ms"] = {k: {route: t * 1e3 if isinstance(t, float) else t for route, t in v.items()}
+                     for k, v in eng.route_timings.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
         f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f})"

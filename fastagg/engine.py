@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
@@ -179,17 +180,25 @@ class StudentGradEngine:
         if len(routes) == 1:
             return routes[0]
         sync = torch.cuda.synchronize if students.is_cuda else (lambda: None)
-        times = {}
+        times, failed = {}, {}
         for route in routes:
             self.routes[K] = route
-            self._step(students, probs, out)
-            sync()
+            try:
+                self._step(students, probs, out)
+                sync()
+            except Exception as exc:  # e.g. a model torch.compile cannot trace: say so, time the others
+                if route == routes[0]:
+                    raise
+                failed[route] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                warnings.warn(f"fastagg engine: the {route} route failed for passes of {K} students and is "
+                              f"left out ({failed[route]})", RuntimeWarning, stacklevel=4)
+                continue
             t = time.perf_counter()
             for _ in range(3):
                 self._step(students, probs, out)
             sync()
             times[route] = (time.perf_counter() - t) / 3
-        self.route_timings[K] = times
+        self.route_timings[K] = {**times, **failed}
         return min(times, key=times.get)
 
     def _replay(self, students, probs, out):

@@ -249,3 +249,23 @@ def test_compiled_route_in_bf16_within_stated_tolerance_of_fp32(rng):
     _, g1 = corr.engine(agg.params + students, corr.teacher(agg.params, 0).probs)
     err = float((g1 - g0).norm() / g0.norm())
     assert 0 < err < BF16_TOLERANCE
+
+
+def test_a_failing_candidate_route_is_reported_and_left_out(rng, monkeypatch):
+    model = mlp(d_in=6)
+    proxy = torch.randn(8, 6, generator=rng)
+    P = sum(p.numel() for p in model.parameters())
+    corr = fastagg.KDCorrection(proxy, schedule=1.0, compile=True)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend="torch")
+
+    def cannot_trace(*a, **k):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(corr.engine, "_compiled_step", cannot_trace)
+    students = agg.params + 0.1 * torch.randn(2, P, generator=rng)
+    with pytest.warns(RuntimeWarning, match="compiled route failed"):
+        _, g = corr.engine(students, corr.teacher(agg.params, 0).probs)
+    assert corr.engine.routes == {2: "native"}
+    assert corr.engine.route_timings[2]["compiled"].startswith("failed: RuntimeError: cannot trace")
+    ref = corr._loop_grad(students, corr.teacher(agg.params, 0))
+    assert float((g - ref).norm() / ref.norm()) < 1e-5
