@@ -53,6 +53,33 @@ def _mma(a, b, acc, TF32: tl.constexpr):
     return tl.dot(a, b, acc, allow_tf32=TF32)
 
 
+@triton.jit
+def _pixels(pid, BM: tl.constexpr, N, H, W):
+    """The BM pixels (n, row, col) of an [N, H, W] grid that program ``pid`` owns, and their mask."""
+    offs = pid * BM + tl.arange(0, BM)
+    return offs < N * H * W, (offs // (H * W)).to(tl.int64), (offs // W) % H, offs % W
+
+
+@triton.jit
+def _channel_gemm(acc, a_pix, a_ok, a_step, b_tap, b_step, b_ok, CH, TF32: tl.constexpr, BK: tl.constexpr):
+    """acc += A @ B over CH channels in blocks of BK: A [BM, c] gathered at a_pix + c * a_step
+    (rows masked by a_ok), B [c, BN] at b_tap + c * b_step (columns masked by b_ok)."""
+    cc = tl.arange(0, BK)
+    for c0 in range(0, CH, BK):
+        c = c0 + cc
+        a = tl.load(a_pix[:, None] + c[None, :] * a_step, mask=a_ok[:, None] & (c < CH)[None, :], other=0.0)
+        b = tl.load(b_tap[None, :] + c[:, None] * b_step, mask=(c < CH)[:, None] & b_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, TF32)
+    return acc
+
+
+@triton.jit
+def _store_nchw(ptr, acc, k, N, n, row, col, offs_ch, CH, H, W, m_ok, ch_ok):
+    """Store a [pixels, channels] tile into a contiguous [K, N, CH, H, W] tensor."""
+    dst = ptr + ((k * N + n) * CH)[:, None] * (H * W) + offs_ch[None, :] * (H * W) + (row * W + col)[:, None]
+    tl.store(dst, acc.to(ptr.dtype.element_ty), mask=m_ok[:, None] & ch_ok[None, :])
+
+
 @triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
@@ -60,15 +87,12 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
               R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m, pid_n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)  # output pixels (n, oh, ow)
-    offs_o = pid_n * BN + tl.arange(0, BN)  # output channels
-    m_ok, o_ok = offs_m < N * HO * WO, offs_o < CO
-    n = (offs_m // (HO * WO)).to(tl.int64)
-    oh, ow = (offs_m // WO) % HO, offs_m % WO
+    k = tl.program_id(2).to(tl.int64)
+    m_ok, n, oh, ow = _pixels(tl.program_id(0), BM, N, HO, WO)  # output pixels
+    offs_o = tl.program_id(1) * BN + tl.arange(0, BN)  # output channels
+    o_ok = offs_o < CO
     x_base = x_ptr + k * sxk + n * sxn
     w_base = w_ptr + k * swk + offs_o.to(tl.int64) * swo
-    cc = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for r in tl.static_range(R):
         ih = oh * SH - PH + r
@@ -76,16 +100,10 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
             iw = ow * SW - PW + s
             px_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_pix = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            for c0 in range(0, C, BK):
-                c = c0 + cc
-                a = tl.load(x_pix[:, None] + c[None, :] * sxc, mask=px_ok[:, None] & (c < C)[None, :], other=0.0)
-                b = tl.load(w_base[None, :] + c[:, None] * swc + r * swr + s * sws,
-                            mask=(c < C)[:, None] & o_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, TF32)
+            acc = _channel_gemm(acc, x_pix, px_ok, sxc, w_base + r * swr + s * sws, swc, o_ok, C, TF32, BK)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * CO + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + ((k * N + n) * CO)[:, None] * (HO * WO) + offs_o[None, :] * (HO * WO) + (oh * WO + ow)[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+    _store_nchw(y_ptr, acc, k, N, n, oh, ow, offs_o, CO, HO, WO, m_ok, o_ok)
 
 
 @triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
@@ -96,15 +114,12 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
                 R: tl.constexpr, S: tl.constexpr, TF32: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """dx[k, n, c, h, w] = sum over (co, r, s) with h = oh*SH - PH + r of dy[k, n, co, oh, ow] w[k, co, c, r, s]."""
-    pid_m, pid_n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BM + tl.arange(0, BM)  # input pixels (n, h, w)
-    offs_c = pid_n * BN + tl.arange(0, BN)  # input channels
-    m_ok, c_ok = offs_m < N * H * W, offs_c < C
-    n = (offs_m // (H * W)).to(tl.int64)
-    h, w = (offs_m // W) % H, offs_m % W
+    k = tl.program_id(2).to(tl.int64)
+    m_ok, n, h, w = _pixels(tl.program_id(0), BM, N, H, W)  # input pixels
+    offs_c = tl.program_id(1) * BN + tl.arange(0, BN)  # input channels
+    c_ok = offs_c < C
     dy_base = dy_ptr + k * sdk + n * sdn
     w_base = w_ptr + k * swk + offs_c.to(tl.int64) * swc
-    oo = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), tl.float32)
     for r in tl.static_range(R):
         th = h + PH - r  # = oh * SH when this tap reaches pixel h
@@ -115,14 +130,8 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
             ow = tw // SW
             px_ok = m_ok & h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < WO)
             dy_pix = dy_base + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-            for o0 in range(0, CO, BK):
-                o = o0 + oo
-                a = tl.load(dy_pix[:, None] + o[None, :] * sdc, mask=px_ok[:, None] & (o < CO)[None, :], other=0.0)
-                b = tl.load(w_base[None, :] + o[:, None] * swo + r * swr + s * sws,
-                            mask=(o < CO)[:, None] & c_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, TF32)
-    dx = dx_ptr + ((k * N + n) * C)[:, None] * (H * W) + offs_c[None, :] * (H * W) + (h * W + w)[:, None]
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+            acc = _channel_gemm(acc, dy_pix, px_ok, sdc, w_base + r * swr + s * sws, swo, c_ok, CO, TF32, BK)
+    _store_nchw(dx_ptr, acc, k, N, n, h, w, offs_c, C, H, W, m_ok, c_ok)
 
 
 # restore_value: autotuning runs the kernel once per config; dw must still hold the launcher's
