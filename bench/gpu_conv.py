@@ -64,12 +64,13 @@ def run_layer(K, shape):
         "dgrad": (lambda: gck.conv_backward_data(dy, w, x.shape, stride, padding), cudnn_bwd((True, False, False))),
         "wgrad": (lambda: gck.conv_backward_weight(dy, x, w.shape, stride, padding), cudnn_bwd((False, True, False))),
     }
-    # the same activations stored channels-last ([K, N, H, W, C] in memory, same logical shape):
-    # do the kernels gain enough from contiguous channel loads to pay for a relayout?
+    # the same activations stored channels-last ([K, N, H, W, C] in memory, same logical shape),
+    # outputs written channels-last too (the engine's "triton_cl" route): how much do contiguous
+    # channel loads and stores gain?
     x_cl = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     dy_cl = dy.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    cases["fwd_channels_last"] = (lambda: gck.conv_forward(x_cl, w, None, stride, padding), None)
-    cases["dgrad_channels_last"] = (lambda: gck.conv_backward_data(dy_cl, w, x.shape, stride, padding), None)
+    cases["fwd_channels_last"] = (lambda: gck.conv_forward(x_cl, w, None, stride, padding, True), None)
+    cases["dgrad_channels_last"] = (lambda: gck.conv_backward_data(dy_cl, w, x.shape, stride, padding, True), None)
     cases["wgrad_channels_last"] = (lambda: gck.conv_backward_weight(dy_cl, x_cl, w.shape, stride, padding), None)
     relayout = do_bench(lambda: x.permute(0, 1, 3, 4, 2).contiguous(), warmup=10, rep=40)
     row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "S": S, "stride": stride[0],

@@ -16,9 +16,9 @@ loss and its gradient, written into one flat [K, P] buffer that the fused merge 
 Convolutions (``conv=``): vmap's own batching rule makes the K students' convolutions one
 grouped convolution (``"native"``, cuDNN on a GPU). ``"triton"`` routes the model's plain
 ``nn.Conv2d`` layers through fastagg's grouped implicit-GEMM kernels (fastagg.ops.grouped_conv),
-``"torch"`` through the plain-PyTorch reference of the same route (tests). ``"auto"`` (default)
-times native and triton once per pass size on a CUDA device and keeps the faster; elsewhere it
-is native.
+``"triton_cl"`` the same with channels-last activations between them, ``"torch"`` through the
+plain-PyTorch reference of the same route (tests). ``"auto"`` (default) times native, triton
+and triton_cl once per pass size on a CUDA device and keeps the fastest; elsewhere it is native.
 
 ``compile=True`` adds one more candidate: ``torch.compile`` of the whole per-pass function
 (vmap of grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used
@@ -45,7 +45,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 from .ops.grouped_conv import routable_convs, route_convs
 from .ops.kd_loss import kd_loss_grad
 
-CONV_CHOICES = ("auto", "native", "triton", "torch")
+CONV_CHOICES = ("auto", "native", "triton", "triton_cl", "torch")
 
 
 def _has_convs(model):
@@ -169,7 +169,7 @@ class StudentGradEngine:
             routes = [self.conv]
         else:
             cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
-            routes = ["native"] + (["triton"] if cuda and routable_convs(self.model) else [])
+            routes = ["native"] + (["triton", "triton_cl"] if cuda and routable_convs(self.model) else [])
         return routes + (["compiled"] if self.compile else [])
 
     def _pick_route(self, students, probs, out):

@@ -74,16 +74,18 @@ def _channel_gemm(acc, a_pix, a_ok, a_step, b_tap, b_step, b_ok, CH, TF32: tl.co
 
 
 @triton.jit
-def _store_nchw(ptr, acc, k, N, n, row, col, offs_ch, CH, H, W, m_ok, ch_ok):
-    """Store a [pixels, channels] tile into a contiguous [K, N, CH, H, W] tensor."""
-    dst = ptr + ((k * N + n) * CH)[:, None] * (H * W) + offs_ch[None, :] * (H * W) + (row * W + col)[:, None]
+def _store(ptr, acc, k, n, row, col, offs_ch, syk, syn, syc, syh, syw, m_ok, ch_ok):
+    """Store a [pixels, channels] tile into a [K, N, CH, H, W] tensor with strides sy* (NCHW, or
+    channels-last: then the store is contiguous along the tile's channels)."""
+    pix = k * syk + n * syn + row.to(tl.int64) * syh + col.to(tl.int64) * syw
+    dst = ptr + pix[:, None] + offs_ch.to(tl.int64)[None, :] * syc
     tl.store(dst, acc.to(ptr.dtype.element_ty), mask=m_ok[:, None] & ch_ok[None, :])
 
 
-@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
+@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "sxc", "syc"])
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
-              sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws,
+              sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, syk, syn, syc, syh, syw,
               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
               R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -103,13 +105,13 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
             acc = _channel_gemm(acc, x_pix, px_ok, sxc, w_base + r * swr + s * sws, swc, o_ok, C, TF32, BK)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * CO + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    _store_nchw(y_ptr, acc, k, N, n, oh, ow, offs_o, CO, HO, WO, m_ok, o_ok)
+    _store(y_ptr, acc, k, n, oh, ow, offs_o, syk, syn, syc, syh, syw, m_ok, o_ok)
 
 
-@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW"])
+@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "sdc", "sxc"])
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
-                sdk, sdn, sdc, sdh, sdw, swk, swo, swc, swr, sws,
+                sdk, sdn, sdc, sdh, sdw, swk, swo, swc, swr, sws, sxk, sxn, sxc, sxh, sxw,
                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                 R: tl.constexpr, S: tl.constexpr, TF32: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -131,12 +133,12 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
             px_ok = m_ok & h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < WO)
             dy_pix = dy_base + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
             acc = _channel_gemm(acc, dy_pix, px_ok, sdc, w_base + r * swr + s * sws, swo, c_ok, CO, TF32, BK)
-    _store_nchw(dx_ptr, acc, k, N, n, h, w, offs_c, C, H, W, m_ok, c_ok)
+    _store(dx_ptr, acc, k, n, h, w, offs_c, sxk, sxn, sxc, sxh, sxw, m_ok, c_ok)
 
 
 # restore_value: autotuning runs the kernel once per config; dw must still hold the launcher's
 # zeros when the chosen config runs (the split path accumulates with atomics)
-@triton.autotune(_WGRAD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "SPLIT"],
+@triton.autotune(_WGRAD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "SPLIT", "sdc", "sxc"],
                  restore_value=["dw_ptr"])
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _conv_wgrad(dy_ptr, x_ptr, dw_ptr, N, C, H, W, CO, HO, WO,
@@ -198,15 +200,24 @@ def _tf32(dtype):
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
 
-def conv_forward(x, w, b, stride, padding):
-    """y [K, N, Co, Ho, Wo] (dtype of x) for x [K, N, C, H, W], w [K, Co, C, R, S], b [K, Co] or None."""
+def _empty(K, N, C, H, W, dtype, device, channels_last):
+    """[K, N, C, H, W], stored as [K, N, H, W, C] when ``channels_last``."""
+    if channels_last:
+        return torch.empty(K, N, H, W, C, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+    return torch.empty(K, N, C, H, W, dtype=dtype, device=device)
+
+
+def conv_forward(x, w, b, stride, padding, channels_last=False):
+    """y [K, N, Co, Ho, Wo] (dtype of x) for x [K, N, C, H, W], w [K, Co, C, R, S], b [K, Co] or
+    None; ``channels_last``: y stored as [K, N, Ho, Wo, Co] (the next layer's loads along
+    channels are then contiguous)."""
     K, N, C, H, W = x.shape
     Kw, CO, Cw, R, S = w.shape
     if Kw != K or Cw != C:
         raise ValueError(f"grouped conv: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match")
     (SH, SW), (PH, PW) = stride, padding
     HO, WO = _out_size(H, R, SH, PH), _out_size(W, S, SW, PW)
-    y = torch.empty(K, N, CO, HO, WO, dtype=x.dtype, device=x.device)
+    y = _empty(K, N, CO, HO, WO, x.dtype, x.device, channels_last)
     w = _relayout(w, (0, 3, 4, 2, 1))  # [K, R, S, C, Co] in memory: B tiles load along Co
     if b is not None:
         b = b.reshape(K, CO).contiguous()
@@ -214,25 +225,25 @@ def conv_forward(x, w, b, stride, padding):
     def grid(meta):
         return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(CO, meta["BN"]), K
 
-    _conv_fwd[grid](x, w, b if b is not None else y, y, N, C, H, W, CO, HO, WO, *x.stride(), *w.stride(),
-                    SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+    _conv_fwd[grid](x, w, b if b is not None else y, y, N, C, H, W, CO, HO, WO,
+                    *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
     return y
 
 
-def conv_backward_data(dy, w, x_shape, stride, padding):
-    """dx [K, N, C, H, W] (dtype of dy)."""
+def conv_backward_data(dy, w, x_shape, stride, padding, channels_last=False):
+    """dx [K, N, C, H, W] (dtype of dy; stored channels-last when ``channels_last``)."""
     K, N, C, H, W = x_shape
     _, CO, _, R, S = w.shape
     HO, WO = dy.shape[-2:]
     (SH, SW), (PH, PW) = stride, padding
-    dx = torch.empty(K, N, C, H, W, dtype=dy.dtype, device=dy.device)
+    dx = _empty(K, N, C, H, W, dy.dtype, dy.device, channels_last)
     w = _relayout(w, (0, 3, 4, 1, 2))  # [K, R, S, Co, C] in memory: B tiles load along C
 
     def grid(meta):
         return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BN"]), K
 
-    _conv_dgrad[grid](dy, w, dx, N, C, H, W, CO, HO, WO, *dy.stride(), *w.stride(),
-                      SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, TF32=_tf32(dy.dtype))
+    _conv_dgrad[grid](dy, w, dx, N, C, H, W, CO, HO, WO,
+                      *dy.stride(), *w.stride(), *dx.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, TF32=_tf32(dy.dtype))
     return dx
 
 

@@ -69,6 +69,28 @@ def test_kernels_match_float64_conv_and_its_gradients(case, shared_input, rng, d
             float((got - want).abs().max())
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]])
+def test_channels_last_outputs_and_inputs(case, rng, device):
+    """channels_last=True: the same values, stored [K, N, H, W, C]; and the kernels read
+    channels-last inputs (what the previous layer then hands over) as well as NCHW ones."""
+    K, N, C, CO, H, W, (R, S), stride, padding = case
+    stride, padding = _pair(stride), _pair(padding)
+    x = torch.randn(K, N, H, W, C, generator=rng).to(device).permute(0, 1, 4, 2, 3)  # channels-last input
+    w = torch.randn(K, CO, C, R, S, generator=rng).to(device)
+    xd, wd = (t.double().cpu().requires_grad_() for t in (x, w))
+    ref = grouped_conv2d_reference(xd, wd, None, stride, padding)
+    dy = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    ref.backward(dy)
+    dy_cl = dy.float().permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3).to(device)
+    y = gck.conv_forward(x, w, None, stride, padding, channels_last=True)
+    dx = gck.conv_backward_data(dy_cl, w, x.shape, stride, padding, channels_last=True)
+    dw = gck.conv_backward_weight(dy_cl, x, w.shape, stride, padding)
+    for t in (y, dx):
+        assert t.stride(2) == 1 and t.permute(0, 1, 3, 4, 2).is_contiguous()
+    for got, want in ((y, ref), (dx, xd.grad), (dw, wd.grad)):
+        assert torch.allclose(got.double().cpu(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
+
+
 def test_bf16_operands_accumulate_in_fp32(rng, device):
     K, N, C, CO, H, W = 2, 3, 19, 17, 6, 7
     x = torch.randn(K, N, C, H, W, generator=rng).to(device, torch.bfloat16)
@@ -96,6 +118,9 @@ def test_grouped_conv2d_rejects_mismatched_shapes_and_unknown_backends():
         grouped_conv2d(x, w[:, :, :2], None, 1, 1)
     with pytest.raises(BackendUnavailable, match="torch and triton"):
         grouped_conv2d(x, w, None, 1, 1, backend="cpp")
+    with pytest.raises(ValueError, match="route must be"):
+        with route_convs(nn.Conv2d(3, 4, 3), "cudnn"):
+            pass
 
 
 class Mixed(nn.Module):
@@ -117,7 +142,7 @@ class Mixed(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton_cl"])
 def test_route_under_vjp_of_vmap_equals_vmaps_own_rule(backend, rng, device):
     model = Mixed().to(device)
     x = torch.randn(3, 3, 7, 7, generator=rng).to(device)
@@ -183,6 +208,8 @@ def test_engine_triton_conv_route_equals_native_fp32_and_bf16_within_tolerance(r
     _, g2, eng = _engine_grads(model, proxy, students, conv="triton", precision="bf16", chunk=5)
     assert eng.routed_convs == 1
     assert float((g2 - g0).norm() / g0.norm()) < BF16_TOLERANCE
+    _, g3, eng = _engine_grads(model, proxy, students, conv="triton_cl", chunk=5)
+    assert eng.routed_convs == 1 and float((g3 - g0).norm() / g0.norm()) < 1e-5
 
 
 def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):

@@ -9,12 +9,15 @@ convolution that vmap's own batching rule hands to cuDNN.
 operands cast to ``dtype`` (bf16 under autocast), fp32 accumulation, and the weight and bias
 gradients returned in fp32.
 
-``route_convs(model, backend)`` makes the model's plain ``nn.Conv2d`` layers call this op while
-they run under ``torch.func.vmap`` (an ``autograd.Function`` with its own vmap rule); outside
-vmap, for float64, for layers the kernels do not cover (groups, dilation, padding modes, string
-padding) and for a layer whose input all students share (vmap's rule makes that one ordinary
-convolution with K * Co output channels, not a grouped one), they run as before. The yielded counter says how many calls were routed, so a caller can check
-that the kernels really ran.
+``route_convs(model, route)`` makes the model's plain ``nn.Conv2d`` layers call this op while
+they run under ``torch.func.vmap`` (an ``autograd.Function`` with its own vmap rule). Routes:
+``"torch"`` (the reference), ``"triton"`` (the kernels, NCHW outputs), ``"triton_cl"`` (the
+kernels writing outputs and data gradients channels-last, so that the next layer's loads run
+along contiguous channels). Outside vmap, for float64, for layers the kernels do not cover
+(groups, dilation, padding modes, string padding) and for a layer whose input all students
+share (vmap's rule makes that one ordinary convolution with K * Co output channels, not a
+grouped one), they run as before. The yielded counter says how many calls were routed, so a
+caller can check that the kernels really ran.
 """
 
 from __future__ import annotations
@@ -50,14 +53,14 @@ class _TritonGroupedConv(torch.autograd.Function):
     the weights are small)."""
 
     @staticmethod
-    def forward(x, w, b, stride, padding, dtype):
-        return _kernels().conv_forward(x.to(dtype), w.to(dtype), b, stride, padding)
+    def forward(x, w, b, stride, padding, dtype, channels_last):
+        return _kernels().conv_forward(x.to(dtype), w.to(dtype), b, stride, padding, channels_last)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, b, stride, padding, dtype = inputs
+        x, w, b, stride, padding, dtype, channels_last = inputs
         ctx.save_for_backward(x, w)
-        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
+        ctx.stride, ctx.padding, ctx.dtype, ctx.channels_last = stride, padding, dtype, channels_last
         ctx.bias_dtype = None if b is None else b.dtype
 
     @staticmethod
@@ -67,20 +70,21 @@ class _TritonGroupedConv(torch.autograd.Function):
         xc, wc, dy = x.to(ctx.dtype), w.to(ctx.dtype), dy.to(ctx.dtype)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = kern.conv_backward_data(dy, wc, xc.shape, ctx.stride, ctx.padding).to(x.dtype)
+            dx = kern.conv_backward_data(dy, wc, xc.shape, ctx.stride, ctx.padding, ctx.channels_last).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = kern.conv_backward_weight(dy, xc, wc.shape, ctx.stride, ctx.padding).to(w.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.sum(dim=(1, 3, 4), dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
-def grouped_conv2d_triton(x, w, b, stride, padding, dtype=None):
-    return _TritonGroupedConv.apply(x, w, b, tuple(stride), tuple(padding), dtype or x.dtype)
+def grouped_conv2d_triton(x, w, b, stride, padding, dtype=None, channels_last=False):
+    return _TritonGroupedConv.apply(x, w, b, tuple(stride), tuple(padding), dtype or x.dtype, channels_last)
 
 
-def grouped_conv2d(x, w, b, stride, padding, dtype=None, backend="triton"):
-    """Differentiable grouped convolution of K students (see the module docstring)."""
+def grouped_conv2d(x, w, b, stride, padding, dtype=None, backend="triton", channels_last=False):
+    """Differentiable grouped convolution of K students (see the module docstring).
+    ``channels_last`` (triton): outputs and data gradients stored [K, N, H, W, C]."""
     if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
         raise ValueError(f"grouped_conv2d: input {tuple(x.shape)} [K, N, C, H, W] and weight "
                          f"{tuple(w.shape)} [K, Co, C, R, S] do not match")
@@ -90,14 +94,18 @@ def grouped_conv2d(x, w, b, stride, padding, dtype=None, backend="triton"):
     ok, why = backends.available()[backend] if backend in backends.BACKENDS else (False, "unknown backend")
     if backend != "triton" or not ok:
         raise backends.BackendUnavailable(f"grouped_conv2d has torch and triton backends; {backend!r}: {why}")
-    return grouped_conv2d_triton(x, w, b, stride, padding, dtype)
+    return grouped_conv2d_triton(x, w, b, stride, padding, dtype, channels_last)
+
+
+# route -> (backend, channels-last outputs)
+ROUTES = {"torch": ("torch", False), "triton": ("triton", False), "triton_cl": ("triton", True)}
 
 
 class _StudentConv(torch.autograd.Function):
     """One student's ``F.conv2d``; under vmap over students, all of them as one grouped op."""
 
     @staticmethod
-    def forward(x, w, b, stride, padding, dtype, backend, counter):
+    def forward(x, w, b, stride, padding, dtype, route, counter):
         return F.conv2d(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), stride, padding)
 
     @staticmethod
@@ -120,7 +128,7 @@ class _StudentConv(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, w, b, stride, padding, dtype, backend, counter):
+    def vmap(info, in_dims, x, w, b, stride, padding, dtype, route, counter):
         K = info.batch_size
 
         def batched(t, d, cast):
@@ -133,7 +141,8 @@ class _StudentConv(torch.autograd.Function):
 
         x, w, b = batched(x, in_dims[0], True), batched(w, in_dims[1], True), batched(b, in_dims[2], False)
         counter.calls += 1
-        return grouped_conv2d(x, w, b, stride, padding, dtype, backend), 0
+        backend, channels_last = ROUTES[route]
+        return grouped_conv2d(x, w, b, stride, padding, dtype, backend, channels_last), 0
 
 
 class RouteCounter:
@@ -148,7 +157,7 @@ def _routable(m):
             and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
-def _routed_forward(module, backend, counter, x, weight, bias):
+def _routed_forward(module, route, counter, x, weight, bias):
     batched = torch._C._functorch.is_batchedtensor
     # Only a convolution whose input differs per student is grouped. One whose input is shared
     # by all of them (the first layer, on the proxy batch) is a single ordinary convolution with
@@ -157,7 +166,7 @@ def _routed_forward(module, backend, counter, x, weight, bias):
         return nn.Conv2d._conv_forward(module, x, weight, bias)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    return _StudentConv.apply(x, weight, bias, module.stride, module.padding, dtype, backend, counter)
+    return _StudentConv.apply(x, weight, bias, module.stride, module.padding, dtype, route, counter)
 
 
 def routable_convs(model):
@@ -166,13 +175,15 @@ def routable_convs(model):
 
 
 @contextlib.contextmanager
-def route_convs(model, backend="triton"):
-    """Within the block, ``model``'s plain Conv2d layers run as grouped ops under vmap.
-    Yields a ``RouteCounter`` whose ``calls`` counts the routed convolutions."""
+def route_convs(model, route="triton"):
+    """Within the block, ``model``'s plain Conv2d layers run as grouped ops under vmap, by
+    ``route`` (a key of ROUTES). Yields a ``RouteCounter`` whose ``calls`` counts them."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {tuple(ROUTES)}, got {route!r}")
     counter = RouteCounter()
     patched = routable_convs(model)
     for m in patched:
-        m._conv_forward = lambda x, w, b, m=m: _routed_forward(m, backend, counter, x, w, b)
+        m._conv_forward = lambda x, w, b, m=m: _routed_forward(m, route, counter, x, w, b)
     try:
         yield counter
     finally:
