@@ -13,8 +13,8 @@ if [ "$part" = 1 ]; then
   } | tee "$OUT/device.txt"
   FASTAGG_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
       tests/test_grouped_conv.py tests/test_correction.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
-  OUT=$OUT timeout 100 python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
-  timeout 240 python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
+  OUT=$OUT timeout 150 python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
+  timeout 230 python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
 else
   timeout 290 python3 -m fastagg.cli bench --device cuda --models resnet18,lm --out "$OUT/gpu_bench_rest.json" \
