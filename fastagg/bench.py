@@ -401,14 +401,18 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
         res["triton"] = None
     default_k = ({"cnn": 128, "cnn4": 64, "resnet18": 32, "lm": 16} if not small
                  else {"cnn": 8, "cnn4": 8, "resnet18": 4, "lm": 4})
+    def save():  # after every model: a run cut short keeps what it measured
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+
     for name in models:
         res["models"].append(bench_model(name, device, K or default_k[name], small=small, log=log,
                                          compile_baseline=compile_baseline))
+        save()
     if sweep:
         log("K sweep (cnn correction):")
         res["sweep"]["cnn"] = sweep_k("cnn", device, ks=(1, 16, 64, 256, 1024) if not small else (1, 4, 16),
                                       small=small, log=log, chunk=64 if not small else 4)
-    if out:
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        save()
     return res
