@@ -177,7 +177,8 @@ def parse_algorithm(name: str):
     """'fedasync' | 'fedbuff' | 'fedadt-async' | 'fedadt-buff', optionally followed by
     '/key=value,...' overrides of the correction: schedule (constant, linear_warmup,
     exp_saturation, sigmoid, teacher_confidence, teacher_accuracy), lam, student, factor
-    (grows | none), step, rho, eta, steps, T. Returns (rule, correction options or None)."""
+    (grows | none), step, rho, eta, steps, T, and the engine's precision (fp32 | bf16) and conv
+    route (native | triton | triton_cl | torch). Returns (rule, correction options or None)."""
     base, _, opts = name.partition("/")
     if base not in ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff"):
         raise ValueError(f"unknown algorithm {name!r}")
@@ -214,10 +215,12 @@ def build_aggregator(algo: str, model, proxy_x, proxy_y, cfg: SimConfig):
             kw["schedule"] = _schedule(opts.get("schedule", "teacher_confidence"), float(opts.get("lam", 1.0)), horizon)
         for key, name, conv in (("student", "student", str), ("factor", "staleness_factor", str),
                                 ("step", "step", str), ("rho", "rho", float), ("eta", "eta", float),
-                                ("steps", "steps", int), ("T", "temperature", float)):
+                                ("steps", "steps", int), ("T", "temperature", float),
+                                ("precision", "precision", str), ("conv", "conv", str)):
             if key in opts:
                 kw[name] = conv(opts[key])
-        unknown = set(opts) - {"schedule", "lam", "student", "factor", "step", "rho", "eta", "steps", "T"}
+        unknown = set(opts) - {"schedule", "lam", "student", "factor", "step", "rho", "eta", "steps", "T",
+                               "precision", "conv"}
         if unknown:
             raise ValueError(f"unknown correction options {sorted(unknown)} in {algo!r}")
         corr = KDCorrection(proxy_x, proxy_labels=proxy_y, **kw)

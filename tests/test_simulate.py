@@ -102,3 +102,18 @@ def test_two_thousand_clients_run():
     res = simulate.run(cfg, show_progress=False)
     run = res["runs"][0]
     assert run["stats"]["merged"] == 300 and run["stats"]["mean_staleness"] > 5
+
+
+def test_algorithm_options_reach_the_correction_and_typos_are_refused():
+    from fastagg.simulate import SimConfig, build_aggregator
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    cfg = SimConfig()
+    agg = build_aggregator("fedadt-buff/precision=bf16,conv=native,steps=2,T=2", model, torch.randn(6, 4), None, cfg)
+    c = agg.correction
+    assert (c.precision, c.conv, c.steps, c.temperature) == ("bf16", "native", 2, 2.0)
+    assert c.engine.precision == "bf16"
+    with pytest.raises(ValueError, match="unknown correction options"):
+        build_aggregator("fedadt-buff/precison=bf16", model, torch.randn(6, 4), None, cfg)
+    with pytest.raises(ValueError, match="precision must be"):
+        build_aggregator("fedadt-buff/precision=fp16", model, torch.randn(6, 4), None, cfg)
