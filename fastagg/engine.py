@@ -67,7 +67,7 @@ class StudentGradEngine:
         if chunk is None and proxy.device.type == "cpu" and _has_convs(model):
             chunk = 1
         self.conv, self.chunk, self.compile = conv, None if chunk is None else int(chunk), bool(compile)
-        self.routes: dict = {}  # pass size -> the route that runs it: native, triton, torch or compiled
+        self.routes: dict = {}  # pass size -> the route that runs it (native, triton, triton_cl, torch, compiled)
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._compiled = None
@@ -82,14 +82,18 @@ class StudentGradEngine:
     def _forward(self, params, x):
         return functional_call(self.model, params, (x,))
 
+    def _split(self, students):
+        """Views of the stacked students [K, P]: ({trainable name: [K, ...]}, {buffer name: [K, ...]})."""
+        views, spec = self.spec.unflatten(students), self.spec
+        return ({n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr},
+                {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr})
+
     def _step(self, students, probs, out):
-        spec, K = self.spec, students.shape[0]
+        K = students.shape[0]
         route = self.routes[K]
         if route == "compiled":
             return self._compiled_step(students, probs, out)
-        views = spec.unflatten(students)
-        trainable = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr}
-        frozen = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr}
+        trainable, frozen = self._split(students)
         x = self.proxy
 
         def batched(p):
@@ -126,10 +130,8 @@ class StudentGradEngine:
 
     def _plain_flat_grads(self, students, probs):
         """(loss [K], flat gradients [K, P]) with plain ops only: what torch.compile traces."""
-        spec, x, T = self.spec, self.proxy, self.temperature
-        views = spec.unflatten(students)
-        trainable = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if tr}
-        frozen = {n: views[n] for n, tr in zip(spec.names, spec.trainable) if not tr}
+        x, T = self.proxy, self.temperature
+        trainable, frozen = self._split(students)
         acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
 
         def loss_k(p, b):
