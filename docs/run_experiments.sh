@@ -48,3 +48,8 @@ SCHED="fedadt-async/schedule=linear_warmup,fedadt-async/schedule=exp_saturation,
       --algorithms "fedasync,fedadt-async/schedule=constant,$SCHED,fedadt-async/factor=none,fedadt-async/student=applied"
 ) > $R/log-f.txt 2>&1 &
 wait
+# bf16 correction against fp32 (accuracy parity), three seeds
+mkdir -p $R/parity
+sim --out $R/parity/fmnist --dataset fashion-mnist --dirichlet 0.1 --target 0.7 \
+    --algorithms "fedbuff,fedadt-buff,fedadt-buff/precision=bf16,fedasync,fedadt-async,fedadt-async/precision=bf16" \
+    > $R/parity/fmnist_log.txt 2>&1
