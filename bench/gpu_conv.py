@@ -93,11 +93,28 @@ def run_layer(K, shape):
     return row
 
 
+def check_offsets64():
+    """A forward whose input holds more than 2^31 elements (66 students x [256, 128, 32, 32],
+    4.4 GB bf16): the last student's output against F.conv2d on that student alone."""
+    K, N, C, H, W, CO = 66, 256, 128, 32, 32, 16
+    x = torch.randn(K, N, C, H, W, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(K, CO, C, 3, 3, device=dev, dtype=torch.bfloat16)
+    assert x.numel() > 2 ** 31
+    y = gck.conv_forward(x, w, None, (1, 1), (1, 1))
+    ref = F.conv2d(x[-1].float(), w[-1].float(), None, 1, 1)
+    err = float((y[-1].float() - ref).norm() / ref.norm())
+    del x, w, y
+    torch.cuda.empty_cache()
+    return err
+
+
 def main():
     lim = bench.limits(dev)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d"), "limits": lim, "rows": []}
     print(f"{res['device']}  bf16 matmul {lim['matmul_TFLOPs']:.0f} TFLOP/s")
+    res["offsets64_rel_err"] = err = check_offsets64()
+    print(f"input of {66 * 256 * 128 * 32 * 32:,} elements (> 2^31): last student's relative error {err:.1e}")
     print("model K  N   C   HxW    Co  RxS s | fwd ms (TF/s, x cuDNN) | dgrad | wgrad")
     path = os.path.join(OUT, "gpu_conv.json")
     for name, K in (("cnn", 64), ("resnet18", 32), ("cnn4", 64)):
