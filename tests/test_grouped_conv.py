@@ -296,3 +296,20 @@ def test_a_failing_candidate_route_is_reported_and_left_out(rng, monkeypatch):
     assert corr.engine.route_timings[2]["compiled"].startswith("failed: RuntimeError: cannot trace")
     ref = corr._loop_grad(students, corr.teacher(agg.params, 0))
     assert float((g - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_student_conv_outside_vmap_is_plain_conv2d_with_its_gradients(rng):
+    """The routed op called on one student's plain tensors (no vmap) is F.conv2d, gradients too."""
+    from fastagg.ops.grouped_conv import RouteCounter, _StudentConv
+
+    x = torch.randn(3, 4, 7, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=rng, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 5, 4, 3, generator=rng, dtype=torch.float64)
+    y = _StudentConv.apply(x, w, b, (2, 2), (1, 1), torch.float64, "triton", RouteCounter())
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    y_ref = F.conv2d(x, w, b, 2, 1)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), dy)
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, grads_ref):
+        assert g.dtype == r.dtype and torch.allclose(g, r, rtol=1e-10, atol=1e-10)

@@ -23,6 +23,7 @@ caller can check that the kernels really ran.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 
 import torch
@@ -41,6 +42,11 @@ def grouped_conv2d_reference(x, w, b, stride, padding, dtype=None):
     y = F.conv2d(xg, w.to(dtype).reshape(K * CO, C, R, S), None if b is None else b.to(dtype).reshape(K * CO),
                  stride, padding, groups=K)
     return y.view(N, K, CO, *y.shape[-2:]).movedim(1, 0)
+
+
+def _acc(dtype):
+    """Accumulation dtype of a reduction: float64 stays float64, everything else sums in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kernels():
@@ -74,7 +80,7 @@ class _TritonGroupedConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = kern.conv_backward_weight(dy, xc, wc.shape, ctx.stride, ctx.padding).to(w.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            db = dy.sum(dim=(1, 3, 4), dtype=torch.float32).to(ctx.bias_dtype)
+            db = dy.sum(dim=(1, 3, 4), dtype=_acc(dy.dtype)).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None
 
 
@@ -91,10 +97,15 @@ def grouped_conv2d(x, w, b, stride, padding, dtype=None, backend="triton", chann
     stride, padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
     if backend == "torch":
         return grouped_conv2d_reference(x, w, b, stride, padding, dtype)
-    ok, why = backends.available()[backend] if backend in backends.BACKENDS else (False, "unknown backend")
-    if backend != "triton" or not ok:
+    ok, why = _triton_status() if backend == "triton" else (False, "not a backend of this op")
+    if not ok:
         raise backends.BackendUnavailable(f"grouped_conv2d has torch and triton backends; {backend!r}: {why}")
     return grouped_conv2d_triton(x, w, b, stride, padding, dtype, channels_last)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    return backends.available()["triton"]
 
 
 # route -> (backend, channels-last outputs)
@@ -112,7 +123,8 @@ class _StudentConv(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, w, b, stride, padding, dtype, _, _ = inputs
         ctx.save_for_backward(x, w)
-        ctx.stride, ctx.padding, ctx.dtype, ctx.has_bias = stride, padding, dtype, b is not None
+        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
+        ctx.bias_dtype = None if b is None else b.dtype
 
     @staticmethod
     def backward(ctx, dy):  # one student outside vmap: plain PyTorch gradients
@@ -123,8 +135,8 @@ class _StudentConv(torch.autograd.Function):
             dx = torch.nn.grad.conv2d_input(x.shape, w.to(ctx.dtype), dy, ctx.stride, ctx.padding).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = torch.nn.grad.conv2d_weight(x.to(ctx.dtype), w.shape, dy, ctx.stride, ctx.padding).to(w.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum(dim=(0, 2, 3), dtype=torch.float32)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            db = dy.sum(dim=(0, 2, 3), dtype=_acc(dy.dtype)).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None, None
 
     @staticmethod
