@@ -6,10 +6,11 @@ tensor-core rate (the H100 figures in bench/results). Here each student is one G
 never materialised (implicit GEMM: the im2col gather happens in the loads), all K of them in
 one launch, with bf16/fp16/fp32 operands and fp32 accumulation.
 
-Shapes (NCHW, the layout vmap hands over), any strides:
+Shapes (logical NCHW, the layout vmap hands over), any strides:
     x  [K, N, C, H, W]    (a stride-0 K dimension is fine: the proxy batch shared by all students)
     w  [K, Co, C, R, S]
-    y  [K, N, Co, Ho, Wo]  y = conv2d(x[k], w[k], stride, padding) (+ b[k])
+    y  [K, N, Co, Ho, Wo]  y = conv2d(x[k], w[k], stride, padding) (+ b[k]), stored NCHW or, with
+                           ``channels_last=True``, [K, N, Ho, Wo, Co] (so are data gradients)
 
     forward        GEMM per student: [N*Ho*Wo, C*R*S] x [C*R*S, Co]
     backward data  GEMM per student: [N*H*W, Co*R*S] x [Co*R*S, C]   (gather of dy, masked on stride)
@@ -247,13 +248,14 @@ def conv_backward_data(dy, w, x_shape, stride, padding, channels_last=False):
     return dx
 
 
-def _wgrad_split(K, CO, C, R, S, M):
-    """Programs along the reduction so that the grid fills the device (~4 waves of 132 SMs)."""
+def _wgrad_split(K, CO, C, R, S, M, device):
+    """Programs along the reduction so that the grid fills the device (~4 waves of its SMs)."""
     if _INTERPRET:
         return 2 if M > 64 else 1  # the tests exercise the atomic path
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = K * triton.cdiv(CO, 64) * triton.cdiv(C, 64) * R * S
     split = 1
-    while tiles * split < 4 * 132 and M // (split * 2) >= 1024:
+    while tiles * split < 4 * sms and M // (split * 2) >= 1024:
         split *= 2
     return split
 
@@ -264,7 +266,7 @@ def conv_backward_weight(dy, x, w_shape, stride, padding):
     _, CO, _, R, S = w_shape
     HO, WO = dy.shape[-2:]
     (SH, SW), (PH, PW) = stride, padding
-    split = _wgrad_split(K, CO, C, R, S, N * HO * WO)
+    split = _wgrad_split(K, CO, C, R, S, N * HO * WO, dy.device)
     dw = (torch.zeros if split > 1 else torch.empty)(K, CO, C, R, S, dtype=torch.float32, device=dy.device)
 
     def grid(meta):
