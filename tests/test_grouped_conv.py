@@ -313,3 +313,26 @@ def test_student_conv_outside_vmap_is_plain_conv2d_with_its_gradients(rng):
     assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     for g, r in zip(grads, grads_ref):
         assert g.dtype == r.dtype and torch.allclose(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("conv", ["triton", "triton_cl", "auto"])
+def test_cuda_graph_replay_of_each_route_equals_eager_native(conv, rng):
+    """On a GPU: the captured and replayed engine, through each conv route (auto: whichever it
+    timed fastest, compiled included), gives the eager native route's gradients in bf16."""
+    from test_correction import BF16_TOLERANCE
+
+    torch.manual_seed(0)
+    model = TwoConv().cuda()
+    proxy = torch.randn(64, 2, 5, 5, generator=rng).cuda()
+    P = sum(p.numel() for p in model.parameters())
+    students = 0.1 * torch.randn(16, P, generator=rng).cuda()
+    _, g0, _ = _engine_grads(model, proxy, students, conv="native")
+    corr = fastagg.KDCorrection(proxy, schedule=1.0, conv=conv, precision="bf16", cuda_graphs=True,
+                                compile=conv == "auto")
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, device="cuda")
+    probs = corr.teacher(agg.params, 0).probs
+    corr.engine(agg.params + students, probs)  # route choice, capture
+    _, g1 = corr.engine(agg.params + students, probs)  # replay
+    assert corr.engine._graphs or corr.engine.routes[16] == "compiled"
+    assert float((g1 - g0).norm() / g0.norm()) < BF16_TOLERANCE, corr.engine.route_timings
