@@ -3,8 +3,9 @@ baselines and limits measured in the same process.
 
 Models: a CIFAR-shaped CNN (~1.1M parameters, 256 proxy inputs; ``cnn4``: a 1.03M-parameter
 CNN with three times its FLOPs), a BatchNorm-free ResNet-18-sized CIFAR model (~11.2M, 64 proxy
-inputs) and a small transformer language model with a 32k vocabulary. For each: updates/s of the server step (ingest + KD correction + merge,
-teacher amortised over the buffer) with fastagg's engine, and of the correction alone with the
+inputs) and a small transformer language model with a 32k vocabulary. For each: updates/s of
+the server step (ingest + KD correction + merge, teacher amortised over the buffer) with
+fastagg's engine, and of the correction alone with the
 baselines a user has in stock PyTorch: per-client eager autograd, fp32 and bf16
 ``torch.func.vmap``, ``torch.compile`` of the bf16 vmap; the merge against a Flower-style
 per-layer numpy loop. Limits: device copy bandwidth and matmul rate, measured here; the floor of
@@ -324,7 +325,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     lim = r["limits"] = limits(device)
     r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
                       "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3}
-    r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12), 2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
+    r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12),
+                                        2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
                       "merge": (2 * K + 2) * P * 4 / (lim["copy_GBps"] * 1e9) * 1e3}
     r["correction_updates_per_s"] = rates.pop("engine")
     if "engine_bf16" in rates:
@@ -337,7 +339,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
         f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f})"
-        + (f", bf16 {r['correction_bf16_updates_per_s']:.0f} upd/s" if "correction_bf16_updates_per_s" in r else "") + "; "
+        + (f", bf16 {r['correction_bf16_updates_per_s']:.0f} upd/s" if "correction_bf16_updates_per_s" in r
+           else "") + "; "
         f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {eng.chunk or K}, "
         f"route {r['route']} {r['route_ms']}")
 
@@ -372,8 +375,8 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                 t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
                 peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
                 row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=peak, route=corr.engine.routes)
-                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms" + (f", peak {peak / 1e9:.2f} GB" if peak else "")
-                    + f", route {corr.engine.routes}")
+                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms"
+                    + (f", peak {peak / 1e9:.2f} GB" if peak else "") + f", route {corr.engine.routes}")
                 del students, out
             except torch.OutOfMemoryError:
                 row.update(updates_per_s=None, error="out of memory")

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from . import schedules as _schedules
 from . import staleness as _staleness
-from .engine import CONV_CHOICES, StudentGradEngine
+from .engine import StudentGradEngine, check_options
 from .ops.merge import to_device
 
 
@@ -64,10 +64,7 @@ class KDCorrection:
             raise ValueError(f"staleness_factor must be 'none' or 'grows', got {staleness_factor!r}")
         if temperature <= 0 or steps < 1:
             raise ValueError("temperature must be > 0 and steps >= 1")
-        if conv not in CONV_CHOICES:
-            raise ValueError(f"conv must be one of {CONV_CHOICES}, got {conv!r}")
-        if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be None or >= 1, got {chunk!r}")
+        check_options(precision, conv, chunk)
         self.proxy = proxy
         self.proxy_labels = None if proxy_labels is None else torch.as_tensor(proxy_labels)
         self.temperature = float(temperature)
@@ -79,7 +76,8 @@ class KDCorrection:
         self.min_staleness = int(min_staleness)
         self.staleness_factor = staleness_factor
         self.factor_staleness = _staleness.resolve(factor_staleness or _staleness.polynomial(0.5))
-        self.precision, self.cuda_graphs, self.conv, self.chunk, self.compile = precision, cuda_graphs, conv, chunk, compile
+        self.precision, self.cuda_graphs = precision, cuda_graphs
+        self.conv, self.chunk, self.compile = conv, chunk, compile
         self.teacher_forwards = 0
         self._teacher: Teacher | None = None
         self.model = self.spec = None

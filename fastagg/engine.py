@@ -48,6 +48,16 @@ from .ops.kd_loss import kd_loss_grad
 CONV_CHOICES = ("auto", "native", "triton", "triton_cl", "torch")
 
 
+def check_options(precision, conv, chunk):
+    """The engine's options, checked where they are given (KDCorrection) and where they are used."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if conv not in CONV_CHOICES:
+        raise ValueError(f"conv must be one of {CONV_CHOICES}, got {conv!r}")
+    if chunk is not None and int(chunk) < 1:
+        raise ValueError(f"chunk must be None or >= 1, got {chunk!r}")
+
+
 def _has_convs(model):
     return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
 
@@ -55,12 +65,7 @@ def _has_convs(model):
 class StudentGradEngine:
     def __init__(self, model, spec, proxy, temperature, backend="torch", precision="fp32", cuda_graphs=False,
                  conv="auto", chunk=None, compile=False):
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        if conv not in CONV_CHOICES:
-            raise ValueError(f"conv must be one of {CONV_CHOICES}, got {conv!r}")
-        if chunk is not None and int(chunk) < 1:
-            raise ValueError(f"chunk must be None or >= 1, got {chunk!r}")
+        check_options(precision, conv, chunk)
         self.model, self.spec, self.proxy = model, spec, proxy
         self.temperature, self.backend, self.precision = float(temperature), backend, precision
         self.cuda_graphs = bool(cuda_graphs) and proxy.device.type == "cuda"

@@ -227,7 +227,8 @@ def conv_forward(x, w, b, stride, padding, channels_last=False):
         return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(CO, meta["BN"]), K
 
     _conv_fwd[grid](x, w, b if b is not None else y, y, N, C, H, W, CO, HO, WO,
-                    *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+                    *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
+                    HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
     return y
 
 
@@ -244,7 +245,8 @@ def conv_backward_data(dy, w, x_shape, stride, padding, channels_last=False):
         return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BN"]), K
 
     _conv_dgrad[grid](dy, w, dx, N, C, H, W, CO, HO, WO,
-                      *dy.stride(), *w.stride(), *dx.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, TF32=_tf32(dy.dtype))
+                      *dy.stride(), *w.stride(), *dx.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
+                      TF32=_tf32(dy.dtype))
     return dx
 
 
