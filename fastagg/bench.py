@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import staleness
-from .aggregator import Aggregator
+from .aggregator import Aggregator, _finite_norm
 from .correction import KDCorrection
 from .engine import StudentGradEngine
 from .ops.merge import fused_merge
@@ -196,26 +196,63 @@ def interleaved(cands, device, rounds=5, warmup=2):
 
 
 def limits(device):
-    n = (1 << 28) if torch.device(device).type == "cuda" else (1 << 24)
+    """Copy bandwidth (read + write) of the device and of the host, the matmul rate, and on CUDA
+    the pinned host-to-device rate: the limits every stage's floor is set against."""
+    cuda = torch.device(device).type == "cuda"
+    n = (1 << 28) if cuda else (1 << 24)
     a = torch.randn(n, device=device)
     b = torch.empty_like(a)
     copy = timeit(lambda: b.copy_(a), device)
-    m = 8192 if torch.device(device).type == "cuda" else 2048
-    dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    m = 8192 if cuda else 2048
+    dt = torch.bfloat16 if cuda else torch.float32
     x, y = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
     mm = timeit(lambda: x @ y, device)
-    return {"copy_GBps": 2 * n * 4 / copy / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm / 1e12,
-            "matmul_dtype": str(dt).replace("torch.", "")}
+    res = {"copy_GBps": 2 * n * 4 / copy / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm / 1e12,
+           "matmul_dtype": str(dt).replace("torch.", "")}
+    if cuda:
+        del a, b, x, y
+        h = torch.randn(1 << 24)
+        hb = torch.empty_like(h)
+        res["host_copy_GBps"] = 2 * h.numel() * 4 / timeit(lambda: hb.copy_(h), "cpu") / 1e9
+        pinned, d = h.pin_memory(), torch.empty(h.numel(), device=device)
+        res["h2d_GBps"] = h.numel() * 4 / timeit(lambda: d.copy_(pinned, non_blocking=True), device) / 1e9
+    else:
+        res["host_copy_GBps"] = res["copy_GBps"]
+    return res
 
 
-def flops_per_student(model, proxy):
-    """Forward + backward FLOPs of one student on the proxy batch (torch's FLOP counter)."""
+def stage_floors(P, K, flops, fwd_flops, lim, cuda):
+    """Floors in ms. Per update: ``decode`` (bytes to a tensor: one copy of the P fp32 values),
+    ``ingest`` (validate and stage a host update: read it once, write it once; the norm check
+    can share the read). Per buffer of K: ``correction`` (max of its FLOPs / rate and reading
+    the K students and writing their K gradients), ``merge`` (read 2K rows and the model, write
+    the model), and per version ``teacher`` (one forward). ``step_per_update``: the whole step
+    per host update (no decode): on CUDA the host, the copy engine (pinned host to device) and
+    the device work at once, so the slowest of the three; on a CPU one after the other."""
+    rate, bw, host = lim["matmul_TFLOPs"] * 1e12, lim["copy_GBps"] * 1e9, lim["host_copy_GBps"] * 1e9
+    row = P * 4
+    f = {"decode_per_update": 2 * row / host, "ingest_per_update": 2 * row / host,
+         "teacher_per_version": fwd_flops / rate,
+         "correction": max(flops * K / rate, 2 * K * row / bw), "merge": (2 * K + 2) * row / bw}
+    device = (f["teacher_per_version"] + f["correction"] + f["merge"]) / K
+    if cuda:
+        f["h2d_per_update"] = row / (lim["h2d_GBps"] * 1e9)
+        f["step_per_update"] = max(f["ingest_per_update"], f["h2d_per_update"], device)
+    else:
+        f["step_per_update"] = f["ingest_per_update"] + device
+    return {k: v * 1e3 for k, v in f.items()}
+
+
+def flops_per_student(model, proxy, backward=True):
+    """Forward (+ backward) FLOPs of one student on the proxy batch (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    params = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in model.state_dict().items()}
+    params = {k: v.detach().clone().requires_grad_(backward and v.is_floating_point())
+              for k, v in model.state_dict().items()}
     with FlopCounterMode(display=False) as counter:
         out = torch.func.functional_call(model, params, (proxy,))
-        out.float().sum().backward()
+        if backward:
+            out.float().sum().backward()
     return counter.get_total_flops()
 
 
@@ -289,9 +326,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     r["step_device_updates_per_s"] = 2 * K / t_dev  # updates already on the device
 
     # stages
-    t_ingest = timeit(lambda: [agg.__class__._write_row(agg, p, agg._staging[0] if agg._staging is not None
-                                                        else agg._deltas[0]) for p in host_deltas[:8]],
-                      device, reps=3) / 8
+    row = agg._staging[0] if agg._staging is not None else agg._deltas[0]
+    t_ingest = timeit(lambda: [(agg._write_row(p, row), _finite_norm(row)) for p in host_deltas[:8]],
+                      device, reps=3) / 8  # what submit does to a host update: stage it, check its norm
     from .wire import decode_update
     t_decode = timeit(lambda: [decode_update(p) for p in payloads[:8]], device, reps=3) / 8
     teacher = corr.teacher(agg.params, agg.version)
@@ -324,10 +361,10 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     t_teacher = timeit(lambda: (corr.invalidate(), corr.teacher(agg.params, agg.version)), device, reps=3)
     lim = r["limits"] = limits(device)
     r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
-                      "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3}
-    r["floors_ms"] = {"correction": max(flops * K / (lim["matmul_TFLOPs"] * 1e12),
-                                        2 * K * P * 4 / (lim["copy_GBps"] * 1e9)) * 1e3,
-                      "merge": (2 * K + 2) * P * 4 / (lim["copy_GBps"] * 1e9) * 1e3}
+                      "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3,
+                      "step_per_update": 1e3 / r["step_updates_per_s"]}
+    r["floors_ms"] = stage_floors(P, K, flops, flops_per_student(model, proxy, backward=False), lim,
+                                  device.type == "cuda")
     r["correction_updates_per_s"] = rates.pop("engine")
     if "engine_bf16" in rates:
         r["correction_bf16_updates_per_s"] = rates.pop("engine_bf16")
@@ -343,6 +380,10 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
            else "") + "; "
         f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {eng.chunk or K}, "
         f"route {r['route']} {r['route_ms']}")
+    log("  stage                 ms     floor ms   floor/measured (over 100%: the data stayed in cache)")
+    for stage, ms in r["stages_ms"].items():
+        fl = r["floors_ms"][stage]
+        log(f"  {stage:<20}{ms:>9.3f}{fl:>11.3f}{fl / ms:>12.1%}")
 
     if baselines:
         r["baseline_updates_per_s"] = rates
@@ -354,9 +395,61 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     return r
 
 
+class _PeakMemory:
+    """What a block allocates beyond what was allocated when it began, at its peak: the CUDA
+    allocator's peak minus its allocation at the start on a GPU; on a CPU (Linux) the peak
+    resident set size over the block (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
+    the resident size at its start. ``bytes`` is None where neither can be read."""
+
+    def __init__(self, device):
+        self.cuda, self.bytes = torch.device(device).type == "cuda", None
+
+    @staticmethod
+    def _status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"no {field} in /proc/self/status")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._base = self._status("VmRSS")
+        except OSError:
+            self._base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self._base
+        elif self._base is not None:
+            self.bytes = self._status("VmHWM") - self._base
+        return False
+
+
+def flush_k(rows, share=0.9):
+    """The smallest K whose correction rate is within ``share`` of the best in the sweep: beyond
+    it a larger buffer buys little throughput and costs memory and staleness."""
+    ok = [r for r in rows if r.get("updates_per_s")]
+    if not ok:
+        return None
+    best = max(r["updates_per_s"] for r in ok)
+    return min(r["K"] for r in ok if r["updates_per_s"] >= share * best)
+
+
 def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64):
     """Correction throughput and peak memory against the buffer size K: one pass of K students
-    while it fits, then (and for comparison from K = chunk on) passes of ``chunk`` students."""
+    while it fits, then (and for comparison from K = chunk on) passes of ``chunk`` students.
+    Memory: ``buffer_bytes`` for the students and their gradients [K, P], ``peak_bytes`` for
+    what the passes allocate on top of them at their peak (activations, the vmap'd weights)."""
     device = torch.device(device)
     model, proxy = make(name, device, small)
     rows = []
@@ -369,14 +462,13 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
             try:
                 students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
                 out = torch.empty_like(students)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
-                peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=peak, route=corr.engine.routes)
+                row["buffer_bytes"] = 2 * students.numel() * students.element_size()
+                with _PeakMemory(device) as mem:
+                    t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
+                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=mem.bytes, route=corr.engine.routes)
                 log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms"
-                    + (f", peak {peak / 1e9:.2f} GB" if peak else "") + f", route {corr.engine.routes}")
+                    + (f", pass peak {mem.bytes / 1e6:.0f} MB" if mem.bytes is not None else "")
+                    + f" + students and gradients {row['buffer_bytes'] / 1e6:.0f} MB, route {corr.engine.routes}")
                 del students, out
             except torch.OutOfMemoryError:
                 row.update(updates_per_s=None, error="out of memory")
@@ -390,7 +482,7 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
 
 
 def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, small=None, out=None, log=print,
-        compile_baseline=True):
+        compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024)):
     device = torch.device(device)
     small = (device.type == "cpu") if small is None else small
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
@@ -413,9 +505,11 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
         res["models"].append(bench_model(name, device, K or default_k[name], small=small, log=log,
                                          compile_baseline=compile_baseline))
         save()
-    if sweep:
-        log("K sweep (cnn correction):")
-        res["sweep"]["cnn"] = sweep_k("cnn", device, ks=(1, 16, 64, 256, 1024) if not small else (1, 4, 16),
-                                      small=small, log=log, chunk=64 if not small else 4)
+    for name in sweep_models if sweep else ():
+        log(f"K sweep ({name} correction):")
+        rows = sweep_k(name, device, ks=sweep_ks, small=small, log=log, chunk=64)
+        res["sweep"][name] = rows
+        res.setdefault("flush_k", {})[name] = k = flush_k(rows)
+        log(f"  flush at K = {k}: the smallest K within 90% of the best rate in this sweep")
         save()
     return res

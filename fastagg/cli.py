@@ -30,7 +30,8 @@ def _bench(args):
     from . import bench
 
     bench.run(device=args.device, models=tuple(args.models.split(",")), K=args.k, sweep=not args.no_sweep,
-              small=args.small, out=args.out, compile_baseline=not args.no_compile)
+              small=args.small, out=args.out, compile_baseline=not args.no_compile,
+              sweep_models=tuple(args.sweep_models.split(",")), sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")))
     if args.out:
         print(f"results: {args.out}")
     return 0
@@ -81,6 +82,8 @@ def main(argv=None):
     b.add_argument("--k", type=int, default=None, help="buffer size (default per model)")
     b.add_argument("--small", action="store_true", default=None, help="tiny proxy sets (default on CPU)")
     b.add_argument("--no-sweep", action="store_true")
+    b.add_argument("--sweep-models", default="cnn", help="models of the K sweep (comma-separated)")
+    b.add_argument("--sweep-k", default="1,16,64,256,1024", help="buffer sizes of the K sweep")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--out", default="fastagg-bench.json")
     b.set_defaults(fn=_bench)

@@ -2,6 +2,7 @@
 so that a device session does not spend its minutes finding a broken harness."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     assert res["torch"] == torch.__version__ and res["device"].startswith("CPU")
     (r,) = res["models"]
     assert r["model"] == "lm" and r["P"] == sum(p.numel() for p in bench.make("lm", "cpu", small=True)[0].parameters())
-    for stage in ("decode_per_update", "ingest_per_update", "teacher_per_version", "correction", "merge"):
-        assert r["stages_ms"][stage] > 0
-    assert r["floors_ms"]["correction"] > 0 and r["floors_ms"]["merge"] > 0
+    for stage in ("decode_per_update", "ingest_per_update", "teacher_per_version", "correction", "merge",
+                  "step_per_update"):
+        assert r["stages_ms"][stage] > 0 and r["floors_ms"][stage] > 0  # every stage against its floor
+    assert abs(r["stages_ms"]["step_per_update"] - 1e3 / r["step_updates_per_s"]) < 1e-9
     assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_TFLOPs"] > 0
     assert abs(r["correction_updates_per_s"] - r["K"] / (r["stages_ms"]["correction"] / 1e3)) < 1e-6 * r["K"] * 1e3
     assert set(r["baseline_updates_per_s"]) == {"per_client_eager_fp32", "vmap_fp32", "vmap_bf16"}
@@ -30,6 +32,9 @@ def test_sweep_reports_one_pass_and_chunked_passes():
     rows = bench.sweep_k("cnn", "cpu", ks=(1, 4), small=True, log=lambda *a: None, chunk=2)
     assert [(r["K"], r["chunk"]) for r in rows] == [(1, None), (4, None), (4, 2)]
     assert all(r["updates_per_s"] > 0 for r in rows)
+    P = sum(p.numel() for p in bench.make("cnn", "cpu", small=True)[0].parameters())
+    assert [r["buffer_bytes"] for r in rows] == [2 * 1 * P * 4, 2 * 4 * P * 4, 2 * 4 * P * 4]
+    assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in rows)
     # a CNN on a CPU: the engine's default is one student per pass
     assert rows[1]["route"] == {1: "native"} and rows[2]["route"] == {2: "native"}
 
@@ -64,3 +69,43 @@ def test_interleaved_reports_failures_and_times_the_rest():
     rates = bench.interleaved({"ok": (lambda: calls.append(1), 4), "bad": (boom, 4)}, "cpu", rounds=3, warmup=1)
     assert list(rates) == ["ok", "bad"] and rates["bad"] == "failed: RuntimeError"
     assert len(calls) == 4 and rates["ok"] > 0  # one warm-up and three timed rounds
+
+
+def test_stage_floors_arithmetic():
+    """The floors against numbers worked out by hand: P = 1e6 fp32 values (4 MB rows), K = 4,
+    3 GFLOP fwd+bwd and 1 GFLOP forward per student, 1 TFLOP/s, 100 GB/s device, 50 GB/s host."""
+    lim = {"matmul_TFLOPs": 1.0, "copy_GBps": 100.0, "host_copy_GBps": 50.0}
+    f = bench.stage_floors(10 ** 6, 4, 3e9, 1e9, lim, cuda=False)
+    assert f["decode_per_update"] == pytest.approx(0.16) and f["ingest_per_update"] == pytest.approx(0.16)
+    assert f["teacher_per_version"] == pytest.approx(1.0)
+    assert f["correction"] == pytest.approx(12.0)  # FLOPs (12 ms) over bytes (2*4*4 MB / 100 GB/s = 0.32 ms)
+    assert f["merge"] == pytest.approx(0.40)  # 10 rows of 4 MB at 100 GB/s
+    assert f["step_per_update"] == pytest.approx(0.16 + (1.0 + 12.0 + 0.40) / 4)  # one after the other
+    f = bench.stage_floors(10 ** 6, 4, 3e9, 1e9, {**lim, "h2d_GBps": 0.5}, cuda=True)
+    assert f["h2d_per_update"] == pytest.approx(8.0)
+    assert f["step_per_update"] == pytest.approx(8.0)  # host, copy engine and device overlap: the slowest
+    lim["matmul_TFLOPs"] = 1e6  # bandwidth-bound correction
+    assert bench.stage_floors(10 ** 6, 4, 3e9, 1e9, lim, cuda=False)["correction"] == pytest.approx(0.32)
+
+
+def test_flush_k_is_the_smallest_buffer_within_90_percent_of_the_best():
+    rows = [{"K": 1, "updates_per_s": 100.0}, {"K": 16, "updates_per_s": 870.0},
+            {"K": 64, "updates_per_s": 960.0}, {"K": 64, "chunk": 16, "updates_per_s": 1000.0},
+            {"K": 256, "updates_per_s": None, "error": "out of memory"}]
+    assert bench.flush_k(rows) == 64  # 870 < 0.9 * 1000
+    rows[1]["updates_per_s"] = 900.0
+    assert bench.flush_k(rows) == 16
+    assert bench.flush_k([{"K": 8, "updates_per_s": None}]) is None
+
+
+def test_peak_memory_sees_a_block_allocation():
+    with bench._PeakMemory("cpu") as mem:
+        big = torch.ones(50 * 2 ** 20)  # 200 MiB, touched
+        del big
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CPU peak is read from Linux's /proc")
+    assert 190 * 2 ** 20 <= mem.bytes < 400 * 2 ** 20
+    with bench._PeakMemory("cpu") as mem:
+        small = torch.ones(2 ** 10)
+    assert mem.bytes < 100 * 2 ** 20  # the earlier peak was reset
+    del small
