@@ -196,8 +196,9 @@ def interleaved(cands, device, rounds=5, warmup=2):
 
 
 def limits(device):
-    """Copy bandwidth (read + write) of the device and of the host, the matmul rate, and on CUDA
-    the pinned host-to-device rate: the limits every stage's floor is set against."""
+    """Copy bandwidth (read + write) of the device and of the host, the matmul rate (the fastest
+    GEMM measured here), and on CUDA the pinned host-to-device rate: the limits every stage's
+    floor is set against."""
     cuda = torch.device(device).type == "cuda"
     n = (1 << 28) if cuda else (1 << 24)
     a = torch.randn(n, device=device)
@@ -206,8 +207,13 @@ def limits(device):
     m = 8192 if cuda else 2048
     dt = torch.bfloat16 if cuda else torch.float32
     x, y = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
-    mm = timeit(lambda: x @ y, device)
-    res = {"copy_GBps": 2 * n * 4 / copy / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm / 1e12,
+    rates = {"matmul": 2 * m ** 3 / timeit(lambda: x @ y, device) / 1e12}
+    if not cuda:  # the same GEMM through oneDNN (a 1x1 convolution, channels-last): on some CPUs
+        # (MKL on AMD) it runs twice as fast as torch.mm, and the convolutions use it
+        xc = x.t().reshape(1, m, m // 32, 32).to(memory_format=torch.channels_last)
+        wc = y.reshape(m, m, 1, 1)
+        rates["onednn_1x1_conv"] = 2 * m ** 3 / timeit(lambda: F.conv2d(xc, wc), device) / 1e12
+    res = {"copy_GBps": 2 * n * 4 / copy / 1e9, "matmul_TFLOPs": max(rates.values()), "gemm_TFLOPs": rates,
            "matmul_dtype": str(dt).replace("torch.", "")}
     if cuda:
         del a, b, x, y
@@ -355,8 +361,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         raise RuntimeError(f"{name}: the engine failed: {rates['engine']}")
     t_corr = K / rates["engine"]
     coefs = [1.0 / K] * K
-    t_merge = timeit(lambda: fused_merge(agg.params.clone(), 1.0, [(students, coefs, None), (out, coefs, None)],
-                                         backend=agg.backend), device, reps=5)
+    merged = torch.zeros_like(agg.params)  # the aggregator merges into a resident buffer (its own parameters)
+    t_merge = timeit(lambda: fused_merge(agg.params, 1.0, [(students, coefs, None), (out, coefs, None)],
+                                         out=merged, backend=agg.backend), device, reps=5)
     corr.invalidate()
     t_teacher = timeit(lambda: (corr.invalidate(), corr.teacher(agg.params, agg.version)), device, reps=3)
     lim = r["limits"] = limits(device)
@@ -461,7 +468,7 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
             row = {"K": K, "chunk": c}
             try:
                 students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
-                out = torch.empty_like(students)
+                out = torch.zeros_like(students)  # resident before the measurement starts
                 row["buffer_bytes"] = 2 * students.numel() * students.element_size()
                 with _PeakMemory(device) as mem:
                     t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
