@@ -4,6 +4,10 @@
 #   bash bench/gpu_run.sh 1   device/versions, CUDA tests of the grouped-conv kernels and the
 #                             engine, the kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
+#   bash bench/gpu_run.sh 3   if time is left: `fastagg simulate --device cuda` on Fashion-MNIST,
+#                             FedADT through cuDNN and through the Triton conv routes (the data
+#                             travels in .carry/fashion-mnist: copy the four .gz files of
+#                             /usr/share/datasets/fashion-mnist there and name .carry in `carry`)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 part=${1:-1}
@@ -12,11 +16,16 @@ if [ "$part" = 1 ]; then
     python3 -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version())"
   } | tee "$OUT/device.txt"
   FASTAGG_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
-      tests/test_grouped_conv.py tests/test_correction.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
+      tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
   OUT=$OUT timeout 150 python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   timeout 230 python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
-else
+elif [ "$part" = 2 ]; then
   timeout 290 python3 -m fastagg.cli bench --device cuda --models resnet18,lm --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
+else
+  FASTAGG_FASHION_DIR=$PWD/.carry/fashion-mnist timeout 200 python3 -m fastagg.cli simulate --device cuda \
+      --dataset fashion-mnist --dirichlet 0.1 --arrivals 600 --quiet --out "$OUT/sim" \
+      --algorithms "fedbuff,fedadt-buff/conv=native,fedadt-buff/conv=triton,fedadt-buff/conv=triton_cl" \
+      2>&1 | grep -v -i warn | tee "$OUT/gpu_simulate_log.txt"
 fi

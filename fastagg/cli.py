@@ -13,11 +13,11 @@ def _simulate(args):
                     arrivals=args.arrivals, dirichlet=args.dirichlet, sigma=args.sigma, proxy=args.proxy,
                     local_steps=args.local_steps, target=args.target, alpha=args.alpha, buffer=args.buffer,
                     weights=args.weights, dropout=args.dropout, partition=args.partition,
-                    algorithms=tuple(a.replace(";", ",") for a in args.algorithms.split(",")))
+                    algorithms=tuple(a.replace(";", ",") for a in args.algorithms.split(",")), device=args.device)
     try:
         results = run(cfg, seeds=tuple(range(args.seed, args.seed + args.seeds)), out_dir=args.out,
                       show_progress=not args.quiet)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"fastagg simulate: {exc}", file=sys.stderr)
         return 2
     print(format_table(results["table"], cfg.target))
@@ -74,6 +74,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std)")
     s.add_argument("--out", default="fastagg-sim", help="folder for results.json and accuracy.png")
+    s.add_argument("--device", default="cpu", help="cpu | cuda: where models, data and the aggregator run")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_simulate)
     b = sub.add_parser("bench", help="server-step throughput (updates/s) by stage, against baselines and limits")

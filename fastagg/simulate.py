@@ -28,7 +28,7 @@ from .correction import KDCorrection
 from .rules import FedAsync, FedBuff
 from .wire import encode_update
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_DIR = os.environ.get("FASTAGG_FASHION_DIR", "/usr/share/datasets/fashion-mnist")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -171,6 +171,7 @@ class SimConfig:
     eval_every: int = 50
     target: float = 0.8
     algorithms: tuple = ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff")
+    device: str = "cpu"  # where the models, the data and the aggregator live ("cuda": fastagg's GPU kernels)
 
 
 def parse_algorithm(name: str):
@@ -224,10 +225,12 @@ def build_aggregator(algo: str, model, proxy_x, proxy_y, cfg: SimConfig):
         if unknown:
             raise ValueError(f"unknown correction options {sorted(unknown)} in {algo!r}")
         corr = KDCorrection(proxy_x, proxy_labels=proxy_y, **kw)
+    # on a CPU the merge runs in plain PyTorch (the reference every result in docs/ was made with);
+    # on a GPU through fastagg's kernels, which is what a run there is for
+    kw = {"max_versions": 64, "device": cfg.device, "backend": "torch" if cfg.device == "cpu" else "auto"}
     if rule == "async":
-        return Aggregator(model, FedAsync(alpha=cfg.alpha), staleness=w, correction=corr, max_versions=64, backend="torch")
-    return Aggregator(model, FedBuff(buffer_size=cfg.buffer), staleness=w, correction=corr, max_versions=64,
-                      backend="torch")
+        return Aggregator(model, FedAsync(alpha=cfg.alpha), staleness=w, correction=corr, **kw)
+    return Aggregator(model, FedBuff(buffer_size=cfg.buffer), staleness=w, correction=corr, **kw)
 
 
 # -- the simulation ------------------------------------------------------------------------
@@ -261,9 +264,10 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
     speeds = rng.lognormal(0.0, cfg.sigma, n_clients)
     torch.manual_seed(cfg.seed)
     n_in = int(np.prod(xtr.shape[1:]))
-    model = make_model(cfg.dataset, n_in, int(ytr.max()) + 1)
+    model = make_model(cfg.dataset, n_in, int(ytr.max()) + 1).to(cfg.device)
+    xtr, ytr, xte, yte = (t.to(cfg.device) for t in (xtr, ytr, xte, yte))
     agg = build_aggregator(algo, model, xtr[proxy_idx], ytr[proxy_idx], cfg)
-    worker = make_model(cfg.dataset, n_in, int(ytr.max()) + 1)
+    worker = make_model(cfg.dataset, n_in, int(ytr.max()) + 1).to(cfg.device)
     spec = agg.spec
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -355,10 +359,23 @@ def summarize(curves, target):
     return rows
 
 
+def check_device(device):
+    """A device this torch can run on, or a ValueError that says why not (before any run starts)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: simulate runs on 'cpu' or 'cuda'")
+
+
 def run(cfg: SimConfig, seeds=(0,), out_dir=None, show_progress=True):
     """Run every algorithm for every seed; write JSON + PNG under out_dir; return the results."""
     from tqdm.auto import tqdm
 
+    check_device(cfg.device)
     results = {"config": asdict(cfg), "seeds": list(seeds), "runs": []}
     total = len(cfg.algorithms) * len(seeds) * cfg.arrivals
     with tqdm(total=total, disable=not show_progress, desc="simulate", unit="upd", mininterval=2.0) as bar:

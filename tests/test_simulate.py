@@ -117,3 +117,4 @@ def test_algorithm_options_reach_the_correction_and_typos_are_refused():
         build_aggregator("fedadt-buff/precison=bf16", model, torch.randn(6, 4), None, cfg)
     with pytest.raises(ValueError, match="precision must be"):
         build_aggregator("fedadt-buff/precision=fp16", model, torch.randn(6, 4), None, cfg)
+
