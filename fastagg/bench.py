@@ -402,6 +402,15 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     return r
 
 
+def _malloc_trim():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then miss reused pages
+        pass
+
+
 class _PeakMemory:
     """What a block allocates beyond what was allocated when it began, at its peak: the CUDA
     allocator's peak minus its allocation at the start on a GPU; on a CPU (Linux) the peak
@@ -426,6 +435,7 @@ class _PeakMemory:
             self._base = torch.cuda.memory_allocated()
             return self
         try:
+            _malloc_trim()  # freed heap pages back to the OS, so that reusing them counts as growth
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self._base = self._status("VmRSS")
@@ -470,8 +480,9 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                 students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
                 out = torch.zeros_like(students)  # resident before the measurement starts
                 row["buffer_bytes"] = 2 * students.numel() * students.element_size()
+                corr.engine(students, teacher.probs, out=out)  # route choice, compilation, library set-up
                 with _PeakMemory(device) as mem:
-                    t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=1)
+                    t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=0)
                 row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=mem.bytes, route=corr.engine.routes)
                 log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms"
                     + (f", pass peak {mem.bytes / 1e6:.0f} MB" if mem.bytes is not None else "")

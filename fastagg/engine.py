@@ -167,7 +167,12 @@ class StudentGradEngine:
         K = students.shape[0]
         if K not in self.routes:
             self.routes[K] = self._pick_route(students, probs, out)
-        if self.cuda_graphs and self.routes[K] != "compiled":  # compiled code runs as inductor made it
+        return self._run(students, probs, out)
+
+    def _run(self, students, probs, out):
+        """One pass through the route set in ``routes``, the way passes of this size run: captured
+        once and replayed with CUDA graphs on (not the compiled route: it runs as inductor made it)."""
+        if self.cuda_graphs and self.routes[students.shape[0]] != "compiled":
             return self._replay(students, probs, out)
         return self._step(students, probs, out)
 
@@ -181,7 +186,8 @@ class StudentGradEngine:
 
     def _pick_route(self, students, probs, out):
         """The route for passes of this size: the only candidate, or the fastest of them measured
-        here (one warm-up pass each, for autotuning and compilation, then three timed)."""
+        here as they will run (one warm-up pass each, for autotuning, compilation and the graph
+        capture, then three timed); the losers' captured graphs are freed."""
         K = students.shape[0]
         routes = self._candidates(students)
         if len(routes) == 1:
@@ -191,7 +197,7 @@ class StudentGradEngine:
         for route in routes:
             self.routes[K] = route
             try:
-                self._step(students, probs, out)
+                self._run(students, probs, out)
                 sync()
             except Exception as exc:  # e.g. a model torch.compile cannot trace: say so, time the others
                 if route == routes[0]:
@@ -202,15 +208,17 @@ class StudentGradEngine:
                 continue
             t = time.perf_counter()
             for _ in range(3):
-                self._step(students, probs, out)
+                self._run(students, probs, out)
             sync()
             times[route] = (time.perf_counter() - t) / 3
         self.route_timings[K] = {**times, **failed}
-        return min(times, key=times.get)
+        best = min(times, key=times.get)
+        self._graphs = {key: g for key, g in self._graphs.items() if key[0] != K or key[2] == best}
+        return best
 
     def _replay(self, students, probs, out):
         K = students.shape[0]
-        key = (K, tuple(probs.shape))
+        key = (K, tuple(probs.shape), self.routes[K])
         if key not in self._graphs:
             s_static = students.detach().clone()
             p_static = probs.clone()

@@ -298,6 +298,46 @@ def test_a_failing_candidate_route_is_reported_and_left_out(rng, monkeypatch):
     assert float((g - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_routes_are_timed_the_way_they_run_and_the_losers_graphs_are_freed(rng, monkeypatch):
+    """With CUDA graphs on, each candidate is timed through capture and replay (not eagerly), and
+    only the winner's graph stays. The capture is stood in for here (a CPU has none): ``_replay``
+    records which route it ran and files a graph under the engine's key."""
+    import time
+
+    model = TwoConv()
+    proxy = torch.randn(6, 2, 5, 5, generator=rng)
+    P = sum(p.numel() for p in model.parameters())
+    corr = fastagg.KDCorrection(proxy, schedule=1.0, chunk=3)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend="torch")
+    eng = corr.engine
+    eng.cuda_graphs = True
+    monkeypatch.setattr(eng, "_candidates", lambda students: ["native", "torch"])
+    replayed = []
+    step = eng._step
+
+    def replay(students, probs, out):
+        K = students.shape[0]
+        replayed.append(eng.routes[K])
+        eng._graphs.setdefault((K, tuple(probs.shape), eng.routes[K]), "graph")
+        return step(students, probs, out)
+
+    def slow_torch_route(students, probs, out):
+        if eng.routes[students.shape[0]] == "torch":
+            time.sleep(0.05)
+        return step(students, probs, out)
+
+    monkeypatch.setattr(eng, "_replay", replay)
+    monkeypatch.setattr(eng, "_step", slow_torch_route)
+    students = agg.params + 0.1 * torch.randn(6, P, generator=rng)
+    probs = corr.teacher(agg.params, 0).probs
+    eng(students, probs)
+    # route choice: one warm-up and three timed passes per candidate, all through _replay;
+    # then the two passes of 3 students of this call through the winner
+    assert replayed == ["native"] * 4 + ["torch"] * 4 + ["native"] * 2
+    assert eng.routes == {3: "native"} and set(eng.route_timings[3]) == {"native", "torch"}
+    assert list(eng._graphs) == [(3, tuple(probs.shape), "native")]
+
+
 def test_student_conv_outside_vmap_is_plain_conv2d_with_its_gradients(rng):
     """The routed op called on one student's plain tensors (no vmap) is F.conv2d, gradients too."""
     from fastagg.ops.grouped_conv import RouteCounter, _StudentConv
