@@ -154,8 +154,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timeit(fn, device, reps=5, warmup=2):
-    """Median wall time of ``fn`` over ``reps`` runs after ``warmup``, synchronising the device."""
+def timeit(fn, device, reps=5, warmup=2, best=False):
+    """Median (``best``: shortest) wall time of ``fn`` over ``reps`` runs after ``warmup``,
+    synchronising the device. Limits take the shortest: a limit is what the machine can do."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -165,7 +166,7 @@ def timeit(fn, device, reps=5, warmup=2):
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
 def interleaved(cands, device, rounds=5, warmup=2):
@@ -203,25 +204,25 @@ def limits(device):
     n = (1 << 28) if cuda else (1 << 24)
     a = torch.randn(n, device=device)
     b = torch.empty_like(a)
-    copy = timeit(lambda: b.copy_(a), device)
+    copy = timeit(lambda: b.copy_(a), device, reps=10, best=True)
     m = 8192 if cuda else 2048
     dt = torch.bfloat16 if cuda else torch.float32
     x, y = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
-    rates = {"matmul": 2 * m ** 3 / timeit(lambda: x @ y, device) / 1e12}
+    rates = {"matmul": 2 * m ** 3 / timeit(lambda: x @ y, device, reps=10, best=True) / 1e12}
     if not cuda:  # the same GEMM through oneDNN (a 1x1 convolution, channels-last): on some CPUs
         # (MKL on AMD) it runs twice as fast as torch.mm, and the convolutions use it
         xc = x.t().reshape(1, m, m // 32, 32).to(memory_format=torch.channels_last)
         wc = y.reshape(m, m, 1, 1)
-        rates["onednn_1x1_conv"] = 2 * m ** 3 / timeit(lambda: F.conv2d(xc, wc), device) / 1e12
+        rates["onednn_1x1_conv"] = 2 * m ** 3 / timeit(lambda: F.conv2d(xc, wc), device, reps=10, best=True) / 1e12
     res = {"copy_GBps": 2 * n * 4 / copy / 1e9, "matmul_TFLOPs": max(rates.values()), "gemm_TFLOPs": rates,
            "matmul_dtype": str(dt).replace("torch.", "")}
     if cuda:
         del a, b, x, y
         h = torch.randn(1 << 24)
         hb = torch.empty_like(h)
-        res["host_copy_GBps"] = 2 * h.numel() * 4 / timeit(lambda: hb.copy_(h), "cpu") / 1e9
+        res["host_copy_GBps"] = 2 * h.numel() * 4 / timeit(lambda: hb.copy_(h), "cpu", reps=10, best=True) / 1e9
         pinned, d = h.pin_memory(), torch.empty(h.numel(), device=device)
-        res["h2d_GBps"] = h.numel() * 4 / timeit(lambda: d.copy_(pinned, non_blocking=True), device) / 1e9
+        res["h2d_GBps"] = h.numel() * 4 / timeit(lambda: d.copy_(pinned, non_blocking=True), device, reps=10, best=True) / 1e9
     else:
         res["host_copy_GBps"] = res["copy_GBps"]
     return res
@@ -376,7 +377,10 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     if "engine_bf16" in rates:
         r["correction_bf16_updates_per_s"] = rates.pop("engine_bf16")
     eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
-    r["chunk"] = eng.chunk  # students per pass (None: all K)
+    r["chunk"] = eng.chunk  # the setting: "auto", None (all K) or students per pass
+    per_pass = eng.chunks.get(K, K) if eng.chunk == "auto" else (eng.chunk or K)
+    r["students_per_pass"], r["chunk_timings_ms_per_update"] = per_pass, {
+        k: {c: t * 1e3 if isinstance(t, float) else t for c, t in v.items()} for k, v in eng.chunk_timings.items()}
     r["route"] = dict(eng.routes)  # pass size -> native / triton / compiled
     r["route_ms"] = {k: {route: t * 1e3 if isinstance(t, float) else t for route, t in v.items()}
                      for k, v in eng.route_timings.items()}
@@ -385,7 +389,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f})"
         + (f", bf16 {r['correction_bf16_updates_per_s']:.0f} upd/s" if "correction_bf16_updates_per_s" in r
            else "") + "; "
-        f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {eng.chunk or K}, "
+        f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {per_pass}, "
         f"route {r['route']} {r['route_ms']}")
     log("  stage                 ms     floor ms   floor/measured (over 100%: the data stayed in cache)")
     for stage, ms in r["stages_ms"].items():
@@ -462,37 +466,66 @@ def flush_k(rows, share=0.9):
     return min(r["K"] for r in ok if r["updates_per_s"] >= share * best)
 
 
+def _available_memory():
+    """Bytes the kernel says a new process could still use (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64):
-    """Correction throughput and peak memory against the buffer size K: one pass of K students
-    while it fits, then (and for comparison from K = chunk on) passes of ``chunk`` students.
-    Memory: ``buffer_bytes`` for the students and their gradients [K, P], ``peak_bytes`` for
-    what the passes allocate on top of them at their peak (activations, the vmap'd weights)."""
+    """Correction throughput and memory against the buffer size K, for three settings of the
+    engine: ``chunk="auto"`` (its own choice of students per pass), one pass of all K
+    (``None``), and passes of ``chunk`` students (for K above it). Memory: ``buffer_bytes`` for
+    the students and their gradients [K, P], ``peak_bytes`` for what the passes allocate on top
+    of them at their peak (activations, the vmap'd weights). A GPU reports a pass that does not
+    fit as out of memory; on a CPU, where running out of memory kills the process, a one-pass
+    row whose memory (extrapolated from the last one-pass row) would not fit is skipped."""
     device = torch.device(device)
     model, proxy = make(name, device, small)
-    rows = []
+    rows, last_one_pass = [], None
     for K in ks:
-        for c in (None, chunk) if K > chunk else (None,):
+        for c in ("auto", None) + ((chunk,) if K > chunk else ()):
+            row = {"K": K, "chunk": c}
+            rows.append(row)
+            need = None if c is not None or last_one_pass is None else (
+                last_one_pass["peak_bytes"] * K / last_one_pass["K"])
+            avail = _available_memory() if device.type == "cpu" else None
+            if need is not None and avail is not None and need + 2 * K * 4 * sum(
+                    p.numel() for p in model.parameters()) > 0.8 * avail:
+                row.update(updates_per_s=None, error=f"skipped: one pass would need ~{need / 1e9:.0f} GB, "
+                                                     f"{avail / 1e9:.0f} GB available")
+                log(f"  K={K} chunk={c}: {row['error']}")
+                continue
             corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", schedule=1.0, chunk=c)
             agg = Aggregator(model, FedBuff(1), correction=corr, device=device)
             teacher = corr.teacher(agg.params, 0)
-            row = {"K": K, "chunk": c}
             try:
                 students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
                 out = torch.zeros_like(students)  # resident before the measurement starts
                 row["buffer_bytes"] = 2 * students.numel() * students.element_size()
-                corr.engine(students, teacher.probs, out=out)  # route choice, compilation, library set-up
+                corr.engine(students, teacher.probs, out=out)  # pass sizes, routes, compilation, library set-up
                 with _PeakMemory(device) as mem:
                     t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=0)
-                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=mem.bytes, route=corr.engine.routes)
-                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms"
+                eng = corr.engine
+                per_pass = eng.chunks.get(K, K) if eng.chunk == "auto" else (eng.chunk or K)
+                row.update(updates_per_s=K / t, ms=t * 1e3, peak_bytes=mem.bytes, students_per_pass=per_pass,
+                           route=eng.routes)
+                if c is None and mem.bytes is not None:
+                    last_one_pass = row
+                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms, {per_pass} students per pass"
                     + (f", pass peak {mem.bytes / 1e6:.0f} MB" if mem.bytes is not None else "")
-                    + f" + students and gradients {row['buffer_bytes'] / 1e6:.0f} MB, route {corr.engine.routes}")
+                    + f" + students and gradients {row['buffer_bytes'] / 1e6:.0f} MB, route {eng.routes}")
                 del students, out
             except torch.OutOfMemoryError:
                 row.update(updates_per_s=None, error="out of memory")
                 log(f"  K={K} chunk={c}: out of memory")
             finally:
-                rows.append(row)
                 del agg, corr
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

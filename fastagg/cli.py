@@ -29,7 +29,7 @@ def _simulate(args):
 def _bench(args):
     from . import bench
 
-    bench.run(device=args.device, models=tuple(args.models.split(",")), K=args.k, sweep=not args.no_sweep,
+    bench.run(device=args.device, models=tuple(m for m in args.models.split(",") if m), K=args.k, sweep=not args.no_sweep,
               small=args.small, out=args.out, compile_baseline=not args.no_compile,
               sweep_models=tuple(args.sweep_models.split(",")), sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")))
     if args.out:
@@ -79,7 +79,7 @@ def main(argv=None):
     s.set_defaults(fn=_simulate)
     b = sub.add_parser("bench", help="server-step throughput (updates/s) by stage, against baselines and limits")
     b.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    b.add_argument("--models", default="cnn,resnet18,lm")
+    b.add_argument("--models", default="cnn,resnet18,lm", help='comma-separated; "" for the K sweep alone')
     b.add_argument("--k", type=int, default=None, help="buffer size (default per model)")
     b.add_argument("--small", action="store_true", default=None, help="tiny proxy sets (default on CPU)")
     b.add_argument("--no-sweep", action="store_true")

@@ -49,7 +49,7 @@ class KDCorrection:
     def __init__(self, proxy, *, temperature=3.0, schedule="teacher_confidence", step="relative",
                  eta=0.05, rho=1.0, steps=5, student="client", min_staleness=1,
                  staleness_factor="grows", factor_staleness=None, proxy_labels=None, precision="fp32",
-                 cuda_graphs=False, conv="auto", chunk=None, compile=False):
+                 cuda_graphs=False, conv="auto", chunk="auto", compile=False):
         if proxy is None:
             raise ValueError("KD correction needs unlabeled proxy inputs: pass proxy=<tensor [N, ...]> "
                              "(e.g. a small held-out slice of the training distribution)")

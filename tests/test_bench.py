@@ -25,18 +25,28 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_TFLOPs"] > 0
     assert abs(r["correction_updates_per_s"] - r["K"] / (r["stages_ms"]["correction"] / 1e3)) < 1e-6 * r["K"] * 1e3
     assert set(r["baseline_updates_per_s"]) == {"per_client_eager_fp32", "vmap_fp32", "vmap_bf16"}
-    assert r["chunk"] is None and r["route"] == {str(r["K"]): "native"}  # no convolutions, one pass
+    # no convolutions, K = 4: nothing below K for chunk="auto" to time, so one pass of all four
+    assert r["chunk"] == "auto" and r["students_per_pass"] == r["K"] and r["route"] == {str(r["K"]): "native"}
 
 
 def test_sweep_reports_one_pass_and_chunked_passes():
     rows = bench.sweep_k("cnn", "cpu", ks=(1, 4), small=True, log=lambda *a: None, chunk=2)
-    assert [(r["K"], r["chunk"]) for r in rows] == [(1, None), (4, None), (4, 2)]
+    assert [(r["K"], r["chunk"]) for r in rows] == [(1, "auto"), (1, None), (4, "auto"), (4, None), (4, 2)]
     assert all(r["updates_per_s"] > 0 for r in rows)
     P = sum(p.numel() for p in bench.make("cnn", "cpu", small=True)[0].parameters())
-    assert [r["buffer_bytes"] for r in rows] == [2 * 1 * P * 4, 2 * 4 * P * 4, 2 * 4 * P * 4]
+    assert [r["buffer_bytes"] // (2 * P * 4) for r in rows] == [1, 1, 4, 4, 4]
     assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in rows)
-    # a CNN on a CPU: the engine's default is one student per pass
-    assert rows[1]["route"] == {1: "native"} and rows[2]["route"] == {2: "native"}
+    # a CNN on a CPU: "auto" is one student per pass
+    assert [r["students_per_pass"] for r in rows] == [1, 1, 1, 4, 2]
+    assert rows[2]["route"] == {1: "native"} and rows[4]["route"] == {2: "native"}
+
+
+def test_sweep_skips_a_one_pass_row_that_would_not_fit_in_memory(monkeypatch):
+    monkeypatch.setattr(bench, "_available_memory", lambda: 10 ** 6)  # 1 MB left
+    rows = bench.sweep_k("lm", "cpu", ks=(1, 2), small=True, log=lambda *a: None, chunk=4)
+    assert [(r["K"], r["chunk"]) for r in rows] == [(1, "auto"), (1, None), (2, "auto"), (2, None)]
+    assert rows[3]["error"].startswith("skipped: one pass would need") and rows[3]["updates_per_s"] is None
+    assert rows[2]["updates_per_s"] > 0  # "auto" rows are not extrapolated
 
 
 def test_bench_rejects_unknown_models():
@@ -47,7 +57,7 @@ def test_bench_rejects_unknown_models():
 def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     """With every timed call taking 'one second', each rate must equal the number of updates that
     call processed (a per-client baseline timed on fewer clients than K must not count K)."""
-    def one_second(fn, device, reps=5, warmup=2):
+    def one_second(fn, device, reps=5, warmup=2, best=False):
         fn()
         return 1.0
 

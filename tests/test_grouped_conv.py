@@ -228,10 +228,51 @@ def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):
     small = mlp(d_in=50)
     P_mlp = sum(p.numel() for p in small.parameters())
     _, _, eng_mlp = _engine_grads(small, torch.randn(12, 50, generator=rng), torch.randn(3, P_mlp, generator=rng))
-    assert eng_mlp.chunk is None  # no convolutions: the whole buffer in one pass
+    assert eng_mlp.chunk == "auto" and eng_mlp.chunks == {3: 3}  # nothing below 3 to time: one pass
+    assert eng_mlp.chunk_timings == {}
 
 
-@pytest.mark.parametrize("kw, msg", [({"conv": "cudnn"}, "conv must be"), ({"chunk": 0}, "chunk must be")])
+def test_auto_chunk_keeps_the_fastest_pass_size_and_leaves_out_one_that_does_not_fit(rng, monkeypatch):
+    """chunk="auto" on a model without convolutions: passes of K = 40 and of 16 are timed per
+    student. Passes of 40 are made slow: 16 is kept, and the gradients equal one pass of all 40.
+    Then passes of 40 run out of memory: recorded, left out, and nothing of them is kept."""
+    import time
+
+    model = mlp(d_in=9)
+    proxy = torch.randn(10, 9, generator=rng)
+    P = sum(p.numel() for p in model.parameters())
+    students = 0.1 * torch.randn(40, P, generator=rng)
+    loss0, g0, _ = _engine_grads(model, proxy, students, chunk=None)
+
+    def patched(fail):
+        def engine_grads():
+            corr = fastagg.KDCorrection(proxy, schedule=1.0)
+            agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend="torch")
+            eng = corr.engine
+            step = eng._step
+
+            def step_40(s, p, o):
+                if s.shape[0] == 40:
+                    if fail:
+                        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+                    time.sleep(0.2)
+                return step(s, p, o)
+
+            monkeypatch.setattr(eng, "_step", step_40)
+            return eng(agg.params + students, corr.teacher(agg.params, 0).probs) + (eng,)
+        return engine_grads()
+
+    for fail in (False, True):
+        loss, g, eng = patched(fail)
+        assert eng.chunks == {40: 16} and set(eng.chunk_timings[40]) == {40, 16}
+        assert isinstance(eng.chunk_timings[40][16], float)
+        assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7) and torch.allclose(loss, loss0, rtol=1e-5)
+        assert set(eng.routes) == ({16, 8} if fail else {40, 16, 8})  # 40 = 16 + 16 + 8
+    assert eng.chunk_timings[40][40] == "out of memory"
+
+
+@pytest.mark.parametrize("kw, msg", [({"conv": "cudnn"}, "conv must be"), ({"chunk": 0}, "chunk must be"),
+                                     ({"chunk": "big"}, "chunk must be")])
 def test_engine_options_are_checked(kw, msg):
     with pytest.raises(ValueError, match=msg):
         fastagg.KDCorrection(torch.randn(4, 2, 5, 5), **kw)
