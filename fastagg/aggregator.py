@@ -97,6 +97,9 @@ class Aggregator:
             self._ingest_stream = torch.cuda.Stream(self.device)
         self._pending: list[_Pending] = []
         self._momentum = None
+        # the correction's students and gradients [capacity, P], allocated at the first correction
+        # and reused: no [K, P] allocation per buffer (on a CPU each one is page-faulted anew)
+        self._students = self._grads = None
         self._needs_base = isinstance(self.rule, _rules.FedAsync) or (
             correction is not None and correction.student == "client")
         self.store = VersionStore(P, self.dtype, self.device, max_versions, max_store_bytes)
@@ -223,6 +226,14 @@ class Aggregator:
                 self._merge_pending()
             return self.version
 
+    def _work_rows(self, n):
+        """The first n rows of the students buffer (allocated with the gradients' at first use)."""
+        if self._students is None:
+            shape = (self._capacity, self.spec.numel)
+            self._students = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self._students[:n]
+
     def _merge_pending(self):
         if self._ingest_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._ingest_stream)
@@ -242,15 +253,19 @@ class Aggregator:
             lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
             corr_idx = [k for k in range(K) if lam[k] > 0]
             if corr_idx:
-                idx = to_device(corr_idx, torch.int64, self.device)
-                if corr.student == "client":
-                    base = torch.stack([self.store.rows[slots[k]] if slots[k] is not None else self.params
-                                        for k in corr_idx])
-                else:
-                    base = self.params.expand(len(corr_idx), -1)
-                deltas = D.index_select(0, idx)
-                corr_rows, corr_scale = corr.correct(base + deltas, deltas, [lam[k] for k in corr_idx], teacher)
-                self._counters["corrected"] += len(corr_idx)
+                n = len(corr_idx)
+                deltas = D if n == K else D.index_select(0, to_device(corr_idx, torch.int64, self.device))
+                students = self._work_rows(n)
+                src = [slots[k] for k in corr_idx] if corr.student == "client" else [None] * n
+                if all(s is not None for s in src):  # students = their base versions + their deltas
+                    torch.index_select(self.store.rows, 0, to_device(src, torch.int64, self.device), out=students)
+                else:  # an evicted base (or student="applied"): the current model stands in
+                    for j, s in enumerate(src):
+                        students[j].copy_(self.store.rows[s] if s is not None else self.params)
+                students.add_(deltas)
+                corr_rows, corr_scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher,
+                                                     out=self._grads[:n])
+                self._counters["corrected"] += n
 
         if isinstance(self.rule, _rules.FedAsync):
             c0, coefs = self.rule.coefficients(w)

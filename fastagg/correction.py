@@ -128,15 +128,16 @@ class KDCorrection:
         return float(self.schedule(version, teacher)) * c
 
     # -- gradients -------------------------------------------------------------------------
-    def student_grads(self, students: torch.Tensor, teacher: Teacher):
+    def student_grads(self, students: torch.Tensor, teacher: Teacher, out=None):
         """KD loss [K] and gradient [K, P] (zeros for buffers) of K stacked students [K, P],
-        computed together by the batched engine (fastagg.engine)."""
-        return self.engine(students, teacher.probs)
+        computed together by the batched engine (fastagg.engine); ``out`` receives the gradients."""
+        return self.engine(students, teacher.probs, out=out)
 
     def correct(self, students: torch.Tensor, deltas: torch.Tensor, weights, teacher: Teacher,
-                grad_fn=None):
-        """Correction rows [K, P] and scale [K] such that delta' = delta - scale[:, None] * rows."""
-        grad_fn = grad_fn or (lambda s: self.student_grads(s, teacher)[1])
+                grad_fn=None, out=None):
+        """Correction rows [K, P] and scale [K] such that delta' = delta - scale[:, None] * rows.
+        ``out`` [K, P]: where the engine writes each step's gradients (with one step, the rows)."""
+        grad_fn = grad_fn or (lambda s: self.student_grads(s, teacher, out=out)[1])
         lam = to_device(weights, students.dtype, students.device)
         dnorm = deltas.norm(dim=1)
         if self.steps == 1:
@@ -149,16 +150,16 @@ class KDCorrection:
             return g, scale
         total = torch.zeros_like(students)
         s = students.clone()
-        for _ in range(self.steps):
+        for _ in range(self.steps):  # in place: no [K, P] temporaries per step
             g = grad_fn(s)
             if self.step == "absolute":
-                step = (self.eta * lam)[:, None] * g
+                coef = (self.eta * lam)[:, None]
             else:
                 gnorm = g.norm(dim=1, keepdim=True)
-                coef = (self.rho * lam * dnorm / self.steps)[:, None] / gnorm.clamp_min(1e-30)
-                step = torch.where(gnorm > 0, coef * g, torch.zeros_like(g))
-            total += step
-            s -= step
+                coef = torch.where(gnorm > 0, (self.rho * lam * dnorm / self.steps)[:, None] / gnorm.clamp_min(1e-30),
+                                   torch.zeros_like(gnorm))
+            total.addcmul_(coef, g)
+            s.addcmul_(coef, g, value=-1.0)
         return total, torch.ones_like(lam)
 
     def correct_loop(self, students, deltas, weights, teacher):

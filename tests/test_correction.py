@@ -219,3 +219,47 @@ def test_cuda_graph_engine_and_pinned_ingest_match_eager(rng):
             agg.submit(0.05 * torch.randn(agg.spec.numel, generator=g), base_version=max(0, agg.version - 1))
         res.append(agg.params.cpu())
     assert float((res[1] - res[0]).norm() / res[0].norm()) < 1e-5
+
+
+@pytest.mark.parametrize("student", ["client", "applied"])
+def test_fedbuff_with_mixed_staleness_and_several_steps_equals_a_float64_reference(student, rng):
+    """FedADT on FedBuff through the aggregator (its reused student/gradient buffers, the partial
+    buffer where fresh updates are not corrected, students on different base versions, three
+    relative KD steps) against the formulas written out here: per corrected update
+    s <- s - rho * lam * |d| / steps * g(s) / |g(s)|, three times from s = base + d (client) or
+    theta_t0 + d (applied), g the per-client float64 autograd gradient; then FedBuff's merge."""
+    model = mlp(d_in=5, hidden=7, classes=4, dtype=torch.float64)
+    proxy = torch.randn(11, 5, dtype=torch.float64, generator=rng)
+    kw = dict(schedule=fastagg.schedules.constant(1.5), step="relative", rho=0.8, steps=3,
+              staleness_factor="none", student=student)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4, server_lr=0.9), staleness=staleness.polynomial(0.5),
+                             correction=fastagg.KDCorrection(proxy, **kw))
+    ref_corr = fastagg.KDCorrection(proxy, **kw)
+    fastagg.Aggregator(model, fastagg.FedBuff(4), correction=ref_corr)  # binds it to the model
+    P = agg.spec.numel
+    for bases in ([0, 0, 0, 0], [0, 1, 0, 1], [0, 1, 2, 2]):  # 0, 2 and 2 of each buffer corrected
+        theta0, t0 = agg.params.clone(), agg.version
+        deltas = [0.2 * torch.randn(P, dtype=torch.float64, generator=rng) for _ in bases]
+        nums = [int(n) for n in torch.randint(1, 50, (len(bases),), generator=rng)]
+        for b, d, n in zip(bases, deltas, nums):
+            agg.submit(d, base_version=b, num_samples=n)
+        teacher = ref_corr.teacher(theta0, t0)
+        ws, new = [], []
+        for b, d in zip(bases, deltas):
+            s_k = t0 - b
+            ws.append(float(agg.staleness(s_k)))
+            if s_k < 1:
+                new.append(d)
+                continue
+            s = (agg.store.get(b) if student == "client" else theta0) + d
+            total = torch.zeros_like(d)
+            for _ in range(3):
+                g = ref_corr._loop_grad(s[None], teacher)[0]
+                step = 0.8 * 1.5 * d.norm() / 3 * g / g.norm()
+                total, s = total + step, s - step
+            new.append(d - total)
+        assert agg.version == t0 + 1 and agg.stats()["buffered"] == 0
+        a = agg.rule.coefficients(ws, nums)
+        expect = theta0 + 0.9 * sum(ak * dk for ak, dk in zip(a, new))
+        assert torch.allclose(agg.params, expect, rtol=0, atol=1e-12), float((agg.params - expect).abs().max())
+    assert agg.stats()["corrected"] == 4
