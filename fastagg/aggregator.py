@@ -91,10 +91,15 @@ class Aggregator:
         self._deltas = torch.empty(self._capacity, P, dtype=self.dtype, device=self.device)
         # On a GPU, host updates land in pinned staging rows and go to the device asynchronously on
         # an ingest stream, so that ingest of the next buffer overlaps the merge of this one.
+        # Two orderings keep that overlap safe: a staging row is rewritten only once its last
+        # copy has left it (one event per row, waited for on the host), and a copy into the
+        # buffer waits for the merge that last read the buffer (an event on the compute stream).
         self._staging = self._ingest_stream = None
         if self.device.type == "cuda":
             self._staging = torch.empty(self._capacity, P, dtype=self.dtype, pin_memory=True)
             self._ingest_stream = torch.cuda.Stream(self.device)
+            self._row_copied = [None] * self._capacity
+            self._merged = None
         self._pending: list[_Pending] = []
         self._momentum = None
         # the correction's students and gradients [capacity, P], allocated at the first correction
@@ -168,6 +173,8 @@ class Aggregator:
         slot = len(self._pending)
         host = self._staging is not None and not (isinstance(update, torch.Tensor) and update.is_cuda)
         row = self._staging[slot] if host else self._deltas[slot]  # scratch until committed below
+        if host and self._row_copied[slot] is not None:
+            self._row_copied[slot].synchronize()  # the previous buffer's copy has left this row
         self._write_row(update, row)
         norm = _finite_norm(row)
         if self.max_update_norm is not None and norm > self.max_update_norm:
@@ -175,7 +182,11 @@ class Aggregator:
         # -- commit: nothing below raises on bad input
         if host:
             with torch.cuda.stream(self._ingest_stream):
+                if self._merged is not None:
+                    self._ingest_stream.wait_event(self._merged)  # the last merge has read this row
                 self._deltas[slot].copy_(row, non_blocking=True)
+                self._row_copied[slot] = torch.cuda.Event()
+                self._row_copied[slot].record(self._ingest_stream)
         seq = self._seq
         self._seq += 1
         if client_id is not None:
@@ -226,6 +237,11 @@ class Aggregator:
                 self._merge_pending()
             return self.version
 
+    def _wait_ingest(self):
+        """Order the compute stream after the pending host-to-device copies of the buffer."""
+        if self._ingest_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._ingest_stream)
+
     def _work_rows(self, n):
         """The first n rows of the students buffer (allocated with the gradients' at first use)."""
         if self._students is None:
@@ -235,8 +251,7 @@ class Aggregator:
         return self._students[:n]
 
     def _merge_pending(self):
-        if self._ingest_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._ingest_stream)
+        self._wait_ingest()
         pend = self._pending
         K = len(pend)
         D = self._deltas[:K]
@@ -297,6 +312,9 @@ class Aggregator:
                 fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
             self.version += 1
         self.store.push(self.version, self.params)
+        if self._ingest_stream is not None:  # the next buffer's copies wait for this merge
+            self._merged = torch.cuda.Event()
+            self._merged.record(torch.cuda.current_stream(self.device))
         if self.max_staleness is not None:
             for v in [v for v in self._seen if v < self.version - self.max_staleness]:
                 del self._seen[v]
@@ -334,6 +352,7 @@ class Aggregator:
         """Everything needed to continue exactly: parameters, version, buffer, momentum,
         version store, duplicate-detection set and counters."""
         with self._lock:
+            self._wait_ingest()  # the buffered rows may still be on their way to the device
             return {
                 "format": "fastagg-aggregator-1",
                 "version": self.version,
@@ -362,6 +381,7 @@ class Aggregator:
             self.params.copy_(state["params"])
             self.version = int(state["version"])
             n = len(state["pending"])
+            self._wait_ingest()  # copies still on their way must not land over the restored rows
             self._deltas[:n].copy_(state["pending_deltas"])
             self._pending = [_Pending(**p) for p in state["pending"]]
             self._momentum = None if state["momentum"] is None else state["momentum"].to(self.params).clone()

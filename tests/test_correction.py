@@ -221,6 +221,34 @@ def test_cuda_graph_engine_and_pinned_ingest_match_eager(rng):
     assert float((res[1] - res[0]).norm() / res[0].norm()) < 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs a CUDA device")
+def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(rng, monkeypatch):
+    """Host updates are staged and copied to the device while the GPU still merges the previous
+    buffer. Each merge is held back ~50 ms on the device (a sleep queued before it) and four
+    buffers are submitted back to back: a copy into the buffer must wait for the merge that reads
+    it, and a staging row must not be rewritten before its last copy has left it. The result
+    equals the same submits merged on the CPU."""
+    import fastagg.aggregator as A
+
+    merge = A.fused_merge
+
+    def slow_merge(*args, **kw):
+        if torch.cuda.is_available():
+            torch.cuda._sleep(50_000_000)
+        return merge(*args, **kw)
+
+    monkeypatch.setattr(A, "fused_merge", slow_merge)
+    model = mlp(d_in=6, hidden=64, classes=5)
+    gpu = fastagg.Aggregator(model, fastagg.FedBuff(4), device="cuda")
+    cpu = fastagg.Aggregator(model, fastagg.FedBuff(4), backend="torch")
+    for _ in range(16):
+        d = torch.randn(gpu.spec.numel, generator=rng)
+        gpu.submit(d, base_version=gpu.version)
+        cpu.submit(d, base_version=cpu.version)
+    assert gpu.version == cpu.version == 4
+    assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("student", ["client", "applied"])
 def test_fedbuff_with_mixed_staleness_and_several_steps_equals_a_float64_reference(student, rng):
     """FedADT on FedBuff through the aggregator (its reused student/gradient buffers, the partial
