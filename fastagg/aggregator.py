@@ -90,16 +90,17 @@ class Aggregator:
         self._capacity = self.rule.capacity
         self._deltas = torch.empty(self._capacity, P, dtype=self.dtype, device=self.device)
         # On a GPU, host updates land in pinned staging rows and go to the device asynchronously on
-        # an ingest stream, so that ingest of the next buffer overlaps the merge of this one.
-        # Two orderings keep that overlap safe: a staging row is rewritten only once its last
-        # copy has left it (one event per row, waited for on the host), and a copy into the
-        # buffer waits for the merge that last read the buffer (an event on the compute stream).
+        # an ingest stream into the other of two delta buffers, so that ingest of the next buffer
+        # (host work and the copies) overlaps the correction and merge of this one. Two orderings
+        # keep that safe: a staging row is rewritten only once its last copy has left it (an event
+        # per row, waited for on the host), and a copy into a delta buffer waits for the merge
+        # that last read that buffer (an event per buffer, recorded on the compute stream).
         self._staging = self._ingest_stream = None
         if self.device.type == "cuda":
             self._staging = torch.empty(self._capacity, P, dtype=self.dtype, pin_memory=True)
             self._ingest_stream = torch.cuda.Stream(self.device)
             self._row_copied = [None] * self._capacity
-            self._merged = None
+            self._delta_sets, self._set, self._set_merged = [self._deltas, torch.empty_like(self._deltas)], 0, [None] * 2
         self._pending: list[_Pending] = []
         self._momentum = None
         # the correction's students and gradients [capacity, P], allocated at the first correction
@@ -182,8 +183,9 @@ class Aggregator:
         # -- commit: nothing below raises on bad input
         if host:
             with torch.cuda.stream(self._ingest_stream):
-                if self._merged is not None:
-                    self._ingest_stream.wait_event(self._merged)  # the last merge has read this row
+                merged = self._set_merged[self._set]
+                if merged is not None:
+                    self._ingest_stream.wait_event(merged)  # the last merge of this buffer has read it
                 self._deltas[slot].copy_(row, non_blocking=True)
                 self._row_copied[slot] = torch.cuda.Event()
                 self._row_copied[slot].record(self._ingest_stream)
@@ -312,9 +314,11 @@ class Aggregator:
                 fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
             self.version += 1
         self.store.push(self.version, self.params)
-        if self._ingest_stream is not None:  # the next buffer's copies wait for this merge
-            self._merged = torch.cuda.Event()
-            self._merged.record(torch.cuda.current_stream(self.device))
+        if self._ingest_stream is not None:  # the next buffer fills the other delta buffer
+            self._set_merged[self._set] = torch.cuda.Event()
+            self._set_merged[self._set].record(torch.cuda.current_stream(self.device))
+            self._set ^= 1
+            self._deltas = self._delta_sets[self._set]
         if self.max_staleness is not None:
             for v in [v for v in self._seen if v < self.version - self.max_staleness]:
                 del self._seen[v]
