@@ -100,7 +100,8 @@ class Aggregator:
             self._staging = torch.empty(self._capacity, P, dtype=self.dtype, pin_memory=True)
             self._ingest_stream = torch.cuda.Stream(self.device)
             self._row_copied = [None] * self._capacity
-            self._delta_sets, self._set, self._set_merged = [self._deltas, torch.empty_like(self._deltas)], 0, [None] * 2
+            self._delta_sets = [self._deltas, torch.empty_like(self._deltas)]
+            self._set, self._set_merged = 0, [None, None]
         self._pending: list[_Pending] = []
         self._momentum = None
         # the correction's students and gradients [capacity, P], allocated at the first correction

@@ -222,7 +222,8 @@ def limits(device):
         hb = torch.empty_like(h)
         res["host_copy_GBps"] = 2 * h.numel() * 4 / timeit(lambda: hb.copy_(h), "cpu", reps=10, best=True) / 1e9
         pinned, d = h.pin_memory(), torch.empty(h.numel(), device=device)
-        res["h2d_GBps"] = h.numel() * 4 / timeit(lambda: d.copy_(pinned, non_blocking=True), device, reps=10, best=True) / 1e9
+        h2d = timeit(lambda: d.copy_(pinned, non_blocking=True), device, reps=10, best=True)
+        res["h2d_GBps"] = h.numel() * 4 / h2d / 1e9
     else:
         res["host_copy_GBps"] = res["copy_GBps"]
     return res

@@ -29,9 +29,10 @@ def _simulate(args):
 def _bench(args):
     from . import bench
 
-    bench.run(device=args.device, models=tuple(m for m in args.models.split(",") if m), K=args.k, sweep=not args.no_sweep,
-              small=args.small, out=args.out, compile_baseline=not args.no_compile,
-              sweep_models=tuple(args.sweep_models.split(",")), sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")))
+    bench.run(device=args.device, models=tuple(m for m in args.models.split(",") if m), K=args.k,
+              sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
+              sweep_models=tuple(args.sweep_models.split(",")),
+              sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")))
     if args.out:
         print(f"results: {args.out}")
     return 0

@@ -16,9 +16,12 @@ loss and its gradient, written into one flat [K, P] buffer that the fused merge 
 Convolutions (``conv=``): vmap's own batching rule makes the K students' convolutions one
 grouped convolution (``"native"``, cuDNN on a GPU). ``"triton"`` routes the model's plain
 ``nn.Conv2d`` layers through fastagg's grouped implicit-GEMM kernels (fastagg.ops.grouped_conv),
-``"triton_cl"`` the same with channels-last activations between them, ``"torch"`` through the
-plain-PyTorch reference of the same route (tests). ``"auto"`` (default) times native, triton
-and triton_cl once per pass size on a CUDA device and keeps the fastest; elsewhere it is native.
+``"triton_cl"`` the same with channels-last activations between them, ``"triton_fused"`` the
+same as triton, and each conv -> relu -> 2x2 max-pool chain of the model (found by torch.fx)
+as one op whose kernel does relu and pooling in its epilogue; ``"torch"`` and ``"torch_fused"``
+through the plain-PyTorch references of those routes (tests). ``"auto"`` (default) times
+native, triton, triton_cl and (where the model has such chains) triton_fused once per pass size
+on a CUDA device and keeps the fastest; elsewhere it is native.
 
 ``compile=True`` adds one more candidate: ``torch.compile`` of the whole per-pass function
 (vmap of grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used
@@ -46,10 +49,10 @@ import warnings
 import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
-from .ops.grouped_conv import routable_convs, route_convs
+from .ops.grouped_conv import fuse_conv_relu_pool, routable_convs, route_convs
 from .ops.kd_loss import kd_loss_grad
 
-CONV_CHOICES = ("auto", "native", "triton", "triton_cl", "torch")
+CONV_CHOICES = ("auto", "native", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 
 
 def check_options(precision, conv, chunk):
@@ -82,7 +85,7 @@ class StudentGradEngine:
         self.routes: dict = {}  # pass size -> the route that runs it (native, triton, triton_cl, torch, compiled)
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
-        self._compiled = None
+        self._compiled = self._fused = None
         self._graphs: dict = {}
         self._zeros: dict = {}
 
@@ -91,8 +94,15 @@ class StudentGradEngine:
             return torch.autocast(self.proxy.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, params, x):
-        return functional_call(self.model, params, (x,))
+    def _forward(self, params, x, net=None):
+        return functional_call(self.model if net is None else net, params, (x,))
+
+    def fused_model(self):
+        """(the model with its conv -> relu -> 2x2 max-pool chains fused, how many): the net of the
+        ``*_fused`` routes (fastagg.ops.grouped_conv.fuse_conv_relu_pool)."""
+        if self._fused is None:
+            self._fused = fuse_conv_relu_pool(self.model)
+        return self._fused
 
     def _split(self, students):
         """Views of the stacked students [K, P]: ({trainable name: [K, ...]}, {buffer name: [K, ...]})."""
@@ -107,9 +117,10 @@ class StudentGradEngine:
             return self._compiled_step(students, probs, out)
         trainable, frozen = self._split(students)
         x = self.proxy
+        net = (self.fused_model()[0] or self.model) if route.endswith("_fused") else self.model
 
         def batched(p):
-            return vmap(lambda pp, bb: self._forward({**pp, **bb}, x), in_dims=(0, 0))(p, frozen)
+            return vmap(lambda pp, bb: self._forward({**pp, **bb}, x, net), in_dims=(0, 0))(p, frozen)
 
         with self._autocast():
             with (contextlib.nullcontext() if route == "native" else route_convs(self.model, route)) as routed:
@@ -234,6 +245,7 @@ class StudentGradEngine:
         else:
             cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
             routes = ["native"] + (["triton", "triton_cl"] if cuda and routable_convs(self.model) else [])
+            routes += ["triton_fused"] if cuda and self.fused_model()[1] else []
         return routes + (["compiled"] if self.compile else [])
 
     def _pick_route(self, students, probs, out):

@@ -94,6 +94,18 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
     m_ok, n, oh, ow = _pixels(tl.program_id(0), BM, N, HO, WO)  # output pixels
     offs_o = tl.program_id(1) * BN + tl.arange(0, BN)  # output channels
     o_ok = offs_o < CO
+    acc = _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO,
+                    sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, SH, SW, PH, PW, R, S, HAS_BIAS, TF32, BM, BN, BK)
+    _store(y_ptr, acc, k, n, oh, ow, offs_o, syk, syn, syc, syh, syw, m_ok, o_ok)
+
+
+@triton.jit
+def _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO,
+              sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws,
+              SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+              R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The [BM pixels, BN output channels] tile of student k's convolution (+ bias), fp32."""
     x_base = x_ptr + k * sxk + n * sxn
     w_base = w_ptr + k * swk + offs_o.to(tl.int64) * swo
     acc = tl.zeros((BM, BN), tl.float32)
@@ -106,7 +118,54 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
             acc = _channel_gemm(acc, x_pix, px_ok, sxc, w_base + r * swr + s * sws, swc, o_ok, C, TF32, BK)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * CO + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-    _store(y_ptr, acc, k, n, oh, ow, offs_o, syk, syn, syc, syh, syw, m_ok, o_ok)
+    return acc
+
+
+@triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "sxc", "syc"])
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
+def _conv_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, CO, HO, WO,
+                        sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, syk, syn, syc, syh, syw,
+                        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                        R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """max_pool2d(relu(conv + bias), 2) in the epilogue: the tile's pixels run window by window
+    (four consecutive rows are one 2x2 window of the even-sized output), so the pooled values are
+    a max over groups of four rows. Stores the pooled [K, N, Co, HO/2, WO/2] (strides sy*) and,
+    contiguous in the same shape, int8 codes: the window position (0..3, row-major) of the max,
+    or -1 where the pooled value is not positive (relu passes no gradient there)."""
+    k = tl.program_id(2).to(tl.int64)
+    PHO, PWO = HO // 2, WO // 2
+    offs = tl.program_id(0) * BM + tl.arange(0, BM)
+    p, q = offs // 4, offs % 4
+    m_ok = offs < N * HO * WO
+    n = (p // (PHO * PWO)).to(tl.int64)
+    oh, ow = ((p // PWO) % PHO) * 2 + q // 2, (p % PWO) * 2 + q % 2
+    offs_o = tl.program_id(1) * BN + tl.arange(0, BN)
+    o_ok = offs_o < CO
+    acc = _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO,
+                    sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, SH, SW, PH, PW, R, S, HAS_BIAS, TF32, BM, BN, BK)
+    pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
+                         return_indices_tie_break_left=True)
+    code = tl.where(pooled > 0, pos, -1)
+    pp = tl.program_id(0) * (BM // 4) + tl.arange(0, BM // 4)
+    p_ok = pp < N * PHO * PWO
+    pn, ph, pw = (pp // (PHO * PWO)).to(tl.int64), (pp // PWO) % PHO, pp % PWO
+    _store(y_ptr, pooled, k, pn, ph, pw, offs_o, syk, syn, syc, syh, syw, p_ok, o_ok)
+    _store(code_ptr, code, k, pn, ph, pw, offs_o, N * CO * PHO * PWO, CO * PHO * PWO, PHO * PWO, PWO, 1, p_ok, o_ok)
+
+
+@triton.jit
+def _unpool_relu(dp_ptr, code_ptr, dy_ptr, TOTAL, HO, WO, BLOCK: tl.constexpr):
+    """dy [planes, HO, WO] from the pooled gradient dp and the codes [planes, HO/2, WO/2] (both
+    contiguous): dp where this pixel is the window's positive max, else 0."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TOTAL
+    w = offs % WO
+    h = (offs // WO) % HO
+    src = (offs // (HO * WO)) * ((HO // 2) * (WO // 2)) + (h // 2) * (WO // 2) + w // 2
+    code = tl.load(code_ptr + src, mask=ok, other=-1)
+    g = tl.load(dp_ptr + src, mask=ok & (code == (h % 2) * 2 + w % 2), other=0.0)
+    tl.store(dy_ptr + offs, g, mask=ok)
 
 
 @triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "sdc", "sxc"])
@@ -230,6 +289,42 @@ def conv_forward(x, w, b, stride, padding, channels_last=False):
                     *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
                     HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
     return y
+
+
+def conv_relu_pool_forward(x, w, b, stride, padding):
+    """(y, code): y = max_pool2d(relu(conv2d(x[k], w[k], b[k])), 2) [K, N, Co, Ho/2, Wo/2] (dtype
+    of x, contiguous) and the int8 codes of the same shape (window position of the max, -1 where
+    y is not positive); Ho and Wo must be even."""
+    K, N, C, H, W = x.shape
+    Kw, CO, Cw, R, S = w.shape
+    if Kw != K or Cw != C:
+        raise ValueError(f"grouped conv: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match")
+    (SH, SW), (PH, PW) = stride, padding
+    HO, WO = _out_size(H, R, SH, PH), _out_size(W, S, SW, PW)
+    if HO % 2 or WO % 2:
+        raise ValueError(f"conv + relu + 2x2 max-pool: the convolution's output {HO}x{WO} must be even-sized")
+    y = torch.empty(K, N, CO, HO // 2, WO // 2, dtype=x.dtype, device=x.device)
+    code = torch.empty(y.shape, dtype=torch.int8, device=x.device)
+    w = _relayout(w, (0, 3, 4, 2, 1))
+    if b is not None:
+        b = b.reshape(K, CO).contiguous()
+
+    def grid(meta):
+        return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(CO, meta["BN"]), K
+
+    _conv_fwd_relu_pool[grid](x, w, b if b is not None else y, y, code, N, C, H, W, CO, HO, WO,
+                              *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
+                              HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+    return y, code
+
+
+def unpool_relu(dp, code, HO, WO):
+    """The gradient at the convolution's output [..., HO, WO] from the pooled gradient and codes."""
+    dp, code = dp.contiguous(), code.contiguous()
+    dy = torch.empty(*dp.shape[:-2], HO, WO, dtype=dp.dtype, device=dp.device)
+    BLOCK = 256 if _INTERPRET else 1024
+    _unpool_relu[(triton.cdiv(dy.numel(), BLOCK),)](dp, code, dy, dy.numel(), HO, WO, BLOCK=BLOCK)
+    return dy
 
 
 def conv_backward_data(dy, w, x_shape, stride, padding, channels_last=False):

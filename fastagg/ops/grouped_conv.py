@@ -23,6 +23,7 @@ caller can check that the kernels really ran.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 
@@ -72,16 +73,33 @@ class _TritonGroupedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        kern = _kernels()
-        xc, wc, dy = x.to(ctx.dtype), w.to(ctx.dtype), dy.to(ctx.dtype)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = kern.conv_backward_data(dy, wc, xc.shape, ctx.stride, ctx.padding, ctx.channels_last).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = kern.conv_backward_weight(dy, xc, wc.shape, ctx.stride, ctx.padding).to(w.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            db = dy.sum(dim=(1, 3, 4), dtype=_acc(dy.dtype)).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None
+        return (*_grouped_grads(ctx, x, w, dy.to(ctx.dtype), ctx.channels_last), None, None, None, None)
+
+
+def _plain(t):
+    """A saved tensor as the kernels can read it. Under a torch.func grad transform, a tensor
+    saved in forward comes back to backward wrapped for that (finished) level, and a wrapper has
+    no storage to hand a kernel; its value is the tensor inside (same shape: a grad wrapper, not
+    a vmap one)."""
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t) and not f.is_batchedtensor(t):
+        t = f.get_unwrapped(t)
+    return t
+
+
+def _grouped_grads(ctx, x, w, dy, channels_last=False):
+    """(dx, dw, db) of the grouped convolution through the kernels, for the inputs that need them."""
+    kern = _kernels()
+    x, w = _plain(x), _plain(w)
+    xc, wc = x.to(ctx.dtype), w.to(ctx.dtype)
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = kern.conv_backward_data(dy, wc, xc.shape, ctx.stride, ctx.padding, channels_last).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        dw = kern.conv_backward_weight(dy, xc, wc.shape, ctx.stride, ctx.padding).to(w.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        db = dy.sum(dim=(1, 3, 4), dtype=_acc(dy.dtype)).to(ctx.bias_dtype)
+    return dx, dw, db
 
 
 def grouped_conv2d_triton(x, w, b, stride, padding, dtype=None, channels_last=False):
@@ -108,8 +126,10 @@ def _triton_status():
     return backends.available()["triton"]
 
 
-# route -> (backend, channels-last outputs)
-ROUTES = {"torch": ("torch", False), "triton": ("triton", False), "triton_cl": ("triton", True)}
+# route -> (backend, channels-last outputs). The "_fused" routes also run each
+# conv -> relu -> 2x2 max-pool chain of the model as one op (see fuse_conv_relu_pool).
+ROUTES = {"torch": ("torch", False), "triton": ("triton", False), "triton_cl": ("triton", True),
+          "torch_fused": ("torch", False), "triton_fused": ("triton", False)}
 
 
 class _StudentConv(torch.autograd.Function):
@@ -129,32 +149,39 @@ class _StudentConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # one student outside vmap: plain PyTorch gradients
         x, w = ctx.saved_tensors
-        dy = dy.to(ctx.dtype)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.nn.grad.conv2d_input(x.shape, w.to(ctx.dtype), dy, ctx.stride, ctx.padding).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = torch.nn.grad.conv2d_weight(x.to(ctx.dtype), w.shape, dy, ctx.stride, ctx.padding).to(w.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            db = dy.sum(dim=(0, 2, 3), dtype=_acc(dy.dtype)).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None, None
+        return (*_student_grads(ctx, x, w, dy.to(ctx.dtype)), None, None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, stride, padding, dtype, route, counter):
-        K = info.batch_size
-
-        def batched(t, d, cast):
-            if t is None:
-                return None
-            if d is not None:
-                return t.movedim(d, 0)
-            # shared by all students (the proxy batch): cast once, then a stride-0 view
-            return (t.to(dtype) if cast else t).unsqueeze(0).expand(K, *t.shape)
-
-        x, w, b = batched(x, in_dims[0], True), batched(w, in_dims[1], True), batched(b, in_dims[2], False)
+        x, w, b = _students_first(info.batch_size, in_dims, x, w, b, dtype)
         counter.calls += 1
         backend, channels_last = ROUTES[route]
         return grouped_conv2d(x, w, b, stride, padding, dtype, backend, channels_last), 0
+
+
+def _student_grads(ctx, x, w, dy):
+    """(dx, dw, db) of one student's convolution in plain PyTorch, for the inputs that need them."""
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.nn.grad.conv2d_input(x.shape, w.to(ctx.dtype), dy, ctx.stride, ctx.padding).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        dw = torch.nn.grad.conv2d_weight(x.to(ctx.dtype), w.shape, dy, ctx.stride, ctx.padding).to(w.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        db = dy.sum(dim=(0, 2, 3), dtype=_acc(dy.dtype)).to(ctx.bias_dtype)
+    return dx, dw, db
+
+
+def _students_first(K, in_dims, x, w, b, dtype):
+    """x, w, b with the students' dimension first; an input shared by all students (the proxy
+    batch) is cast once and viewed K times (stride 0)."""
+    def batched(t, d, cast):
+        if t is None:
+            return None
+        if d is not None:
+            return t.movedim(d, 0)
+        return (t.to(dtype) if cast else t).unsqueeze(0).expand(K, *t.shape)
+
+    return batched(x, in_dims[0], True), batched(w, in_dims[1], True), batched(b, in_dims[2], False)
 
 
 class RouteCounter:
@@ -189,15 +216,203 @@ def routable_convs(model):
 @contextlib.contextmanager
 def route_convs(model, route="triton"):
     """Within the block, ``model``'s plain Conv2d layers run as grouped ops under vmap, by
-    ``route`` (a key of ROUTES). Yields a ``RouteCounter`` whose ``calls`` counts them."""
+    ``route`` (a key of ROUTES), and so do the fused chains of a model made by
+    ``fuse_conv_relu_pool``. Yields a ``RouteCounter`` whose ``calls`` counts them."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {tuple(ROUTES)}, got {route!r}")
     counter = RouteCounter()
     patched = routable_convs(model)
     for m in patched:
         m._conv_forward = lambda x, w, b, m=m: _routed_forward(m, route, counter, x, w, b)
+    token = _ACTIVE.set((route, counter))
     try:
         yield counter
     finally:
+        _ACTIVE.reset(token)
         for m in patched:
             del m._conv_forward
+
+
+# -- conv -> relu -> 2x2 max-pool as one op ----------------------------------------------------
+# The pooled output and the int8 code of each window's positive max are all that the chain
+# writes (the kernel's epilogue does relu and pooling), and all that its backward reads to
+# rebuild the gradient at the convolution's output: for a CIFAR CNN's first layer that is a
+# fifth of the bytes of conv, relu and pool run one after the other.
+
+_ACTIVE = contextvars.ContextVar("fastagg_conv_route", default=None)
+
+
+def _pool_codes(y, idx, WO):
+    """max_pool2d's flat indices as window positions (0..3, row-major), -1 where y <= 0."""
+    q = (idx // WO % 2) * 2 + idx % WO % 2
+    return torch.where(y > 0, q, -1).to(torch.int8)
+
+
+def conv_relu_pool_reference(x, w, b, stride, padding, dtype=None):
+    """(y, code) in plain PyTorch with the kernel's numerics: operands rounded to ``dtype``, the
+    convolution, relu and pooling in the accumulation dtype (fp32; float64 stays float64), y
+    rounded to ``dtype`` at the end (differentiable in y; code as the kernel writes it). Pooling
+    before rounding matters in bf16: rounding first makes ties and moves windows' maxima."""
+    dtype = dtype or x.dtype
+    acc = _acc(dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the accumulation dtype, also under autocast
+        z = grouped_conv2d_reference(x.to(dtype).to(acc), w.to(dtype).to(acc), None if b is None else b.to(acc),
+                                     stride, padding)
+    K, N, CO, HO, WO = z.shape
+    y, idx = F.max_pool2d(F.relu(z.reshape(K * N, CO, HO, WO)), 2, return_indices=True)
+    y, idx = y.view(K, N, CO, HO // 2, WO // 2), idx.view(K, N, CO, HO // 2, WO // 2)
+    return y.to(dtype), _pool_codes(y, idx, WO)
+
+
+def unpool_relu_reference(dp, code, HO, WO):
+    """The gradient at the convolution's output [..., HO, WO]: dp at each window's positive max."""
+    hit = code.unsqueeze(-1) == torch.arange(4, device=code.device)  # [..., HO/2, WO/2, 4]
+    g = (dp.unsqueeze(-1) * hit).view(*dp.shape, 2, 2).movedim(-2, -3)  # [..., HO/2, 2, WO/2, 2]
+    return g.reshape(*dp.shape[:-2], HO, WO)
+
+
+class _TritonConvReluPool(torch.autograd.Function):
+    """The K students' fused chain through the kernels: forward with the epilogue, backward as
+    the gradient rebuilt at the convolution's output (one pass) and the convolution's kernels."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, dtype):
+        return _kernels().conv_relu_pool_forward(x.to(dtype), w.to(dtype), b, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, stride, padding, dtype = inputs
+        y, code = output
+        ctx.mark_non_differentiable(code)
+        ctx.save_for_backward(x, w, code)
+        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
+        ctx.bias_dtype = None if b is None else b.dtype
+        ctx.conv_hw = (2 * y.shape[-2], 2 * y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy, _dcode):
+        x, w, code = (_plain(t) for t in ctx.saved_tensors)
+        dz = _kernels().unpool_relu(dy.to(ctx.dtype), code, *ctx.conv_hw)
+        return (*_grouped_grads(ctx, x, w, dz), None, None, None)
+
+
+def grouped_conv_relu_pool(x, w, b, stride, padding, dtype=None, backend="triton"):
+    """(max_pool2d(relu(conv2d(x[k], w[k], b[k])), 2) [K, N, Co, Ho/2, Wo/2], int8 codes)."""
+    stride, padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
+    if backend == "torch":
+        return conv_relu_pool_reference(x, w, b, stride, padding, dtype)
+    ok, why = _triton_status() if backend == "triton" else (False, "not a backend of this op")
+    if not ok:
+        raise backends.BackendUnavailable(f"grouped_conv_relu_pool has torch and triton backends; {backend!r}: {why}")
+    return _TritonConvReluPool.apply(x, w, b, tuple(stride), tuple(padding), dtype or x.dtype)
+
+
+class _StudentConvReluPool(torch.autograd.Function):
+    """One student's conv -> relu -> 2x2 max-pool; under vmap over students, one grouped op."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, dtype, route, counter):
+        z = F.conv2d(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), stride, padding)
+        y, idx = F.max_pool2d(F.relu(z), 2, return_indices=True)
+        return y, _pool_codes(y, idx, z.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, stride, padding, dtype, _, _ = inputs
+        y, code = output
+        ctx.mark_non_differentiable(code)
+        ctx.save_for_backward(x, w, code)
+        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
+        ctx.bias_dtype = None if b is None else b.dtype
+        ctx.conv_hw = (2 * y.shape[-2], 2 * y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy, _dcode):  # one student outside vmap: plain PyTorch gradients
+        x, w, code = ctx.saved_tensors
+        dz = unpool_relu_reference(dy.to(ctx.dtype), code, *ctx.conv_hw)
+        return (*_student_grads(ctx, x, w, dz), None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, b, stride, padding, dtype, route, counter):
+        x, w, b = _students_first(info.batch_size, in_dims, x, w, b, dtype)
+        counter.calls += 1
+        return grouped_conv_relu_pool(x, w, b, stride, padding, dtype, ROUTES[route][0]), (0, 0)
+
+
+def conv_relu_pool(x, weight, bias, stride, padding):
+    """What ``fuse_conv_relu_pool`` puts in place of a conv -> relu -> 2x2 max-pool chain: under
+    vmap over students inside ``route_convs``, one grouped op (the students' convolutions with
+    relu and pooling in the kernel's epilogue on the triton routes); anywhere else, and for
+    float64 or an odd-sized convolution output, the three ops as they were."""
+    active = _ACTIVE.get()
+    HO = (x.shape[-2] + 2 * padding[0] - weight.shape[-2]) // stride[0] + 1
+    WO = (x.shape[-1] + 2 * padding[1] - weight.shape[-1]) // stride[1] + 1
+    if (active is None or x.dim() != 4 or not torch._C._functorch.is_batchedtensor(weight)
+            or x.dtype == torch.float64 or HO % 2 or WO % 2):
+        return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, stride, padding)), 2)
+    route, counter = active
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return _StudentConvReluPool.apply(x, weight, bias, stride, padding, dtype, route, counter)[0]
+
+
+def _only_user(node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_relu(node, modules):
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and len(node.args) == 1
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1
+
+
+def _is_pool2(node, modules):
+    """A 2x2 max-pool with stride 2, no padding, dilation or ceil mode, returning values only."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if type(m) is not nn.MaxPool2d:
+            return False
+        kw = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                  ceil_mode=m.ceil_mode, return_indices=m.return_indices)
+    elif node.op == "call_function" and node.target is F.max_pool2d:
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        kw = dict(zip(names, node.args[1:]), **node.kwargs)
+    else:
+        return False
+    pair = nn.modules.utils._pair
+    return (pair(kw.get("kernel_size")) == (2, 2) and kw.get("stride") in (None, 2, (2, 2), [])
+            and pair(kw.get("padding", 0)) == (0, 0) and pair(kw.get("dilation", 1)) == (1, 1)
+            and not kw.get("ceil_mode", False) and not kw.get("return_indices", False))
+
+
+def fuse_conv_relu_pool(model):
+    """(a torch.fx copy of ``model`` in which every plain Conv2d -> relu -> 2x2 max-pool chain
+    calls ``conv_relu_pool``, how many chains it fused); (None, 0) if the model cannot be traced.
+    The copy shares the model's modules and parameter names, so ``functional_call`` works on it
+    with the same parameters; outside ``route_convs`` it computes exactly what the model does."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no fusion, not an error
+        return None, 0
+    modules = dict(gm.named_modules())
+    fused = 0
+    for node in list(gm.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(conv, nn.Conv2d) and _routable(conv)):
+            continue
+        relu = _only_user(node)
+        pool = _only_user(relu) if relu is not None and _is_relu(relu, modules) else None
+        if pool is None or not _is_pool2(pool, modules):
+            continue
+        with gm.graph.inserting_before(pool):
+            w = gm.graph.get_attr(f"{node.target}.weight")
+            b = gm.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
+            chain = gm.graph.call_function(conv_relu_pool, (node.args[0], w, b, conv.stride, conv.padding))
+        pool.replace_all_uses_with(chain)
+        for n in (pool, relu, node):
+            gm.graph.erase_node(n)
+        fused += 1
+    gm.recompile()
+    return gm, fused
