@@ -123,7 +123,8 @@ class StudentGradEngine:
             return vmap(lambda pp, bb: self._forward({**pp, **bb}, x, net), in_dims=(0, 0))(p, frozen)
 
         with self._autocast():
-            with (contextlib.nullcontext() if route == "native" else route_convs(self.model, route)) as routed:
+            plain = route == "native" and self.precision == "fp32"  # native bf16: the convs' operands cast
+            with (contextlib.nullcontext() if plain else route_convs(self.model, route)) as routed:
                 logits, pullback = vjp(batched, trainable)
             self.routed_convs += getattr(routed, "calls", 0)
             N, C = probs.shape
@@ -147,7 +148,9 @@ class StudentGradEngine:
     def _compiled_step(self, students, probs, out):
         if self._compiled is None:
             self._compiled = torch.compile(self._plain_flat_grads)
-        loss, flat = self._compiled(students, probs)
+        cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
+        with route_convs(self.model, "native") if cast else contextlib.nullcontext():
+            loss, flat = self._compiled(students, probs)
         out.copy_(flat)
         return loss
 

@@ -570,3 +570,22 @@ def test_student_conv_relu_pool_outside_vmap_matches_the_three_ops(rng):
     assert torch.equal(y, y_ref) and code.dtype == torch.int8
     for g, r in zip(grads, grads_ref):
         assert torch.allclose(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_native_route_casts_the_convolutions_that_autocast_misses_under_vmap(rng):
+    """torch.autocast does not reach a convolution under vmap (it runs in fp32): the engine's
+    convolution routes cast its operands themselves, so "bf16" means bf16 convolutions too."""
+    model = TwoConv()
+    params = {k: v.detach().unsqueeze(0).expand(3, *v.shape).clone() for k, v in model.named_parameters()}
+    x = torch.randn(4, 2, 5, 5, generator=rng)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return vmap(lambda p: functional_call(model.c2, {"weight": p["c2.weight"], "bias": p["c2.bias"]},
+                                                  (functional_call(model.c1, {"weight": p["c1.weight"],
+                                                                              "bias": p["c1.bias"]}, (x,)),)))(params)
+
+    assert run().dtype == torch.float32  # torch's behaviour, which the route corrects
+    with route_convs(model, "native") as counter:
+        assert run().dtype == torch.bfloat16
+    assert counter.calls == 0  # cast, not grouped

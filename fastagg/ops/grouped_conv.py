@@ -128,8 +128,8 @@ def _triton_status():
 
 # route -> (backend, channels-last outputs). The "_fused" routes also run each
 # conv -> relu -> 2x2 max-pool chain of the model as one op (see fuse_conv_relu_pool).
-ROUTES = {"torch": ("torch", False), "triton": ("triton", False), "triton_cl": ("triton", True),
-          "torch_fused": ("torch", False), "triton_fused": ("triton", False)}
+ROUTES = {"native": (None, False), "torch": ("torch", False), "triton": ("triton", False),
+          "triton_cl": ("triton", True), "torch_fused": ("torch", False), "triton_fused": ("triton", False)}
 
 
 class _StudentConv(torch.autograd.Function):
@@ -198,13 +198,18 @@ def _routable(m):
 
 def _routed_forward(module, route, counter, x, weight, bias):
     batched = torch._C._functorch.is_batchedtensor
-    # Only a convolution whose input differs per student is grouped. One whose input is shared
-    # by all of them (the first layer, on the proxy batch) is a single ordinary convolution with
-    # K * Co output channels under vmap's own rule; it stays there.
-    if x.dim() != 4 or not batched(weight) or not batched(x) or x.dtype == torch.float64:
-        return nn.Conv2d._conv_forward(module, x, weight, bias)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    # Only a convolution whose input differs per student is grouped. One whose input is shared
+    # by all of them (the first layer, on the proxy batch) is a single ordinary convolution with
+    # K * Co output channels under vmap's own rule; it stays there, and so does every layer on
+    # the native route. Autocast does not reach a convolution under vmap (it runs in fp32 even
+    # inside torch.autocast), so the operands are cast here.
+    if (ROUTES[route][0] is None or x.dim() != 4 or not batched(weight) or not batched(x)
+            or x.dtype == torch.float64):
+        if batched(weight) and x.dtype != torch.float64 and dtype != weight.dtype:
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        return nn.Conv2d._conv_forward(module, x, weight, bias)
     return _StudentConv.apply(x, weight, bias, module.stride, module.padding, dtype, route, counter)
 
 
@@ -347,8 +352,8 @@ def conv_relu_pool(x, weight, bias, stride, padding):
     active = _ACTIVE.get()
     HO = (x.shape[-2] + 2 * padding[0] - weight.shape[-2]) // stride[0] + 1
     WO = (x.shape[-1] + 2 * padding[1] - weight.shape[-1]) // stride[1] + 1
-    if (active is None or x.dim() != 4 or not torch._C._functorch.is_batchedtensor(weight)
-            or x.dtype == torch.float64 or HO % 2 or WO % 2):
+    if (active is None or ROUTES[active[0]][0] is None or x.dim() != 4
+            or not torch._C._functorch.is_batchedtensor(weight) or x.dtype == torch.float64 or HO % 2 or WO % 2):
         return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, stride, padding)), 2)
     route, counter = active
     dev = x.device.type
