@@ -2,7 +2,8 @@
 convolution (what vmap's batching rule runs for K students), layer by layer for the CNNs and the
 ResNet-18 of `fastagg bench`, bf16 operands. For each distinct layer shape: ms and TFLOP/s of
 the forward, data-gradient and weight-gradient passes, and the bf16 matmul rate measured in the
-same run (the limit). Run from the repository root on a CUDA machine:
+same run (the limit); and for the `cnn`'s two conv -> relu -> 2x2 max-pool chains, the fused
+kernel against the chain as vmap runs it. Run from the repository root on a CUDA machine:
 
     OUT=out python bench/gpu_conv.py
 """
@@ -93,6 +94,48 @@ def run_layer(K, shape):
     return row
 
 
+def run_fused(K, shape, shared):
+    """conv -> relu -> 2x2 max-pool of one layer: the fused kernel (the engine's triton_fused
+    route) against the same chain as vmap runs it (cuDNN convolution, relu, max-pool with
+    indices), forward and backward (ours: rebuild the gradient at the convolution's output, then
+    the weight gradient and, for a batched input, the data gradient; theirs: autograd)."""
+    N, C, H, W, CO, R, S, stride, padding = shape
+    bf = torch.bfloat16
+    x = torch.randn(1 if shared else K, N, C, H, W, device=dev, dtype=bf).expand(K, N, C, H, W)
+    w = torch.randn(K, CO, C, R, S, device=dev, dtype=bf)
+    b = torch.randn(K, CO, device=dev)
+    y, code = gck.conv_relu_pool_forward(x, w, b, stride, padding)
+    HO, WO = 2 * y.shape[-2], 2 * y.shape[-1]
+    dp = torch.randn_like(y)
+
+    def ours_bwd():
+        dz = gck.unpool_relu(dp, code, HO, WO)
+        gck.conv_backward_weight(dz, x, w.shape, stride, padding)
+        if not shared:
+            gck.conv_backward_data(dz, w, x.shape, stride, padding)
+
+    wg = w.reshape(K * CO, C, R, S).detach().requires_grad_()
+    xg = (x[0] if shared else x.movedim(0, 1).reshape(N, K * C, H, W).contiguous()).detach().requires_grad_(not shared)
+
+    def theirs_fwd():
+        z = F.conv2d(xg, wg, b.to(bf).reshape(-1), stride, padding, groups=1 if shared else K)
+        return F.max_pool2d(F.relu(z), 2)
+
+    yt = theirs_fwd()
+    dpt = dp.movedim(0, 1).reshape(yt.shape)
+    inputs = (wg,) if shared else (wg, xg)
+    row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "S": S, "shared_input": shared,
+           "fused_fwd_ms": do_bench(lambda: gck.conv_relu_pool_forward(x, w, b, stride, padding), warmup=10, rep=40),
+           "chain_fwd_ms": do_bench(theirs_fwd, warmup=10, rep=40),
+           "fused_bwd_ms": do_bench(ours_bwd, warmup=10, rep=40),
+           "chain_bwd_ms": do_bench(lambda: torch.autograd.grad(yt, inputs, dpt, retain_graph=True), warmup=10, rep=40)}
+    ref = theirs_fwd().detach().float().view(N, K, CO, *y.shape[-2:]).movedim(1, 0)
+    row["fwd_rel_err"] = float((y.float() - ref).norm() / ref.norm())
+    del x, w, y, code, dp, wg, xg, yt
+    torch.cuda.empty_cache()
+    return row
+
+
 def check_offsets64():
     """A forward whose input holds more than 2^31 elements (66 students x [256, 128, 32, 32],
     4.4 GB bf16): the last student's output against F.conv2d on that student alone."""
@@ -117,6 +160,17 @@ def main():
     print(f"input of {66 * 256 * 128 * 32 * 32:,} elements (> 2^31): last student's relative error {err:.1e}")
     print("model K  N   C   HxW    Co  RxS s | fwd ms (TF/s, x cuDNN) | dgrad | wgrad")
     path = os.path.join(OUT, "gpu_conv.json")
+    res["fused"] = []
+    for shape, shared in (((256, 3, 32, 32, 32, 5, 5, (1, 1), (2, 2)), True),  # `cnn`, K = 64
+                          ((256, 32, 16, 16, 64, 5, 5, (1, 1), (2, 2)), False)):
+        try:
+            row = run_fused(64, shape, shared)
+        except Exception as exc:  # noqa: BLE001 - recorded
+            row = {"shape": str(shape), "error": f"{type(exc).__name__}: {exc}"[:300]}
+        res["fused"].append(row)
+        print("fused conv+relu+pool", row, flush=True)
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
     for name, K in (("cnn", 64), ("resnet18", 32), ("cnn4", 64)):
         for shape in layer_shapes(name):
             try:
