@@ -14,6 +14,8 @@ part=${1:-1}
 if [ "$part" = 1 ]; then
   { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version())"
+    python3 -c "import torch, torch.nn.functional as F; x, w = torch.randn(2, 3, 8, 8, device='cuda'), torch.randn(4, 5, 3, 3, 3, device='cuda')
+with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + autocast:', torch.func.vmap(lambda ww: F.conv2d(x, ww))(w).dtype)"
   } | tee "$OUT/device.txt"
   FASTAGG_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
       tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
