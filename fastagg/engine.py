@@ -35,7 +35,7 @@ pass. ``"auto"`` (default): the first buffer of each size K times passes of K an
 and 16 students (those below K), per student, and keeps the fastest; a size that runs out of
 memory is recorded and left out (``chunks`` says what was chosen, ``chunk_timings`` what each
 size measured). Batching pays up to a point: beyond it the working set leaves the caches
-(`fastagg bench --device cpu`, the LM: 291 updates/s in passes of 64 against 185 in one pass of
+(`fastagg bench --device cpu`, the LM: 282 updates/s in passes of 64 against 189 in one pass of
 256). A model with convolutions on a CPU runs one student per pass without timing: batched
 grouped convolutions were 2-3x slower there at every size measured.
 """
@@ -82,7 +82,7 @@ class StudentGradEngine:
         self.chunk = chunk if chunk in (None, "auto") else int(chunk)
         self.chunks: dict = {}  # buffer size K -> students per pass (chunk="auto")
         self.chunk_timings: dict = {}  # K -> {students per pass: seconds per student, or why not}
-        self.routes: dict = {}  # pass size -> the route that runs it (native, triton, triton_cl, torch, compiled)
+        self.routes: dict = {}  # pass size -> the route that runs it (a CONV_CHOICES route or "compiled")
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._compiled = self._fused = None

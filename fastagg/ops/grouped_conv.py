@@ -17,7 +17,13 @@ along contiguous channels). Outside vmap, for float64, for layers the kernels do
 (groups, dilation, padding modes, string padding) and for a layer whose input all students
 share (vmap's rule makes that one ordinary convolution with K * Co output channels, not a
 grouped one), they run as before. The yielded counter says how many calls were routed, so a
-caller can check that the kernels really ran.
+caller can check that the kernels really ran. Under autocast every route, ``"native"``
+included, casts a vmap'd convolution's operands itself: autocast does not reach it under vmap.
+
+``fuse_conv_relu_pool(model)`` (torch.fx) makes a copy of the model whose conv -> relu -> 2x2
+max-pool chains call ``conv_relu_pool``: on the ``"*_fused"`` routes one grouped op per chain
+(``grouped_conv_relu_pool``: the kernels pool in the convolution's epilogue), the three ops as
+before everywhere else.
 """
 
 from __future__ import annotations
