@@ -267,16 +267,21 @@ def _empty(K, N, C, H, W, dtype, device, channels_last):
     return torch.empty(K, N, C, H, W, dtype=dtype, device=device)
 
 
-def conv_forward(x, w, b, stride, padding, channels_last=False):
-    """y [K, N, Co, Ho, Wo] (dtype of x) for x [K, N, C, H, W], w [K, Co, C, R, S], b [K, Co] or
-    None; ``channels_last``: y stored as [K, N, Ho, Wo, Co] (the next layer's loads along
-    channels are then contiguous)."""
+def _fwd_shape(x, w, stride, padding):
+    """(K, N, C, H, W, Co, R, S, Ho, Wo) of a forward, with input and weight checked."""
     K, N, C, H, W = x.shape
     Kw, CO, Cw, R, S = w.shape
     if Kw != K or Cw != C:
         raise ValueError(f"grouped conv: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match")
+    return K, N, C, H, W, CO, R, S, _out_size(H, R, stride[0], padding[0]), _out_size(W, S, stride[1], padding[1])
+
+
+def conv_forward(x, w, b, stride, padding, channels_last=False):
+    """y [K, N, Co, Ho, Wo] (dtype of x) for x [K, N, C, H, W], w [K, Co, C, R, S], b [K, Co] or
+    None; ``channels_last``: y stored as [K, N, Ho, Wo, Co] (the next layer's loads along
+    channels are then contiguous)."""
+    K, N, C, H, W, CO, R, S, HO, WO = _fwd_shape(x, w, stride, padding)
     (SH, SW), (PH, PW) = stride, padding
-    HO, WO = _out_size(H, R, SH, PH), _out_size(W, S, SW, PW)
     y = _empty(K, N, CO, HO, WO, x.dtype, x.device, channels_last)
     w = _relayout(w, (0, 3, 4, 2, 1))  # [K, R, S, C, Co] in memory: B tiles load along Co
     if b is not None:
@@ -295,12 +300,8 @@ def conv_relu_pool_forward(x, w, b, stride, padding):
     """(y, code): y = max_pool2d(relu(conv2d(x[k], w[k], b[k])), 2) [K, N, Co, Ho/2, Wo/2] (dtype
     of x, contiguous) and the int8 codes of the same shape (window position of the max, -1 where
     y is not positive); Ho and Wo must be even."""
-    K, N, C, H, W = x.shape
-    Kw, CO, Cw, R, S = w.shape
-    if Kw != K or Cw != C:
-        raise ValueError(f"grouped conv: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match")
+    K, N, C, H, W, CO, R, S, HO, WO = _fwd_shape(x, w, stride, padding)
     (SH, SW), (PH, PW) = stride, padding
-    HO, WO = _out_size(H, R, SH, PH), _out_size(W, S, SW, PW)
     if HO % 2 or WO % 2:
         raise ValueError(f"conv + relu + 2x2 max-pool: the convolution's output {HO}x{WO} must be even-sized")
     y = torch.empty(K, N, CO, HO // 2, WO // 2, dtype=x.dtype, device=x.device)

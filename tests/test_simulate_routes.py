@@ -10,7 +10,7 @@ from fastagg import simulate
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (the device script runs it)"))])
-def test_runs_through_the_conv_routes_match_the_native_run(device, monkeypatch):
+def test_runs_through_the_conv_routes_match_the_native_run(device):
     """Run-level check of the conv routes: the same simulated clients, FedADT corrected through
     vmap's own convolutions and through fastagg's grouped op (on a CPU its plain-PyTorch route and
     the Triton kernels through the interpreter, on a GPU the kernels, NCHW and channels-last, TF32
@@ -18,8 +18,17 @@ def test_runs_through_the_conv_routes_match_the_native_run(device, monkeypatch):
     routes must really run (engine.routes, routed_convs), and the final models must differ by far
     less than the correction itself moves them (FedADT against FedBuff). A 1% error in the weight
     gradient of the routed layer moves the ratio to ~2e-2; the clean runs give ~4e-5."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if device == "cuda":  # fp32 on both sides, not TF32 (restored below)
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _compare_routes(device)
+    finally:
+        if device == "cuda":
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compare_routes(device):
     g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     templates = torch.randn(10, 1, 28, 28, generator=g)
 

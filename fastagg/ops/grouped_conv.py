@@ -115,16 +115,22 @@ def grouped_conv2d_triton(x, w, b, stride, padding, dtype=None, channels_last=Fa
 def grouped_conv2d(x, w, b, stride, padding, dtype=None, backend="triton", channels_last=False):
     """Differentiable grouped convolution of K students (see the module docstring).
     ``channels_last`` (triton): outputs and data gradients stored [K, N, H, W, C]."""
-    if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
-        raise ValueError(f"grouped_conv2d: input {tuple(x.shape)} [K, N, C, H, W] and weight "
-                         f"{tuple(w.shape)} [K, Co, C, R, S] do not match")
-    stride, padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
+    stride, padding = _checked("grouped_conv2d", x, w, stride, padding, backend)
     if backend == "torch":
         return grouped_conv2d_reference(x, w, b, stride, padding, dtype)
-    ok, why = _triton_status() if backend == "triton" else (False, "not a backend of this op")
-    if not ok:
-        raise backends.BackendUnavailable(f"grouped_conv2d has torch and triton backends; {backend!r}: {why}")
     return grouped_conv2d_triton(x, w, b, stride, padding, dtype, channels_last)
+
+
+def _checked(op, x, w, stride, padding, backend):
+    """(stride, padding) as pairs, once the shapes match and the backend is one this op has here."""
+    if x.dim() != 5 or w.dim() != 5 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[2]:
+        raise ValueError(f"{op}: input {tuple(x.shape)} [K, N, C, H, W] and weight "
+                         f"{tuple(w.shape)} [K, Co, C, R, S] do not match")
+    ok, why = ((True, "") if backend == "torch" else _triton_status() if backend == "triton"
+               else (False, "not a backend of this op"))
+    if not ok:
+        raise backends.BackendUnavailable(f"{op} has torch and triton backends; {backend!r}: {why}")
+    return nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,6 +288,16 @@ def unpool_relu_reference(dp, code, HO, WO):
     return g.reshape(*dp.shape[:-2], HO, WO)
 
 
+def _save_chain(ctx, x, w, b, stride, padding, dtype, y, code):
+    """What a fused chain's backward needs: the convolution's operands, the window codes, and the
+    size of the convolution's output (twice the pooled one)."""
+    ctx.mark_non_differentiable(code)
+    ctx.save_for_backward(x, w, code)
+    ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
+    ctx.bias_dtype = None if b is None else b.dtype
+    ctx.conv_hw = (2 * y.shape[-2], 2 * y.shape[-1])
+
+
 class _TritonConvReluPool(torch.autograd.Function):
     """The K students' fused chain through the kernels: forward with the epilogue, backward as
     the gradient rebuilt at the convolution's output (one pass) and the convolution's kernels."""
@@ -292,13 +308,7 @@ class _TritonConvReluPool(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, b, stride, padding, dtype = inputs
-        y, code = output
-        ctx.mark_non_differentiable(code)
-        ctx.save_for_backward(x, w, code)
-        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
-        ctx.bias_dtype = None if b is None else b.dtype
-        ctx.conv_hw = (2 * y.shape[-2], 2 * y.shape[-1])
+        _save_chain(ctx, *inputs, *output)
 
     @staticmethod
     def backward(ctx, dy, _dcode):
@@ -309,12 +319,9 @@ class _TritonConvReluPool(torch.autograd.Function):
 
 def grouped_conv_relu_pool(x, w, b, stride, padding, dtype=None, backend="triton"):
     """(max_pool2d(relu(conv2d(x[k], w[k], b[k])), 2) [K, N, Co, Ho/2, Wo/2], int8 codes)."""
-    stride, padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
+    stride, padding = _checked("grouped_conv_relu_pool", x, w, stride, padding, backend)
     if backend == "torch":
         return conv_relu_pool_reference(x, w, b, stride, padding, dtype)
-    ok, why = _triton_status() if backend == "triton" else (False, "not a backend of this op")
-    if not ok:
-        raise backends.BackendUnavailable(f"grouped_conv_relu_pool has torch and triton backends; {backend!r}: {why}")
     return _TritonConvReluPool.apply(x, w, b, tuple(stride), tuple(padding), dtype or x.dtype)
 
 
@@ -329,13 +336,7 @@ class _StudentConvReluPool(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, b, stride, padding, dtype, _, _ = inputs
-        y, code = output
-        ctx.mark_non_differentiable(code)
-        ctx.save_for_backward(x, w, code)
-        ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
-        ctx.bias_dtype = None if b is None else b.dtype
-        ctx.conv_hw = (2 * y.shape[-2], 2 * y.shape[-1])
+        _save_chain(ctx, *inputs[:6], *output)
 
     @staticmethod
     def backward(ctx, dy, _dcode):  # one student outside vmap: plain PyTorch gradients
