@@ -392,7 +392,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
            else "") + "; "
         f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {per_pass}, "
         f"route {r['route']} {r['route_ms']}")
-    log("  stage                 ms     floor ms   floor/measured (over 100%: the data stayed in cache)")
+    log("  stage                 ms     floor ms   floor/measured (over 100%: cache-resident data, or a limit measured low)")
     for stage, ms in r["stages_ms"].items():
         fl = r["floors_ms"][stage]
         log(f"  {stage:<20}{ms:>9.3f}{fl:>11.3f}{fl / ms:>12.1%}")
@@ -413,7 +413,7 @@ def _malloc_trim():
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the peak may then miss reused pages
-        pass
+        return
 
 
 class _PeakMemory:
@@ -475,7 +475,7 @@ def _available_memory():
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
+        return None
     return None
 
 
