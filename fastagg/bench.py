@@ -392,7 +392,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
            else "") + "; "
         f"merge {t_merge * 1e3:.2f} ms (floor {r['floors_ms']['merge']:.2f}); students per pass {per_pass}, "
         f"route {r['route']} {r['route_ms']}")
-    log("  stage                 ms     floor ms   floor/measured (over 100%: cache-resident data, or a limit measured low)")
+    log("  stage                 ms     floor ms   floor/measured "
+        "(over 100%: cache-resident data, or a limit measured low)")
     for stage, ms in r["stages_ms"].items():
         fl = r["floors_ms"][stage]
         log(f"  {stage:<20}{ms:>9.3f}{fl:>11.3f}{fl / ms:>12.1%}")

@@ -8,8 +8,6 @@ import torch
 from fastagg import simulate
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (the device script runs it)"))])
 def test_runs_through_the_conv_routes_match_the_native_run(device):
     """Run-level check of the conv routes: the same simulated clients, FedADT corrected through
     vmap's own convolutions and through fastagg's grouped op (on a CPU its plain-PyTorch route and
@@ -17,7 +15,9 @@ def test_runs_through_the_conv_routes_match_the_native_run(device):
     off). Client training is identical, so the runs differ only by the correction's rounding: the
     routes must really run (engine.routes, routed_convs), and the final models must differ by far
     less than the correction itself moves them (FedADT against FedBuff). A 1% error in the weight
-    gradient of the routed layer moves the ratio to ~2e-2; the clean runs give ~4e-5."""
+    gradient of the routed layer moves the ratio to ~2e-2; the clean runs give ~4e-5. The device
+    is the suite's (FASTAGG_TEST_DEVICE; the device script runs it with cuda)."""
+    device = device.type
     if device == "cuda":  # fp32 on both sides, not TF32 (restored below)
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
