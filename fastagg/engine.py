@@ -247,8 +247,9 @@ class StudentGradEngine:
             routes = [self.conv]
         else:
             cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
-            routes = ["native"] + (["triton", "triton_cl"] if cuda and routable_convs(self.model) else [])
-            routes += ["triton_fused"] if cuda and self.fused_model()[1] else []
+            convs = cuda and bool(routable_convs(self.model))
+            routes = ["native"] + (["triton", "triton_cl"] if convs else [])
+            routes += ["triton_fused"] if convs and self.fused_model()[1] else []  # traced only for conv models
         return routes + (["compiled"] if self.compile else [])
 
     def _pick_route(self, students, probs, out):
