@@ -17,6 +17,11 @@ Shapes (logical NCHW, the layout vmap hands over), any strides:
     backward weight GEMM per student: [Co, N*Ho*Wo] x [N*Ho*Wo, C] for each (r, s); the long
                    reduction over N*Ho*Wo can be split over programs (fp32 atomics)
 
+    forward + relu + 2x2 max-pool: the forward GEMM with the tile's pixels ordered window by
+                   window; the epilogue pools the fp32 tile and stores the pooled values and an
+                   int8 code per window (``unpool_relu`` turns a pooled gradient back into the
+                   gradient at the convolution's output in one pass)
+
 Loops run over (r, s) outside and channels inside, so no division sits in the inner loop.
 Offsets into x, dy and y are 64-bit (K*N*C*H*W passes 2^31 for a buffer of students).
 """
