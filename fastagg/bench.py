@@ -472,12 +472,10 @@ def _available_memory():
     """Bytes the kernel says a new process could still use (Linux), else None."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            lines = f.read().splitlines()
     except OSError:
         return None
-    return None
+    return next((int(l.split()[1]) * 1024 for l in lines if l.startswith("MemAvailable:")), None)
 
 
 def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64):

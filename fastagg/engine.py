@@ -65,6 +65,15 @@ def check_options(precision, conv, chunk):
         raise ValueError(f"chunk must be 'auto', None or an int >= 1, got {chunk!r}")
 
 
+def _seconds(fn, reps, sync):
+    """Seconds per call of ``fn`` (already warmed up) over ``reps`` calls, the device synchronised."""
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
 def _has_convs(model):
     return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
 
@@ -209,11 +218,7 @@ class StudentGradEngine:
             try:
                 self._pass(s, probs, g)
                 sync()
-                t = time.perf_counter()
-                for _ in range(2):
-                    self._pass(s, probs, g)
-                sync()
-                per[c] = (time.perf_counter() - t) / (2 * c)
+                per[c] = _seconds(lambda: self._pass(s, probs, g), 2, sync) / c
             except torch.OutOfMemoryError:
                 failed[c] = "out of memory"
                 self.routes.pop(c, None)
@@ -274,11 +279,7 @@ class StudentGradEngine:
                 warnings.warn(f"fastagg engine: the {route} route failed for passes of {K} students and is "
                               f"left out ({failed[route]})", RuntimeWarning, stacklevel=4)
                 continue
-            t = time.perf_counter()
-            for _ in range(3):
-                self._run(students, probs, out)
-            sync()
-            times[route] = (time.perf_counter() - t) / 3
+            times[route] = _seconds(lambda: self._run(students, probs, out), 3, sync)
         self.route_timings[K] = {**times, **failed}
         best = min(times, key=times.get)
         self._graphs = {key: g for key, g in self._graphs.items() if key[0] != K or key[2] == best}
