@@ -80,12 +80,25 @@ def _channel_gemm(acc, a_pix, a_ok, a_step, b_tap, b_step, b_ok, CH, TF32: tl.co
 
 
 @triton.jit
+def _downcast(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype``, rounded to nearest even. The interpreter truncates on a downcast to
+    bf16 (a GPU rounds), which would bias every stored activation by up to one bf16 ulp and move
+    max-pool windows that a GPU would not; so under it the rounding is done on the bits."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _store(ptr, acc, k, n, row, col, offs_ch, syk, syn, syc, syh, syw, m_ok, ch_ok):
     """Store a [pixels, channels] tile into a [K, N, CH, H, W] tensor with strides sy* (NCHW, or
     channels-last: then the store is contiguous along the tile's channels)."""
     pix = k * syk + n * syn + row.to(tl.int64) * syh + col.to(tl.int64) * syw
     dst = ptr + pix[:, None] + offs_ch.to(tl.int64)[None, :] * syc
-    tl.store(dst, acc.to(ptr.dtype.element_ty), mask=m_ok[:, None] & ch_ok[None, :])
+    tl.store(dst, _downcast(acc, ptr.dtype.element_ty), mask=m_ok[:, None] & ch_ok[None, :])
 
 
 @triton.autotune(_FWD, key=["N", "C", "H", "W", "CO", "HO", "WO", "R", "S", "SH", "SW", "sxc", "syc"])

@@ -104,8 +104,9 @@ def test_bf16_operands_accumulate_in_fp32(rng, device):
     dx = gck.conv_backward_data(dyd, w, x.shape, (1, 1), (1, 1))
     dw = gck.conv_backward_weight(dyd, x, w.shape, (1, 1), (1, 1))
     assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
-    for got, want, tol in ((y, ref, 1e-2), (dx, xd.grad, 1e-2), (dw, wd.grad, 1e-5)):
-        # bf16 outputs: one rounding (the interpreter truncates) of an fp32 sum; dw stays fp32
+    for got, want, tol in ((y, ref, 4e-3), (dx, xd.grad, 4e-3), (dw, wd.grad, 1e-5)):
+        # bf16 outputs: one rounding to nearest of an fp32 sum, at most 2^-8 of the largest value
+        # (a truncation, which the interpreter does unless the kernel rounds, reaches 2^-7)
         err = float((got.double().cpu() - want).abs().max() / want.abs().max())
         assert err < tol, err
 
@@ -520,8 +521,9 @@ def test_engine_fused_route_equals_native_in_fp32_and_its_reference_in_bf16(conv
     """Both chains of PoolNet run as fused ops under vjp(vmap(...)) (the first on the proxy batch
     shared by all students); in fp32 gradients and losses equal vmap's own convolutions. In bf16
     the kernels equal the plain-PyTorch reference of the same numerics (bf16 operands, fp32
-    convolution, relu and pooling, bf16 output; 5e-2 through the interpreter, which truncates
-    instead of rounding on each bf16 store, 1e-2 on a GPU). Against fp32, true bf16 convolutions
+    convolution, relu and pooling, bf16 output; 1e-2, where 20 draws through the interpreter
+    measured 0.08-0.14%: before the kernels rounded their bf16 stores under the interpreter, its
+    truncation moved max-pool windows and 2 of 20 draws exceeded 5%). Against fp32, true bf16 convolutions
     before a max-pool move some windows' maxima: over 40 draws of this net the reference route
     differed from fp32 by 1.7% (median), 5.1% (90th percentile), 8.8% (max) — not a rounding
     error of the kernels; vmap's own convolutions stay fp32 under autocast, so native is no
@@ -539,7 +541,7 @@ def test_engine_fused_route_equals_native_in_fp32_and_its_reference_in_bf16(conv
     assert torch.allclose(loss1, loss0, rtol=0, atol=1e-6)
     _, g2, _ = _engine_grads(model, proxy, students, conv=conv, chunk=3, precision="bf16")
     _, g3, _ = _engine_grads(model, proxy, students, conv="torch_fused", chunk=3, precision="bf16")
-    tol = 0 if conv == "torch_fused" else 1e-2 if device.type == "cuda" else 5e-2
+    tol = 0 if conv == "torch_fused" else 1e-2
     assert float((g2 - g3).norm() / g3.norm()) <= tol
     assert 0 < float((g2 - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
 
