@@ -229,22 +229,23 @@ def limits(device):
     return res
 
 
-def stage_floors(P, K, flops, fwd_flops, lim, cuda):
-    """Floors in ms. Per update: ``decode`` (bytes to a tensor: one copy of the P fp32 values),
+def stage_floors(P, K, flops, fwd_flops, lim, cuda, delta_bytes=4):
+    """Floors in ms. Per update: ``decode`` (bytes to a tensor: one copy of the P values),
     ``ingest`` (validate and stage a host update: read it once, write it once; the norm check
     can share the read). Per buffer of K: ``correction`` (max of its FLOPs / rate and reading
-    the K students and writing their K gradients), ``merge`` (read 2K rows and the model, write
-    the model), and per version ``teacher`` (one forward). ``step_per_update``: the whole step
-    per host update (no decode): on CUDA the host, the copy engine (pinned host to device) and
-    the device work at once, so the slowest of the three; on a CPU one after the other."""
+    the K students and writing their K gradients), ``merge`` (read the K deltas, the K
+    correction rows and the model, write the model), and per version ``teacher`` (one forward).
+    ``step_per_update``: the whole step per host update (no decode): on CUDA the host, the copy
+    engine (pinned host to device) and the device work at once, so the slowest of the three; on a
+    CPU one after the other. ``delta_bytes``: 2 for updates sent and buffered in bf16."""
     rate, bw, host = lim["matmul_TFLOPs"] * 1e12, lim["copy_GBps"] * 1e9, lim["host_copy_GBps"] * 1e9
-    row = P * 4
-    f = {"decode_per_update": 2 * row / host, "ingest_per_update": 2 * row / host,
+    row, drow = P * 4, P * delta_bytes
+    f = {"decode_per_update": 2 * drow / host, "ingest_per_update": 2 * drow / host,
          "teacher_per_version": fwd_flops / rate,
-         "correction": max(flops * K / rate, 2 * K * row / bw), "merge": (2 * K + 2) * row / bw}
+         "correction": max(flops * K / rate, 2 * K * row / bw), "merge": (K * drow + (K + 2) * row) / bw}
     device = (f["teacher_per_version"] + f["correction"] + f["merge"]) / K
     if cuda:
-        f["h2d_per_update"] = row / (lim["h2d_GBps"] * 1e9)
+        f["h2d_per_update"] = drow / (lim["h2d_GBps"] * 1e9)
         f["step_per_update"] = max(f["ingest_per_update"], f["h2d_per_update"], device)
     else:
         f["step_per_update"] = f["ingest_per_update"] + device
@@ -319,19 +320,33 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     agg.flush()  # version 1: every later update is stale by one and gets corrected
     counter = [0]
 
-    def step(deltas):
+    def step(a, deltas):
         for _ in range(2):  # two buffers back to back: ingest of the second overlaps the first's merge
-            base = agg.version - 1
+            base = a.version - 1
             for p in deltas:
                 counter[0] += 1
-                agg.submit(p, base_version=base, num_samples=10, client_id=counter[0])
-        assert agg.stats()["buffered"] == 0
+                a.submit(p, base_version=base, num_samples=10, client_id=counter[0])
+        assert a.stats()["buffered"] == 0
 
-    t_step = timeit(lambda: step(host_deltas), device, reps=2, warmup=1)
+    t_step = timeit(lambda: step(agg, host_deltas), device, reps=2, warmup=1)
     r["step_updates_per_s"] = 2 * K / t_step  # host updates: decode-free submit, validation, staging
     dev_deltas = [d.to(device) for d in host_deltas]
-    t_dev = timeit(lambda: step(dev_deltas), device, reps=2, warmup=1)
+    t_dev = timeit(lambda: step(agg, dev_deltas), device, reps=2, warmup=1)
     r["step_device_updates_per_s"] = 2 * K / t_dev  # updates already on the device
+    # host updates sent and buffered in bf16 (Aggregator(delta_dtype=bf16)): half the bytes to
+    # stage, copy to the device and merge. Its correction shares the engine: same model, proxy
+    # and device, so the routes and pass sizes chosen above (and their CUDA graphs) hold.
+    corr16 = KDCorrection(proxy, precision=corr.precision, steps=1, min_staleness=1, cuda_graphs=corr.cuda_graphs,
+                          staleness_factor="none", schedule=1.0, compile=compile_baseline)
+    agg16 = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr16, device=device,
+                       max_versions=4, delta_dtype=torch.bfloat16)
+    corr16.engine = corr.engine
+    agg16.submit(host_deltas[0].bfloat16(), base_version=0)
+    agg16.flush()
+    host16 = [d.bfloat16() for d in host_deltas]
+    t16 = timeit(lambda: step(agg16, host16), device, reps=2, warmup=1)
+    r["step_bf16_updates_per_s"] = 2 * K / t16
+    del agg16, corr16, host16
 
     # stages
     row = agg._staging[0] if agg._staging is not None else agg._deltas[0]
@@ -371,9 +386,12 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     lim = r["limits"] = limits(device)
     r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
                       "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3,
-                      "step_per_update": 1e3 / r["step_updates_per_s"]}
-    r["floors_ms"] = stage_floors(P, K, flops, flops_per_student(model, proxy, backward=False), lim,
-                                  device.type == "cuda")
+                      "step_per_update": 1e3 / r["step_updates_per_s"],
+                      "step_bf16_per_update": 1e3 / r["step_bf16_updates_per_s"]}
+    fwd = flops_per_student(model, proxy, backward=False)
+    r["floors_ms"] = stage_floors(P, K, flops, fwd, lim, device.type == "cuda")
+    r["floors_ms"]["step_bf16_per_update"] = stage_floors(P, K, flops, fwd, lim, device.type == "cuda",
+                                                          delta_bytes=2)["step_per_update"]
     r["correction_updates_per_s"] = rates.pop("engine")
     if "engine_bf16" in rates:
         r["correction_bf16_updates_per_s"] = rates.pop("engine_bf16")
@@ -386,6 +404,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     r["route_ms"] = {k: {route: t * 1e3 if isinstance(t, float) else t for route, t in v.items()}
                      for k, v in eng.route_timings.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
+        f"{r['step_bf16_updates_per_s']:.0f} (bf16 host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
         f"{r['correction_updates_per_s']:.0f} upd/s ({t_corr * 1e3:.2f} ms, floor {r['floors_ms']['correction']:.2f})"
         + (f", bf16 {r['correction_bf16_updates_per_s']:.0f} upd/s" if "correction_bf16_updates_per_s" in r

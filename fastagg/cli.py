@@ -71,7 +71,8 @@ def main(argv=None):
     s.add_argument("--partition", default="dirichlet", choices=["dirichlet", "natural"])
     s.add_argument("--target", type=float, default=0.8, help="accuracy for the time-to-target column")
     s.add_argument("--algorithms", default="fedasync,fedbuff,fedadt-async,fedadt-buff",
-                   help="comma list; FedADT variants as fedadt-async/schedule=constant;student=applied")
+                   help="comma list; options after a slash, separated by ;, e.g. fedbuff/updates=bf16 or "
+                        "fedadt-async/schedule=constant;student=applied")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seeds", type=int, default=1, help="number of seeds (mean ± std)")
     s.add_argument("--out", default="fastagg-sim", help="folder for results.json and accuracy.png")

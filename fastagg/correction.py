@@ -134,12 +134,19 @@ class KDCorrection:
         return self.engine(students, teacher.probs, out=out)
 
     def correct(self, students: torch.Tensor, deltas: torch.Tensor, weights, teacher: Teacher,
-                grad_fn=None, out=None):
+                grad_fn=None, out=None, delta_norms=None):
         """Correction rows [K, P] and scale [K] such that delta' = delta - scale[:, None] * rows.
-        ``out`` [K, P]: where the engine writes each step's gradients (with one step, the rows)."""
+        ``out`` [K, P]: where the engine writes each step's gradients (with one step, the rows).
+        ``delta_norms``: the deltas' L2 norms when known (the aggregator measures them at ingest),
+        else they are computed here (step="relative" only)."""
         grad_fn = grad_fn or (lambda s: self.student_grads(s, teacher, out=out)[1])
         lam = to_device(weights, students.dtype, students.device)
-        dnorm = deltas.norm(dim=1)
+        if self.step == "absolute":
+            dnorm = None
+        elif delta_norms is not None:
+            dnorm = to_device(delta_norms, students.dtype, students.device)
+        else:  # accumulated in the students' dtype: a bf16 delta's norm is not rounded to bf16
+            dnorm = deltas.norm(dim=1, dtype=students.dtype)
         if self.steps == 1:
             g = grad_fn(students)
             if self.step == "absolute":

@@ -176,23 +176,31 @@ class SimConfig:
 
 def parse_algorithm(name: str):
     """'fedasync' | 'fedbuff' | 'fedadt-async' | 'fedadt-buff', optionally followed by
-    '/key=value,...' overrides of the correction: schedule (constant, linear_warmup,
-    exp_saturation, sigmoid, teacher_confidence, teacher_accuracy), lam, student, factor
-    (grows | none), step, rho, eta, steps, T, and the engine's precision (fp32 | bf16) and conv
-    route (native | triton | triton_cl | torch). Returns (rule, correction options or None)."""
+    '/key=value,...' overrides. Every algorithm takes ``updates`` (fp32 | bf16 | fp16: the dtype
+    clients send their deltas in, and the aggregator's delta_dtype). FedADT also takes the
+    correction's: schedule (constant, linear_warmup, exp_saturation, sigmoid, teacher_confidence,
+    teacher_accuracy), lam, student, factor (grows | none), step, rho, eta, steps, T, and the
+    engine's precision (fp32 | bf16) and conv route (native | triton | triton_cl | torch).
+    Returns (rule, correction options or None, the update dtype or None)."""
     base, _, opts = name.partition("/")
     if base not in ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff"):
         raise ValueError(f"unknown algorithm {name!r}")
     rule = "async" if base.endswith("async") else "buff"
-    if not base.startswith("fedadt"):
-        if opts:
-            raise ValueError(f"{base} takes no correction options: {name!r}")
-        return rule, None
     kw = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         kw[key] = value
-    return rule, kw
+    updates = kw.pop("updates", None)
+    if updates is not None and updates not in _UPDATE_DTYPES:
+        raise ValueError(f"updates must be one of {sorted(_UPDATE_DTYPES)}, got {updates!r} in {name!r}")
+    if not base.startswith("fedadt"):
+        if kw:
+            raise ValueError(f"{base} takes no correction options: {name!r}")
+        return rule, None, updates
+    return rule, kw, updates
+
+
+_UPDATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _schedule(name, lam, horizon):
@@ -206,7 +214,7 @@ def _schedule(name, lam, horizon):
 
 
 def build_aggregator(algo: str, model, proxy_x, proxy_y, cfg: SimConfig):
-    rule, opts = parse_algorithm(algo)
+    rule, opts, updates = parse_algorithm(algo)
     w = staleness.polynomial(0.5) if cfg.weights == "polynomial" else staleness.constant()
     corr = None
     if opts is not None:
@@ -227,7 +235,8 @@ def build_aggregator(algo: str, model, proxy_x, proxy_y, cfg: SimConfig):
         corr = KDCorrection(proxy_x, proxy_labels=proxy_y, **kw)
     # on a CPU the merge runs in plain PyTorch (the reference every result in docs/ was made with);
     # on a GPU through fastagg's kernels, which is what a run there is for
-    kw = {"max_versions": 64, "device": cfg.device, "backend": "torch" if cfg.device == "cpu" else "auto"}
+    kw = {"max_versions": 64, "device": cfg.device, "backend": "torch" if cfg.device == "cpu" else "auto",
+          "delta_dtype": _UPDATE_DTYPES.get(updates)}
     if rule == "async":
         return Aggregator(model, FedAsync(alpha=cfg.alpha), staleness=w, correction=corr, **kw)
     return Aggregator(model, FedBuff(buffer_size=cfg.buffer), staleness=w, correction=corr, **kw)
@@ -295,7 +304,8 @@ def run_one(algo: str, cfg: SimConfig, data=None, progress=None) -> Curve:
             loss_fn(worker(xtr[b]), ytr[b]).backward()
             opt.step()
         delta = {name: worker_state[name] - view for name, view in spec.unflatten(base).items()}
-        agg.submit(encode_update(delta, base_version=version, num_samples=len(data_k), client_id=jid))
+        agg.submit(encode_update(delta, base_version=version, num_samples=len(data_k), client_id=jid,
+                                 dtype=agg.delta_dtype))
         if n % cfg.eval_every == 0 or n == cfg.arrivals:
             curve.time.append(now)
             curve.arrivals.append(n)

@@ -19,9 +19,11 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     (r,) = res["models"]
     assert r["model"] == "lm" and r["P"] == sum(p.numel() for p in bench.make("lm", "cpu", small=True)[0].parameters())
     for stage in ("decode_per_update", "ingest_per_update", "teacher_per_version", "correction", "merge",
-                  "step_per_update"):
+                  "step_per_update", "step_bf16_per_update"):
         assert r["stages_ms"][stage] > 0 and r["floors_ms"][stage] > 0  # every stage against its floor
     assert abs(r["stages_ms"]["step_per_update"] - 1e3 / r["step_updates_per_s"]) < 1e-9
+    assert abs(r["stages_ms"]["step_bf16_per_update"] - 1e3 / r["step_bf16_updates_per_s"]) < 1e-9
+    assert r["floors_ms"]["step_bf16_per_update"] < r["floors_ms"]["step_per_update"]
     assert r["limits"]["copy_GBps"] > 0 and r["limits"]["matmul_TFLOPs"] > 0
     assert abs(r["correction_updates_per_s"] - r["K"] / (r["stages_ms"]["correction"] / 1e3)) < 1e-6 * r["K"] * 1e3
     assert set(r["baseline_updates_per_s"]) == {"per_client_eager_fp32", "vmap_fp32", "vmap_bf16"}
@@ -65,6 +67,7 @@ def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     r = bench.bench_model("lm", "cpu", K=3, small=True, compile_baseline=False, eager_clients=2,
                           log=lambda *a: None)
     assert r["correction_updates_per_s"] == 3 and r["step_updates_per_s"] == 6  # two buffers of 3
+    assert r["step_bf16_updates_per_s"] == 6
     assert r["baseline_updates_per_s"] == {"per_client_eager_fp32": 2, "vmap_fp32": 3, "vmap_bf16": 3}
     r = bench.bench_model("lm", "cpu", K=3, small=True, baselines=True, compile_baseline=False, eager_clients=8,
                           log=lambda *a: None)
@@ -94,6 +97,11 @@ def test_stage_floors_arithmetic():
     f = bench.stage_floors(10 ** 6, 4, 3e9, 1e9, {**lim, "h2d_GBps": 0.5}, cuda=True)
     assert f["h2d_per_update"] == pytest.approx(8.0)
     assert f["step_per_update"] == pytest.approx(8.0)  # host, copy engine and device overlap: the slowest
+    # bf16 updates: half the bytes to decode, stage and copy, and the merge reads the 4 deltas
+    # in 2 bytes (4 x 2 MB + 6 x 4 MB at 100 GB/s = 0.32 ms)
+    f = bench.stage_floors(10 ** 6, 4, 3e9, 1e9, {**lim, "h2d_GBps": 0.5}, cuda=True, delta_bytes=2)
+    assert f["h2d_per_update"] == pytest.approx(4.0) and f["ingest_per_update"] == pytest.approx(0.08)
+    assert f["merge"] == pytest.approx(0.32) and f["correction"] == pytest.approx(12.0)
     lim["matmul_TFLOPs"] = 1e6  # bandwidth-bound correction
     assert bench.stage_floors(10 ** 6, 4, 3e9, 1e9, lim, cuda=False)["correction"] == pytest.approx(0.32)
 

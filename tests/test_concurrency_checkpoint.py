@@ -51,13 +51,14 @@ def test_sixteen_threads_lose_nothing_and_replay_matches():
     assert replay.stats()["staleness_histogram"] == st["staleness_histogram"]
 
 
+@pytest.mark.parametrize("delta_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rule", [fastagg.FedBuff(5, momentum=0.5, server_lr=0.7), fastagg.FedAsync(0.6, batch_size=3)])
-def test_checkpoint_with_half_full_buffer_continues_identically(rule, rng):
+def test_checkpoint_with_half_full_buffer_continues_identically(rule, delta_dtype, rng):
     proxy = torch.randn(10, 6, generator=rng)
 
     def make():
         return fastagg.Aggregator(mlp(), rule, correction=fastagg.KDCorrection(proxy, steps=2),
-                                  max_versions=6)
+                                  max_versions=6, delta_dtype=delta_dtype)
 
     a = make()
     P = a.spec.numel

@@ -222,12 +222,13 @@ def test_cuda_graph_engine_and_pinned_ingest_match_eager(rng):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs a CUDA device")
-def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(rng, monkeypatch):
+@pytest.mark.parametrize("delta_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(delta_dtype, rng, monkeypatch):
     """Host updates are staged and copied to the device while the GPU still merges the previous
     buffer. Each merge is held back ~50 ms on the device (a sleep queued before it) and four
     buffers are submitted back to back: a copy into the buffer must wait for the merge that reads
     it, and a staging row must not be rewritten before its last copy has left it. The result
-    equals the same submits merged on the CPU."""
+    equals the same submits merged on the CPU (bf16: staged, copied and merged in bf16)."""
     import fastagg.aggregator as A
 
     merge = A.fused_merge
@@ -239,8 +240,9 @@ def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(rng, monkeypat
 
     monkeypatch.setattr(A, "fused_merge", slow_merge)
     model = mlp(d_in=6, hidden=64, classes=5)
-    gpu = fastagg.Aggregator(model, fastagg.FedBuff(4), device="cuda")
-    cpu = fastagg.Aggregator(model, fastagg.FedBuff(4), backend="torch")
+    gpu = fastagg.Aggregator(model, fastagg.FedBuff(4), device="cuda", delta_dtype=delta_dtype)
+    cpu = fastagg.Aggregator(model, fastagg.FedBuff(4), backend="torch", delta_dtype=delta_dtype)
+    assert gpu._staging.dtype == gpu._deltas.dtype == (delta_dtype or torch.float32)
     for _ in range(16):
         d = torch.randn(gpu.spec.numel, generator=rng)
         gpu.submit(d, base_version=gpu.version)

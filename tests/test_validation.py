@@ -67,9 +67,10 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("delta_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_rejected_and_state_unchanged(case):
-    agg = _agg()
+def test_bad_input_rejected_and_state_unchanged(case, delta_dtype):
+    agg = _agg(delta_dtype=delta_dtype)
     exc_type, make = BAD[case]
     update, kw = make(agg)
     kw.setdefault("base_version", agg.version)
