@@ -9,7 +9,7 @@ import torch
 
 import fastagg
 from fastagg import errors
-from fastagg.aggregator import _NORM_CHUNK, _finite_norm
+from fastagg.aggregator import _PIECE, _add_rows, _finite_norm
 
 from conftest import mlp
 
@@ -51,13 +51,24 @@ def test_16_bit_buffer_equals_float64_run_on_the_rounded_updates(dtype, rule, ba
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_16_bit_norm_is_summed_in_fp32_over_chunks(dtype, rng):
-    n = 2 * _NORM_CHUNK + 123  # two whole chunks and a tail
+    n = 2 * _PIECE + 123  # two whole chunks and a tail
     row = (torch.randn(n, generator=rng) * 3).to(dtype)
     expect = float(row.double().norm())
     assert abs(_finite_norm(row) - expect) <= 1e-5 * expect
     row[n - 1] = float("nan")  # in the tail chunk
     with pytest.raises(errors.NonFiniteUpdateError):
         _finite_norm(row)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_students_add_16_bit_rows_across_pieces(dtype, rng):
+    """students += deltas with 16-bit deltas: widened piece by piece on a CPU (rows that straddle
+    pieces, a short last piece), equal to the float64 sum rounded once to fp32."""
+    src = (torch.randn(3, _PIECE // 2 + 77, generator=rng)).to(dtype)
+    dst = torch.randn(src.shape, generator=rng)
+    expect = (dst.double() + src.double()).float()
+    _add_rows(dst, src)
+    assert torch.equal(dst, expect)
 
 
 def test_float16_overflow_is_rejected_with_its_reason_and_changes_nothing(rng):
