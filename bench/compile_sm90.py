@@ -1,0 +1,99 @@
+"""Compile every fastagg Triton kernel for a Hopper GPU (sm_90: H100 / H200) on a machine without
+one: Triton's own compiler and its bundled ptxas take each kernel to a cubin, for each autotune
+config and each dtype the library launches it with. This catches what the interpreter cannot —
+code that only a GPU build compiles (constexpr branches, dtype handling, layouts, shared memory
+that does not fit) — before a device session spends its minutes on it.
+
+    python bench/compile_sm90.py            # prints one line per kernel, exits 1 on a failure
+    python bench/compile_sm90.py --quick    # the first autotune config and 3x3 convolutions only (CI)
+
+Runs without TRITON_INTERPRET (under the interpreter ``triton.jit`` gives no compilable kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") != "0":
+    sys.exit("compile_sm90: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, compile  # noqa: E402
+
+from fastagg.kernels import grouped_conv as gc  # noqa: E402
+from fastagg.kernels import kd_loss, merge  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other plain argument is an integer
+
+
+def signature(fn, pointers, constexprs, int_type="i32"):
+    """Triton signature of ``fn``: pointer arguments typed by ``pointers``, constexprs named."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        else:
+            sig[name] = "fp32" if name in FLOATS else int_type
+    return sig
+
+
+def cases(quick=False):
+    """(label, JITFunction, pointer dtypes, constexprs, num_warps, num_stages, integer type)."""
+    conv = {"3x3": dict(SH=1, SW=1, PH=1, PW=1, R=3, S=3), "1x1/2": dict(SH=2, SW=2, PH=0, PW=0, R=1, S=1)}
+    if quick:
+        del conv["1x1/2"]
+    for dt, tf32 in (("fp32", True), ("fp32", False), ("bf16", False)):
+        for geo, c in conv.items():
+            for tuner, extra, ptrs in (
+                    (gc._conv_fwd, {"HAS_BIAS": True}, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt)),
+                    (gc._conv_fwd_relu_pool, {"HAS_BIAS": True},
+                     dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, code_ptr="i8")),
+                    (gc._conv_dgrad, {}, dict(dy_ptr=dt, w_ptr=dt, dx_ptr=dt)),
+                    (gc._conv_wgrad, {"SPLIT": 1}, dict(dy_ptr=dt, x_ptr=dt, dw_ptr="fp32")),
+                    (gc._conv_wgrad, {"SPLIT": 4}, dict(dy_ptr=dt, x_ptr=dt, dw_ptr="fp32"))):
+                for cfg in tuner.configs[:1] if quick else tuner.configs:
+                    consts = {**c, **extra, "TF32": tf32, **cfg.kwargs}
+                    label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} {geo} {extra} {cfg.kwargs}"
+                    yield label, tuner.fn, ptrs, consts, cfg.num_warps, cfg.num_stages, "i32"
+    # 64-bit offsets: sizes and strides past 2^31 arrive as i64
+    cfg = gc._conv_fwd.configs[0]
+    yield ("_conv_fwd bf16 3x3 i64 sizes", gc._conv_fwd.fn, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16"),
+           {**conv["3x3"], "HAS_BIAS": False, "TF32": False, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, "i64")
+    for dt in ("fp32", "bf16"):
+        yield (f"_unpool_relu {dt}", gc._unpool_relu, dict(dp_ptr=dt, code_ptr="i8", dy_ptr=dt), {"BLOCK": 1024},
+               4, 3, "i32")
+    for dt in ("fp32", "bf16", "fp16"):
+        rows = {f"{g}_{p}": t for g in "abc" for p, t in (("ptr", dt), ("coef", "fp32"), ("idx", "i64"))}
+        yield (f"_merge_kernel rows {dt}", merge._merge_kernel, {"theta_ptr": "fp32", "out_ptr": "fp32", **rows},
+               {"A_IDX": False, "B_IDX": True, "C_IDX": False, "BLOCK": 4096, "UNROLL": 4}, 4, 3, "i32")
+        kd_ptrs = {"z_ptr": dt, "t_ptr": "fp32", "g_ptr": dt, "loss_ptr": "fp32"}
+        for teacher_logits in (False, True):
+            yield (f"_kd_kernel {dt} teacher_logits={teacher_logits}", kd_loss._kd_kernel, kd_ptrs,
+                   {"TEACHER_LOGITS": teacher_logits, "BLOCK_C": 4096}, 8, 3, "i32")
+        yield (f"_kd_small_kernel {dt}", kd_loss._kd_small_kernel, kd_ptrs, {"BLOCK_M": 16, "BLOCK_C": 128}, 4, 3,
+               "i32")
+
+
+def main(argv=None):
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    failures, n, t0 = [], 0, time.perf_counter()
+    for label, fn, ptrs, consts, warps, stages, int_type in cases(quick):
+        n += 1
+        try:
+            src = ASTSource(fn=fn, signature=signature(fn, ptrs, consts, int_type), constexprs=consts)
+            k = compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+            print(f"ok    {label}: {len(k.asm['cubin'])} B cubin, {k.metadata.shared} B shared")
+        except Exception as exc:  # report every kernel, not the first failure only
+            failures.append(label)
+            print(f"FAIL  {label}: {type(exc).__name__}: {str(exc)[:2000]}")
+    print(f"{n - len(failures)}/{n} kernels compiled for sm_90 in {time.perf_counter() - t0:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
