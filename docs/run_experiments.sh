@@ -53,3 +53,8 @@ mkdir -p $R/parity
 sim --out $R/parity/fmnist --dataset fashion-mnist --dirichlet 0.1 --target 0.7 \
     --algorithms "fedbuff,fedadt-buff,fedadt-buff/precision=bf16,fedasync,fedadt-async,fedadt-async/precision=bf16" \
     > $R/parity/fmnist_log.txt 2>&1
+# bf16 update payloads and buffers (delta_dtype) against fp32, three seeds
+mkdir -p $R/wire-bf16
+sim --out $R/wire-bf16/fmnist --dataset fashion-mnist --dirichlet 0.1 --target 0.7 \
+    --algorithms "fedbuff,fedbuff/updates=bf16,fedadt-buff,fedadt-buff/updates=bf16,fedasync,fedasync/updates=bf16,fedadt-async,fedadt-async/updates=bf16" \
+    > $R/wire-bf16/fmnist_log.txt 2>&1
