@@ -2,7 +2,9 @@
 one: Triton's own compiler and its bundled ptxas take each kernel to a cubin, for each autotune
 config and each dtype the library launches it with. This catches what the interpreter cannot —
 code that only a GPU build compiles (constexpr branches, dtype handling, layouts, shared memory
-that does not fit) — before a device session spends its minutes on it.
+that does not fit) — before a device session spends its minutes on it. Each line also gives the
+cubin's registers per thread and its stack (spilled registers, bytes per thread; from the bundled
+cuobjdump), the one performance figure a machine without a GPU can read.
 
     python bench/compile_sm90.py            # prints one line per kernel, exits 1 on a failure
     python bench/compile_sm90.py --quick    # the first autotune config and 3x3 convolutions only (CI)
@@ -13,12 +15,16 @@ Runs without TRITON_INTERPRET (under the interpreter ``triton.jit`` gives no com
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET", "0") != "0":
     sys.exit("compile_sm90: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
 
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
@@ -79,6 +85,22 @@ def cases(quick=False):
                "i32")
 
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resources(cubin: bytes) -> str:
+    """'REG r STACK s' of a cubin (registers per thread, stack bytes per thread), or '' if the
+    bundled cuobjdump is not there."""
+    if not os.path.exists(CUOBJDUMP):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"REG {m[1]} STACK {m[2]}" if m else ""
+
+
 def main(argv=None):
     quick = "--quick" in (sys.argv[1:] if argv is None else argv)
     failures, n, t0 = [], 0, time.perf_counter()
@@ -87,7 +109,8 @@ def main(argv=None):
         try:
             src = ASTSource(fn=fn, signature=signature(fn, ptrs, consts, int_type), constexprs=consts)
             k = compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
-            print(f"ok    {label}: {len(k.asm['cubin'])} B cubin, {k.metadata.shared} B shared")
+            print(f"ok    {label}: {len(k.asm['cubin'])} B cubin, {k.metadata.shared} B shared, "
+                  f"{resources(k.asm['cubin'])}")
         except Exception as exc:  # report every kernel, not the first failure only
             failures.append(label)
             print(f"FAIL  {label}: {type(exc).__name__}: {str(exc)[:2000]}")
