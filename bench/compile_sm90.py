@@ -56,20 +56,25 @@ def cases(quick=False):
     for dt, tf32 in (("fp32", True), ("fp32", False), ("bf16", False)):
         for geo, c in conv.items():
             for tuner, extra, ptrs in (
-                    (gc._conv_fwd, {"HAS_BIAS": True}, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt)),
-                    (gc._conv_fwd_relu_pool, {"HAS_BIAS": True},
+                    (gc._conv_fwd, {"HAS_BIAS": True, "OFF64": False}, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt)),
+                    (gc._conv_fwd_relu_pool, {"HAS_BIAS": True, "OFF64": False},
                      dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, code_ptr="i8")),
-                    (gc._conv_dgrad, {}, dict(dy_ptr=dt, w_ptr=dt, dx_ptr=dt)),
+                    (gc._conv_dgrad, {"OFF64": False}, dict(dy_ptr=dt, w_ptr=dt, dx_ptr=dt)),
                     (gc._conv_wgrad, {"SPLIT": 1}, dict(dy_ptr=dt, x_ptr=dt, dw_ptr="fp32")),
                     (gc._conv_wgrad, {"SPLIT": 4}, dict(dy_ptr=dt, x_ptr=dt, dw_ptr="fp32"))):
                 for cfg in tuner.configs[:1] if quick else tuner.configs:
                     consts = {**c, **extra, "TF32": tf32, **cfg.kwargs}
                     label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} {geo} {extra} {cfg.kwargs}"
                     yield label, tuner.fn, ptrs, consts, cfg.num_warps, cfg.num_stages, "i32"
-    # 64-bit offsets: sizes and strides past 2^31 arrive as i64
-    cfg = gc._conv_fwd.configs[0]
-    yield ("_conv_fwd bf16 3x3 i64 sizes", gc._conv_fwd.fn, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16"),
-           {**conv["3x3"], "HAS_BIAS": False, "TF32": False, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, "i64")
+    # 64-bit offsets within a student (OFF64), sizes and strides past 2^31 arriving as i64
+    for tuner, ptrs in ((gc._conv_fwd, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16")),
+                        (gc._conv_dgrad, dict(dy_ptr="bf16", w_ptr="bf16", dx_ptr="bf16"))):
+        cfg = tuner.configs[0]
+        for int_type in ("i32", "i64"):
+            yield (f"{tuner.fn.__name__} bf16 3x3 OFF64 {int_type} sizes", tuner.fn, ptrs,
+                   {**conv["3x3"], "TF32": False, "OFF64": True, **cfg.kwargs,
+                    **({"HAS_BIAS": False} if tuner is gc._conv_fwd else {})},
+                   cfg.num_warps, cfg.num_stages, int_type)
     for dt in ("fp32", "bf16"):
         yield (f"_unpool_relu {dt}", gc._unpool_relu, dict(dp_ptr=dt, code_ptr="i8", dy_ptr=dt), {"BLOCK": 1024},
                4, 3, "i32")

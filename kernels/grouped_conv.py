@@ -67,11 +67,12 @@ def _pixels(pid, BM: tl.constexpr, N, H, W):
 
 
 @triton.jit
-def _gather_mma(acc, a_pix, a_ok, a_step, b_tap, b_step, b_ok, c, CH, TF32: tl.constexpr):
-    """acc += A @ B for one block of channels c: A [BM, c] gathered at a_pix + c * a_step (rows
-    masked by a_ok), B [c, BN] at b_tap + c * b_step (columns masked by b_ok)."""
-    a = tl.load(a_pix[:, None] + c[None, :] * a_step, mask=a_ok[:, None] & (c < CH)[None, :], other=0.0)
-    b = tl.load(b_tap[None, :] + c[:, None] * b_step, mask=(c < CH)[:, None] & b_ok[None, :], other=0.0)
+def _gather_mma(acc, a_base, a_pix, a_ok, a_step, b_base, b_tap, b_step, b_ok, c, CH, TF32: tl.constexpr):
+    """acc += A @ B for one block of channels c: A [BM, c] gathered at a_base + a_pix + c * a_step
+    (rows masked by a_ok), B [c, BN] at b_base + b_tap + c * b_step (columns masked by b_ok);
+    a_pix and b_tap are offsets within one student (32-bit unless the tensors need 64)."""
+    a = tl.load(a_base + (a_pix[:, None] + c[None, :] * a_step), mask=a_ok[:, None] & (c < CH)[None, :], other=0.0)
+    b = tl.load(b_base + (b_tap[None, :] + c[:, None] * b_step), mask=(c < CH)[:, None] & b_ok[None, :], other=0.0)
     return _mma(a, b, acc, TF32)
 
 
@@ -102,14 +103,15 @@ def _store(ptr, acc, k, n, row, col, offs_ch, syk, syn, syc, syh, syw, m_ok, ch_
 def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
               sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, syk, syn, syc, syh, syw,
               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-              R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+              R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr, OFF64: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     k = tl.program_id(2).to(tl.int64)
     m_ok, n, oh, ow = _pixels(tl.program_id(0), BM, N, HO, WO)  # output pixels
     offs_o = tl.program_id(1) * BN + tl.arange(0, BN)  # output channels
     o_ok = offs_o < CO
     acc = _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO,
-                    sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, SH, SW, PH, PW, R, S, HAS_BIAS, TF32, BM, BN, BK)
+                    sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, SH, SW, PH, PW, R, S, HAS_BIAS, TF32, OFF64,
+                    BM, BN, BK)
     _store(y_ptr, acc, k, n, oh, ow, offs_o, syk, syn, syc, syh, syw, m_ok, o_ok)
 
 
@@ -117,15 +119,18 @@ def _conv_fwd(x_ptr, w_ptr, b_ptr, y_ptr, N, C, H, W, CO, HO, WO,
 def _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO,
               sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws,
               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-              R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+              R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr, OFF64: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """The [BM pixels, BN output channels] tile of student k's convolution (+ bias), fp32.
 
     One loop over (tap, channel block), the reduction of the implicit GEMM, so that it is
     software-pipelined once; unrolled per tap, nine pipelined loops kept every conv kernel at 255
-    registers with up to 3.4 KB of spills per thread (sm_90, bench/compile_sm90.py --regs)."""
-    x_base = x_ptr + k * sxk + n * sxn
-    w_base = w_ptr + k * swk + offs_o.to(tl.int64) * swo
+    registers with up to 3.4 KB of spills per thread on sm_90 (bench/compile_sm90.py reads them)."""
+    x_base, w_base = x_ptr + k * sxk, w_ptr + k * swk  # this student's tensors
+    if OFF64:
+        x_n, w_o = n * sxn, offs_o.to(tl.int64) * swo
+    else:  # offsets within one student fit 32 bits (the host checks): fewer registers than 64-bit tiles
+        x_n, w_o = n.to(tl.int32) * sxn, offs_o * swo
     acc = tl.zeros((BM, BN), tl.float32)
     nc = tl.cdiv(C, BK)
     cc = tl.arange(0, BK)
@@ -136,8 +141,11 @@ def _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO
         ih = oh * SH - PH + r
         iw = ow * SW - PW + s
         px_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_pix = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        acc = _gather_mma(acc, x_pix, px_ok, sxc, w_base + r * swr + s * sws, swc, o_ok,
+        if OFF64:
+            x_pix = x_n + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        else:
+            x_pix = x_n + ih * sxh + iw * sxw
+        acc = _gather_mma(acc, x_base, x_pix, px_ok, sxc, w_base, w_o + r * swr + s * sws, swc, o_ok,
                           (it - tap * nc) * BK + cc, C, TF32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * CO + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
@@ -150,7 +158,7 @@ def _conv_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, CO, HO
                         sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, syk, syn, syc, syh, syw,
                         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                         R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        OFF64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """max_pool2d(relu(conv + bias), 2) in the epilogue: the tile's pixels run window by window
     (four consecutive rows are one 2x2 window of the even-sized output), so the pooled values are
     a max over groups of four rows. Stores the pooled [K, N, Co, HO/2, WO/2] (strides sy*) and,
@@ -166,7 +174,8 @@ def _conv_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, CO, HO
     offs_o = tl.program_id(1) * BN + tl.arange(0, BN)
     o_ok = offs_o < CO
     acc = _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO,
-                    sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, SH, SW, PH, PW, R, S, HAS_BIAS, TF32, BM, BN, BK)
+                    sxk, sxn, sxc, sxh, sxw, swk, swo, swc, swr, sws, SH, SW, PH, PW, R, S, HAS_BIAS, TF32, OFF64,
+                    BM, BN, BK)
     pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
                          return_indices_tie_break_left=True)
     code = tl.where(pooled > 0, pos, -1)
@@ -196,15 +205,18 @@ def _unpool_relu(dp_ptr, code_ptr, dy_ptr, TOTAL, HO, WO, BLOCK: tl.constexpr):
 def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
                 sdk, sdn, sdc, sdh, sdw, swk, swo, swc, swr, sws, sxk, sxn, sxc, sxh, sxw,
                 SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                R: tl.constexpr, S: tl.constexpr, TF32: tl.constexpr,
+                R: tl.constexpr, S: tl.constexpr, TF32: tl.constexpr, OFF64: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """dx[k, n, c, h, w] = sum over (co, r, s) with h = oh*SH - PH + r of dy[k, n, co, oh, ow] w[k, co, c, r, s]."""
     k = tl.program_id(2).to(tl.int64)
     m_ok, n, h, w = _pixels(tl.program_id(0), BM, N, H, W)  # input pixels
     offs_c = tl.program_id(1) * BN + tl.arange(0, BN)  # input channels
     c_ok = offs_c < C
-    dy_base = dy_ptr + k * sdk + n * sdn
-    w_base = w_ptr + k * swk + offs_c.to(tl.int64) * swc
+    dy_base, w_base = dy_ptr + k * sdk, w_ptr + k * swk  # this student's tensors
+    if OFF64:
+        dy_n, w_c = n * sdn, offs_c.to(tl.int64) * swc
+    else:  # 32-bit offsets within one student, as in _fwd_tile
+        dy_n, w_c = n.to(tl.int32) * sdn, offs_c * swc
     acc = tl.zeros((BM, BN), tl.float32)
     nc = tl.cdiv(CO, BK)
     cc = tl.arange(0, BK)
@@ -217,8 +229,11 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
         tw = w + PW - s
         ow = tw // SW
         px_ok = m_ok & (th >= 0) & (th - oh * SH == 0) & (oh < HO) & (tw >= 0) & (tw - ow * SW == 0) & (ow < WO)
-        dy_pix = dy_base + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        acc = _gather_mma(acc, dy_pix, px_ok, sdc, w_base + r * swr + s * sws, swo, c_ok,
+        if OFF64:
+            dy_pix = dy_n + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        else:
+            dy_pix = dy_n + oh * sdh + ow * sdw
+        acc = _gather_mma(acc, dy_base, dy_pix, px_ok, sdc, w_base, w_c + r * swr + s * sws, swo, c_ok,
                           (it - tap * nc) * BK + cc, CO, TF32)
     _store(dx_ptr, acc, k, n, h, w, offs_c, sxk, sxn, sxc, sxh, sxw, m_ok, c_ok)
 
@@ -283,6 +298,13 @@ def _relayout(w, order):
     return w.permute(*order).contiguous().permute(*inverse)
 
 
+def _off64(*tensors):
+    """Whether offsets within one student ([1:] dims of [K, ...] tensors) may pass 2^30: then the
+    kernels index in 64 bits throughout; else in 32 bits within a student (the student's own base
+    stays 64-bit, so K * (one student) may pass 2^31 either way)."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 1 << 30 for t in tensors)
+
+
 def _tf32(dtype):
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
@@ -319,7 +341,7 @@ def conv_forward(x, w, b, stride, padding, channels_last=False):
 
     _conv_fwd[grid](x, w, b if b is not None else y, y, N, C, H, W, CO, HO, WO,
                     *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
-                    HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+                    HAS_BIAS=b is not None, TF32=_tf32(x.dtype), OFF64=_off64(x, w, y))
     return y
 
 
@@ -342,7 +364,7 @@ def conv_relu_pool_forward(x, w, b, stride, padding):
 
     _conv_fwd_relu_pool[grid](x, w, b if b is not None else y, y, code, N, C, H, W, CO, HO, WO,
                               *x.stride(), *w.stride(), *y.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
-                              HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+                              HAS_BIAS=b is not None, TF32=_tf32(x.dtype), OFF64=_off64(x, w, y))
     return y, code
 
 
@@ -369,7 +391,7 @@ def conv_backward_data(dy, w, x_shape, stride, padding, channels_last=False):
 
     _conv_dgrad[grid](dy, w, dx, N, C, H, W, CO, HO, WO,
                       *dy.stride(), *w.stride(), *dx.stride(), SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S,
-                      TF32=_tf32(dy.dtype))
+                      TF32=_tf32(dy.dtype), OFF64=_off64(dy, w, dx))
     return dx
 
 

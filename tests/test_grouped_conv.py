@@ -69,6 +69,36 @@ def test_kernels_match_float64_conv_and_its_gradients(case, shared_input, rng, d
             float((got - want).abs().max())
 
 
+def test_64_bit_offsets_within_a_student_give_the_same_results(rng, device, monkeypatch):
+    """Offsets within one student run in 32 bits unless a student's tensor may pass 2^30
+    elements (OFF64). Both branches against float64, the 64-bit one forced on small tensors; and
+    the switch itself on tensors whose per-student extent is just under and at 2^30."""
+    from types import SimpleNamespace
+
+    def fake(shape, stride):
+        return SimpleNamespace(shape=shape, stride=lambda: stride)
+
+    assert not gck._off64(fake((3, 1, 1 << 15), (0, 0, 1 << 15)))  # extent (2^15 - 1) * 2^15 < 2^30
+    assert gck._off64(fake((3, 2, 1 << 15), (0, 1 << 15, 1 << 15)))  # ... + 2^15 = 2^30
+    K, N, C, CO, H, W, (R, S), stride, padding = CASES[1]
+    stride, padding = _pair(stride), _pair(padding)
+    x = torch.randn(K, N, C, H, W, generator=rng).to(device)
+    w = torch.randn(K, CO, C, R, S, generator=rng).to(device)
+    b = torch.randn(K, CO, generator=rng).to(device)
+    out = {}
+    for off64 in (False, True):
+        monkeypatch.setattr(gck, "_off64", lambda *t, v=off64: v)
+        y = gck.conv_forward(x, w, b, stride, padding)
+        dx = gck.conv_backward_data(torch.ones_like(y), w, x.shape, stride, padding)
+        out[off64] = y, dx
+    xd, wd, bd = (t.double().cpu().requires_grad_() for t in (x, w, b))
+    ref = grouped_conv2d_reference(xd, wd, bd, stride, padding)
+    ref.sum().backward()
+    for y, dx in out.values():
+        for got, want in ((y, ref), (dx, xd.grad)):
+            assert torch.allclose(got.double().cpu(), want, rtol=1e-5, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]])
 def test_channels_last_outputs_and_inputs(case, rng, device):
     """channels_last=True: the same values, stored [K, N, H, W, C]; and the kernels read
