@@ -67,6 +67,14 @@ def _pixels(pid, BM: tl.constexpr, N, H, W):
 
 
 @triton.jit
+def _offset(n_off, row, col, sh, sw, OFF64: tl.constexpr):
+    """n_off + row * sh + col * sw: a pixel's offset within one student, 64-bit when OFF64."""
+    if OFF64:
+        return n_off + row.to(tl.int64) * sh + col.to(tl.int64) * sw
+    return n_off + row * sh + col * sw
+
+
+@triton.jit
 def _gather_mma(acc, a_base, a_pix, a_ok, a_step, b_base, b_tap, b_step, b_ok, c, CH, TF32: tl.constexpr):
     """acc += A @ B for one block of channels c: A [BM, c] gathered at a_base + a_pix + c * a_step
     (rows masked by a_ok), B [c, BN] at b_base + b_tap + c * b_step (columns masked by b_ok);
@@ -141,12 +149,8 @@ def _fwd_tile(x_ptr, w_ptr, b_ptr, k, n, oh, ow, m_ok, offs_o, o_ok, C, H, W, CO
         ih = oh * SH - PH + r
         iw = ow * SW - PW + s
         px_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        if OFF64:
-            x_pix = x_n + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        else:
-            x_pix = x_n + ih * sxh + iw * sxw
-        acc = _gather_mma(acc, x_base, x_pix, px_ok, sxc, w_base, w_o + r * swr + s * sws, swc, o_ok,
-                          (it - tap * nc) * BK + cc, C, TF32)
+        acc = _gather_mma(acc, x_base, _offset(x_n, ih, iw, sxh, sxw, OFF64), px_ok, sxc,
+                          w_base, w_o + r * swr + s * sws, swc, o_ok, (it - tap * nc) * BK + cc, C, TF32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * CO + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -229,12 +233,8 @@ def _conv_dgrad(dy_ptr, w_ptr, dx_ptr, N, C, H, W, CO, HO, WO,
         tw = w + PW - s
         ow = tw // SW
         px_ok = m_ok & (th >= 0) & (th - oh * SH == 0) & (oh < HO) & (tw >= 0) & (tw - ow * SW == 0) & (ow < WO)
-        if OFF64:
-            dy_pix = dy_n + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        else:
-            dy_pix = dy_n + oh * sdh + ow * sdw
-        acc = _gather_mma(acc, dy_base, dy_pix, px_ok, sdc, w_base, w_c + r * swr + s * sws, swo, c_ok,
-                          (it - tap * nc) * BK + cc, CO, TF32)
+        acc = _gather_mma(acc, dy_base, _offset(dy_n, oh, ow, sdh, sdw, OFF64), px_ok, sdc,
+                          w_base, w_c + r * swr + s * sws, swo, c_ok, (it - tap * nc) * BK + cc, CO, TF32)
     _store(dx_ptr, acc, k, n, h, w, offs_c, sxk, sxn, sxc, sxh, sxw, m_ok, c_ok)
 
 
