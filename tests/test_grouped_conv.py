@@ -553,8 +553,8 @@ def test_engine_fused_route_equals_native_in_fp32_and_its_reference_in_bf16(conv
     the kernels equal the plain-PyTorch reference of the same numerics (bf16 operands, fp32
     convolution, relu and pooling, bf16 output; 1e-2, where 20 draws through the interpreter
     measured 0.08-0.14%: before the kernels rounded their bf16 stores under the interpreter, its
-    truncation moved max-pool windows and 2 of 20 draws exceeded 5%). Against fp32, true bf16 convolutions
-    before a max-pool move some windows' maxima: over 40 draws of this net the reference route
+    truncation moved max-pool windows and 2 of 20 draws exceeded 5%). Against fp32, true bf16
+    convolutions before a max-pool move some windows' maxima: over 40 draws of this net the reference route
     differed from fp32 by 1.7% (median), 5.1% (90th percentile), 8.8% (max) — not a rounding
     error of the kernels; vmap's own convolutions stay fp32 under autocast, so native is no
     bf16 baseline here."""
