@@ -106,6 +106,8 @@ def _finite_norm(row) -> float:
 
 
 class Aggregator:
+    _merges_when_full = True  # a full buffer merges inside the submit that filled it
+
     def __init__(self, model: torch.nn.Module, rule=None, staleness="polynomial", correction=None, *,
                  max_staleness: int | None = None, max_update_norm: float | None = None,
                  max_versions: int = 16, max_store_bytes: int = 2 << 30, on_evicted: str = "applied",
@@ -131,7 +133,7 @@ class Aggregator:
         self.params = self.spec.flatten({n: state[n] for n in self.spec.names},
                                         out=torch.empty(P, dtype=self.dtype, device=self.device))
         self.version = 0
-        self._capacity = self.rule.capacity
+        self._capacity = self._buffer_capacity()
         self._deltas = torch.empty(self._capacity, P, dtype=self.delta_dtype, device=self.device)
         # On a GPU, host updates land in pinned staging rows and go to the device asynchronously on
         # an ingest stream into the other of two delta buffers, so that ingest of the next buffer
@@ -166,6 +168,9 @@ class Aggregator:
         self._rejected = collections.Counter()
         self._hist = collections.Counter()
         self._last_lambda = None
+
+    def _buffer_capacity(self):
+        return self.rule.capacity
 
     # -- clients' side -----------------------------------------------------------------------
     def pull(self, flat: bool = False):
@@ -241,7 +246,7 @@ class Aggregator:
         self._pending.append(_Pending(seq, client_id, base_version, num_samples, s, norm))
         self._counters["accepted"] += 1
         status = "buffered"
-        if len(self._pending) == self._capacity:
+        if len(self._pending) == self._capacity and self._merges_when_full:
             self._merge_pending()
             status = "merged"
         return Receipt(seq, client_id, base_version, s, status, self.version)
@@ -302,35 +307,9 @@ class Aggregator:
         pend = self._pending
         K = len(pend)
         D = self._deltas[:K]
-        t0 = self.version
         w = [float(self.staleness(p.staleness)) for p in pend]
         slots = [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
-        fallbacks = sum(1 for s in slots if s is None) if self._needs_base else 0
-
-        corr_idx, corr_rows, corr_scale = [], None, None
-        if self.correction is not None:
-            corr = self.correction
-            teacher = corr.teacher(self.params, t0)
-            self._last_lambda = float(corr.schedule(t0, teacher))
-            lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
-            corr_idx = [k for k in range(K) if lam[k] > 0]
-            if corr_idx:
-                n = len(corr_idx)
-                deltas = D if n == K else D.index_select(0, to_device(corr_idx, torch.int64, self.device))
-                students = self._work_rows(n)
-                src = [slots[k] for k in corr_idx] if corr.student == "client" else [None] * n
-                if all(s is not None for s in src):  # students = their base versions + their deltas
-                    torch.index_select(self.store.rows, 0, to_device(src, torch.int64, self.device), out=students)
-                else:  # an evicted base (or student="applied"): the current model stands in
-                    for j, s in enumerate(src):
-                        students[j].copy_(self.store.rows[s] if s is not None else self.params)
-                _add_rows(students, deltas)
-                norms = [pend[k].norm for k in corr_idx]
-                corr_rows, corr_scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher,
-                                                     out=self._grads[:n],
-                                                     delta_norms=None if None in norms else norms)
-                self._counters["corrected"] += n
-
+        corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
         if isinstance(self.rule, _rules.FedAsync):
             c0, coefs = self.rule.coefficients(w)
             base_idx = [s for s in slots if s is not None]
@@ -342,24 +321,62 @@ class Aggregator:
             fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
             self.version += K
         else:
-            rule = self.rule
-            a = rule.coefficients(w, [p.num_samples for p in pend])
-            if rule.momentum > 0:
-                if self._momentum is None:
-                    self._momentum = torch.zeros_like(self.params)
-                groups = [(D, a, None)]
-                if corr_idx:
-                    groups.append((corr_rows, _scaled(a, corr_idx, corr_scale, self.device), None))
-                fused_merge(self._momentum, rule.momentum, groups, out=self._momentum, backend=self.backend)
-                fused_merge(self.params, 1.0, [(self._momentum[None], [rule.server_lr], None)],
-                            out=self.params, backend=self.backend)
-            else:
-                coefs = [rule.server_lr * x for x in a]
-                groups = [(D, coefs, None)]
-                if corr_idx:
-                    groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
-                fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
+            a = self.rule.coefficients(w, [p.num_samples for p in pend])
+            self._apply_buffered(self._delta_groups(D, a, corr_idx, corr_rows, corr_scale))
             self.version += 1
+        self._finish_merge(pend, slots)
+
+    def _correct(self, D, pend, slots):
+        """KD-correct the buffered deltas D against the current model: (corr_idx, rows, scale),
+        the corrected k in corr_idx having delta'_k = D[k] - scale[j] * rows[j]."""
+        if self.correction is None:
+            return [], None, None
+        corr, K, t0 = self.correction, len(pend), self.version
+        teacher = corr.teacher(self.params, t0)
+        self._last_lambda = float(corr.schedule(t0, teacher))
+        lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
+        corr_idx = [k for k in range(K) if lam[k] > 0]
+        if not corr_idx:
+            return [], None, None
+        n = len(corr_idx)
+        deltas = D if n == K else D.index_select(0, to_device(corr_idx, torch.int64, self.device))
+        students = self._work_rows(n)
+        src = [slots[k] for k in corr_idx] if corr.student == "client" else [None] * n
+        if all(s is not None for s in src):  # students = their base versions + their deltas
+            torch.index_select(self.store.rows, 0, to_device(src, torch.int64, self.device), out=students)
+        else:  # an evicted base (or student="applied"): the current model stands in
+            for j, s in enumerate(src):
+                students[j].copy_(self.store.rows[s] if s is not None else self.params)
+        _add_rows(students, deltas)
+        norms = [pend[k].norm for k in corr_idx]
+        rows, scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher, out=self._grads[:n],
+                                   delta_norms=None if None in norms else norms)
+        self._counters["corrected"] += n
+        return corr_idx, rows, scale
+
+    def _delta_groups(self, D, coefs, corr_idx, corr_rows, corr_scale):
+        """Merge row groups for sum_k coefs[k] * delta'_k."""
+        groups = [(D, coefs, None)]
+        if corr_idx:
+            groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
+        return groups
+
+    def _apply_buffered(self, groups):
+        """FedBuff's server update from the rows of u = sum_k (a_k / N) delta'_k: with momentum
+        m <- beta m + u, theta <- theta + eta_g m; without, theta <- theta + eta_g u in one pass."""
+        rule = self.rule
+        if rule.momentum > 0:
+            if self._momentum is None:
+                self._momentum = torch.zeros_like(self.params)
+            fused_merge(self._momentum, rule.momentum, groups, out=self._momentum, backend=self.backend)
+            fused_merge(self.params, 1.0, [(self._momentum[None], [rule.server_lr], None)],
+                        out=self.params, backend=self.backend)
+        else:
+            groups = [(rows, _times(rule.server_lr, coefs), idx) for rows, coefs, idx in groups]
+            fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
+
+    def _finish_merge(self, pend, slots):
+        """After the parameters moved: store the new version, swap the delta buffers, count."""
         self.store.push(self.version, self.params)
         if self._ingest_stream is not None:  # the next buffer fills the other delta buffer
             self._set_merged[self._set] = torch.cuda.Event()
@@ -369,8 +386,9 @@ class Aggregator:
         if self.max_staleness is not None:
             for v in [v for v in self._seen if v < self.version - self.max_staleness]:
                 del self._seen[v]
-        self._counters["merged"] += K
-        self._counters["fallbacks"] += fallbacks
+        self._counters["merged"] += len(pend)
+        if self._needs_base:
+            self._counters["fallbacks"] += sum(1 for s in slots if s is None)
         for p in pend:
             self._hist[p.staleness] += 1
         self._pending = []
@@ -479,6 +497,11 @@ def _scaled(coefs, idx, scale, device):
     """-coefs[idx] * scale as a device tensor: the KD rows' merge coefficients, kept on the device
     so that the correction's per-client scale never makes the host wait."""
     return -to_device([coefs[k] for k in idx], scale.dtype, device) * scale
+
+
+def _times(c, coefs):
+    """c * coefs, for a list of floats or a device tensor."""
+    return c * coefs if isinstance(coefs, torch.Tensor) else [c * x for x in coefs]
 
 
 def _delta_dtype(value, dtype):

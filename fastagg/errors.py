@@ -74,3 +74,10 @@ class BadArgumentError(InvalidUpdate):
     """A submit() argument other than the update itself is invalid (negative sample count...)."""
 
     reason = "bad_argument"
+
+
+class BufferFullError(InvalidUpdate):
+    """Not bad content: this rank of a DistributedAggregator already holds ``local_capacity``
+    updates. Nothing changed; send the update again after the ranks' next step()."""
+
+    reason = "buffer_full"
