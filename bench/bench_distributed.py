@@ -120,7 +120,8 @@ def main(argv=None):
         print(f"{model:9s} P={r['P']:>9,d} K={args.updates}: 1 process x {cores} threads "
               f"{rate['one_process_all_cores']:7.1f} upd/s | 1 x 1 {rate['one_process_one_core']:7.1f} | "
               f"{args.ranks} ranks x {r['threads_per_rank']} {rate['ranks']:7.1f} "
-              f"({r['speedup_vs_one_process_all_cores']:.2f}x all-core process, {r['speedup_vs_one_core']:.2f}x one core); "
+              f"({r['speedup_vs_one_process_all_cores']:.2f}x all-core process, "
+              f"{r['speedup_vs_one_core']:.2f}x one core); "
               f"all-reduce {r['all_reduce_ms']:.2f} ms = {100 * r['all_reduce_share_of_step']:.1f}% of the step",
               flush=True)
     report = {"machine": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,

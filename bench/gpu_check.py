@@ -232,7 +232,8 @@ def flk_bench():
 
 if __name__ == "__main__":
     steps = sys.argv[1:] or ["tests", "offsets64", "limits", "merge", "kd", "flk"]
-    fns = {"tests": tests, "offsets64": offsets64, "limits": limits, "merge": merge_bench, "kd": kd_bench, "flk": flk_bench}
+    fns = {"tests": tests, "offsets64": offsets64, "limits": limits, "merge": merge_bench, "kd": kd_bench,
+           "flk": flk_bench}
     for s in steps:
         if s in ("merge", "kd", "flk") and "copy_GBps" not in R:
             limits()

@@ -255,7 +255,8 @@ class Aggregator:
         spec = self.spec
         if isinstance(update, torch.Tensor):
             if update.dim() != 1 or update.numel() != spec.numel:
-                raise errors.UpdateShapeError(f"a flat update must have shape ({spec.numel},), got {tuple(update.shape)}")
+                raise errors.UpdateShapeError(
+                    f"a flat update must have shape ({spec.numel},), got {tuple(update.shape)}")
             check_float("flat update", update.dtype)
             row.copy_(update)
         elif isinstance(update, dict):

@@ -13,8 +13,9 @@ updates: ``submit`` validates and buffers them locally exactly as ``Aggregator.s
    update (momentum included). Models and versions stay identical on every rank.
 
 The result equals one ``Aggregator`` fed every rank's updates (tested in float64 against it).
-Traffic per step: one all-reduce of P parameters and one of four scalars, whatever K is; the
-correction, which dominates the step, is split over the ranks.
+Traffic per step: one all-reduce of P parameters and two small ones, whatever K is; the
+correction, which dominates the step, is split over the ranks. If a rank fails while correcting
+its share, every rank raises and nothing changes (no rank is left waiting in a collective).
 
     dist.init_process_group("nccl")            # or "gloo" on CPUs; torchrun sets the rest
     agg = DistributedAggregator(model, FedBuff(buffer_size=256), correction=KDCorrection(proxy),
@@ -134,13 +135,25 @@ class DistributedAggregator(Aggregator):
         K = len(pend)
         D = self._deltas[:K]
         slots = [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
-        corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
         u = self._sum
-        u.zero_()
-        if K:
-            coefs = _rules._divide(a, norm)
-            fused_merge(u, 1.0, self._delta_groups(D, coefs, corr_idx, corr_rows, corr_scale), out=u,
-                        backend=self.backend)
+        kept = self._counters["corrected"], self._last_lambda
+        failure = None
+        try:  # this rank's share: nothing global changes here
+            corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
+            u.zero_()
+            if K:
+                coefs = _rules._divide(a, norm)
+                fused_merge(u, 1.0, self._delta_groups(D, coefs, corr_idx, corr_rows, corr_scale), out=u,
+                            backend=self.backend)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            failure = exc
+        ok = torch.tensor([0.0 if failure else 1.0], device=self._comm_device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        if failure is not None or float(ok) < 1.0:
+            self._counters["corrected"], self._last_lambda = kept
+            msg = "this rank" if failure is not None else "another rank"
+            raise RuntimeError(f"step abandoned on every rank: {msg} failed while correcting its updates "
+                               "(parameters, version and buffers unchanged)") from failure
         self._all(u, lambda t: dist.all_reduce(t, group=self.group))
         self._apply_buffered([(u[None], [1.0], None)])
         self.version += 1

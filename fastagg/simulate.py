@@ -424,7 +424,8 @@ def table(results, target):
 
 
 def format_table(rows, target, markdown=False):
-    head = ["algorithm", "final acc", "vs baseline (paired)", "best acc", f"sim. time to {target:.0%}", "mean staleness"]
+    head = ["algorithm", "final acc", "vs baseline (paired)", "best acc", f"sim. time to {target:.0%}",
+            "mean staleness"]
     body = [[r["algorithm"], f"{r['final_mean']:.3f} ± {r['final_std']:.3f}",
              "" if math.isnan(r.get("delta_mean", math.nan)) else f"{r['delta_mean']:+.3f} ± {r['delta_std']:.3f}",
              f"{r['best_mean']:.3f}",

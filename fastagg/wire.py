@@ -50,7 +50,8 @@ def decode_update(payload: bytes) -> tuple[dict, dict]:
             try:
                 parsed[key] = conv(meta[key])
             except ValueError:
-                raise errors.MalformedUpdateError(f"metadata {key}={meta[key]!r} is not a valid {conv.__name__}") from None
+                raise errors.MalformedUpdateError(
+                    f"metadata {key}={meta[key]!r} is not a valid {conv.__name__}") from None
     return tensors, parsed
 
 

@@ -82,7 +82,8 @@ def test_relative_step_moves_by_rho_lambda_delta_norm(rng):
 def test_teacher_forward_runs_once_per_version(rng):
     model = mlp()
     proxy = torch.randn(16, 6, generator=rng)
-    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=fastagg.KDCorrection(proxy, min_staleness=0, staleness_factor="none"))
+    corr = fastagg.KDCorrection(proxy, min_staleness=0, staleness_factor="none")
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr)
     for i in range(20):
         agg.submit(0.05 * torch.randn(agg.spec.numel, generator=rng), base_version=max(0, agg.version - 1))
     st = agg.stats()
@@ -184,7 +185,8 @@ def test_engine_fp32_matches_per_client_autograd_and_merges_identically(rng):
     rows_ref, scale_ref = corr.correct_loop(agg.params + deltas, deltas, lam, teacher)
     got, ref = deltas - scale[:, None] * rows, deltas - scale_ref[:, None] * rows_ref
     assert float((got - ref).norm() / ref.norm()) < 1e-6
-    assert float(((scale[:, None] * rows) - (scale_ref[:, None] * rows_ref)).norm() / (scale_ref[:, None] * rows_ref).norm()) < 1e-5
+    want = scale_ref[:, None] * rows_ref
+    assert float(((scale[:, None] * rows) - want).norm() / want.norm()) < 1e-5
 
 
 BF16_TOLERANCE = 3e-2  # relative L2 error of the bf16 correction (KD step) against fp32; documented in README

@@ -87,6 +87,7 @@ def _worker(rank, init, seed, out):
                 params.append(agg.params.clone())
             result[case] = ([p.cpu() for p in params], agg.stats())
         result["limits"] = _limits(rank, seed)
+        result["failure"] = _failure(rank, seed)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
@@ -122,6 +123,33 @@ def _limits(rank, seed):
         agg.step()
     except RuntimeError as exc:
         seen["mismatch"] = str(exc)
+    return seen
+
+
+def _failure(rank, seed):
+    """Rank 1's correction raises mid-step: both ranks raise, neither changes; the retry merges."""
+    agg = make(DistributedAggregator, "kd", seed, buffer_size=2)
+    (_, _, _, delta, _, _), *_ = updates(seed, torch.float64)
+    agg.submit(delta, base_version=0, client_id="first")
+    agg.step()  # version 1
+    agg.submit(delta, base_version=0, client_id="stale")  # staleness 1: corrected
+    before = (agg.params.clone(), agg.version, agg.stats())
+    correct = agg.correction.correct
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise FloatingPointError("injected")
+        agg.correction.correct = broken
+    seen = {}
+    try:
+        agg.step()
+    except RuntimeError as exc:
+        seen["error"] = (str(exc), type(exc.__cause__).__name__)
+    after = agg.stats()
+    seen["unchanged"] = (torch.equal(before[0], agg.params) and agg.version == before[1] == 1
+                         and after["buffered"] == 1 and after["corrected"] == before[2]["corrected"])
+    agg.correction.correct = correct
+    seen["retry"] = agg.step()
+    seen["corrected"] = agg.stats()["corrected"]
     return seen
 
 
@@ -206,3 +234,12 @@ def test_torchrun_example_learns_and_keeps_the_ranks_identical():
     assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"], run.stdout
     acc = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", run.stdout)]  # passes 40, 80, 120, final
     assert len(acc) == 4 and acc[-1] >= 0.75 and acc[-1] > acc[0] + 0.3, run.stdout
+
+
+def test_a_rank_failing_mid_step_fails_every_rank_and_changes_nothing(runs):
+    _, ranks = runs
+    seen = [ranks[r]["failure"] for r in range(WORLD)]
+    assert "this rank failed" in seen[1]["error"][0] and seen[1]["error"][1] == "FloatingPointError"
+    assert "another rank failed" in seen[0]["error"][0]
+    assert all(s["unchanged"] for s in seen)
+    assert [s["retry"] for s in seen] == [2, 2] and [s["corrected"] for s in seen] == [1, 1]

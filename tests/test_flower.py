@@ -42,9 +42,10 @@ def test_async_strategy_in_a_real_flower_simulation():
     # replied yet when the 40th update arrives)
     assert len(set(strategy.nodes)) == ex.NUM_NODES
     assert len({node for node, *_ in strategy.submitted}) >= ex.NUM_NODES // 2
-    # the global model improved on held-out data
+    # the global model improved on held-out data (from 0.05; Ray's timing decides the arrival order
+    # and with it the staleness: 15 runs gave 0.22-0.58, so a margin of 0.2 failed now and then)
     final = ex.accuracy(result.arrays.to_torch_state_dict())
-    assert final > initial + 0.2
+    assert final > initial + 0.12
     # metrics carry staleness and correction statistics
     last = result.train_metrics_clientapp[40]
     assert last["mean-staleness"] > 0 and last["corrected"] == st["corrected"]
