@@ -25,6 +25,7 @@ CASES = {  # name: (FedBuff options, with a correction, model dtype, backend, de
                             "cpu"),
     "count_no_kd": (dict(normalize="count", server_lr=0.7), False, torch.float64, "torch", "cpu"),
     "kd_fp32": (dict(momentum=0.3), True, torch.float32, "auto", "cpu"),
+    "kd_bf16_updates": (dict(), True, torch.float32, "auto", "cpu"),  # delta_dtype=bf16, see make
     # the GPU machine: Triton merge, and gloo's all-reduce through host copies of the [P] sum
     "kd_fp32_cuda": (dict(momentum=0.3), True, torch.float32, "auto", "cuda"),
 }
@@ -49,6 +50,8 @@ def make(cls, case, seed, buffer_size, model_seed=0, **kw):
     opts, kd, dtype, backend, device = CASES[case]
     proxy = torch.randn(17, 6, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     corr = KDCorrection(proxy.to(dtype=dtype, device=device), steps=2) if kd else None
+    if case.endswith("bf16_updates"):
+        kw["delta_dtype"] = torch.bfloat16
     return cls(mlp(dtype=dtype, seed=model_seed).to(device), FedBuff(buffer_size=buffer_size, **opts),
                staleness=staleness.polynomial(0.5), correction=corr, backend=backend, device=device, **kw)
 
@@ -180,6 +183,8 @@ def test_two_ranks_equal_one_aggregator_fed_every_update(runs, case):
     assert [s["merged"] for s in stats] == [sum(c[r] for c in COUNTS) for r in range(WORLD)]
     assert sum(s["corrected"] for s in stats) == ref_stats["corrected"] > (0 if CASES[case][1] else -1)
     assert [s["rank"] for s in stats] == [0, 1] and all(s["version"] == len(COUNTS) for s in stats)
+    assert all(s["delta_dtype"] == ref_stats["delta_dtype"] for s in stats)
+    assert (ref_stats["delta_dtype"] == "bfloat16") == case.endswith("bf16_updates")
 
 
 def test_threshold_force_backpressure_and_version_check(runs):
