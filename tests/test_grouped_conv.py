@@ -223,14 +223,19 @@ def _engine_grads(model, proxy, students, **kw):
     return loss, g, corr.engine
 
 
+def _net_proxy_students(net, proxy_shape, K, rng, device):
+    """A seeded ``net``, a random proxy batch and K students near zero (fresh draws from rng)."""
+    torch.manual_seed(0)
+    model = net().to(device)
+    proxy = torch.randn(*proxy_shape, generator=rng).to(device)
+    P = sum(p.numel() for p in model.parameters())
+    return model, proxy, 0.1 * torch.randn(K, P, generator=rng).to(device)
+
+
 def test_engine_triton_conv_route_equals_native_fp32_and_bf16_within_tolerance(rng, device):
     from test_correction import BF16_TOLERANCE
 
-    torch.manual_seed(0)
-    model = TwoConv().to(device)
-    proxy = torch.randn(12, 2, 5, 5, generator=rng).to(device)
-    P = sum(p.numel() for p in model.parameters())
-    students = 0.1 * torch.randn(5, P, generator=rng).to(device)
+    model, proxy, students = _net_proxy_students(TwoConv, (12, 2, 5, 5), 5, rng, device)
     loss0, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=5)
     loss1, g1, eng = _engine_grads(model, proxy, students, conv="triton", chunk=5)
     assert eng.routed_convs == 1 and eng.routes == {5: "triton"}  # c2 (c1 reads the shared proxy batch)
@@ -558,11 +563,7 @@ def test_engine_fused_route_equals_native_in_fp32_and_its_reference_in_bf16(conv
     differed from fp32 by 1.7% (median), 5.1% (90th percentile), 8.8% (max) — not a rounding
     error of the kernels; vmap's own convolutions stay fp32 under autocast, so native is no
     bf16 baseline here."""
-    torch.manual_seed(0)
-    model = PoolNet().to(device)
-    proxy = torch.randn(6, 2, 8, 8, generator=rng).to(device)
-    P = sum(p.numel() for p in model.parameters())
-    students = 0.1 * torch.randn(3, P, generator=rng).to(device)
+    model, proxy, students = _net_proxy_students(PoolNet, (6, 2, 8, 8), 3, rng, device)
     loss0, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=3)
     loss1, g1, eng = _engine_grads(model, proxy, students, conv=conv, chunk=3)
     assert eng.fused_model()[1] == 2 and eng.routed_convs == 2 and eng.routes == {3: conv}
