@@ -3,9 +3,9 @@
 # session has 15 in all, start-up included). Results land in $OUT; copy them to bench/results/.
 #   bash bench/gpu_run.sh 1   device/versions, CUDA tests of the grouped-conv kernels and the
 #                             engine, the kernels vs cuDNN per layer, `fastagg bench` on `cnn`
-#   bash bench/gpu_run.sh 2   the distributed aggregator's CUDA tests, `fastagg bench` on resnet18
-#                             and lm, and the K sweep
-#   bash bench/gpu_run.sh 3   if time is left: `fastagg simulate --device cuda` on Fashion-MNIST,
+#   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
+#   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests (~30 s), then
+#                             `fastagg simulate --device cuda` on Fashion-MNIST,
 #                             FedADT through cuDNN and through the Triton conv routes (the data
 #                             travels in .carry/fashion-mnist: copy the four .gz files of
 #                             /usr/share/datasets/fashion-mnist there and name .carry in `carry`)
@@ -24,12 +24,12 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   timeout 200 python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
 elif [ "$part" = 2 ]; then
-  # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_distributed.py -k "cuda or nccl" \
-      2>&1 | tail -4 | tee "$OUT/gpu_distributed_tests.txt"
   timeout 290 python3 -m fastagg.cli bench --device cuda --models resnet18,lm --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else
+  # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_distributed.py -k "cuda or nccl" \
+      2>&1 | tail -4 | tee "$OUT/gpu_distributed_tests.txt"
   FASTAGG_FASHION_DIR=$PWD/.carry/fashion-mnist timeout 200 python3 -m fastagg.cli simulate --device cuda \
       --dataset fashion-mnist --dirichlet 0.1 --arrivals 600 --quiet --out "$OUT/sim" \
       --algorithms "fedbuff,fedadt-buff/conv=native,fedadt-buff/conv=triton,fedadt-buff/conv=triton_cl" \
