@@ -113,7 +113,8 @@ class DistributedAggregator(Aggregator):
             self._wait_ingest()
             pend = self._pending
             w = [float(self.staleness(p.staleness)) for p in pend]
-            a = self.rule.weights(w, [p.num_samples for p in pend])
+            samples = [p.num_samples for p in pend]
+            a = self.rule.weights(w, samples)
             v = float(self.version)
             info = torch.tensor([len(pend), math.fsum(a), v, v * v], dtype=torch.float64, device=self._comm_device)
             dist.all_reduce(info, group=self.group)
@@ -124,14 +125,14 @@ class DistributedAggregator(Aggregator):
             count = int(round(count))
             if count == 0 or (count < self.rule.buffer_size and not force):
                 return self.version
-            self._merge_global(pend, w, a, self.rule.normalizer(weight_sum, count))
+            self._merge_global(pend, self.rule.coefficients(w, samples, totals=(weight_sum, count)))
             return self.version
 
     def flush(self) -> int:
         """Collective: merge whatever every rank holds now (``step(force=True)``)."""
         return self.step(force=True)
 
-    def _merge_global(self, pend, w, a, norm):
+    def _merge_global(self, pend, coefs):
         K = len(pend)
         D = self._deltas[:K]
         slots = [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
@@ -142,7 +143,6 @@ class DistributedAggregator(Aggregator):
             corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
             u.zero_()
             if K:
-                coefs = _rules._divide(a, norm)
                 fused_merge(u, 1.0, self._delta_groups(D, coefs, corr_idx, corr_rows, corr_scale), out=u,
                             backend=self.backend)
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever

@@ -72,18 +72,16 @@ class FedBuff:
         """[a_k]: the staleness weights, times the sample counts if sample_weighted."""
         return [w * (n if self.sample_weighted else 1.0) for w, n in zip(weights, num_samples)]
 
-    def normalizer(self, weight_sum, count):
-        """N from the sum of the a_k and the number of updates (over every rank when distributed)."""
-        return weight_sum if self.normalize == "weights" else float(count)
-
-    def coefficients(self, weights, num_samples):
-        """[a_k / N] for the buffered updates (before the server learning rate)."""
+    def coefficients(self, weights, num_samples, totals=None):
+        """[a_k / N] for the buffered updates (before the server learning rate). ``totals``: the sum
+        of the a_k and the number of updates over every rank, when the buffer is spread over
+        several (fastagg.distributed); by default those of these updates."""
         a = self.weights(weights, num_samples)
-        return _divide(a, self.normalizer(math.fsum(a), len(a)))
-
-
-def _divide(a, norm):
-    return [0.0] * len(a) if norm <= 0 else [x / norm for x in a]
+        weight_sum, count = totals if totals is not None else (math.fsum(a), len(a))
+        norm = weight_sum if self.normalize == "weights" else float(count)
+        if norm <= 0:
+            return [0.0] * len(a)
+        return [x / norm for x in a]
 
 
 def resolve(rule):
