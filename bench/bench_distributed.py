@@ -15,6 +15,7 @@ timed alone, and each rate against the one-process rates measured in the same ru
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -35,7 +36,8 @@ def _run(rank, world, threads, model_name, K, reps, init, out):
     """One configuration: ``world`` ranks (0: one plain Aggregator) of ``threads`` threads."""
     distributed = world > 0
     if distributed:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(threads)
     model, proxy = fb.make(model_name, "cpu", small=True)
     model.eval()

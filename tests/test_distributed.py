@@ -1,8 +1,10 @@
 """DistributedAggregator: FedBuff spread over torch.distributed ranks (gloo, two processes here)
-against one Aggregator fed every rank's updates, in float64 and in fp32 on the C++ backend."""
+against one Aggregator fed every rank's updates — in float64, in fp32 on the C++ backend, with
+bf16 update buffers — plus its thresholds, back-pressure, version check and failure handling."""
 
 import os
 import re
+from datetime import timedelta
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +73,8 @@ def reference(case, seed):
 
 
 def _worker(rank, init, seed, out):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    # a rank that fails leaves the other waiting in a collective: 60 s, not gloo's 30 minutes
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
         result = {}
