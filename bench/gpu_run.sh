@@ -28,7 +28,8 @@ elif [ "$part" = 2 ]; then
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
-  timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_distributed.py -k "cuda or nccl" \
+  FASTAGG_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
+      tests/test_distributed.py -k "cuda or nccl" \
       2>&1 | tail -4 | tee "$OUT/gpu_distributed_tests.txt"
   FASTAGG_FASHION_DIR=$PWD/.carry/fashion-mnist timeout 200 python3 -m fastagg.cli simulate --device cuda \
       --dataset fashion-mnist --dirichlet 0.1 --arrivals 600 --quiet --out "$OUT/sim" \
