@@ -40,6 +40,8 @@ def main():
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     # every rank builds the same data, split and model (same seed); each serves its own clients
