@@ -37,11 +37,11 @@ def main():
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    dist.init_process_group(args.backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+        torch.cuda.set_device(device)  # before the process group: NCCL's collectives use the current device
+    dist.init_process_group(args.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     # every rank builds the same data, split and model (same seed); each serves its own clients
