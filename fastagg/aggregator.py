@@ -308,8 +308,8 @@ class Aggregator:
         pend = self._pending
         K = len(pend)
         D = self._deltas[:K]
-        w = [float(self.staleness(p.staleness)) for p in pend]
-        slots = [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
+        w = self._staleness_weights(pend)
+        slots = self._base_slots(pend)
         corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
         if isinstance(self.rule, _rules.FedAsync):
             c0, coefs = self.rule.coefficients(w)
@@ -326,6 +326,13 @@ class Aggregator:
             self._apply_buffered(self._delta_groups(D, a, corr_idx, corr_rows, corr_scale))
             self.version += 1
         self._finish_merge(pend, slots)
+
+    def _staleness_weights(self, pend):
+        return [float(self.staleness(p.staleness)) for p in pend]
+
+    def _base_slots(self, pend):
+        """Each buffered update's base version's row in the store (None: evicted or not needed)."""
+        return [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
 
     def _correct(self, D, pend, slots):
         """KD-correct the buffered deltas D against the current model: (corr_idx, rows, scale),

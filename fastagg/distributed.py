@@ -112,7 +112,7 @@ class DistributedAggregator(Aggregator):
         with self._lock:
             self._wait_ingest()
             pend = self._pending
-            w = [float(self.staleness(p.staleness)) for p in pend]
+            w = self._staleness_weights(pend)
             samples = [p.num_samples for p in pend]
             a = self.rule.weights(w, samples)
             v = float(self.version)
@@ -135,7 +135,7 @@ class DistributedAggregator(Aggregator):
     def _merge_global(self, pend, coefs):
         K = len(pend)
         D = self._deltas[:K]
-        slots = [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
+        slots = self._base_slots(pend)
         u = self._sum
         kept = self._counters["corrected"], self._last_lambda
         failure = None
