@@ -181,9 +181,10 @@ class Aggregator:
             return self.version, {k: v.clone() for k, v in self.spec.unflatten(self.params).items()}
 
     def pull_bytes(self) -> bytes:
-        """The current model in the wire format (safetensors, version in the metadata)."""
-        with self._lock:
-            return wire.encode_model(self.spec.unflatten(self.params), self.version)
+        """The current model in the wire format (safetensors, version in the metadata); encoded
+        outside the lock, from a copy, so that submits are not held up by the serialisation."""
+        version, params = self.pull(flat=True)
+        return wire.encode_model(self.spec.unflatten(params), version)
 
     def submit(self, update, base_version: int | None = None, num_samples: int | None = None,
                client_id=None) -> Receipt:

@@ -81,3 +81,10 @@ class BufferFullError(InvalidUpdate):
     updates. Nothing changed; send the update again after the ranks' next step()."""
 
     reason = "buffer_full"
+
+
+class PayloadTooLargeError(InvalidUpdate):
+    """Not seen by the aggregator: the HTTP server (fastagg.integrations.http) refused a body
+    over its ``max_body`` without reading it (HTTP 413); counted in its ``responses``."""
+
+    reason = "too_large"

@@ -39,7 +39,7 @@ def decode_update(payload: bytes) -> tuple[dict, dict]:
         raise errors.MalformedUpdateError(f"expected bytes, got {type(payload).__name__}")
     try:
         tensors = _st_load(bytes(payload))
-        meta = _read_metadata(bytes(payload))
+        meta = read_metadata(bytes(payload))
     except errors.InvalidUpdate:
         raise
     except Exception as exc:  # safetensors raises its own error types, and struct/json errors
@@ -55,7 +55,8 @@ def decode_update(payload: bytes) -> tuple[dict, dict]:
     return tensors, parsed
 
 
-def _read_metadata(payload: bytes) -> dict:
+def read_metadata(payload: bytes) -> dict:
+    """The safetensors metadata of a payload (strings), read from its header alone."""
     import json
     import struct
 
@@ -70,7 +71,7 @@ def encode_model(state: dict, version: int) -> bytes:
 
 def decode_model(payload: bytes) -> tuple[int, dict]:
     tensors = _st_load(bytes(payload))
-    return int(_read_metadata(bytes(payload))["version"]), tensors
+    return int(read_metadata(bytes(payload))["version"]), tensors
 
 
 def to_tensor_dict(obj) -> dict:

@@ -1,1 +1,2 @@
-"""Integrations with FL frameworks: ``fastagg.integrations.flower`` (pip install fastagg[flower])."""
+"""Integrations: ``fastagg.integrations.flower`` (Flower strategies; pip install fastagg[flower]) and
+``fastagg.integrations.http`` (a plain HTTP server and client, standard library only)."""

@@ -1,0 +1,219 @@
+"""fastagg behind plain HTTP: the standard library's ``http.server``, no web framework.
+
+The server process embeds the aggregator and serves it on threads; a client needs only HTTP
+and the wire format (safetensors bytes, see fastagg.wire):
+
+    server = Server(agg, host="0.0.0.0", port=8080)   # serves from a background thread at once
+    ...                                                # the process goes on: evaluation, checkpoints
+    server.close()
+
+    client = Client("http://server:8080")
+    version, params = client.pull()
+    receipt = client.submit(delta, base_version=version, num_samples=64, client_id="c17")
+
+Endpoints:
+
+    GET  /model    200: the model as wire bytes (its version in the safetensors metadata and in
+                   the X-Fastagg-Version header)
+    GET  /version  200: JSON {"version": v}, a cheap poll
+    GET  /stats    200: JSON, ``agg.stats()`` and, under "http", the responses by status code
+    POST /update   body: one update payload (``fastagg.encode_update``).
+                   200: JSON, the receipt. 400: JSON {"reason", "error"}, a rejected update
+                   (``agg.stats()["rejected"]`` counts it by reason, nothing else changed).
+                   413: Content-Length over ``max_body``; the body is not read. 411: no
+                   Content-Length. 503 (Retry-After): a DistributedAggregator rank that holds
+                   ``local_capacity`` updates. 500: the aggregator failed ({"reason": "internal"}).
+
+``submit`` is thread-safe, so requests run concurrently; the request whose update fills the
+buffer returns after the merge. A connection silent for ``timeout`` seconds is dropped, so a
+client that stops mid-body does not hold a thread. ``Client.submit`` raises, on a 400, 413 or
+503, the ``fastagg.errors`` class of the rejection, with the server's message.
+
+No authentication and no TLS: put the server behind a proxy that provides them, and bound
+``max_body`` to what the model's updates need (default 8·P bytes + 1 MiB: float64 deltas fit).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .. import errors, wire
+from ..aggregator import Receipt
+
+log = logging.getLogger("fastagg.http")
+
+VERSION_HEADER = "X-Fastagg-Version"
+
+
+class Server:
+    """Serve ``agg`` over HTTP on ``host:port`` (port 0: any free port; ``url`` says which)
+    from a background thread, until ``close()``."""
+
+    def __init__(self, agg, host: str = "127.0.0.1", port: int = 0, *, max_body: int | None = None,
+                 timeout: float = 30.0):
+        self.aggregator = agg
+        self.max_body = int(max_body) if max_body is not None else 8 * agg.spec.numel + (1 << 20)
+        self.responses: collections.Counter = collections.Counter()  # "200", "400", ..., "timeout" -> count
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"state": self, "timeout": float(timeout)})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="fastagg-http",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def close(self) -> None:
+        """Stop taking requests and release the port (requests in flight finish on their threads)."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _count(self, what):
+        with self._lock:
+            self.responses[str(what)] += 1
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: Server  # set on the subclass each Server makes
+    protocol_version = "HTTP/1.1"  # keep-alive: every response carries its Content-Length
+
+    def do_GET(self):
+        agg = self.state.aggregator
+        if self.path == "/model":
+            body = agg.pull_bytes()
+            version = wire.read_metadata(body)["version"]
+            return self._send(200, body, "application/octet-stream", {VERSION_HEADER: version})
+        if self.path == "/version":
+            return self._json(200, {"version": agg.version})
+        if self.path == "/stats":
+            with self.state._lock:
+                http = dict(sorted(self.state.responses.items()))
+            return self._json(200, {**agg.stats(), "http": http})
+        if self.path == "/update":
+            return self._error(405, "method", "POST an update to /update", {"Allow": "POST"})
+        return self._error(404, "not_found", f"no endpoint {self.path!r}: GET /model, /version, /stats; POST /update")
+
+    def do_POST(self):
+        if self.path != "/update":
+            if self.path in ("/model", "/version", "/stats"):
+                return self._error(405, "method", f"GET {self.path}", {"Allow": "GET"})
+            return self._error(404, "not_found", f"no endpoint {self.path!r}: POST updates to /update")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True  # the body's end is unknown: nothing more on this connection
+            return self._error(411, "length_required", "an update needs a Content-Length header")
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            return self._error(400, "bad_length", f"Content-Length {length!r} is not a byte count")
+        if n > self.state.max_body:
+            self.close_connection = True  # the body stays unread
+            return self._error(413, errors.PayloadTooLargeError.reason,
+                               f"the update is {n} bytes; this server takes at most {self.state.max_body}")
+        try:
+            body = self.rfile.read(n)
+        except (TimeoutError, ConnectionError) as exc:
+            self.close_connection = True
+            self.state._count("timeout")
+            log.info("dropped a connection while reading an update: %s", exc)
+            return
+        try:
+            receipt = self.state.aggregator.submit(body)
+        except errors.BufferFullError as exc:  # a DistributedAggregator rank that is full: retry later
+            return self._error(503, exc.reason, str(exc), {"Retry-After": 1})
+        except errors.InvalidUpdate as exc:
+            return self._error(400, exc.reason, str(exc))
+        except Exception as exc:  # the aggregator's own failure, not the client's: say so, keep serving
+            log.exception("submit failed")
+            return self._error(500, "internal", f"{type(exc).__name__}: {exc}")
+        return self._json(200, asdict(receipt))
+
+    def _error(self, code, reason, message, headers=None):
+        return self._json(code, {"reason": reason, "error": message}, headers)
+
+    def _json(self, code, obj, headers=None):
+        body = json.dumps(obj, default=str).encode()
+        return self._send(code, body, "application/json", headers)
+
+    def _send(self, code, body, ctype, headers=None):
+        self.state._count(code)  # before the client can read the answer
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):  # http.server writes every request to stderr; log it instead
+        log.debug("%s - " + fmt, self.address_string(), *args)
+
+
+_ERRORS = {cls.reason: cls for cls in vars(errors).values()
+           if isinstance(cls, type) and issubclass(cls, errors.InvalidUpdate)}
+
+
+class Client:
+    """The client side of ``Server``: pull the model, submit deltas as wire bytes."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        self.url, self.timeout = url.rstrip("/"), float(timeout)
+
+    def pull(self) -> tuple[int, dict]:
+        """(version, {name: tensor}) of the current global model."""
+        return wire.decode_model(self._request("GET", "/model"))
+
+    def version(self) -> int:
+        return json.loads(self._request("GET", "/version"))["version"]
+
+    def stats(self) -> dict:
+        return json.loads(self._request("GET", "/stats"))
+
+    def submit(self, delta, *, base_version: int, num_samples: int = 1, client_id=None, dtype=None) -> Receipt:
+        """Send a delta {name: tensor} computed on ``base_version`` (``dtype``: send it in, e.g.,
+        bf16). Returns the server's receipt; raises the ``fastagg.errors`` class of a rejection."""
+        payload = wire.encode_update(delta, base_version=base_version, num_samples=num_samples,
+                                     client_id=client_id, dtype=dtype)
+        return Receipt(**json.loads(self._request("POST", "/update", payload)))
+
+    def _request(self, method, path, body=None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/octet-stream")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                info = json.loads(raw)
+                reason, message = info["reason"], info["error"]
+            except (ValueError, KeyError, TypeError):
+                raise exc from None
+            cls = _ERRORS.get(reason)
+            if cls is not None and exc.code in (400, 413, 503):
+                raise cls(message) from None
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code} ({reason}): {message}") from None

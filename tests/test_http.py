@@ -1,0 +1,236 @@
+"""The HTTP server and client (fastagg.integrations.http) against direct calls of the aggregator."""
+
+import http.client
+import re
+import subprocess
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastagg
+from fastagg import errors
+from fastagg.integrations.http import Client, Server
+
+from conftest import mlp
+
+
+def _agg(**kw):
+    kw.setdefault("rule", fastagg.FedBuff(4, server_lr=0.8))
+    return fastagg.Aggregator(mlp(), kw.pop("rule"), staleness=fastagg.staleness.polynomial(0.5),
+                              max_update_norm=50.0, max_staleness=6, **kw)
+
+
+def _delta(agg, gen, scale=0.05):
+    return {k: scale * torch.randn(v.shape, generator=gen) for k, v in agg.pull()[1].items()}
+
+
+def _raw(server, method, path, body=None, headers=None):
+    """(status, headers, body) of one request, sent as given (no client-side checks)."""
+    u = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.putrequest(method, path)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def _state(agg):
+    st = agg.stats()
+    st.pop("rejected"), st.pop("rejected_total")
+    return agg.params.clone(), agg.version, st
+
+
+def test_updates_over_http_equal_direct_submits(rng):
+    """Stale, bf16 and fp32 updates through the server give the same model, version, receipts and
+    statistics as the same updates submitted directly, with the KD correction on."""
+    proxy = torch.randn(12, 6, generator=rng)
+    served = _agg(correction=fastagg.KDCorrection(proxy, steps=2))
+    direct = _agg(correction=fastagg.KDCorrection(proxy, steps=2))
+    with Server(served) as server:
+        client = Client(server.url)
+        for i in range(11):
+            version, params = client.pull()
+            assert version == served.version
+            assert all(torch.equal(params[k], v) for k, v in served.pull()[1].items())
+            base = max(0, version - i % 3)  # up to two versions stale
+            delta = _delta(served, rng)
+            dtype = torch.bfloat16 if i % 2 else None
+            r = client.submit(delta, base_version=base, num_samples=5 + i, client_id=f"c{i}", dtype=dtype)
+            d = direct.submit(fastagg.encode_update(delta, base_version=base, num_samples=5 + i,
+                                                    client_id=f"c{i}", dtype=dtype))
+            assert r == d
+        assert torch.equal(served.params, direct.params) and served.version == direct.version == 2
+        stats = client.stats()
+        assert stats["http"] == {"200": 11 + 11}  # pulls and submits (not this request: read before it)
+        assert stats["accepted"] == 11 and stats["corrected"] == direct.stats()["corrected"] > 0
+        assert client.version() == 2
+
+
+REJECTED = {"non_finite": errors.NonFiniteUpdateError, "future_version": errors.FutureVersionError,
+            "duplicate": errors.DuplicateUpdateError, "keys": errors.UpdateKeysError,
+            "too_stale": errors.StaleUpdateError, "bad_argument": errors.BadArgumentError}
+
+
+@pytest.mark.parametrize("case", ["malformed", *REJECTED])
+def test_rejection_raises_the_servers_error_and_changes_nothing(case, rng):
+    agg = _agg()
+    with Server(agg) as server:
+        client = Client(server.url)
+        for i in range(29):  # seven merges, one update buffered
+            client.submit(_delta(agg, rng), base_version=agg.version, client_id=f"w{i}")
+        before = _state(agg)
+        good = _delta(agg, rng)
+        if case == "malformed":
+            status, _, body = _raw(server, "POST", "/update", b"\x08\x00\x00\x00\x00\x00\x00\x00{}{}{}",
+                                   {"Content-Length": "14"})
+            assert status == 400 and b'"malformed"' in body
+        else:
+            kw = {"base_version": agg.version, "client_id": "new"}
+            if case == "non_finite":
+                good[next(iter(good))][0] = float("nan")
+            elif case == "future_version":
+                kw["base_version"] = agg.version + 1
+            elif case == "duplicate":
+                kw.update(base_version=1, client_id="w5")
+            elif case == "keys":
+                good.pop(next(iter(good)))
+            elif case == "too_stale":
+                kw["base_version"] = 0  # staleness 7 > max_staleness 6
+            elif case == "bad_argument":
+                kw["base_version"] = -1
+            with pytest.raises(REJECTED[case]) as info:
+                client.submit(good, **kw)
+            assert str(info.value)  # the server's message travels
+        after = _state(agg)
+        assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+        assert agg.stats()["rejected"] == {case: 1}
+        assert client.stats()["http"]["400"] == 1
+
+
+def test_transport_errors_leave_the_aggregator_alone(rng):
+    agg = _agg()
+    with Server(agg, max_body=4096) as server:
+        client = Client(server.url)
+        client.submit(_delta(agg, rng), base_version=0)
+        before = _state(agg)
+        big = {k: torch.zeros(v.shape[0] * 40, *v.shape[1:]) for k, v in agg.pull()[1].items()}
+        with pytest.raises(errors.PayloadTooLargeError, match="at most 4096"):
+            client.submit(big, base_version=0)
+        status, headers, _ = _raw(server, "POST", "/update", b"", {"Content-Length": str(1 << 40)})
+        assert status == 413 and headers.get("Connection") == "close"
+        assert _raw(server, "POST", "/update")[0] == 411  # no Content-Length
+        assert _raw(server, "POST", "/update", None, {"Content-Length": "-3"})[0] == 400
+        assert _raw(server, "GET", "/update")[0] == 405
+        assert _raw(server, "POST", "/model", None, {"Content-Length": "0"})[0] == 405
+        assert _raw(server, "GET", "/nothing")[0] == 404
+        after = _state(agg)
+        assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+        assert agg.stats()["rejected"] == {}
+        assert client.stats()["http"] == {"200": 1, "400": 1, "404": 1, "405": 2, "411": 1, "413": 2}
+
+
+def test_a_client_that_stops_mid_body_is_dropped(rng):
+    agg = _agg()
+    with Server(agg, timeout=0.3) as server:
+        u = urllib.parse.urlsplit(server.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn.putrequest("POST", "/update")
+        conn.putheader("Content-Length", "1000")
+        conn.endheaders()
+        conn.send(b"x" * 10)  # and nothing more
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            conn.getresponse()
+        conn.close()
+        Client(server.url).submit(_delta(agg, rng), base_version=0)  # still serving
+        assert server.responses["timeout"] == 1 and agg.stats()["accepted"] == 1
+
+
+def test_concurrent_clients_lose_nothing_and_replay_matches():
+    threads, per_thread = 8, 15
+    agg = _agg(rule=fastagg.FedBuff(5, server_lr=0.5))
+    log, lock = {}, threading.Lock()
+    with Server(agg) as server:
+        def worker(w):
+            client, g = Client(server.url), torch.Generator().manual_seed(500 + w)
+            for i in range(per_thread):
+                version, _ = client.pull()
+                delta = _delta(agg, g, 0.01)
+                r = client.submit(delta, base_version=version, client_id=f"{w}-{i}")
+                with lock:
+                    log[r.seq] = (delta, version, f"{w}-{i}")
+
+        ts = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    n = threads * per_thread
+    assert sorted(log) == list(range(n)) and agg.stats()["merged"] == n and agg.version == n // 5
+    replay = _agg(rule=fastagg.FedBuff(5, server_lr=0.5))
+    for seq in range(n):
+        delta, version, cid = log[seq]
+        replay.submit(delta, base_version=version, client_id=cid)
+    assert torch.equal(replay.params, agg.params)
+
+
+def test_example_server_and_clients_in_two_processes_learn():
+    """examples/http/http_fedadt.py: the server in one process, its clients in another."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "http" / "http_fedadt.py"
+    server = subprocess.Popen([sys.executable, str(example), "--serve", "--updates", "320"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = server.stdout.readline()
+        url = re.fullmatch(r"serving on (http://\S+)\n", first)
+        assert url, first + server.stderr.read()
+        clients = subprocess.run([sys.executable, str(example), "--connect", url.group(1)],
+                                 capture_output=True, text=True, timeout=240)
+        out, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 0 and clients.returncode == 0, err[-3000:] + clients.stderr[-3000:]
+    acc = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", out)]
+    assert len(acc) >= 3 and acc[-1] >= 0.6 and acc[-1] > acc[0] + 0.2, out
+    merged = re.search(r"merged (\d+) updates \((\d+) corrected\), mean staleness (\S+), rejected 0", out)
+    assert merged and int(merged.group(1)) >= 320 and int(merged.group(2)) > 0 and float(merged.group(3)) > 0, out
+
+
+def test_a_full_rank_answers_503_and_a_failing_aggregator_500(rng):
+    """The two answers that are not the client's fault: back-pressure (the BufferFullError of a
+    DistributedAggregator rank, here from an aggregator that holds at most two updates) and a
+    failure inside the aggregator (a KD correction whose proxy does not fit the model)."""
+
+    class TwoAtATime(fastagg.Aggregator):
+        def submit(self, update, *a, **kw):
+            if len(self._pending) >= 2:
+                raise errors.BufferFullError("this rank holds 2 updates; send it again after the next step")
+            return super().submit(update, *a, **kw)
+
+    agg = TwoAtATime(mlp(), fastagg.FedBuff(4))
+    with Server(agg) as server:
+        client = Client(server.url)
+        for i in range(2):
+            client.submit(_delta(agg, rng), base_version=0, client_id=i)
+        with pytest.raises(errors.BufferFullError, match="after the next step"):
+            client.submit(_delta(agg, rng), base_version=0, client_id=2)
+        assert agg.stats()["buffered"] == 2 and server.responses["503"] == 1
+
+    broken = _agg(correction=fastagg.KDCorrection(torch.randn(5, 7)))  # 7 features, the model takes 6
+    with Server(broken) as server:
+        client = Client(server.url)
+        for i in range(3):
+            client.submit(_delta(broken, rng), base_version=0, client_id=i)
+        with pytest.raises(RuntimeError, match=r"HTTP 500 \(internal\): RuntimeError: .*mat1 and mat2"):
+            client.submit(_delta(broken, rng), base_version=0, client_id=3)  # fills the buffer: the teacher runs
+        assert server.responses["500"] == 1
+        assert client.version() == broken.version  # still serving
