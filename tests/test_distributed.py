@@ -95,6 +95,7 @@ def _worker(rank, init, seed, out):
         result["limits"] = _limits(rank, seed)
         result["failure"] = _failure(rank, seed)
         result["checkpoint"] = _checkpoint(rank, seed)
+        result["http"] = _http(rank, seed)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
@@ -181,6 +182,31 @@ def _checkpoint(rank, seed):
             "moved": float((a.params - state["params"]).norm())}
 
 
+def _http(rank, seed):
+    """The "kd" case again, each rank's updates sent to its own HTTP server as wire bytes, plus
+    one more than rank 0 holds in step 0 (503: BufferFullError at the client, nothing changed)."""
+    from fastagg.integrations.http import Client, Server
+
+    agg = make(DistributedAggregator, "kd", seed, model_seed=rank, buffer_size=3, local_capacity=4)
+    seen = {"params": []}
+    with Server(agg) as server:
+        client = Client(server.url)
+        ups = updates(seed, torch.float64)
+        for j in range(len(COUNTS)):
+            for step, r, base, delta, n, cid in ups:
+                if step == j and r == rank:
+                    client.submit(delta, base_version=base, num_samples=n, client_id=cid)
+            if j == 0 and rank == 0:
+                before = agg.stats()
+                try:
+                    client.submit(ups[0][3], base_version=0, client_id="one too many")
+                except errors.BufferFullError as exc:
+                    seen["full"] = (str(exc), server.responses["503"], agg.stats()["buffered"] == before["buffered"])
+            agg.step()
+            seen["params"].append(agg.params.clone())
+    return seen
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -264,6 +290,15 @@ def test_torchrun_example_learns_and_keeps_the_ranks_identical():
     assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"], run.stdout
     acc = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", run.stdout)]  # passes 40, 80, 120, final
     assert len(acc) == 4 and acc[-1] >= 0.75 and acc[-1] > acc[0] + 0.3, run.stdout
+
+
+def test_ranks_served_over_http_equal_the_direct_run(runs):
+    _, ranks = runs
+    for r in range(WORLD):
+        got, want = ranks[r]["http"]["params"], ranks[r]["kd"][0]
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    msg, n503, unchanged = ranks[0]["http"]["full"]
+    assert "local_capacity" in msg and n503 == 1 and unchanged
 
 
 def test_a_rank_failing_mid_step_fails_every_rank_and_changes_nothing(runs):
