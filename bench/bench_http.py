@@ -8,7 +8,9 @@ server's process (no transport), and ``POST /update`` from client processes, ove
 connection per client process and with ``fastagg.integrations.http.Client`` (urllib, a new
 connection per update). Reported: updates/s and payload GB/s of each, the HTTP rates against the
 in-process one, and the host's copy bandwidth measured in the same run (a payload is copied at
-least once from the socket into the buffer row).
+least once from the socket into the buffer row). Pulls: the time to encode the model once after
+a change (``pull_bytes``), and GET /model per second from client processes (served from that
+one encoding).
 """
 
 from __future__ import annotations
@@ -45,10 +47,19 @@ def _payloads(name, n, tag):
 
 
 def _client(url, name, n, tag, how, ready, go, done):
-    payloads = _payloads(name, n, tag)
+    payloads = _payloads(name, n, tag) if how != "pull" else [None] * n
     ready.put(1)
     go.wait()
-    if how == "keepalive":
+    if how == "pull":  # GET /model over one keep-alive connection
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        for _ in payloads:
+            conn.request("GET", "/model")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200, resp.status
+        conn.close()
+    elif how == "keepalive":
         u = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
         for p in payloads:
@@ -81,6 +92,8 @@ def run_http(agg, name, n, procs, how):
         for p in ps:
             p.join()
         got = agg.stats()["accepted"] - before
+    if how == "pull":
+        return n // procs * procs / (end - t0)
     assert got == n // procs * procs, (got, n)
     return got / (end - t0)
 
@@ -110,10 +123,21 @@ def main():
             for how in ("keepalive", "client"):
                 row["updates_per_s"][f"http_{how}_{procs}proc"] = run_http(agg, name, n, procs, how)
         row["vs_in_process"] = {k: v / direct for k, v in row["updates_per_s"].items() if k != "in_process"}
+        # pulls: the payload is encoded once per change of the parameters, then served from the cache
+        times = []
+        for _ in range(5):
+            agg.set_global(agg.params + 0)  # a change: the next pull encodes
+            t0 = time.perf_counter()
+            agg.pull_bytes()
+            times.append(time.perf_counter() - t0)
+        row["pull"] = {"encode_ms": 1e3 * min(times),
+                       "http_keepalive_per_s": {p: run_http(agg, name, n, p, "pull") for p in (1, 2)}}
         row["payload_GBps"] = {k: v * nbytes / 1e9 for k, v in row["updates_per_s"].items()}
         rows.append(row)
         print(f"{name}: P={agg.spec.numel} payload {nbytes / 1e6:.2f} MB; updates/s "
-              + ", ".join(f"{k} {v:.0f} ({row['payload_GBps'][k]:.2f} GB/s)" for k, v in row["updates_per_s"].items()),
+              + ", ".join(f"{k} {v:.0f} ({row['payload_GBps'][k]:.2f} GB/s)" for k, v in row["updates_per_s"].items())
+              + f"; pull: encode {row['pull']['encode_ms']:.2f} ms, GET /model "
+              + ", ".join(f"{v:.0f}/s ({p} proc)" for p, v in row["pull"]["http_keepalive_per_s"].items()),
               flush=True)
     res = {"machine": platform.machine(), "cores": mp.cpu_count(), "torch": torch.__version__,
            "python": platform.python_version(), "copy_GBps": lim["copy_GBps"], "rows": rows}

@@ -156,7 +156,8 @@ class Aggregator:
         self._needs_base = isinstance(self.rule, _rules.FedAsync) or (
             correction is not None and correction.student == "client")
         self.store = VersionStore(P, self.dtype, self.device, max_versions, max_store_bytes)
-        self.store.push(0, self.params)
+        self._generation, self._model_bytes = 0, None  # pull_bytes' cache: (generation, payload)
+        self._params_committed()
         if correction is not None:
             correction.bind(model, self.spec, self.device, self.dtype, self.backend)
         self._lock = threading.RLock()
@@ -181,10 +182,25 @@ class Aggregator:
             return self.version, {k: v.clone() for k, v in self.spec.unflatten(self.params).items()}
 
     def pull_bytes(self) -> bytes:
-        """The current model in the wire format (safetensors, version in the metadata); encoded
-        outside the lock, from a copy, so that submits are not held up by the serialisation."""
-        version, params = self.pull(flat=True)
-        return wire.encode_model(self.spec.unflatten(params), version)
+        """The current model in the wire format (safetensors, version in the metadata). Encoded
+        once per change of the parameters (the clients of a version share one payload), outside
+        the lock, from a copy, so that submits are not held up by the serialisation."""
+        with self._lock:
+            generation, cached = self._model_bytes or (None, None)
+            if generation == self._generation:
+                return cached
+            generation, version, params = self._generation, self.version, self.params.clone()
+        payload = wire.encode_model(self.spec.unflatten(params), version)
+        with self._lock:
+            if generation == self._generation:  # nothing merged meanwhile
+                self._model_bytes = (generation, payload)
+        return payload
+
+    def _params_committed(self):
+        """The parameters changed (merge, set_global, broadcast): store them as this version and
+        drop what was derived from the old ones."""
+        self.store.push(self.version, self.params)
+        self._generation += 1
 
     def submit(self, update, base_version: int | None = None, num_samples: int | None = None,
                client_id=None) -> Receipt:
@@ -386,7 +402,7 @@ class Aggregator:
 
     def _finish_merge(self, pend, slots):
         """After the parameters moved: store the new version, swap the delta buffers, count."""
-        self.store.push(self.version, self.params)
+        self._params_committed()
         if self._ingest_stream is not None:  # the next buffer fills the other delta buffer
             self._set_merged[self._set] = torch.cuda.Event()
             self._set_merged[self._set].record(torch.cuda.current_stream(self.device))
@@ -465,6 +481,7 @@ class Aggregator:
             self._pending = [_Pending(**p) for p in state["pending"]]
             self._momentum = None if state["momentum"] is None else state["momentum"].to(self.params).clone()
             self.store.load_state_dict(state["store"])
+            self._generation += 1
             self._seq = int(state["seq"])
             self._seen = collections.defaultdict(set)
             for client_id, version in state["seen"]:
@@ -488,7 +505,7 @@ class Aggregator:
                 self.params.copy_(params.reshape(-1))
             else:
                 self.spec.flatten(params, out=self.params)
-            self.store.push(self.version, self.params)
+            self._params_committed()
             if self.correction is not None:
                 self.correction.invalidate()
 

@@ -86,7 +86,7 @@ class DistributedAggregator(Aggregator):
         """Every rank takes rank 0's parameters, as version self.version of its store."""
         src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         self._all(self.params, lambda t: dist.broadcast(t, src, group=self.group))
-        self.store.push(self.version, self.params)
+        self._params_committed()
         if self.correction is not None:
             self.correction.invalidate()
 

@@ -20,8 +20,9 @@ from conftest import mlp
 
 def _agg(**kw):
     kw.setdefault("rule", fastagg.FedBuff(4, server_lr=0.8))
+    kw.setdefault("max_staleness", 6)
     return fastagg.Aggregator(mlp(), kw.pop("rule"), staleness=fastagg.staleness.polynomial(0.5),
-                              max_update_norm=50.0, max_staleness=6, **kw)
+                              max_update_norm=50.0, **kw)
 
 
 def _delta(agg, gen, scale=0.05):
@@ -158,7 +159,8 @@ def test_a_client_that_stops_mid_body_is_dropped(rng):
 
 def test_concurrent_clients_lose_nothing_and_replay_matches():
     threads, per_thread = 8, 15
-    agg = _agg(rule=fastagg.FedBuff(5, server_lr=0.5))
+    # no staleness bound: how stale an update gets depends on the thread schedule
+    agg = _agg(rule=fastagg.FedBuff(5, server_lr=0.5), max_staleness=None)
     log, lock = {}, threading.Lock()
     with Server(agg) as server:
         def worker(w):
@@ -177,7 +179,7 @@ def test_concurrent_clients_lose_nothing_and_replay_matches():
             t.join()
     n = threads * per_thread
     assert sorted(log) == list(range(n)) and agg.stats()["merged"] == n and agg.version == n // 5
-    replay = _agg(rule=fastagg.FedBuff(5, server_lr=0.5))
+    replay = _agg(rule=fastagg.FedBuff(5, server_lr=0.5), max_staleness=None)
     for seq in range(n):
         delta, version, cid = log[seq]
         replay.submit(delta, base_version=version, client_id=cid)
@@ -234,3 +236,69 @@ def test_a_full_rank_answers_503_and_a_failing_aggregator_500(rng):
             client.submit(_delta(broken, rng), base_version=0, client_id=3)  # fills the buffer: the teacher runs
         assert server.responses["500"] == 1
         assert client.version() == broken.version  # still serving
+
+
+def test_the_model_payload_is_encoded_once_per_change_of_the_parameters(rng):
+    """GET /model serves ``pull_bytes``: one payload per change of the parameters (merge,
+    set_global, load_state_dict), never a stale one."""
+    agg = _agg()
+
+    def check(payload):
+        version, tensors = fastagg.wire.decode_model(payload)
+        want_version, want = agg.pull()
+        assert version == want_version and all(torch.equal(tensors[k], v) for k, v in want.items())
+
+    first = agg.pull_bytes()
+    check(first)
+    for i in range(3):  # buffered, not merged: the parameters stay
+        agg.submit(_delta(agg, rng), base_version=0, client_id=i)
+        assert agg.pull_bytes() is first
+    state = agg.state_dict()
+    agg.submit(_delta(agg, rng), base_version=0, client_id=3)  # merges: version 1
+    merged = agg.pull_bytes()
+    assert merged is not first and agg.pull_bytes() is merged
+    check(merged)
+    agg.set_global(torch.randn(agg.spec.numel, generator=rng))  # same version, other parameters
+    check(agg.pull_bytes())
+    agg.load_state_dict(state)
+    restored = agg.pull_bytes()
+    check(restored)
+    assert restored == first  # version 0's parameters again, encoded anew
+
+
+def test_close_waits_for_the_requests_in_flight(rng):
+    """close() returns after the submit in flight has answered; a later request on a kept-alive
+    connection gets 503 (the client raises ConnectionError) and reaches nothing."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(fastagg.Aggregator):
+        def submit(self, update, *a, **kw):
+            entered.set()
+            release.wait(10)
+            return super().submit(update, *a, **kw)
+
+    agg = Slow(mlp(), fastagg.FedBuff(4))
+    server = Server(agg)
+    u = urllib.parse.urlsplit(server.url)
+    idle = http.client.HTTPConnection(u.hostname, u.port, timeout=10)  # kept alive across close()
+    idle.request("GET", "/version")
+    assert idle.getresponse().read() == b'{"version": 0}'
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(
+        Client(server.url).submit(_delta(agg, rng), base_version=0, client_id="slow")))
+    sender.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and not answers  # close() waits for the submit in flight
+    release.set()
+    closer.join(10)
+    sender.join(10)
+    assert not closer.is_alive() and answers[0].status == "buffered" and agg.stats()["accepted"] == 1
+    idle.request("GET", "/version")
+    resp = idle.getresponse()
+    assert resp.status == 503 and b"shutting down" in resp.read()
+    idle.close()
+    with pytest.raises(OSError, match="refused"):  # urllib's URLError: the port is closed
+        Client(server.url).version()

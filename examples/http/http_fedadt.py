@@ -13,6 +13,7 @@ The server prints the test accuracy as versions pass and stops after ``--updates
 """
 
 import argparse
+import http.client
 import threading
 import time
 
@@ -93,7 +94,7 @@ def client_loop(url, c, part, data, args, stop):
     while not stop.is_set():
         try:
             version, params = client.pull()
-        except OSError:  # the server has stopped
+        except (OSError, http.client.HTTPException):  # the server has stopped
             return
         worker.load_state_dict(params)
         opt = torch.optim.SGD(worker.parameters(), lr=args.lr)
@@ -108,7 +109,7 @@ def client_loop(url, c, part, data, args, stop):
             client.submit(delta, base_version=version, num_samples=len(y), client_id=f"{c}/{job}")
         except errors.InvalidUpdate as exc:  # e.g. too stale: drop it, pull again
             print(f"client {c}: rejected: {exc}", flush=True)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return
         job += 1
 

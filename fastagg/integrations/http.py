@@ -27,7 +27,8 @@ Endpoints:
 ``submit`` is thread-safe, so requests run concurrently; the request whose update fills the
 buffer returns after the merge. A connection silent for ``timeout`` seconds is dropped, so a
 client that stops mid-body does not hold a thread. ``Client.submit`` raises, on a 400, 413 or
-503, the ``fastagg.errors`` class of the rejection, with the server's message.
+503, the ``fastagg.errors`` class of the rejection, with the server's message; an unreachable or
+closing server raises an ``OSError`` (urllib's ``URLError``, or ``ConnectionError``).
 
 No authentication and no TLS: put the server behind a proxy that provides them, and bound
 ``max_body`` to what the model's updates need (default 8·P bytes + 1 MiB: float64 deltas fit).
@@ -62,6 +63,8 @@ class Server:
         self.max_body = int(max_body) if max_body is not None else 8 * agg.spec.numel + (1 << 20)
         self.responses: collections.Counter = collections.Counter()  # "200", "400", ..., "timeout" -> count
         self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)  # notified when the last request in flight ends
+        self._in_flight, self._closing = 0, False
         handler = type("Handler", (_Handler,), {"state": self, "timeout": float(timeout)})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -74,17 +77,38 @@ class Server:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def close(self) -> None:
-        """Stop taking requests and release the port (requests in flight finish on their threads)."""
+    def close(self, wait: float = 60.0) -> None:
+        """Stop taking requests, release the port, and wait (at most ``wait`` seconds) for the
+        requests in flight to finish: a process may exit after close() without cutting a client
+        off mid-answer or leaving a thread inside the aggregator. A request that arrives later on
+        a kept-alive connection gets 503."""
+        with self._lock:
+            self._closing = True
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join()
+        with self._lock:
+            if not self._done.wait_for(lambda: self._in_flight == 0, timeout=wait):
+                log.warning("closed with %d requests still in flight after %.0f s", self._in_flight, wait)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    def _begin(self) -> bool:
+        with self._lock:
+            if self._closing:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _end(self):
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._done.notify_all()
 
     def _count(self, what):
         with self._lock:
@@ -98,6 +122,21 @@ class _Handler(BaseHTTPRequestHandler):
     # waits for the client's delayed ACK (~40 ms per request on a keep-alive connection)
 
     def do_GET(self):
+        self._serve(self._get)
+
+    def do_POST(self):
+        self._serve(self._post)
+
+    def _serve(self, handle):
+        if not self.state._begin():
+            self.close_connection = True
+            return self._error(503, "closing", "the server is shutting down")
+        try:
+            handle()
+        finally:
+            self.state._end()
+
+    def _get(self):
         agg = self.state.aggregator
         if self.path == "/model":
             body = agg.pull_bytes()
@@ -113,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(405, "method", "POST an update to /update", {"Allow": "POST"})
         return self._error(404, "not_found", f"no endpoint {self.path!r}: GET /model, /version, /stats; POST /update")
 
-    def do_POST(self):
+    def _post(self):
         if self.path != "/update":
             if self.path in ("/model", "/version", "/stats"):
                 return self._error(405, "method", f"GET {self.path}", {"Allow": "GET"})
@@ -218,4 +257,6 @@ class Client:
             cls = _ERRORS.get(reason)
             if cls is not None and exc.code in (400, 413, 503):
                 raise cls(message) from None
+            if reason == "closing":
+                raise ConnectionError(f"{method} {path}: {message}") from None
             raise RuntimeError(f"{method} {path}: HTTP {exc.code} ({reason}): {message}") from None
