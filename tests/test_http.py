@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -302,3 +303,32 @@ def test_close_waits_for_the_requests_in_flight(rng):
     idle.close()
     with pytest.raises(OSError, match="refused"):  # urllib's URLError: the port is closed
         Client(server.url).version()
+
+
+def test_connections_beyond_the_bound_are_answered_busy(rng):
+    agg = _agg()
+    with Server(agg, max_connections=2, timeout=5) as server:
+        u = urllib.parse.urlsplit(server.url)
+        held = []
+        for _ in range(2):  # two kept-alive connections hold both handler threads
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            conn.request("GET", "/version")
+            assert conn.getresponse().read() == b'{"version": 0}'
+            held.append(conn)
+        with pytest.raises(ConnectionError, match="503: the server holds max_connections=2"):
+            Client(server.url).version()
+        with pytest.raises(OSError):  # the 503, or a reset if the socket closed under the body being sent
+            Client(server.url).submit(_delta(agg, rng), base_version=0)
+        assert agg.stats()["accepted"] == 0 and agg.stats()["rejected_total"] == 0
+        assert server.responses["503"] == 2
+        held.pop().close()  # frees one thread, and with it a slot
+        for _ in range(100):
+            try:
+                Client(server.url).submit(_delta(agg, rng), base_version=0)
+                break
+            except OSError:  # still busy (503, or reset under the body)
+                time.sleep(0.02)
+        assert agg.stats()["accepted"] == 1
+        held.pop().close()
+    with pytest.raises(ValueError, match="max_connections"):
+        Server(agg, max_connections=0)

@@ -24,9 +24,10 @@ Endpoints:
                    Content-Length. 503 (Retry-After): a DistributedAggregator rank that holds
                    ``local_capacity`` updates. 500: the aggregator failed ({"reason": "internal"}).
 
-``submit`` is thread-safe, so requests run concurrently; the request whose update fills the
-buffer returns after the merge. A connection silent for ``timeout`` seconds is dropped, so a
-client that stops mid-body does not hold a thread. ``Client.submit`` raises, on a 400, 413 or
+``submit`` is thread-safe, so requests run concurrently, one thread per connection and at most
+``max_connections`` of them (one more is answered 503, reason "busy", and closed); the request
+whose update fills the buffer returns after the merge. A connection silent for ``timeout``
+seconds is dropped, so a client that stops mid-body does not hold a thread. ``Client.submit`` raises, on a 400, 413 or
 503, the ``fastagg.errors`` class of the rejection, with the server's message; an unreachable or
 closing server raises an ``OSError`` (urllib's ``URLError``, or ``ConnectionError``).
 
@@ -58,16 +59,17 @@ class Server:
     from a background thread, until ``close()``."""
 
     def __init__(self, agg, host: str = "127.0.0.1", port: int = 0, *, max_body: int | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, max_connections: int = 256):
         self.aggregator = agg
         self.max_body = int(max_body) if max_body is not None else 8 * agg.spec.numel + (1 << 20)
         self.responses: collections.Counter = collections.Counter()  # "200", "400", ..., "timeout" -> count
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)  # notified when the last request in flight ends
         self._in_flight, self._closing = 0, False
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         handler = type("Handler", (_Handler,), {"state": self, "timeout": float(timeout)})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _ThreadingServer((host, port), handler, self, int(max_connections))
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="fastagg-http",
                                         daemon=True)
         self._thread.start()
@@ -113,6 +115,45 @@ class Server:
     def _count(self, what):
         with self._lock:
             self.responses[str(what)] += 1
+
+
+class _ThreadingServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` at once: one more is answered 503
+    (reason "busy", Retry-After) from the accepting thread and closed unread, so that a flood of
+    connections cannot start unbounded threads (a client still sending a body may see the
+    connection reset instead of the 503)."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, state, max_connections):
+        self.state, self.max_connections = state, max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.state._count(503)
+            body = json.dumps({"reason": "busy", "error": f"the server holds max_connections="
+                               f"{self.max_connections} connections; try again"}).encode()
+            head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                    f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            try:
+                request.sendall(head + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -257,6 +298,6 @@ class Client:
             cls = _ERRORS.get(reason)
             if cls is not None and exc.code in (400, 413, 503):
                 raise cls(message) from None
-            if reason == "closing":
-                raise ConnectionError(f"{method} {path}: {message}") from None
+            if reason in ("closing", "busy"):  # the server's state, not the request's: try again later
+                raise ConnectionError(f"{method} {path}: HTTP {exc.code}: {message}") from None
             raise RuntimeError(f"{method} {path}: HTTP {exc.code} ({reason}): {message}") from None
