@@ -4,7 +4,8 @@
 #   bash bench/gpu_run.sh 1   device/versions, CUDA tests of the grouped-conv kernels and the
 #                             engine, the kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
-#   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests (~30 s), then
+#   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests and HTTP clients
+#                             feeding a CUDA aggregator from threads (~40 s), then
 #                             `fastagg simulate --device cuda` on Fashion-MNIST,
 #                             FedADT through cuDNN and through the Triton conv routes (the data
 #                             travels in .carry/fashion-mnist: copy the four .gz files of
@@ -28,8 +29,8 @@ elif [ "$part" = 2 ]; then
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
-  FASTAGG_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
-      tests/test_distributed.py -k "cuda or nccl" \
+  FASTAGG_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
+      tests/test_distributed.py tests/test_http.py -k "cuda or nccl or direct_submits or concurrent_clients" \
       2>&1 | tail -4 | tee "$OUT/gpu_distributed_tests.txt"
   FASTAGG_FASHION_DIR=$PWD/.carry/fashion-mnist timeout 200 python3 -m fastagg.cli simulate --device cuda \
       --dataset fashion-mnist --dirichlet 0.1 --arrivals 600 --quiet --out "$OUT/sim" \

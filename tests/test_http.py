@@ -53,18 +53,18 @@ def _state(agg):
     return agg.params.clone(), agg.version, st
 
 
-def test_updates_over_http_equal_direct_submits(rng):
+def test_updates_over_http_equal_direct_submits(rng, device):
     """Stale, bf16 and fp32 updates through the server give the same model, version, receipts and
     statistics as the same updates submitted directly, with the KD correction on."""
-    proxy = torch.randn(12, 6, generator=rng)
-    served = _agg(correction=fastagg.KDCorrection(proxy, steps=2))
-    direct = _agg(correction=fastagg.KDCorrection(proxy, steps=2))
+    proxy = torch.randn(12, 6, generator=rng).to(device)  # on a GPU: pinned staging, Triton merge and KD
+    served = _agg(correction=fastagg.KDCorrection(proxy, steps=2), device=device)
+    direct = _agg(correction=fastagg.KDCorrection(proxy, steps=2), device=device)
     with Server(served) as server:
         client = Client(server.url)
         for i in range(11):
             version, params = client.pull()
             assert version == served.version
-            assert all(torch.equal(params[k], v) for k, v in served.pull()[1].items())
+            assert all(torch.equal(params[k], v.cpu()) for k, v in served.pull()[1].items())
             base = max(0, version - i % 3)  # up to two versions stale
             delta = _delta(served, rng)
             dtype = torch.bfloat16 if i % 2 else None
@@ -158,10 +158,10 @@ def test_a_client_that_stops_mid_body_is_dropped(rng):
         assert server.responses["timeout"] == 1 and agg.stats()["accepted"] == 1
 
 
-def test_concurrent_clients_lose_nothing_and_replay_matches():
+def test_concurrent_clients_lose_nothing_and_replay_matches(device):
     threads, per_thread = 8, 15
     # no staleness bound: how stale an update gets depends on the thread schedule
-    agg = _agg(rule=fastagg.FedBuff(5, server_lr=0.5), max_staleness=None)
+    agg = _agg(rule=fastagg.FedBuff(5, server_lr=0.5), max_staleness=None, device=device)
     log, lock = {}, threading.Lock()
     with Server(agg) as server:
         def worker(w):
@@ -180,7 +180,7 @@ def test_concurrent_clients_lose_nothing_and_replay_matches():
             t.join()
     n = threads * per_thread
     assert sorted(log) == list(range(n)) and agg.stats()["merged"] == n and agg.version == n // 5
-    replay = _agg(rule=fastagg.FedBuff(5, server_lr=0.5), max_staleness=None)
+    replay = _agg(rule=fastagg.FedBuff(5, server_lr=0.5), max_staleness=None, device=device)
     for seq in range(n):
         delta, version, cid = log[seq]
         replay.submit(delta, base_version=version, client_id=cid)
