@@ -2,6 +2,7 @@
 
 import http.client
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -154,8 +155,13 @@ def test_a_client_that_stops_mid_body_is_dropped(rng):
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
             conn.getresponse()
         conn.close()
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:  # closes mid-body
+            sock.sendall(b"POST /update HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(100) == b""  # no answer: the connection is closed
         Client(server.url).submit(_delta(agg, rng), base_version=0)  # still serving
-        assert server.responses["timeout"] == 1 and agg.stats()["accepted"] == 1
+        assert server.responses["timeout"] == 1 and server.responses["incomplete"] == 1
+        assert agg.stats()["accepted"] == 1 and agg.stats()["rejected_total"] == 0
 
 
 def test_concurrent_clients_lose_nothing_and_replay_matches(device):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -62,7 +63,8 @@ class Server:
                  timeout: float = 30.0, max_connections: int = 256):
         self.aggregator = agg
         self.max_body = int(max_body) if max_body is not None else 8 * agg.spec.numel + (1 << 20)
-        self.responses: collections.Counter = collections.Counter()  # "200", "400", ..., "timeout" -> count
+        # "200", "400", ... by status code; "timeout" / "incomplete": a body that never arrived whole
+        self.responses: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)  # notified when the last request in flight ends
         self._in_flight, self._closing = 0, False
@@ -155,6 +157,13 @@ class _ThreadingServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request, client_address):  # socketserver prints a traceback to stderr
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):  # a client that went away
+            log.info("connection from %s ended: %r", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     state: Server  # set on the subclass each Server makes
@@ -219,6 +228,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.state._count("timeout")
             log.info("dropped a connection while reading an update: %s", exc)
+            return
+        if len(body) < n:  # the client closed the connection mid-body: nobody to answer, nothing to count
+            self.close_connection = True
+            self.state._count("incomplete")
             return
         try:
             receipt = self.state.aggregator.submit(body)
