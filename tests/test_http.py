@@ -338,3 +338,74 @@ def test_connections_beyond_the_bound_are_answered_busy(rng):
         held.pop().close()
     with pytest.raises(ValueError, match="max_connections"):
         Server(agg, max_connections=0)
+
+
+def test_pulls_during_concurrent_merges_always_match_their_version():
+    """Model payloads pulled while other threads submit and merge: each one names a version no
+    older than the one current at the call, and holds exactly that version's parameters (the
+    cache never outlives a merge)."""
+    agg = _agg(rule=fastagg.FedBuff(3), max_staleness=None)
+    log, pulled, lock = {}, [], threading.Lock()
+    stop = threading.Event()
+
+    start = threading.Barrier(5)
+
+    def submitter(w):
+        g = torch.Generator().manual_seed(w)
+        start.wait()
+        for i in range(40):
+            time.sleep(0.001)  # let the pulls interleave with the merges
+            version, _ = agg.pull(flat=True)
+            delta = 0.01 * torch.randn(agg.spec.numel, generator=g)
+            r = agg.submit(delta, base_version=version, client_id=(w, i))
+            with lock:
+                log[r.seq] = (delta, version, (w, i))
+
+    def puller():
+        start.wait()
+        while not stop.is_set():
+            current = agg.version
+            version, tensors = fastagg.wire.decode_model(agg.pull_bytes())
+            pulled.append((current, version, agg.spec.flatten(tensors)))
+
+    subs = [threading.Thread(target=submitter, args=(w,)) for w in range(3)]
+    pulls = [threading.Thread(target=puller) for _ in range(2)]
+    for t in subs + pulls:
+        t.start()
+    for t in subs:
+        t.join()
+    stop.set()
+    for t in pulls:
+        t.join()
+    replay = _agg(rule=fastagg.FedBuff(3), max_staleness=None)
+    at = {0: replay.params.clone()}
+    for seq in range(len(log)):
+        delta, version, cid = log[seq]
+        replay.submit(delta, base_version=version, client_id=cid)
+        at[replay.version] = replay.params.clone()
+    assert torch.equal(replay.params, agg.params) and agg.version == 40
+    assert len({v for _, v, _ in pulled}) > 5  # the pulls saw many versions
+    for current, version, params in pulled:
+        assert version >= current, (current, version)  # never a version older than the one at the call
+        assert torch.equal(params, at[version]), version
+
+
+def test_a_payload_encoded_across_a_merge_is_not_cached(rng, monkeypatch):
+    """pull_bytes encodes outside the lock: a merge that lands meanwhile must not leave the old
+    version's payload cached as the current one (made deterministic by merging from inside the
+    encoder)."""
+    agg = _agg()
+    for i in range(3):
+        agg.submit(_delta(agg, rng), base_version=0, client_id=i)
+    encode = fastagg.wire.encode_model
+
+    def encode_then_merge(state, version):
+        payload = encode(state, version)
+        monkeypatch.setattr(fastagg.wire, "encode_model", encode)
+        agg.submit(_delta(agg, rng), base_version=0, client_id=3)  # fills the buffer: version 1
+        return payload
+
+    monkeypatch.setattr(fastagg.wire, "encode_model", encode_then_merge)
+    assert fastagg.wire.decode_model(agg.pull_bytes())[0] == 0  # current when it was called
+    version, tensors = fastagg.wire.decode_model(agg.pull_bytes())
+    assert version == agg.version == 1 and torch.equal(agg.spec.flatten(tensors), agg.params)
