@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
+import threading
 import time
 from functools import reduce
 
@@ -295,7 +297,9 @@ def flower_numpy_merge(layers_per_client, weights):
 
 # -- the benchmark --------------------------------------------------------------------------------
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
-                eager_clients=8, log=print):
+                eager_clients=8, log=print, r=None):
+    """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps
+    what it measured), returned."""
     device = torch.device(device)
     model, proxy = make(name, device, small)
     model.eval()
@@ -310,8 +314,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     host_deltas = [1e-3 * torch.randn(P, generator=g) for _ in range(K)]
     payloads = [encode_update(spec.unflatten(d), base_version=0, num_samples=10, client_id=i)
                 for i, d in enumerate(host_deltas)]
-    r = {"model": name, "P": P, "proxy": int(proxy.shape[0]), "K": K, "device": str(device),
-         "precision": corr.precision, "cuda_graphs": corr.cuda_graphs}
+    r = {} if r is None else r
+    r.update({"model": name, "P": P, "proxy": int(proxy.shape[0]), "K": K, "device": str(device),
+              "precision": corr.precision, "cuda_graphs": corr.cuda_graphs})
     flops = flops_per_student(model, proxy)
     r["gflop_per_update"] = flops / 1e9
 
@@ -330,9 +335,13 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
 
     t_step = timeit(lambda: step(agg, host_deltas), device, reps=2, warmup=1)
     r["step_updates_per_s"] = 2 * K / t_step  # host updates: decode-free submit, validation, staging
+    eng = corr.engine  # the first buffers chose its pass sizes and routes: say so before going on
+    log(f"{name}: step {r['step_updates_per_s']:.0f} upd/s (host updates); students per pass "
+        f"{eng.chunks or eng.chunk}, routes {eng.routes} {eng.route_timings}")
     dev_deltas = [d.to(device) for d in host_deltas]
     t_dev = timeit(lambda: step(agg, dev_deltas), device, reps=2, warmup=1)
     r["step_device_updates_per_s"] = 2 * K / t_dev  # updates already on the device
+    log(f"{name}: step {r['step_device_updates_per_s']:.0f} upd/s (device updates)")
     # host updates sent and buffered in bf16 (Aggregator(delta_dtype=bf16)): half the bytes to
     # stage, copy to the device and merge. Its correction shares the engine: same model, proxy
     # and device, so the routes and pass sizes chosen above (and their CUDA graphs) hold.
@@ -376,6 +385,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     rates = interleaved(cands, device)
     if not isinstance(rates["engine"], float):
         raise RuntimeError(f"{name}: the engine failed: {rates['engine']}")
+    r["partial_correction_rates"] = dict(rates)  # kept only if the run stops before the end of the row
+    log(f"{name}: correction upd/s " + ", ".join(
+        f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
     t_corr = K / rates["engine"]
     coefs = [1.0 / K] * K
     merged = torch.zeros_like(agg.params)  # the aggregator merges into a resident buffer (its own parameters)
@@ -424,6 +436,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         r["flower_numpy_merge_ms_per_update"] = t / len(layers) * 1e3
         log("  baselines (correction upd/s): " + ", ".join(
             f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["baseline_updates_per_s"].items()))
+    del r["partial_correction_rates"]
     return r
 
 
@@ -497,17 +510,18 @@ def _available_memory():
     return next((int(l.split()[1]) * 1024 for l in lines if l.startswith("MemAvailable:")), None)
 
 
-def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64):
+def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64, rows=None):
     """Correction throughput and memory against the buffer size K, for three settings of the
     engine: ``chunk="auto"`` (its own choice of students per pass), one pass of all K
     (``None``), and passes of ``chunk`` students (for K above it). Memory: ``buffer_bytes`` for
     the students and their gradients [K, P], ``peak_bytes`` for what the passes allocate on top
     of them at their peak (activations, the vmap'd weights). A GPU reports a pass that does not
     fit as out of memory; on a CPU, where running out of memory kills the process, a one-pass
-    row whose memory (extrapolated from the last one-pass row) would not fit is skipped."""
+    row whose memory (extrapolated from the last one-pass row) would not fit is skipped. ``rows``:
+    a list to append the rows to as they are measured (returned)."""
     device = torch.device(device)
     model, proxy = make(name, device, small)
-    rows, last_one_pass = [], None
+    rows, last_one_pass = [] if rows is None else rows, None
     for K in ks:
         for c in ("auto", None) + ((chunk,) if K > chunk else ()):
             row = {"K": K, "chunk": c}
@@ -566,20 +580,35 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
         res["triton"] = None
     default_k = ({"cnn": 128, "cnn4": 64, "resnet18": 32, "lm": 16} if not small
                  else {"cnn": 8, "cnn4": 8, "resnet18": 4, "lm": 4})
-    def save():  # after every model: a run cut short keeps what it measured
+    def save():  # after every model, and when stopped: a run cut short keeps what it measured
         if out:
             with open(out, "w") as f:
                 json.dump(res, f, indent=1, default=str)
 
-    for name in models:
-        res["models"].append(bench_model(name, device, K or default_k[name], small=small, log=log,
-                                         compile_baseline=compile_baseline))
+    # `timeout` (the device script) stops a run with SIGTERM: unwind, so that the finally saves
+    on_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _stop) if on_main else None
+    try:
+        for name in models:
+            row = {"model": name, "complete": False}
+            res["models"].append(row)
+            bench_model(name, device, K or default_k[name], small=small, log=log,
+                        compile_baseline=compile_baseline, r=row)
+            row["complete"] = True
+            save()
+        for name in sweep_models if sweep else ():
+            log(f"K sweep ({name} correction):")
+            rows = res["sweep"][name] = []
+            sweep_k(name, device, ks=sweep_ks, small=small, log=log, chunk=64, rows=rows)
+            res.setdefault("flush_k", {})[name] = k = flush_k(rows)
+            log(f"  flush at K = {k}: the smallest K within 90% of the best rate in this sweep")
+            save()
+    finally:
         save()
-    for name in sweep_models if sweep else ():
-        log(f"K sweep ({name} correction):")
-        rows = sweep_k(name, device, ks=sweep_ks, small=small, log=log, chunk=64)
-        res["sweep"][name] = rows
-        res.setdefault("flush_k", {})[name] = k = flush_k(rows)
-        log(f"  flush at K = {k}: the smallest K within 90% of the best rate in this sweep")
-        save()
+        if on_main:
+            signal.signal(signal.SIGTERM, before)
     return res
+
+
+def _stop(signum, frame):
+    raise SystemExit(f"fastagg bench: stopped by signal {signum}; what was measured is saved")

@@ -17,6 +17,7 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     res = json.loads(out.read_text())
     assert res["torch"] == torch.__version__ and res["device"].startswith("CPU")
     (r,) = res["models"]
+    assert r["complete"] is True and "partial_correction_rates" not in r
     assert r["model"] == "lm" and r["P"] == sum(p.numel() for p in bench.make("lm", "cpu", small=True)[0].parameters())
     for stage in ("decode_per_update", "ingest_per_update", "teacher_per_version", "correction", "merge",
                   "step_per_update", "step_bf16_per_update"):
@@ -127,3 +128,27 @@ def test_peak_memory_sees_a_block_allocation():
         small = torch.ones(2 ** 10)
     assert mem.bytes < 100 * 2 ** 20  # the earlier peak was reset
     del small
+
+
+def test_a_run_stopped_by_sigterm_saves_what_it_measured(tmp_path):
+    """The device script stops a run at its time limit with `timeout` (SIGTERM): the JSON keeps the
+    figures measured so far, the row marked incomplete."""
+    import signal
+    import subprocess
+
+    out = tmp_path / "b.json"
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "fastagg.cli", "bench", "--device", "cpu", "--models",
+                             "lm,cnn", "--no-compile", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait for the first figure of the first model
+            if line.startswith("lm: step") and "host updates" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "stopped by signal" in err, err[-2000:]
+    (r,) = json.loads(out.read_text())["models"]
+    assert r["model"] == "lm" and r["complete"] is False and r["step_updates_per_s"] > 0
+    assert "floors_ms" not in r  # stopped before the stages
