@@ -196,13 +196,13 @@ def test_concurrent_clients_lose_nothing_and_replay_matches(device):
 def test_example_server_and_clients_in_two_processes_learn():
     """examples/http/http_fedadt.py: the server in one process, its clients in another."""
     example = Path(__file__).resolve().parents[1] / "examples" / "http" / "http_fedadt.py"
-    server = subprocess.Popen([sys.executable, str(example), "--serve", "--updates", "320"],
+    server = subprocess.Popen([sys.executable, str(example), "--serve", "--updates", "320", "--token", "t0k"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = server.stdout.readline()
         url = re.fullmatch(r"serving on (http://\S+)\n", first)
         assert url, first + server.stderr.read()
-        clients = subprocess.run([sys.executable, str(example), "--connect", url.group(1)],
+        clients = subprocess.run([sys.executable, str(example), "--connect", url.group(1), "--token", "t0k"],
                                  capture_output=True, text=True, timeout=240)
         out, err = server.communicate(timeout=60)
     finally:
@@ -409,3 +409,21 @@ def test_a_payload_encoded_across_a_merge_is_not_cached(rng, monkeypatch):
     assert fastagg.wire.decode_model(agg.pull_bytes())[0] == 0  # current when it was called
     version, tensors = fastagg.wire.decode_model(agg.pull_bytes())
     assert version == agg.version == 1 and torch.equal(agg.spec.flatten(tensors), agg.params)
+
+
+def test_a_token_keeps_out_requests_without_it(rng):
+    agg = _agg()
+    with Server(agg, token="s3cret") as server:
+        good = Client(server.url, token="s3cret")
+        good.submit(_delta(agg, rng), base_version=0, client_id="ok")
+        before = _state(agg)
+        for client in (Client(server.url), Client(server.url, token="s3cre"), Client(server.url, token="s3cret2")):
+            with pytest.raises(PermissionError, match="401"):
+                client.submit(_delta(agg, rng), base_version=0, client_id="intruder")
+            with pytest.raises(PermissionError):
+                client.pull()
+        status, headers, _ = _raw(server, "GET", "/stats", None, {"Authorization": "Basic s3cret"})
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        after = _state(agg)
+        assert torch.equal(before[0], after[0]) and before[1:] == after[1:] and agg.stats()["rejected_total"] == 0
+        assert good.pull()[0] == 0 and good.stats()["http"]["401"] == 7

@@ -31,6 +31,7 @@ def main():
     p.add_argument("--connect", metavar="URL", help="run the clients alone, against this server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: any free port")
+    p.add_argument("--token", help="a shared secret every request must carry (Authorization: Bearer)")
     p.add_argument("--clients", type=int, default=8, help="client threads (each its own share of the data)")
     p.add_argument("--updates", type=int, default=320, help="the server stops after merging this many")
     p.add_argument("--buffer", type=int, default=8)
@@ -52,7 +53,7 @@ def main():
     model = make_model("digits", data[0].shape[1], 10)
     agg = Aggregator(model, FedBuff(buffer_size=args.buffer), staleness=staleness.polynomial(0.5),
                      correction=KDCorrection(data[0][proxy]), max_staleness=20, max_update_norm=100.0)
-    with Server(agg, args.host, args.port) as server:
+    with Server(agg, args.host, args.port, token=args.token) as server:
         print(f"serving on {server.url}", flush=True)
         stop = threading.Event()
         clients = None if args.serve else threading.Thread(target=run_clients,
@@ -85,7 +86,7 @@ def run_clients(url, parts, data, args, stop):
 
 
 def client_loop(url, c, part, data, args, stop):
-    client = Client(url)
+    client = Client(url, token=args.token)
     worker = make_model("digits", data[0].shape[1], 10)
     x, y = data[0][part], data[1][part]
     gen = torch.Generator().manual_seed(args.seed * 1000 + c)

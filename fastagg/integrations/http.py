@@ -31,13 +31,17 @@ seconds is dropped, so a client that stops mid-body does not hold a thread. ``Cl
 503, the ``fastagg.errors`` class of the rejection, with the server's message; an unreachable or
 closing server raises an ``OSError`` (urllib's ``URLError``, or ``ConnectionError``).
 
-No authentication and no TLS: put the server behind a proxy that provides them, and bound
-``max_body`` to what the model's updates need (default 8·P bytes + 1 MiB: float64 deltas fit).
+``token``: every request must carry ``Authorization: Bearer <token>`` (compared in constant
+time; otherwise 401, the body unread, nothing reaches the aggregator); ``Client(url, token=...)``
+sends it. No TLS: the token and the model travel in the clear, so put the server behind a proxy
+that terminates TLS. Bound ``max_body`` to what the model's updates need (default 8·P bytes +
+1 MiB: float64 deltas fit).
 """
 
 from __future__ import annotations
 
 import collections
+import hmac
 import json
 import logging
 import sys
@@ -60,8 +64,9 @@ class Server:
     from a background thread, until ``close()``."""
 
     def __init__(self, agg, host: str = "127.0.0.1", port: int = 0, *, max_body: int | None = None,
-                 timeout: float = 30.0, max_connections: int = 256):
+                 timeout: float = 30.0, max_connections: int = 256, token: str | None = None):
         self.aggregator = agg
+        self._token = None if token is None else token.encode()
         self.max_body = int(max_body) if max_body is not None else 8 * agg.spec.numel + (1 << 20)
         # "200", "400", ... by status code; "timeout" / "incomplete": a body that never arrived whole
         self.responses: collections.Counter = collections.Counter()
@@ -178,6 +183,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(self._post)
 
     def _serve(self, handle):
+        if not self._authorized():
+            self.close_connection = True  # a POST's body stays unread
+            return self._error(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                               {"WWW-Authenticate": "Bearer"})
         if not self.state._begin():
             self.close_connection = True
             return self._error(503, "closing", "the server is shutting down")
@@ -185,6 +194,14 @@ class _Handler(BaseHTTPRequestHandler):
             handle()
         finally:
             self.state._end()
+
+    def _authorized(self) -> bool:
+        want = self.state._token
+        if want is None:
+            return True
+        got = self.headers.get("Authorization", "")
+        scheme, _, value = got.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), want)
 
     def _get(self):
         agg = self.state.aggregator
@@ -274,8 +291,8 @@ _ERRORS = {cls.reason: cls for cls in vars(errors).values()
 class Client:
     """The client side of ``Server``: pull the model, submit deltas as wire bytes."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
-        self.url, self.timeout = url.rstrip("/"), float(timeout)
+    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
+        self.url, self.timeout, self.token = url.rstrip("/"), float(timeout), token
 
     def pull(self) -> tuple[int, dict]:
         """(version, {name: tensor}) of the current global model."""
@@ -296,6 +313,8 @@ class Client:
 
     def _request(self, method, path, body=None) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.token is not None:
+            req.add_header("Authorization", f"Bearer {self.token}")
         if body is not None:
             req.add_header("Content-Type", "application/octet-stream")
         try:
@@ -313,4 +332,6 @@ class Client:
                 raise cls(message) from None
             if reason in ("closing", "busy"):  # the server's state, not the request's: try again later
                 raise ConnectionError(f"{method} {path}: HTTP {exc.code}: {message}") from None
+            if exc.code == 401:
+                raise PermissionError(f"{method} {path}: HTTP 401: {message}") from None
             raise RuntimeError(f"{method} {path}: HTTP {exc.code} ({reason}): {message}") from None
