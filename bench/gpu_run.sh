@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The device script, in two calls of under 5 minutes each (one call may run 10 minutes, the
-# session has 15 in all, start-up included). Results land in $OUT; copy them to bench/results/.
+# The device script. Results land in $OUT; copy them to bench/results/. The session has 15
+# minutes of device time in all, start-up included, one call at most 10, and the machine goes
+# back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 3 at once if time is left.
+#   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~570 s), then the summary table
 #   bash bench/gpu_run.sh 1   device/versions, CUDA tests of the grouped-conv kernels and the
 #                             engine, the kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
@@ -13,19 +15,26 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 part=${1:-1}
+if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
+  T_TESTS=150 T_CONV=80 T_CNN=170 T_REST=170 bash "$0" 1
+  T_REST=170 bash "$0" 2
+  # printed, not saved: at most 8 files come back from $OUT (this call leaves 7), and the JSONs hold it all
+  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
+  exit 0
+fi
 if [ "$part" = 1 ]; then
   { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__, 'python', platform.python_version())"
     python3 -c "import torch, torch.nn.functional as F; x, w = torch.randn(2, 3, 8, 8, device='cuda'), torch.randn(4, 5, 3, 3, 3, device='cuda')
 with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + autocast:', torch.func.vmap(lambda ww: F.conv2d(x, ww))(w).dtype)"
   } | tee "$OUT/device.txt"
-  FASTAGG_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
-      tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
-  OUT=$OUT timeout 120 python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
-  timeout 200 python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
+  FASTAGG_TEST_DEVICE=cuda timeout ${T_TESTS:-180} python3 -m pytest -q -p no:cacheprovider -p no:warnings \
+      tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py 2>&1 | tail -6 | tee -a "$OUT/device.txt"
+  OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
+  timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
 elif [ "$part" = 2 ]; then
-  timeout 290 python3 -m fastagg.cli bench --device cuda --models resnet18,lm --out "$OUT/gpu_bench_rest.json" \
+  timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models resnet18,lm --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank

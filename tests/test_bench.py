@@ -3,6 +3,7 @@ so that a device session does not spend its minutes finding a broken harness."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,9 @@ def test_a_run_stopped_by_sigterm_saves_what_it_measured(tmp_path):
     (r,) = json.loads(out.read_text())["models"]
     assert r["model"] == "lm" and r["complete"] is False and r["step_updates_per_s"] > 0
     assert "floors_ms" not in r  # stopped before the stages
+    # the device script's last table reads such a row too
+    summary = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "gpu_summary.py"),
+                              str(out)], capture_output=True, text=True, timeout=60)
+    assert summary.returncode == 0, summary.stderr
+    line = next(ln for ln in summary.stdout.splitlines() if ln.startswith("lm (cut short)"))
+    assert f"{r['step_updates_per_s']:,.0f}" in line

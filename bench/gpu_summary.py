@@ -1,0 +1,59 @@
+"""The short table the device script prints last (the tool's reply carries the end of the output):
+the issue's targets against what `fastagg bench` measured, from the JSON files given, complete or
+cut short (a row stopped by its timeout says which figures it has).
+
+    python bench/gpu_summary.py $OUT/gpu_bench_cnn.json $OUT/gpu_bench_rest.json
+"""
+
+import json
+import sys
+
+TARGETS = {"cnn": (15000, 3.0, 9.0), "resnet18": (1500, 2.8, None)}  # upd/s, x compiled bf16, x fp32 vmap
+
+
+def _f(x, fmt="{:,.0f}"):
+    return fmt.format(x) if isinstance(x, (int, float)) else "-"
+
+
+def rows(res):
+    for r in res.get("models", []):
+        base = r.get("baseline_updates_per_s") or r.get("partial_correction_rates") or {}
+        corr = r.get("correction_updates_per_s", base.get("engine"))
+        compiled, vmap32 = base.get("compiled_vmap_bf16"), base.get("vmap_fp32")
+        target = TARGETS.get(r["model"], (None, None, None))
+        best_step = max((r.get(k) for k in ("step_updates_per_s", "step_bf16_updates_per_s", "step_device_updates_per_s")
+                         if isinstance(r.get(k), float)), default=None)
+        yield [r["model"] + ("" if r.get("complete", True) else " (cut short)"), r.get("K"),
+               _f(r.get("step_updates_per_s")), _f(r.get("step_bf16_updates_per_s")),
+               _f(r.get("step_device_updates_per_s")), _f(corr),
+               _f(corr / compiled if isinstance(corr, float) and isinstance(compiled, float) else None, "{:.2f}x"),
+               _f(corr / vmap32 if isinstance(corr, float) and isinstance(vmap32, float) else None, "{:.2f}x"),
+               "/".join(_f(t, "{:,}") if t and i == 0 else _f(t, "{}x") for i, t in enumerate(target) if t) or "-",
+               "yes" if target[0] and best_step and best_step >= target[0] else "no" if target[0] else "-",
+               json.dumps(r.get("route", {}))[:60]]
+
+
+def main(paths):
+    head = ["model", "K", "step host", "step bf16 host", "step device", "correction", "vs compiled bf16",
+            "vs vmap fp32", "target", "met", "routes"]
+    table = [head]
+    device = None
+    for p in paths:
+        try:
+            with open(p) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as exc:
+            print(f"{p}: {exc}")
+            continue
+        device = device or f"{res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}"
+        table += list(rows(res))
+        for name, k in (res.get("flush_k") or {}).items():
+            print(f"flush K ({name}): {k}")
+    print(f"updates/s ({device}):")
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
