@@ -44,6 +44,8 @@ def decode_update(payload: bytes) -> tuple[dict, dict]:
         raise
     except Exception as exc:  # safetensors raises its own error types, and struct/json errors
         raise errors.MalformedUpdateError(f"not a valid safetensors payload: {exc}") from None
+    if meta.get("format", FORMAT) != FORMAT:  # absent: bytes written by hand, read as this format
+        raise errors.MalformedUpdateError(f"payload format {meta['format']!r}; this server reads {FORMAT!r}")
     parsed = {}
     for key, conv in (("base_version", int), ("num_samples", int), ("client_id", str)):
         if key in meta:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as _st_save
 
 import fastagg
 from fastagg import errors
@@ -62,6 +63,8 @@ BAD = {
     "truncated": (errors.MalformedUpdateError,
                   lambda a: (fastagg.encode_update(_good_state(a), base_version=a.version)[:-7], {})),
     "garbage": (errors.MalformedUpdateError, lambda a: (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx", {})),
+    "future_format": (errors.MalformedUpdateError,
+                      lambda a: (_st_save(_good_state(a), metadata={"format": "fastagg-update-2", "base_version": "0"}), {})),
     "wrong_type": (errors.MalformedUpdateError, lambda a: ("a string", {})),
     "bad_samples": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"num_samples": 0})),
     "no_base": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"base_version": None})),
