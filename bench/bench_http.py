@@ -79,7 +79,8 @@ def run_http(agg, name, n, procs, how):
     ctx = mp.get_context("spawn")
     ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     with Server(agg) as server:
-        ps = [ctx.Process(target=_client, args=(server.url, name, n // procs, f"{how}{procs}-{r}", how, ready, go, done))
+        ps = [ctx.Process(target=_client,
+                          args=(server.url, name, n // procs, f"{how}{procs}-{r}", how, ready, go, done))
               for r in range(procs)]
         for p in ps:
             p.start()

@@ -21,8 +21,8 @@ def rows(res):
         corr = r.get("correction_updates_per_s", base.get("engine"))
         compiled, vmap32 = base.get("compiled_vmap_bf16"), base.get("vmap_fp32")
         target = TARGETS.get(r["model"], (None, None, None))
-        best_step = max((r.get(k) for k in ("step_updates_per_s", "step_bf16_updates_per_s", "step_device_updates_per_s")
-                         if isinstance(r.get(k), float)), default=None)
+        steps = ("step_updates_per_s", "step_bf16_updates_per_s", "step_device_updates_per_s")
+        best_step = max((r[k] for k in steps if isinstance(r.get(k), float)), default=None)
         yield [r["model"] + ("" if r.get("complete", True) else " (cut short)"), r.get("K"),
                _f(r.get("step_updates_per_s")), _f(r.get("step_bf16_updates_per_s")),
                _f(r.get("step_device_updates_per_s")), _f(corr),
