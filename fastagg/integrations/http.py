@@ -14,22 +14,25 @@ and the wire format (safetensors bytes, see fastagg.wire):
 Endpoints:
 
     GET  /model    200: the model as wire bytes (its version in the safetensors metadata and in
-                   the X-Fastagg-Version header)
+                   the X-Fastagg-Version header), encoded once per change of the parameters
     GET  /version  200: JSON {"version": v}, a cheap poll
     GET  /stats    200: JSON, ``agg.stats()`` and, under "http", the responses by status code
     POST /update   body: one update payload (``fastagg.encode_update``).
                    200: JSON, the receipt. 400: JSON {"reason", "error"}, a rejected update
                    (``agg.stats()["rejected"]`` counts it by reason, nothing else changed).
                    413: Content-Length over ``max_body``; the body is not read. 411: no
-                   Content-Length. 503 (Retry-After): a DistributedAggregator rank that holds
-                   ``local_capacity`` updates. 500: the aggregator failed ({"reason": "internal"}).
+                   Content-Length. 500: the aggregator failed ({"reason": "internal"}).
+    any            401: no valid token (``token=``). 503 with Retry-After: a DistributedAggregator
+                   rank that holds ``local_capacity`` updates ("buffer_full"), ``max_connections``
+                   connections open ("busy"), or the server closing ("closing").
 
-``submit`` is thread-safe, so requests run concurrently, one thread per connection and at most
-``max_connections`` of them (one more is answered 503, reason "busy", and closed); the request
-whose update fills the buffer returns after the merge. A connection silent for ``timeout``
-seconds is dropped, so a client that stops mid-body does not hold a thread. ``Client.submit`` raises, on a 400, 413 or
-503, the ``fastagg.errors`` class of the rejection, with the server's message; an unreachable or
-closing server raises an ``OSError`` (urllib's ``URLError``, or ``ConnectionError``).
+Requests run concurrently (``submit`` is thread-safe), one thread per connection and at most
+``max_connections`` of them; the request whose update fills the buffer returns after the merge.
+A connection silent for ``timeout`` seconds is dropped, so a client that stalls mid-body does
+not hold a thread. ``close()`` waits for the requests in flight. ``Client.submit`` raises, on a
+400, 413 or 503 "buffer_full", the ``fastagg.errors`` class of the rejection with the server's
+message; on 401 ``PermissionError``; a server unreachable, busy or closing raises an ``OSError``
+(urllib's ``URLError``, or ``ConnectionError``).
 
 ``token``: every request must carry ``Authorization: Bearer <token>`` (compared in constant
 time; otherwise 401, the body unread, nothing reaches the aggregator); ``Client(url, token=...)``
@@ -41,6 +44,7 @@ that terminates TLS. Bound ``max_body`` to what the model's updates need (defaul
 from __future__ import annotations
 
 import collections
+import contextlib
 import hmac
 import json
 import logging
@@ -144,10 +148,8 @@ class _ThreadingServer(ThreadingHTTPServer):
                                f"{self.max_connections} connections; try again"}).encode()
             head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                     f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-            try:
+            with contextlib.suppress(OSError):  # a client already gone needs no answer
                 request.sendall(head + body)
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         try:
