@@ -31,10 +31,14 @@ def _delta(agg, gen, scale=0.05):
     return {k: scale * torch.randn(v.shape, generator=gen) for k, v in agg.pull()[1].items()}
 
 
+def _connect(server):
+    u = urllib.parse.urlsplit(server.url)
+    return http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+
+
 def _raw(server, method, path, body=None, headers=None):
     """(status, headers, body) of one request, sent as given (no client-side checks)."""
-    u = urllib.parse.urlsplit(server.url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn = _connect(server)
     try:
         conn.putrequest(method, path)
         for k, v in (headers or {}).items():
@@ -146,8 +150,7 @@ def test_transport_errors_leave_the_aggregator_alone(rng):
 def test_a_client_that_stops_mid_body_is_dropped(rng):
     agg = _agg()
     with Server(agg, timeout=0.3) as server:
-        u = urllib.parse.urlsplit(server.url)
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn = _connect(server)
         conn.putrequest("POST", "/update")
         conn.putheader("Content-Length", "1000")
         conn.endheaders()
@@ -155,7 +158,7 @@ def test_a_client_that_stops_mid_body_is_dropped(rng):
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
             conn.getresponse()
         conn.close()
-        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:  # closes mid-body
+        with socket.create_connection(server.httpd.server_address[:2], timeout=10) as sock:  # closes mid-body
             sock.sendall(b"POST /update HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(100) == b""  # no answer: the connection is closed
@@ -286,8 +289,7 @@ def test_close_waits_for_the_requests_in_flight(rng):
 
     agg = Slow(mlp(), fastagg.FedBuff(4))
     server = Server(agg)
-    u = urllib.parse.urlsplit(server.url)
-    idle = http.client.HTTPConnection(u.hostname, u.port, timeout=10)  # kept alive across close()
+    idle = _connect(server)  # kept alive across close()
     idle.request("GET", "/version")
     assert idle.getresponse().read() == b'{"version": 0}'
     answers = []
@@ -314,10 +316,9 @@ def test_close_waits_for_the_requests_in_flight(rng):
 def test_connections_beyond_the_bound_are_answered_busy(rng):
     agg = _agg()
     with Server(agg, max_connections=2, timeout=5) as server:
-        u = urllib.parse.urlsplit(server.url)
         held = []
         for _ in range(2):  # two kept-alive connections hold both handler threads
-            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            conn = _connect(server)
             conn.request("GET", "/version")
             assert conn.getresponse().read() == b'{"version": 0}'
             held.append(conn)
