@@ -264,7 +264,19 @@ class Aggregator:
         self._counters["accepted"] += 1
         status = "buffered"
         if len(self._pending) == self._capacity and self._merges_when_full:
-            self._merge_pending()
+            try:
+                self._merge_pending()
+            except BaseException:
+                # The merge failed where merges fail (in the correction: a proxy that does not fit
+                # the model, out of memory; or launching the merge), before it wrote anything: undo
+                # this submit too, so that nothing changed and the client may send it again.
+                self._pending.pop()
+                self._seq -= 1
+                self._counters["accepted"] -= 1
+                self._counters["merge_failures"] += 1
+                if client_id is not None:
+                    self._seen[base_version].discard(client_id)
+                raise
             status = "merged"
         return Receipt(seq, client_id, base_version, s, status, self.version)
 
@@ -304,7 +316,11 @@ class Aggregator:
         """Merge whatever is buffered now (a partial FedBuff buffer included). Returns the version."""
         with self._lock:
             if self._pending:
-                self._merge_pending()
+                try:
+                    self._merge_pending()
+                except BaseException:  # nothing changed (see _accept); the buffer stays for a retry
+                    self._counters["merge_failures"] += 1
+                    raise
             return self.version
 
     def _wait_ingest(self):
@@ -358,10 +374,11 @@ class Aggregator:
             return [], None, None
         corr, K, t0 = self.correction, len(pend), self.version
         teacher = corr.teacher(self.params, t0)
-        self._last_lambda = float(corr.schedule(t0, teacher))
+        lam_now = float(corr.schedule(t0, teacher))  # stats' lambda, once the correction succeeded
         lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
         corr_idx = [k for k in range(K) if lam[k] > 0]
         if not corr_idx:
+            self._last_lambda = lam_now
             return [], None, None
         n = len(corr_idx)
         deltas = D if n == K else D.index_select(0, to_device(corr_idx, torch.int64, self.device))
@@ -376,6 +393,7 @@ class Aggregator:
         norms = [pend[k].norm for k in corr_idx]
         rows, scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher, out=self._grads[:n],
                                    delta_norms=None if None in norms else norms)
+        self._last_lambda = lam_now
         self._counters["corrected"] += n
         return corr_idx, rows, scale
 
@@ -432,6 +450,7 @@ class Aggregator:
                 "rejected_total": sum(self._rejected.values()),
                 "corrected": self._counters["corrected"],
                 "fallbacks": self._counters["fallbacks"],
+                "merge_failures": self._counters["merge_failures"],
                 "staleness_histogram": dict(sorted(self._hist.items())),
                 "mean_staleness": mean_s,
                 "lambda": self._last_lambda,

@@ -245,6 +245,8 @@ def test_a_full_rank_answers_503_and_a_failing_aggregator_500(rng):
         with pytest.raises(RuntimeError, match=r"HTTP 500 \(internal\): RuntimeError: .*mat1 and mat2"):
             client.submit(_delta(broken, rng), base_version=0, client_id=3)  # fills the buffer: the teacher runs
         assert server.responses["500"] == 1
+        st = broken.stats()  # the failed merge undid that submit: send it again once fixed
+        assert st["accepted"] == st["buffered"] == 3 and st["merge_failures"] == 1
         assert client.version() == broken.version  # still serving
 
 

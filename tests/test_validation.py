@@ -157,3 +157,63 @@ def test_duplicate_memory_is_bounded_by_max_staleness():
     assert set(agg._seen) <= set(range(agg.version - 3, agg.version + 1))
     with pytest.raises(errors.DuplicateUpdateError):  # recent versions are still remembered
         agg.submit(torch.zeros(agg.spec.numel), base_version=49, client_id="c49")
+
+
+@pytest.mark.parametrize("rule", [fastagg.FedBuff(4, momentum=0.5), fastagg.FedAsync(0.5, batch_size=2)],
+                         ids=["fedbuff", "fedasync"])
+def test_a_failed_merge_changes_nothing_and_the_retry_merges_exactly_once(rule, rng):
+    """A merge that fails (here the correction raises, as a proxy that does not fit the model or an
+    out-of-memory would) undoes the submit that set it off: nothing changes, later submits fail
+    the same clear way instead of finding the buffer full, and once the cause is gone the update
+    sent again merges exactly once (the model equals a run that never failed)."""
+    proxy = torch.randn(8, 6, generator=rng)
+
+    def make():
+        return fastagg.Aggregator(mlp(), rule, correction=fastagg.KDCorrection(proxy), max_staleness=5)
+
+    agg, ref = make(), make()
+    cap = agg._capacity
+    updates = [(0.05 * torch.randn(agg.spec.numel, generator=rng), f"c{i}") for i in range(2 * cap)]
+    for a in (agg, ref):
+        for delta, cid in updates[:cap]:  # one merge: the next updates are stale, so corrected
+            a.submit(delta, base_version=0, client_id=cid)
+        for delta, cid in updates[cap:-1]:
+            a.submit(delta, base_version=0, client_id=cid)
+    correct = agg.correction.correct
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("injected")
+
+    agg.correction.correct = broken
+    before = _snapshot(agg)
+    last, cid = updates[-1]
+    for _ in range(2):
+        with pytest.raises(FloatingPointError, match="injected"):
+            agg.submit(last, base_version=0, client_id=cid)
+        after = _snapshot(agg)
+        for st in (before[3], after[3]):  # counters of work done, not state: the failures, the
+            st.pop("merge_failures", None), st.pop("teacher_forwards", None)  # new version's teacher (cached)
+        _same(before, after)
+    assert agg.stats()["merge_failures"] == 2 and agg.stats()["rejected_total"] == 0
+    agg.correction.correct = correct
+    assert agg.submit(last, base_version=0, client_id=cid).status == "merged"
+    ref.submit(last, base_version=0, client_id=cid)
+    assert torch.equal(agg.params, ref.params) and agg.version == ref.version
+    def without_failures(st):
+        return {k: v for k, v in st.items() if k != "merge_failures"}
+
+    assert without_failures(agg.stats()) == without_failures(ref.stats())
+
+    # flush: a failure leaves the buffer for the retry
+    for a in (agg, ref):
+        a.submit(updates[0][0], base_version=a.version - 1, client_id="late")
+    agg.correction.correct = broken
+    before = _snapshot(agg)
+    with pytest.raises(FloatingPointError):
+        agg.flush()
+    after = _snapshot(agg)
+    for st in (before[3], after[3]):
+        st.pop("merge_failures"), st.pop("teacher_forwards")
+    _same(before, after)
+    agg.correction.correct = correct
+    assert agg.flush() == ref.flush() and torch.equal(agg.params, ref.params)
