@@ -31,8 +31,8 @@ Requests run concurrently (``submit`` is thread-safe), one thread per connection
 A connection silent for ``timeout`` seconds is dropped, so a client that stalls mid-body does
 not hold a thread. ``close()`` waits for the requests in flight. ``Client.submit`` raises, on a
 400, 413 or 503 "buffer_full", the ``fastagg.errors`` class of the rejection with the server's
-message; on 401 ``PermissionError``; a server unreachable, busy or closing raises an ``OSError``
-(urllib's ``URLError``, or ``ConnectionError``).
+message; on 401 ``PermissionError``; a server unreachable, busy (after ``busy_retries`` tries)
+or closing raises an ``OSError`` (urllib's ``URLError``, ``ServerBusyError``, ``ConnectionError``).
 
 ``token``: every request must carry ``Authorization: Bearer <token>`` (compared in constant
 time; otherwise 401, the body unread, nothing reaches the aggregator); ``Client(url, token=...)``
@@ -50,6 +50,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict
@@ -286,15 +287,23 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s - " + fmt, self.address_string(), *args)
 
 
+class ServerBusyError(ConnectionError):
+    """The server held ``max_connections`` connections and refused this one unread (HTTP 503)."""
+
+
 _ERRORS = {cls.reason: cls for cls in vars(errors).values()
            if isinstance(cls, type) and issubclass(cls, errors.InvalidUpdate)}
 
 
 class Client:
-    """The client side of ``Server``: pull the model, submit deltas as wire bytes."""
+    """The client side of ``Server``: pull the model, submit deltas as wire bytes. A request
+    refused because the server holds ``max_connections`` connections ("busy": it read nothing)
+    is sent again up to ``busy_retries`` times, 0.05 s after the first refusal and twice as
+    long after each next one."""
 
-    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None):
+    def __init__(self, url: str, timeout: float = 60.0, token: str | None = None, busy_retries: int = 5):
         self.url, self.timeout, self.token = url.rstrip("/"), float(timeout), token
+        self.busy_retries = int(busy_retries)
 
     def pull(self) -> tuple[int, dict]:
         """(version, {name: tensor}) of the current global model."""
@@ -314,6 +323,16 @@ class Client:
         return Receipt(**json.loads(self._request("POST", "/update", payload)))
 
     def _request(self, method, path, body=None) -> bytes:
+        for attempt in range(self.busy_retries + 1):
+            try:
+                return self._send(method, path, body)
+            except ServerBusyError:
+                if attempt == self.busy_retries:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _send(self, method, path, body) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if self.token is not None:
             req.add_header("Authorization", f"Bearer {self.token}")
@@ -332,7 +351,9 @@ class Client:
             cls = _ERRORS.get(reason)
             if cls is not None and exc.code in (400, 413, 503):
                 raise cls(message) from None
-            if reason in ("closing", "busy"):  # the server's state, not the request's: try again later
+            if reason == "busy":
+                raise ServerBusyError(f"{method} {path}: HTTP {exc.code}: {message}") from None
+            if reason == "closing":  # the server's state, not the request's
                 raise ConnectionError(f"{method} {path}: HTTP {exc.code}: {message}") from None
             if exc.code == 401:
                 raise PermissionError(f"{method} {path}: HTTP 401: {message}") from None
