@@ -184,7 +184,12 @@ class Aggregator:
     def pull_bytes(self) -> bytes:
         """The current model in the wire format (safetensors, version in the metadata). Encoded
         once per change of the parameters (the clients of a version share one payload), outside
-        the lock, from a copy, so that submits are not held up by the serialisation."""
+        the lock, from a copy, so that submits are not held up by the serialisation. A payload
+        already encoded is returned without the lock: a pull does not wait for a merge in
+        progress, and gets the version before it (the merge has not committed yet)."""
+        cached = self._model_bytes  # read before the generation: a commit in between is seen
+        if cached is not None and cached[0] == self._generation:
+            return cached[1]
         with self._lock:
             generation, cached = self._model_bytes or (None, None)
             if generation == self._generation:

@@ -363,7 +363,8 @@ def test_pulls_during_concurrent_merges_always_match_their_version():
     def puller():
         start.wait()
         while not stop.is_set():
-            current = agg.version
+            with agg._lock:  # the committed version: a merge holds the lock until it commits
+                current = agg.version
             version, tensors = fastagg.wire.decode_model(agg.pull_bytes())
             pulled.append((current, version, agg.spec.flatten(tensors)))
 
@@ -426,3 +427,37 @@ def test_a_token_keeps_out_requests_without_it(rng):
         after = _state(agg)
         assert torch.equal(before[0], after[0]) and before[1:] == after[1:] and agg.stats()["rejected_total"] == 0
         assert good.pull()[0] == 0 and good.stats()["http"]["401"] == 7
+
+
+def test_a_pull_does_not_wait_for_a_merge_in_progress(rng):
+    """While a merge (here its KD correction) runs, the model already encoded is served at once:
+    the version before the merge; after it, the new one."""
+    agg = _agg(correction=fastagg.KDCorrection(torch.randn(8, 6, generator=rng)))
+    for i in range(4):
+        agg.submit(_delta(agg, rng), base_version=0, client_id=i)  # version 1; next ones are corrected
+    before = agg.pull_bytes()
+    inside, release = threading.Event(), threading.Event()
+    correct = agg.correction.correct
+
+    def slow(*args, **kwargs):
+        inside.set()
+        release.wait(10)
+        return correct(*args, **kwargs)
+
+    agg.correction.correct = slow
+    for i in range(3):
+        agg.submit(_delta(agg, rng), base_version=0, client_id=f"s{i}")
+    merging = threading.Thread(target=agg.submit, args=(_delta(agg, rng),), kwargs={"base_version": 0})
+    merging.start()
+    try:
+        assert inside.wait(10)
+        got = []
+        puller = threading.Thread(target=lambda: got.append(agg.pull_bytes()))
+        puller.start()
+        puller.join(5)
+        assert got and got[0] is before  # served while the merge holds the lock
+    finally:
+        release.set()
+        merging.join(10)
+    version, _ = fastagg.wire.decode_model(agg.pull_bytes())
+    assert version == agg.version == 2
