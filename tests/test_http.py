@@ -1,5 +1,6 @@
 """The HTTP server and client (fastagg.integrations.http) against direct calls of the aggregator."""
 
+import contextlib
 import http.client
 import re
 import socket
@@ -461,3 +462,37 @@ def test_a_pull_does_not_wait_for_a_merge_in_progress(rng):
         merging.join(10)
     version, _ = fastagg.wire.decode_model(agg.pull_bytes())
     assert version == agg.version == 2
+
+
+def test_garbage_on_the_wire_changes_nothing(rng):
+    """Random bytes, bad request lines, oversized headers, bad lengths, cut payloads and payloads
+    whose header length is corrupted: the server answers or drops each, keeps serving, and nothing
+    reaches the model."""
+    import random
+
+    agg = _agg()
+    r = random.Random(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    good = fastagg.encode_update({k: 0.01 * torch.ones_like(v) for k, v in agg.pull()[1].items()}, base_version=0)
+    before = agg.params.clone()
+    with Server(agg, timeout=0.5, max_body=len(good) + 64) as server:
+        for _ in range(80):
+            kind = r.randrange(4)
+            if kind == 0:
+                data = bytes(r.randrange(256) for _ in range(r.randint(0, 300)))
+            elif kind == 1:
+                length = r.choice(["abc", "-1", "99999999999999999999", "10", ""])
+                head = f"POST /update HTTP/1.1\r\nContent-Length: {length}\r\n\r\n".encode()
+                data = head + good[:r.randrange(len(good))]
+            elif kind == 2:
+                data = b"GET /model HTTP/1.1\r\nX: " + b"a" * r.randint(0, 70000) + b"\r\n\r\n"
+            else:
+                body = bytearray(good)
+                body[r.randrange(8)] ^= 1 << r.randrange(8)  # the header's length: no longer a payload
+                data = f"POST /update HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + bytes(body)
+            with contextlib.suppress(OSError), socket.create_connection(server.httpd.server_address[:2], 5) as sock:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+        assert Client(server.url).version() == 0
+    assert torch.equal(agg.params, before) and agg.stats()["accepted"] == 0
