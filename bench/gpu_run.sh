@@ -28,7 +28,10 @@ if [ "$part" = 1 ]; then
     python3 -c "import torch, torch.nn.functional as F; x, w = torch.randn(2, 3, 8, 8, device='cuda'), torch.randn(4, 5, 3, 3, 3, device='cuda')
 with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + autocast:', torch.func.vmap(lambda ww: F.conv2d(x, ww))(w).dtype)"
   } | tee "$OUT/device.txt"
-  FASTAGG_TEST_DEVICE=cuda timeout ${T_TESTS:-180} python3 -m pytest -q -p no:cacheprovider -p no:warnings \
+  # eight pytest workers where pytest-xdist is there (the device image has it): most of the time
+  # is Triton compiling each kernel variant, CPU work that the 16 cores share out
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+  FASTAGG_TEST_DEVICE=cuda timeout ${T_TESTS:-180} python3 -m pytest -q -p no:cacheprovider -p no:warnings $XDIST \
       tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py 2>&1 | tail -6 | tee -a "$OUT/device.txt"
   OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
