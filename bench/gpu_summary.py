@@ -23,7 +23,8 @@ def rows(res):
         target = TARGETS.get(r["model"], (None, None, None))
         steps = ("step_updates_per_s", "step_bf16_updates_per_s", "step_device_updates_per_s")
         best_step = max((r[k] for k in steps if isinstance(r.get(k), float)), default=None)
-        yield [r["model"] + ("" if r.get("complete", True) else " (cut short)"), r.get("K"),
+        state = " (failed)" if "error" in r else "" if r.get("complete", True) else " (cut short)"
+        yield [r["model"] + state, r.get("K"),
                _f(r.get("step_updates_per_s")), _f(r.get("step_bf16_updates_per_s")),
                _f(r.get("step_device_updates_per_s")), _f(corr),
                _f(corr / compiled if isinstance(corr, float) and isinstance(compiled, float) else None, "{:.2f}x"),
@@ -36,7 +37,7 @@ def rows(res):
 def main(paths):
     head = ["model", "K", "step host", "step bf16 host", "step device", "correction", "vs compiled bf16",
             "vs vmap fp32", "target", "met", "routes"]
-    table = [head]
+    table, errors = [head], []
     device = None
     for p in paths:
         try:
@@ -47,12 +48,15 @@ def main(paths):
             continue
         device = device or f"{res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}"
         table += list(rows(res))
+        errors += [f"{r['model']}: {r['error']}" for r in res.get("models", []) if "error" in r]
         for name, k in (res.get("flush_k") or {}).items():
             print(f"flush K ({name}): {k}")
     print(f"updates/s ({device}):")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    for line in errors:
+        print("failed:", line[:300])
 
 
 if __name__ == "__main__":

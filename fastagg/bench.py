@@ -21,6 +21,7 @@ import signal
 import statistics
 import threading
 import time
+import traceback
 from functools import reduce
 
 import numpy as np
@@ -585,6 +586,9 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
             with open(out, "w") as f:
                 json.dump(res, f, indent=1, default=str)
 
+    for name in (*models, *(sweep_models if sweep else ())):
+        if name not in default_k:
+            raise ValueError(f"unknown model {name!r}; choose cnn, cnn4, resnet18 or lm")
     # `timeout` (the device script) stops a run with SIGTERM: unwind, so that the finally saves
     on_main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _stop) if on_main else None
@@ -592,9 +596,15 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
         for name in models:
             row = {"model": name, "complete": False}
             res["models"].append(row)
-            bench_model(name, device, K or default_k[name], small=small, log=log,
-                        compile_baseline=compile_baseline, r=row)
-            row["complete"] = True
+            try:
+                bench_model(name, device, K or default_k[name], small=small, log=log,
+                            compile_baseline=compile_baseline, r=row)
+                row["complete"] = True
+            except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the next ones run
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"{name}: failed: {row['error']}\n{traceback.format_exc()}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             save()
         for name in sweep_models if sweep else ():
             log(f"K sweep ({name} correction):")

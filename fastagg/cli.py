@@ -29,13 +29,16 @@ def _simulate(args):
 def _bench(args):
     from . import bench
 
-    bench.run(device=args.device, models=tuple(m for m in args.models.split(",") if m), K=args.k,
-              sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
-              sweep_models=tuple(args.sweep_models.split(",")),
-              sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")))
+    res = bench.run(device=args.device, models=tuple(m for m in args.models.split(",") if m), K=args.k,
+                    sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
+                    sweep_models=tuple(args.sweep_models.split(",")),
+                    sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")))
     if args.out:
         print(f"results: {args.out}")
-    return 0
+    failed = [r["model"] for r in res["models"] if "error" in r]
+    if failed:
+        print(f"failed: {', '.join(failed)} (the error is in each one's row)")
+    return 1 if failed else 0
 
 
 def _info(args):

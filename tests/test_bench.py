@@ -56,6 +56,26 @@ def test_sweep_skips_a_one_pass_row_that_would_not_fit_in_memory(monkeypatch):
 def test_bench_rejects_unknown_models():
     with pytest.raises(ValueError, match="unknown model"):
         bench.make("vgg", "cpu")
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):  # before anything runs
+        bench.run("cpu", models=("lm", "vgg"), sweep=False)
+
+
+def test_a_model_that_fails_is_reported_and_the_next_one_runs(tmp_path, monkeypatch):
+    real, calls = bench.bench_model, []
+
+    def first_fails(name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory, say")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_model", first_fails)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--models", "lm,lm", "--no-sweep", "--no-compile",
+                 "--out", str(out)]) == 1
+    failed, ok = json.loads(out.read_text())["models"]
+    assert failed["complete"] is False and failed["error"] == "RuntimeError: out of memory, say"
+    assert ok["complete"] is True and ok["correction_updates_per_s"] > 0
 
 
 def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
