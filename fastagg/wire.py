@@ -17,15 +17,16 @@ FORMAT = "fastagg-update-1"
 
 
 def encode_update(delta: dict, *, base_version: int, num_samples: int = 1, client_id=None, dtype=None) -> bytes:
-    """Client side: serialise a delta {name: tensor} with its base version and sample count.
-    ``dtype`` (e.g. ``torch.bfloat16``): send the floating tensors in it (half the bytes; pair
-    with ``Aggregator(delta_dtype=torch.bfloat16)`` so that the server holds them as sent)."""
+    """Client side: serialise a delta {name: tensor or numpy array} with its base version and
+    sample count. ``dtype`` (e.g. ``torch.bfloat16``): send the floating tensors in it (half the
+    bytes; pair with ``Aggregator(delta_dtype=torch.bfloat16)`` so that the server holds them as
+    sent)."""
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     meta = {"format": FORMAT, "base_version": str(int(base_version)), "num_samples": str(int(num_samples))}
     if client_id is not None:
         meta["client_id"] = str(client_id)
-    tensors = {k: _cast(v.detach(), dtype).contiguous().cpu() for k, v in delta.items()}
+    tensors = {k: _cast(torch.as_tensor(v).detach(), dtype).contiguous().cpu() for k, v in delta.items()}
     return _st_save(tensors, metadata=meta)
 
 

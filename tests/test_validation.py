@@ -121,14 +121,16 @@ def test_evicted_base_version_falls_back_to_applied_and_counts():
 
 def test_all_input_forms_give_the_same_model():
     results = []
-    for form in ("flat", "state_dict", "ndarrays", "bytes"):
+    for form in ("flat", "state_dict", "ndarrays", "bytes", "bytes_from_ndarrays"):
         agg = fastagg.Aggregator(mlp(), fastagg.FedBuff(2), staleness="constant")
         g = torch.Generator().manual_seed(3)
         for i in range(4):
             flat = torch.randn(agg.spec.numel, generator=g)
             sd = {k: v.clone() for k, v in agg.spec.unflatten(flat).items()}
             upd = {"flat": flat, "state_dict": sd, "ndarrays": [v.numpy() for v in sd.values()],
-                   "bytes": fastagg.encode_update(sd, base_version=agg.version, num_samples=5, client_id=i)}[form]
+                   "bytes": fastagg.encode_update(sd, base_version=agg.version, num_samples=5, client_id=i),
+                   "bytes_from_ndarrays": fastagg.encode_update({k: v.numpy() for k, v in sd.items()},
+                                                                base_version=agg.version, client_id=i)}[form]
             agg.submit(upd, base_version=agg.version)
         results.append(agg.params)
     for r in results[1:]:

@@ -316,8 +316,9 @@ class Client:
         return json.loads(self._request("GET", "/stats"))
 
     def submit(self, delta, *, base_version: int, num_samples: int = 1, client_id=None, dtype=None) -> Receipt:
-        """Send a delta {name: tensor} computed on ``base_version`` (``dtype``: send it in, e.g.,
-        bf16). Returns the server's receipt; raises the ``fastagg.errors`` class of a rejection."""
+        """Send a delta {name: tensor or numpy array} computed on ``base_version`` (``dtype``: send
+        it in, e.g., bf16). Returns the server's receipt; raises the ``fastagg.errors`` class of a
+        rejection."""
         payload = wire.encode_update(delta, base_version=base_version, num_samples=num_samples,
                                      client_id=client_id, dtype=dtype)
         return Receipt(**json.loads(self._request("POST", "/update", payload)))
