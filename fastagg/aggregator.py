@@ -149,7 +149,7 @@ class Aggregator:
             self._delta_sets = [self._deltas, torch.empty_like(self._deltas)]
             self._set, self._set_merged = 0, [None, None]
         self._pending: list[_Pending] = []
-        self._momentum = None
+        self._momentum = self._momentum_next = None
         # the correction's students and gradients [capacity, P], allocated at the first correction
         # and reused: no [K, P] allocation per buffer (on a CPU each one is page-faulted anew)
         self._students = self._grads = None
@@ -273,8 +273,9 @@ class Aggregator:
                 self._merge_pending()
             except BaseException:
                 # The merge failed where merges fail (in the correction: a proxy that does not fit
-                # the model, out of memory; or launching the merge), before it wrote anything: undo
-                # this submit too, so that nothing changed and the client may send it again.
+                # the model, out of memory; or at the write of the parameters, the new momentum
+                # still aside) and undid its counts: undo this submit too, so that nothing changed
+                # and the client may send it again.
                 self._pending.pop()
                 self._seq -= 1
                 self._counters["accepted"] -= 1
@@ -348,21 +349,26 @@ class Aggregator:
         D = self._deltas[:K]
         w = self._staleness_weights(pend)
         slots = self._base_slots(pend)
-        corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
-        if isinstance(self.rule, _rules.FedAsync):
-            c0, coefs = self.rule.coefficients(w)
-            base_idx = [s for s in slots if s is not None]
-            base_coef = [coefs[k] for k in range(K) if slots[k] is not None]
-            c0 += sum(coefs[k] for k in range(K) if slots[k] is None)  # evicted base: theta_t0 stands in
-            groups = [(D, coefs, None), (self.store.rows, base_coef, base_idx)]
-            if corr_idx:
-                groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
-            fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
-            self.version += K
-        else:
-            a = self.rule.coefficients(w, [p.num_samples for p in pend])
-            self._apply_buffered(self._delta_groups(D, a, corr_idx, corr_rows, corr_scale))
-            self.version += 1
+        fedasync = isinstance(self.rule, _rules.FedAsync)
+        kept = self._counters["corrected"], self._last_lambda
+        try:  # where merges fail: before (or at) the write of the parameters; see _accept
+            corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
+            if fedasync:
+                c0, coefs = self.rule.coefficients(w)
+                base_idx = [s for s in slots if s is not None]
+                base_coef = [coefs[k] for k in range(K) if slots[k] is not None]
+                c0 += sum(coefs[k] for k in range(K) if slots[k] is None)  # evicted base: theta_t0 stands in
+                groups = [(D, coefs, None), (self.store.rows, base_coef, base_idx)]
+                if corr_idx:
+                    groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
+                fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
+            else:
+                a = self.rule.coefficients(w, [p.num_samples for p in pend])
+                self._apply_buffered(self._delta_groups(D, a, corr_idx, corr_rows, corr_scale))
+        except BaseException:
+            self._counters["corrected"], self._last_lambda = kept
+            raise
+        self.version += K if fedasync else 1
         self._finish_merge(pend, slots)
 
     def _staleness_weights(self, pend):
@@ -379,11 +385,10 @@ class Aggregator:
             return [], None, None
         corr, K, t0 = self.correction, len(pend), self.version
         teacher = corr.teacher(self.params, t0)
-        lam_now = float(corr.schedule(t0, teacher))  # stats' lambda, once the correction succeeded
+        self._last_lambda = float(corr.schedule(t0, teacher))
         lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
         corr_idx = [k for k in range(K) if lam[k] > 0]
         if not corr_idx:
-            self._last_lambda = lam_now
             return [], None, None
         n = len(corr_idx)
         deltas = D if n == K else D.index_select(0, to_device(corr_idx, torch.int64, self.device))
@@ -398,7 +403,6 @@ class Aggregator:
         norms = [pend[k].norm for k in corr_idx]
         rows, scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher, out=self._grads[:n],
                                    delta_norms=None if None in norms else norms)
-        self._last_lambda = lam_now
         self._counters["corrected"] += n
         return corr_idx, rows, scale
 
@@ -416,9 +420,14 @@ class Aggregator:
         if rule.momentum > 0:
             if self._momentum is None:
                 self._momentum = torch.zeros_like(self.params)
-            fused_merge(self._momentum, rule.momentum, groups, out=self._momentum, backend=self.backend)
-            fused_merge(self.params, 1.0, [(self._momentum[None], [rule.server_lr], None)],
-                        out=self.params, backend=self.backend)
+            if self._momentum_next is None:
+                self._momentum_next = torch.empty_like(self.params)
+            # the new momentum goes to a second buffer, swapped in once the parameters took it:
+            # a failure before the last write leaves the momentum as it was (see _accept)
+            m = self._momentum_next
+            fused_merge(self._momentum, rule.momentum, groups, out=m, backend=self.backend)
+            fused_merge(self.params, 1.0, [(m[None], [rule.server_lr], None)], out=self.params, backend=self.backend)
+            self._momentum, self._momentum_next = m, self._momentum
         else:
             groups = [(rows, _times(rule.server_lr, coefs), idx) for rows, coefs, idx in groups]
             fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)

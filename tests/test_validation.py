@@ -161,13 +161,17 @@ def test_duplicate_memory_is_bounded_by_max_staleness():
         agg.submit(torch.zeros(agg.spec.numel), base_version=49, client_id="c49")
 
 
+@pytest.mark.parametrize("where", ["correction", "parameter_write"])
 @pytest.mark.parametrize("rule", [fastagg.FedBuff(4, momentum=0.5), fastagg.FedAsync(0.5, batch_size=2)],
                          ids=["fedbuff", "fedasync"])
-def test_a_failed_merge_changes_nothing_and_the_retry_merges_exactly_once(rule, rng):
-    """A merge that fails (here the correction raises, as a proxy that does not fit the model or an
-    out-of-memory would) undoes the submit that set it off: nothing changes, later submits fail
-    the same clear way instead of finding the buffer full, and once the cause is gone the update
-    sent again merges exactly once (the model equals a run that never failed)."""
+def test_a_failed_merge_changes_nothing_and_the_retry_merges_exactly_once(rule, where, rng, monkeypatch):
+    """A merge that fails — in the correction (as a proxy that does not fit the model or an
+    out-of-memory would) or at the write of the parameters, after FedBuff's momentum was computed —
+    undoes the submit that set it off: nothing changes, later submits fail the same clear way
+    instead of finding the buffer full, and once the cause is gone the update sent again merges
+    exactly once (the model equals a run that never failed)."""
+    import fastagg.aggregator as aggregator_module
+
     proxy = torch.randn(8, 6, generator=rng)
 
     def make():
@@ -181,26 +185,43 @@ def test_a_failed_merge_changes_nothing_and_the_retry_merges_exactly_once(rule, 
             a.submit(delta, base_version=0, client_id=cid)
         for delta, cid in updates[cap:-1]:
             a.submit(delta, base_version=0, client_id=cid)
-    correct = agg.correction.correct
+    correct, merge = agg.correction.correct, aggregator_module.fused_merge
 
-    def broken(*args, **kwargs):
+    def broken_correction(*args, **kwargs):
         raise FloatingPointError("injected")
 
-    agg.correction.correct = broken
-    before = _snapshot(agg)
+    def broken_parameter_write(theta, c0, groups, out=None, backend="torch"):
+        if out is agg.params:
+            raise FloatingPointError("injected")
+        return merge(theta, c0, groups, out=out, backend=backend)
+
+    def set_broken(broken):
+        if where == "correction":
+            agg.correction.correct = broken_correction if broken else correct
+        else:
+            monkeypatch.setattr(aggregator_module, "fused_merge", broken_parameter_write if broken else merge)
+
+    def state(a):
+        snap = _snapshot(a)
+        for key in ("merge_failures", "teacher_forwards"):  # counters of work done: the failures, and
+            snap[3].pop(key)  # the new version's teacher, computed once and cached
+        return snap, None if a._momentum is None else a._momentum.clone()
+
+    set_broken(True)
+    before = state(agg)
     last, cid = updates[-1]
     for _ in range(2):
         with pytest.raises(FloatingPointError, match="injected"):
             agg.submit(last, base_version=0, client_id=cid)
-        after = _snapshot(agg)
-        for st in (before[3], after[3]):  # counters of work done, not state: the failures, the
-            st.pop("merge_failures", None), st.pop("teacher_forwards", None)  # new version's teacher (cached)
-        _same(before, after)
+        after = state(agg)
+        _same(before[0], after[0])
+        assert (before[1] is None and after[1] is None) or torch.equal(before[1], after[1])
     assert agg.stats()["merge_failures"] == 2 and agg.stats()["rejected_total"] == 0
-    agg.correction.correct = correct
+    set_broken(False)
     assert agg.submit(last, base_version=0, client_id=cid).status == "merged"
     ref.submit(last, base_version=0, client_id=cid)
     assert torch.equal(agg.params, ref.params) and agg.version == ref.version
+
     def without_failures(st):
         return {k: v for k, v in st.items() if k != "merge_failures"}
 
@@ -209,13 +230,11 @@ def test_a_failed_merge_changes_nothing_and_the_retry_merges_exactly_once(rule, 
     # flush: a failure leaves the buffer for the retry
     for a in (agg, ref):
         a.submit(updates[0][0], base_version=a.version - 1, client_id="late")
-    agg.correction.correct = broken
-    before = _snapshot(agg)
+    set_broken(True)
+    before = state(agg)
     with pytest.raises(FloatingPointError):
         agg.flush()
-    after = _snapshot(agg)
-    for st in (before[3], after[3]):
-        st.pop("merge_failures"), st.pop("teacher_forwards")
-    _same(before, after)
-    agg.correction.correct = correct
+    after = state(agg)
+    _same(before[0], after[0])
+    set_broken(False)
     assert agg.flush() == ref.flush() and torch.equal(agg.params, ref.params)
