@@ -221,7 +221,7 @@ class Aggregator:
                 base_version = meta.get("base_version") if base_version is None else base_version
                 num_samples = meta.get("num_samples") if num_samples is None else num_samples
                 client_id = meta.get("client_id") if client_id is None else client_id
-            base_version, num_samples = _check_args(base_version, num_samples)
+            base_version, num_samples = _check_args(base_version, num_samples, client_id)
             with self._lock:
                 return self._accept(update, base_version, num_samples, client_id)
         except errors.InvalidUpdate as exc:
@@ -574,7 +574,13 @@ def _delta_dtype(value, dtype):
     return resolved
 
 
-def _check_args(base_version, num_samples):
+def _check_args(base_version, num_samples, client_id=None):
+    if client_id is not None:
+        try:
+            hash(client_id)
+        except TypeError:
+            raise errors.BadArgumentError("client_id must be hashable (a str, an int or a tuple of them), "
+                                          f"got {type(client_id).__name__}") from None
     if base_version is None:
         raise errors.BadArgumentError("base_version is required (the version the client trained on)")
     if isinstance(base_version, bool) or not isinstance(base_version, (int, np.integer)) or base_version < 0:

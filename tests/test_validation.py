@@ -69,6 +69,7 @@ BAD = {
     "wrong_type": (errors.MalformedUpdateError, lambda a: ("a string", {})),
     "bad_samples": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"num_samples": 0})),
     "no_base": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"base_version": None})),
+    "unhashable_client": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"client_id": ["w1"]})),
 }
 
 
