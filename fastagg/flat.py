@@ -22,16 +22,18 @@ class ParamSpec:
     offsets: tuple
     trainable: tuple  # True for nn.Parameters with requires_grad (KD gradients exist only for these)
     numel: int
+    ignored: tuple = ()  # the model's non-floating state (BatchNorm's num_batches_tracked): not aggregated
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> "ParamSpec":
         params = {id(p) for p in module.parameters() if p.requires_grad}
-        names, shapes, offsets, trainable = [], [], [], []
+        names, shapes, offsets, trainable, ignored = [], [], [], [], []
         off = 0
         seen = set()
         for name, t in module.state_dict(keep_vars=True).items():
             if not torch.is_floating_point(t):
-                continue  # e.g. BatchNorm's num_batches_tracked: not averaged
+                ignored.append(name)  # e.g. BatchNorm's num_batches_tracked: not averaged
+                continue
             if id(t) in seen:
                 raise ValueError(f"tied tensor {name!r}: fastagg does not support shared parameters yet")
             seen.add(id(t))
@@ -42,7 +44,7 @@ class ParamSpec:
             off += t.numel()
         if off == 0:
             raise ValueError("the model has no floating-point parameters")
-        return cls(tuple(names), tuple(shapes), tuple(offsets), tuple(trainable), off)
+        return cls(tuple(names), tuple(shapes), tuple(offsets), tuple(trainable), off, tuple(ignored))
 
     def __len__(self):
         return len(self.names)
@@ -81,7 +83,9 @@ def check_float(name, dtype):
 
 
 def check_keys(spec: ParamSpec, tensors: dict):
-    keys = set(tensors)
+    """The floating keys of the model, each once; its non-floating state may come along (a full
+    ``state_dict``) and is left out."""
+    keys = set(tensors) - set(spec.ignored)
     expected = set(spec.names)
     if keys != expected:
         missing = sorted(expected - keys)

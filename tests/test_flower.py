@@ -11,7 +11,7 @@ pytest.importorskip("ray")
 pytest.importorskip("sklearn")
 
 import fastagg  # noqa: E402
-from fastagg.integrations.flower import AsyncStrategy, RoundStrategy, flat_from_arrays  # noqa: E402
+from fastagg.integrations.flower import AsyncStrategy, RoundStrategy, arrays_from_flat, flat_from_arrays  # noqa: E402
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "flower")
 sys.path.insert(0, os.path.abspath(EXAMPLE))
@@ -128,3 +128,22 @@ def test_async_strategy_merges_exactly_num_updates_when_replies_come_in_batches(
     strategy = AsyncStrategy(agg, num_updates=7, min_nodes=3, fraction_evaluate=0.0)
     strategy.start(_BatchGrid([1, 2, 3], agg))  # each poll returns 3 replies: 3, 6, then 1 of 3
     assert agg.stats()["accepted"] == 7 and strategy.late_replies == 2
+
+
+def test_a_batchnorm_model_travels_both_ways():
+    """The global model sent to Flower clients carries the model's non-floating state (BatchNorm's
+    num_batches_tracked), so that a client loads it strictly; a reply that carries it back is read
+    as the floating tensors alone."""
+    def bn_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                   torch.nn.Linear(3 * 3 * 3, 2))
+
+    agg = fastagg.Aggregator(bn_model(), fastagg.FedBuff(2))
+    flat = torch.randn(agg.spec.numel)
+    record = arrays_from_flat(agg, flat)
+    client = bn_model()
+    client.load_state_dict(record.to_torch_state_dict())  # strict
+    assert list(record.keys()) == list(client.state_dict().keys())
+    reply = flwr.app.ArrayRecord(client.state_dict())
+    assert torch.equal(flat_from_arrays(agg, reply), flat)

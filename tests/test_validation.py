@@ -239,3 +239,32 @@ def test_a_failed_merge_changes_nothing_and_the_retry_merges_exactly_once(rule, 
     _same(before[0], after[0])
     set_broken(False)
     assert agg.flush() == ref.flush() and torch.equal(agg.params, ref.params)
+
+
+def test_a_models_non_floating_state_may_come_along_and_is_left_out(rng):
+    """BatchNorm's num_batches_tracked (int64) is not aggregated: a client's full state_dict
+    delta, and set_global(model.state_dict()), carry it and are taken as without it; an unknown
+    key is still refused."""
+    def bn_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                                   torch.nn.Linear(3 * 3 * 3, 2))
+
+    with_it, without = (fastagg.Aggregator(bn_model(), fastagg.FedBuff(2)) for _ in range(2))
+    assert with_it.spec.ignored == ("1.num_batches_tracked",)
+    for i in range(4):
+        full = {k: torch.randn(v.shape, generator=rng) if v.is_floating_point() else torch.tensor(7)
+                for k, v in bn_model().state_dict().items()}
+        with_it.submit(full, base_version=with_it.version)
+        with_it.submit(fastagg.encode_update(full, base_version=with_it.version))  # and as wire bytes
+        floating = {k: v for k, v in full.items() if k != "1.num_batches_tracked"}
+        without.submit(floating, base_version=without.version)
+        without.submit(floating, base_version=without.version)
+    assert torch.equal(with_it.params, without.params) and with_it.version == 4
+    trained = bn_model()
+    with torch.no_grad():
+        trained[0].weight.add_(1.0)
+    with_it.set_global(trained.state_dict())
+    assert torch.equal(with_it.pull()[1]["0.weight"], trained[0].weight)
+    with pytest.raises(errors.UpdateKeysError, match="unexpected"):
+        with_it.submit({**full, "2.extra": torch.zeros(1)}, base_version=with_it.version)

@@ -29,8 +29,12 @@ VERSION_KEY = "fastagg-version"
 
 
 def arrays_from_flat(agg: Aggregator, flat: torch.Tensor) -> ArrayRecord:
-    """Global flat parameters -> ArrayRecord (one copy into Flower's serialised buffers)."""
-    return ArrayRecord(OrderedDict((k, v.detach()) for k, v in agg.spec.unflatten(flat).items()))
+    """Global flat parameters -> ArrayRecord (one copy into Flower's serialised buffers), in the
+    model's ``state_dict`` order, its non-floating state (BatchNorm's ``num_batches_tracked``, not
+    aggregated: the server model's values) included, so that a client loads it strictly."""
+    views = agg.spec.unflatten(flat)
+    return ArrayRecord(OrderedDict((k, (views[k] if k in views else v).detach())
+                                   for k, v in agg.model.state_dict().items()))
 
 
 def flat_from_arrays(agg: Aggregator, record: ArrayRecord, out: torch.Tensor | None = None,
@@ -38,7 +42,7 @@ def flat_from_arrays(agg: Aggregator, record: ArrayRecord, out: torch.Tensor | N
     """ArrayRecord -> flat [P] vector, minus ``subtract`` when given, in one pass: numpy views of
     Flower's buffers are read once and written straight into the flat vector."""
     spec = agg.spec
-    if set(record.keys()) != set(spec.names):
+    if set(record.keys()) - set(spec.ignored) != set(spec.names):  # non-floating state may come along
         raise InvalidUpdate(f"reply arrays {sorted(record.keys())[:4]}... do not match the model's keys")
     out = torch.empty(spec.numel, dtype=agg.dtype) if out is None else out
     for name, shape, off, n in spec.items():
