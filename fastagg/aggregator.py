@@ -179,7 +179,8 @@ class Aggregator:
         with self._lock:
             if flat:
                 return self.version, self.params.clone()
-            return self.version, {k: v.clone() for k, v in self.spec.unflatten(self.params).items()}
+            state = {k: v.clone() for k, v in self.spec.unflatten(self.params).items()}
+            return self.version, self.spec.with_aliases(state)
 
     def pull_bytes(self) -> bytes:
         """The current model in the wire format (safetensors, version in the metadata). Encoded
@@ -195,7 +196,7 @@ class Aggregator:
             if generation == self._generation:
                 return cached
             generation, version, params = self._generation, self.version, self.params.clone()
-        payload = wire.encode_model(self.spec.unflatten(params), version)
+        payload = wire.encode_model(self.spec.with_aliases(self.spec.unflatten(params)), version)
         with self._lock:
             if generation == self._generation:  # nothing merged meanwhile
                 self._model_bytes = (generation, payload)

@@ -23,20 +23,22 @@ class ParamSpec:
     trainable: tuple  # True for nn.Parameters with requires_grad (KD gradients exist only for these)
     numel: int
     ignored: tuple = ()  # the model's non-floating state (BatchNorm's num_batches_tracked): not aggregated
+    aliases: tuple = ()  # (name, name it is tied to), e.g. an LM's output weight tied to its embedding
 
     @classmethod
     def from_module(cls, module: torch.nn.Module) -> "ParamSpec":
         params = {id(p) for p in module.parameters() if p.requires_grad}
-        names, shapes, offsets, trainable, ignored = [], [], [], [], []
+        names, shapes, offsets, trainable, ignored, aliases = [], [], [], [], [], []
         off = 0
-        seen = set()
+        seen = {}  # id of a tensor -> its first name
         for name, t in module.state_dict(keep_vars=True).items():
             if not torch.is_floating_point(t):
                 ignored.append(name)  # e.g. BatchNorm's num_batches_tracked: not averaged
                 continue
-            if id(t) in seen:
-                raise ValueError(f"tied tensor {name!r}: fastagg does not support shared parameters yet")
-            seen.add(id(t))
+            if id(t) in seen:  # tied: one tensor under two names, held once
+                aliases.append((name, seen[id(t)]))
+                continue
+            seen[id(t)] = name
             names.append(name)
             shapes.append(tuple(t.shape))
             offsets.append(off)
@@ -44,7 +46,8 @@ class ParamSpec:
             off += t.numel()
         if off == 0:
             raise ValueError("the model has no floating-point parameters")
-        return cls(tuple(names), tuple(shapes), tuple(offsets), tuple(trainable), off, tuple(ignored))
+        return cls(tuple(names), tuple(shapes), tuple(offsets), tuple(trainable), off, tuple(ignored),
+                   tuple(aliases))
 
     def __len__(self):
         return len(self.names)
@@ -60,6 +63,11 @@ class ParamSpec:
         """[P] -> {name: view}; or [K, P] -> {name: [K, *shape] view}."""
         lead = flat.shape[:-1]
         return {name: flat[..., off:off + n].view(*lead, *shape) for name, shape, off, n in self.items()}
+
+    def with_aliases(self, tensors: dict) -> dict:
+        """{name: tensor} with the tied names added (copies: the wire format refuses shared
+        tensors), so that a model with tied weights loads it strictly."""
+        return {**tensors, **{alias: tensors[name].clone() for alias, name in self.aliases}}
 
     def flatten(self, tensors: dict, out: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
         """{name: tensor} (exactly the spec's keys and shapes) -> flat [P]. Validates."""
@@ -83,9 +91,9 @@ def check_float(name, dtype):
 
 
 def check_keys(spec: ParamSpec, tensors: dict):
-    """The floating keys of the model, each once; its non-floating state may come along (a full
-    ``state_dict``) and is left out."""
-    keys = set(tensors) - set(spec.ignored)
+    """The floating keys of the model, each once; its non-floating state and the tied names may
+    come along (a full ``state_dict``) and are left out (a tied name holds the same tensor)."""
+    keys = set(tensors) - set(spec.ignored) - {alias for alias, _ in spec.aliases}
     expected = set(spec.names)
     if keys != expected:
         missing = sorted(expected - keys)

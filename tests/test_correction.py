@@ -295,3 +295,49 @@ def test_fedbuff_with_mixed_staleness_and_several_steps_equals_a_float64_referen
         expect = theta0 + 0.9 * sum(ak * dk for ak, dk in zip(a, new))
         assert torch.allclose(agg.params, expect, rtol=0, atol=1e-12), float((agg.params - expect).abs().max())
     assert agg.stats()["corrected"] == 4
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding whose weight is also the output layer's (as GPT-2 ties them)."""
+
+    def __init__(self, vocab=23, d=7):
+        super().__init__()
+        self.emb, self.mid = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, d)
+        self.out = torch.nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mid(self.emb(tokens)))).flatten(0, -2)
+
+
+def test_tied_weights_are_held_once_and_get_the_gradient_of_both_uses(rng):
+    """The tied weight is one block of the flat vector; its KD gradient is the sum over both of its
+    uses (float64 autograd on a real tied module as the reference); a full state_dict (both names)
+    is accepted, and what clients pull loads strictly."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = _TiedLM().double()
+    proxy = torch.randint(0, 23, (5, 4), generator=rng)
+    T = 2.0
+    agg, corr = _bound(model, proxy, temperature=T)
+    assert agg.spec.aliases == (("out.weight", "emb.weight"),) and "out.weight" not in agg.spec.names
+    assert agg.spec.numel == sum(p.numel() for p in model.parameters())  # parameters() holds it once
+    teacher = corr.teacher(agg.params, 0)
+    students = agg.params + 0.3 * torch.randn(3, agg.spec.numel, dtype=torch.float64, generator=rng)
+    _, grads = corr.student_grads(students, teacher)
+    with torch.no_grad():
+        t_logits = model(proxy)
+    for k in range(3):
+        ref = _TiedLM().double()
+        ref.load_state_dict(agg.spec.with_aliases(agg.spec.unflatten(students[k].clone())))
+        loss = T * T * F.kl_div(torch.log_softmax(ref(proxy) / T, -1), torch.softmax(t_logits / T, -1),
+                                reduction="batchmean")
+        loss.backward()
+        want = torch.cat([dict(ref.named_parameters())[n].grad.reshape(-1) for n in agg.spec.names])
+        assert torch.allclose(grads[k], want, rtol=1e-9, atol=1e-12)
+        emb = agg.spec.unflatten(grads[k])["emb.weight"]
+        assert emb[proxy.unique()].abs().sum() > 0 and emb.abs().sum() > emb[proxy.unique()].abs().sum()  # both uses
+    full = {k: 0.01 * torch.ones_like(v) for k, v in model.state_dict().items()}
+    agg.submit(full, base_version=0)
+    version, pulled = agg.pull()
+    _TiedLM().double().load_state_dict(pulled)  # strict: both names
+    assert torch.equal(pulled["out.weight"], pulled["emb.weight"])

@@ -130,19 +130,28 @@ def test_async_strategy_merges_exactly_num_updates_when_replies_come_in_batches(
     assert agg.stats()["accepted"] == 7 and strategy.late_replies == 2
 
 
-def test_a_batchnorm_model_travels_both_ways():
-    """The global model sent to Flower clients carries the model's non-floating state (BatchNorm's
-    num_batches_tracked), so that a client loads it strictly; a reply that carries it back is read
-    as the floating tensors alone."""
-    def bn_model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
-                                   torch.nn.Linear(3 * 3 * 3, 2))
+def _bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 3 * 3, 2))
 
-    agg = fastagg.Aggregator(bn_model(), fastagg.FedBuff(2))
+
+def _tied_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Tanh(), torch.nn.Linear(4, 11, bias=False))
+    model[2].weight = model[0].weight
+    return model
+
+
+@pytest.mark.parametrize("make", [_bn_model, _tied_model], ids=["batchnorm", "tied"])
+def test_a_batchnorm_or_tied_model_travels_both_ways(make):
+    """The global model sent to Flower clients carries the model's non-floating state (BatchNorm's
+    num_batches_tracked) and its tied names, so that a client loads it strictly; a reply that
+    carries them back is read as the aggregated tensors alone."""
+    agg = fastagg.Aggregator(make(), fastagg.FedBuff(2))
     flat = torch.randn(agg.spec.numel)
     record = arrays_from_flat(agg, flat)
-    client = bn_model()
+    client = make()
     client.load_state_dict(record.to_torch_state_dict())  # strict
     assert list(record.keys()) == list(client.state_dict().keys())
     reply = flwr.app.ArrayRecord(client.state_dict())

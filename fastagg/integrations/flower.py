@@ -33,6 +33,7 @@ def arrays_from_flat(agg: Aggregator, flat: torch.Tensor) -> ArrayRecord:
     model's ``state_dict`` order, its non-floating state (BatchNorm's ``num_batches_tracked``, not
     aggregated: the server model's values) included, so that a client loads it strictly."""
     views = agg.spec.unflatten(flat)
+    views.update({alias: views[name] for alias, name in agg.spec.aliases})  # tied names: the same values
     return ArrayRecord(OrderedDict((k, (views[k] if k in views else v).detach())
                                    for k, v in agg.model.state_dict().items()))
 
@@ -42,7 +43,7 @@ def flat_from_arrays(agg: Aggregator, record: ArrayRecord, out: torch.Tensor | N
     """ArrayRecord -> flat [P] vector, minus ``subtract`` when given, in one pass: numpy views of
     Flower's buffers are read once and written straight into the flat vector."""
     spec = agg.spec
-    if set(record.keys()) - set(spec.ignored) != set(spec.names):  # non-floating state may come along
+    if set(record.keys()) - set(spec.ignored) - {a for a, _ in spec.aliases} != set(spec.names):
         raise InvalidUpdate(f"reply arrays {sorted(record.keys())[:4]}... do not match the model's keys")
     out = torch.empty(spec.numel, dtype=agg.dtype) if out is None else out
     for name, shape, off, n in spec.items():
