@@ -160,6 +160,7 @@ class Aggregator:
         self._params_committed()
         if correction is not None:
             correction.bind(model, self.spec, self.device, self.dtype, self.backend)
+            correction.check_fits(self.params)
         self._lock = threading.RLock()
         self._seq = 0
         # duplicate detection: base version -> client ids seen on it; versions older than

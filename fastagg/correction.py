@@ -92,6 +92,20 @@ class KDCorrection:
         if self.proxy_labels is not None:
             self.proxy_labels = self.proxy_labels.to(device)
 
+    def check_fits(self, theta: torch.Tensor):
+        """The teacher's forward once, now: a proxy that does not fit the model (or a model that
+        does not return [N, C] logits) fails at construction with what was wrong, not at the
+        first merge."""
+        try:
+            with torch.no_grad():
+                logits = self._forward(self.spec.unflatten(theta), self.proxy)
+        except Exception as exc:
+            raise ValueError(f"the proxy inputs (shape {tuple(self.proxy.shape)}, {self.proxy.dtype}) do not fit "
+                             f"the model: {type(exc).__name__}: {exc}") from exc
+        if logits.dim() != 2:
+            raise ValueError(f"the model must return logits of shape [N, classes] on the proxy inputs; "
+                             f"it returned shape {tuple(logits.shape)}")
+
     def _forward(self, params: dict, x):
         was_training = self.model.training
         self.model.eval()

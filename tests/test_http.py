@@ -238,16 +238,23 @@ def test_a_full_rank_answers_503_and_a_failing_aggregator_500(rng):
             client.submit(_delta(agg, rng), base_version=0, client_id=2)
         assert agg.stats()["buffered"] == 2 and server.responses["503"] == 1
 
-    broken = _agg(correction=fastagg.KDCorrection(torch.randn(5, 7)))  # 7 features, the model takes 6
+    broken = _agg(correction=fastagg.KDCorrection(torch.randn(5, 6)))
+    for i in range(4):
+        broken.submit(_delta(broken, rng), base_version=0, client_id=f"fresh{i}")  # version 1
+
+    def correct(*args, **kwargs):  # as an out-of-memory in the correction would
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    broken.correction.correct = correct
     with Server(broken) as server:
         client = Client(server.url)
         for i in range(3):
-            client.submit(_delta(broken, rng), base_version=0, client_id=i)
-        with pytest.raises(RuntimeError, match=r"HTTP 500 \(internal\): RuntimeError: .*mat1 and mat2"):
-            client.submit(_delta(broken, rng), base_version=0, client_id=3)  # fills the buffer: the teacher runs
+            client.submit(_delta(broken, rng), base_version=0, client_id=i)  # stale: to be corrected
+        with pytest.raises(RuntimeError, match=r"HTTP 500 \(internal\): OutOfMemoryError: .*injected"):
+            client.submit(_delta(broken, rng), base_version=0, client_id=3)  # fills the buffer
         assert server.responses["500"] == 1
         st = broken.stats()  # the failed merge undid that submit: send it again once fixed
-        assert st["accepted"] == st["buffered"] == 3 and st["merge_failures"] == 1
+        assert st["accepted"] == 7 and st["buffered"] == 3 and st["merge_failures"] == 1
         assert client.version() == broken.version  # still serving
 
 

@@ -268,3 +268,19 @@ def test_a_models_non_floating_state_may_come_along_and_is_left_out(rng):
     assert torch.equal(with_it.pull()[1]["0.weight"], trained[0].weight)
     with pytest.raises(errors.UpdateKeysError, match="unexpected"):
         with_it.submit({**full, "2.extra": torch.zeros(1)}, base_version=with_it.version)
+
+
+def test_a_proxy_that_does_not_fit_the_model_fails_at_construction():
+    with pytest.raises(ValueError, match=r"proxy inputs \(shape \(5, 7\).*do not fit the model: RuntimeError"):
+        fastagg.Aggregator(mlp(), fastagg.FedBuff(2), correction=fastagg.KDCorrection(torch.randn(5, 7)))
+
+    class Sequences(torch.nn.Module):  # logits [B, S, C]: the correction needs [N, C]
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.lin(x).unsqueeze(1).expand(-1, 3, -1)
+
+    with pytest.raises(ValueError, match=r"logits of shape \[N, classes\].*\(4, 3, 5\)"):
+        fastagg.Aggregator(Sequences(), fastagg.FedBuff(2), correction=fastagg.KDCorrection(torch.randn(4, 6)))
