@@ -22,6 +22,7 @@ import multiprocessing as mp
 import platform
 import time
 import urllib.parse
+import zlib
 
 import torch
 
@@ -41,7 +42,7 @@ def _model(name):
 def _payloads(name, n, tag):
     torch.set_num_threads(1)
     shapes = {k: v.shape for k, v in _model(name).state_dict().items()}
-    g = torch.Generator().manual_seed(hash(tag) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))  # hash() of a str differs per process
     return [encode_update({k: 1e-3 * torch.randn(s, generator=g) for k, s in shapes.items()},
                           base_version=0, num_samples=10, client_id=f"{tag}-{i}") for i in range(n)]
 
@@ -50,20 +51,14 @@ def _client(url, name, n, tag, how, ready, go, done):
     payloads = _payloads(name, n, tag) if how != "pull" else [None] * n
     ready.put(1)
     go.wait()
-    if how == "pull":  # GET /model over one keep-alive connection
-        u = urllib.parse.urlsplit(url)
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
-        for _ in payloads:
-            conn.request("GET", "/model")
-            resp = conn.getresponse()
-            resp.read()
-            assert resp.status == 200, resp.status
-        conn.close()
-    elif how == "keepalive":
+    if how in ("pull", "keepalive"):  # GET /model, or POST /update, over one keep-alive connection
         u = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
         for p in payloads:
-            conn.request("POST", "/update", body=p, headers={"Content-Length": str(len(p))})
+            if p is None:
+                conn.request("GET", "/model")
+            else:
+                conn.request("POST", "/update", body=p, headers={"Content-Length": str(len(p))})
             resp = conn.getresponse()
             resp.read()
             assert resp.status == 200, resp.status
