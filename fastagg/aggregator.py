@@ -219,7 +219,7 @@ class Aggregator:
         """
         try:
             if isinstance(update, (bytes, bytearray, memoryview)):
-                update, meta = wire.decode_update(update)
+                update, meta = wire.parse_update(update)  # the tensors stay in the bytes until staged
                 base_version = meta.get("base_version") if base_version is None else base_version
                 num_samples = meta.get("num_samples") if num_samples is None else num_samples
                 client_id = meta.get("client_id") if client_id is None else client_id
@@ -305,6 +305,15 @@ class Aggregator:
                     raise errors.UpdateShapeError(f"{name!r} has shape {tuple(t.shape)}, expected {shape}")
                 check_float(name, t.dtype)
                 row[off:off + n].copy_(t.reshape(-1))
+        elif isinstance(update, wire.PayloadView):
+            check_keys(spec, update.entries)
+            for name, shape, off, n in spec.items():
+                dtype, shp = update.entries[name][:2]
+                if shp != shape:
+                    raise errors.UpdateShapeError(f"{name!r} has shape {shp}, expected {shape}")
+                check_float(name, dtype)
+            for name, shape, off, n in spec.items():  # nothing is written before all are checked
+                update.copy_into(name, row[off:off + n])
         elif isinstance(update, (list, tuple)):
             if len(update) != len(spec):
                 raise errors.UpdateKeysError(f"got {len(update)} arrays, the model has {len(spec)} tensors")

@@ -233,7 +233,8 @@ def limits(device):
 
 
 def stage_floors(P, K, flops, fwd_flops, lim, cuda, delta_bytes=4):
-    """Floors in ms. Per update: ``decode`` (bytes to a tensor: one copy of the P values),
+    """Floors in ms. Per update: ``decode`` (safetensors bytes into a staging row: one copy of the
+    P values),
     ``ingest`` (validate and stage a host update: read it once, write it once; the norm check
     can share the read). Per buffer of K: ``correction`` (max of its FLOPs / rate and reading
     the K students and writing their K gradients), ``merge`` (read the K deltas, the K
@@ -362,8 +363,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     row = agg._staging[0] if agg._staging is not None else agg._deltas[0]
     t_ingest = timeit(lambda: [(agg._write_row(p, row), _finite_norm(row)) for p in host_deltas[:8]],
                       device, reps=3) / 8  # what submit does to a host update: stage it, check its norm
-    from .wire import decode_update
-    t_decode = timeit(lambda: [decode_update(p) for p in payloads[:8]], device, reps=3) / 8
+    from .wire import parse_update  # what submit does to bytes: parse the header, copy into the row
+    t_decode = timeit(lambda: [agg._write_row(parse_update(p)[0], row) for p in payloads[:8]], device, reps=3) / 8
     teacher = corr.teacher(agg.params, agg.version)
     students = agg.params + torch.stack([d.to(device) for d in host_deltas])
     out = torch.empty_like(students)
