@@ -19,13 +19,18 @@ grouped convolution (``"native"``, cuDNN on a GPU). ``"triton"`` routes the mode
 ``"triton_cl"`` the same with channels-last activations between them, ``"triton_fused"`` the
 same as triton, and each conv -> relu -> 2x2 max-pool chain of the model (found by torch.fx)
 as one op whose kernel does relu and pooling in its epilogue; ``"torch"`` and ``"torch_fused"``
-through the plain-PyTorch references of those routes (tests). ``"auto"`` (default) times
-native, triton, triton_cl and (where the model has such chains) triton_fused once per pass size
-on a CUDA device and keeps the fastest; elsewhere it is native.
+through the plain-PyTorch references of those routes (tests). ``"gemm"``: native, except that
+a layer whose input every student shares (the first, on the proxy batch: under vmap one dense
+convolution with K * Co output channels over 3 input channels, which cuDNN ran at ~11 TFLOP/s
+on the H100) runs as cuBLAS products over the unfolded input (fastagg.ops.shared_conv).
+``"auto"`` (default) times native, gemm and triton_cl once per pass size on a CUDA device and
+keeps the fastest (triton and triton_fused lost to native by 2-9x at every size measured on the
+H100, so they run only when named); elsewhere it is native.
 
 ``compile=True`` adds one more candidate: ``torch.compile`` of the whole per-pass function
 (vmap of grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used
-there). The candidates are timed once per pass size and the fastest kept: ``routes`` says which
+there; nor is the gemm route's op: dynamo traces the vmap'd body with unbatched tensors, so the
+routing, which looks for a shared input under vmap, never sees one there). The candidates are timed once per pass size and the fastest kept: ``routes`` says which
 ran, ``route_timings`` what each measured. Compilation takes seconds to a minute at the first
 pass of each size, so it is opt-in.
 
@@ -52,7 +57,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 from .ops.grouped_conv import fuse_conv_relu_pool, routable_convs, route_convs
 from .ops.kd_loss import kd_loss_grad
 
-CONV_CHOICES = ("auto", "native", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
+CONV_CHOICES = ("auto", "native", "gemm", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 
 
 def check_options(precision, conv, chunk):
@@ -248,13 +253,15 @@ class StudentGradEngine:
         return self._step(students, probs, out)
 
     def _candidates(self, students):
+        cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
+        convs = cuda and bool(routable_convs(self.model))
         if self.conv != "auto":
             routes = [self.conv]
         else:
-            cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
-            convs = cuda and bool(routable_convs(self.model))
-            routes = ["native"] + (["triton", "triton_cl"] if convs else [])
-            routes += ["triton_fused"] if convs and self.fused_model()[1] else []  # traced only for conv models
+            # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
+            # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
+            # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
+            routes = ["native"] + (["gemm", "triton_cl"] if convs else [])
         return routes + (["compiled"] if self.compile else [])
 
     def _pick_route(self, students, probs, out):

@@ -140,8 +140,11 @@ def _triton_status():
 
 # route -> (backend, channels-last outputs). The "_fused" routes also run each
 # conv -> relu -> 2x2 max-pool chain of the model as one op (see fuse_conv_relu_pool).
+# "gemm": vmap's cuDNN convolutions, except a layer whose input every student shares (the first,
+# on the proxy batch), which runs as cuBLAS products (fastagg.ops.shared_conv).
 ROUTES = {"native": (None, False), "torch": ("torch", False), "triton": ("triton", False),
-          "triton_cl": ("triton", True), "torch_fused": ("torch", False), "triton_fused": ("triton", False)}
+          "triton_cl": ("triton", True), "torch_fused": ("torch", False), "triton_fused": ("triton", False),
+          "gemm": (None, False)}
 
 
 class _StudentConv(torch.autograd.Function):
@@ -217,6 +220,12 @@ def _routed_forward(module, route, counter, x, weight, bias):
     # K * Co output channels under vmap's own rule; it stays there, and so does every layer on
     # the native route. Autocast does not reach a convolution under vmap (it runs in fp32 even
     # inside torch.autocast), so the operands are cast here.
+    if route == "gemm" and x.dim() == 4 and batched(weight) and not batched(x):
+        from .shared_conv import shared_conv2d
+        if x.dtype != dtype or weight.dtype != dtype:
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        counter.calls += 1
+        return shared_conv2d(x, weight, bias, list(module.stride), list(module.padding))
     if (ROUTES[route][0] is None or x.dim() != 4 or not batched(weight) or not batched(x)
             or x.dtype == torch.float64):
         if batched(weight) and x.dtype != torch.float64 and dtype != weight.dtype:

@@ -1,0 +1,184 @@
+"""Device check: where a corrected update's time goes, and whether the first convolution should
+be a GEMM.
+
+    OUT=out python bench/gpu_profile.py              # on the GPU machine
+    OUT=/tmp/p python bench/gpu_profile.py --small --device cpu   # a dry run of every path here
+
+1. The first layer reads the proxy batch that every student shares, so under vmap it is one
+   dense convolution with K * Co output channels over 3 input channels (what vmap's rule makes
+   of it); on the H100 cuDNN ran the `cnn`'s at ~11 TFLOP/s with its relu and pool (NOTES-gpu.md).
+   Timed here, bf16, forward and weight gradient, for the `cnn` and `resnet18` first layers at the
+   engine's K: cuDNN NCHW, cuDNN channels-last, and the same product as GEMMs over the unfolded
+   input (cuBLAS): ``bmm`` (one [K*Co, C*R*S] x [C*R*S, Ho*Wo] product per image, the output in
+   vmap's NCHW layout) and ``mm`` (one [N*Ho*Wo, C*R*S] x [C*R*S, K*Co] product, the output
+   channels-last). Each against float32 cuDNN, relative L2 error.
+2. ``torch.profiler`` over engine passes per route (compiled, native, triton_cl): the kernels
+   that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
+   profiler sees each launch; the kernels are the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from fastagg import bench
+from fastagg.engine import StudentGradEngine
+from fastagg.flat import ParamSpec
+
+
+def _time(fn, device, reps=10):
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def first_layer(name, K, N, C, H, W, CO, R, pad, device):
+    bf = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(N, C, H, W, device=device)
+    w = torch.randn(K * CO, C, R, R, device=device) / (C * R * R) ** 0.5
+    dy = torch.randn(N, K * CO, H, W, device=device)
+    flops = 2 * N * H * W * K * CO * C * R * R
+    ref_y = F.conv2d(x.double(), w.double(), padding=pad)
+    ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), padding=pad)
+    xb, wb, dyb = x.to(bf), w.to(bf), dy.to(bf)
+    xcl, wcl, dycl = (t.contiguous(memory_format=torch.channels_last) for t in (xb, wb, dyb))
+    CRS, L = C * R * R, H * W
+    w2 = wb.reshape(K * CO, CRS)
+
+    def cols():
+        return F.unfold(xb, (R, R), padding=pad)  # [N, CRS, L], shared by the K students
+
+    def bmm_fwd():
+        return torch.bmm(w2.expand(N, -1, -1), cols()).view(N, K * CO, H, W)
+
+    def bmm_wgrad():  # sum over images of dy[n] [K*Co, L] x cols[n]^T [L, CRS]
+        return torch.bmm(dyb.view(N, K * CO, L), cols().transpose(1, 2)).sum(0, dtype=torch.float32)
+
+    def mm_fwd():  # rows are pixels: the output is channels-last [N, H, W, K*Co]
+        return cols().transpose(1, 2).reshape(N * L, CRS) @ w2.t()
+
+    dy_rows = dycl.permute(0, 2, 3, 1).reshape(N * L, K * CO)  # channels-last dy as rows, no copy
+
+    def mm_wgrad():
+        return dy_rows.t() @ cols().transpose(1, 2).reshape(N * L, CRS)
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    variants = {
+        "cudnn_nchw": (lambda: F.conv2d(xb, wb, padding=pad),
+                       lambda: torch.nn.grad.conv2d_weight(xb, wb.shape, dyb, padding=pad)),
+        "cudnn_channels_last": (lambda: F.conv2d(xcl, wcl, padding=pad),
+                                lambda: torch.nn.grad.conv2d_weight(xcl, wcl.shape, dycl, padding=pad)),
+        "gemm_bmm": (bmm_fwd, bmm_wgrad),
+        "gemm_mm": (mm_fwd, mm_wgrad),
+    }
+    row = {"model": name, "K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "gflop": flops / 1e9}
+    for key, (fwd, wgrad) in variants.items():
+        y, dw = fwd(), wgrad()
+        y = y.reshape(N, H, W, K * CO).permute(0, 3, 1, 2) if key == "gemm_mm" else y
+        row[key] = {"fwd_ms": _time(fwd, device), "wgrad_ms": _time(wgrad, device),
+                    "fwd_err": rel(y, ref_y), "wgrad_err": rel(dw.reshape(w.shape), ref_dw)}
+        row[key]["fwd_TFLOPs"] = flops / row[key]["fwd_ms"] / 1e9
+        row[key]["wgrad_TFLOPs"] = flops / row[key]["wgrad_ms"] / 1e9
+        print(f"{name} first layer K={K} {key:20s} fwd {row[key]['fwd_ms']:8.3f} ms ({row[key]['fwd_TFLOPs']:6.1f} TF/s, "
+              f"err {row[key]['fwd_err']:.1e})  wgrad {row[key]['wgrad_ms']:8.3f} ms "
+              f"({row[key]['wgrad_TFLOPs']:6.1f} TF/s, err {row[key]['wgrad_err']:.1e})", flush=True)
+    return row
+
+
+def profile_routes(name, K, device, small, routes, passes=3):
+    model, proxy = bench.make(name, device, small)
+    model.eval()
+    spec = ParamSpec.from_module(model)
+    flat = spec.flatten(model.state_dict()).to(device)
+    students = flat + 1e-3 * torch.randn(K, spec.numel, device=device)
+    with torch.no_grad():
+        probs = torch.softmax(model(proxy).float() / 3.0, -1)
+    rows = {}
+    for route in routes:
+        eng = StudentGradEngine(model, spec, proxy, 3.0, precision="bf16" if device.type == "cuda" else "fp32",
+                                cuda_graphs=False, conv="native" if route == "compiled" else route,
+                                chunk=None, compile=route == "compiled")
+        if route == "compiled":
+            eng.routes[K] = "compiled"
+        out = torch.empty_like(students)
+        try:
+            eng(students, probs, out)
+            eng(students, probs, out)
+        except Exception as exc:  # say so, profile the others
+            rows[route] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"{name} {route}: failed: {rows[route]['error']}", flush=True)
+            continue
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(passes):
+                eng(students, probs, out)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / passes * 1e3
+        per = defaultdict(lambda: [0, 0.0])
+        for ev in prof.events():
+            dev_us = ev.time_range.elapsed_us() if device.type == "cuda" else ev.self_cpu_time_total
+            if device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            if device.type != "cuda" and not ev.name.startswith("aten::"):
+                continue
+            per[ev.name][0] += 1
+            per[ev.name][1] += dev_us / 1e3 / passes
+        total = sum(v[1] for v in per.values())
+        top = sorted(per.items(), key=lambda kv: -kv[1][1])[:15]
+        rows[route] = {"wall_ms_per_pass": wall, "kernel_ms_per_pass": total,
+                       "top": [{"kernel": k[:160], "calls_per_pass": v[0] / passes, "ms_per_pass": v[1],
+                                "share": v[1] / total if total else 0.0} for k, v in top]}
+        print(f"{name} K={K} route {route}: {wall:.2f} ms per pass (kernels {total:.2f} ms)", flush=True)
+        for r in rows[route]["top"][:10]:
+            print(f"   {r['ms_per_pass']:8.3f} ms {100 * r['share']:5.1f}%  x{r['calls_per_pass']:<5.0f} {r['kernel'][:110]}")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
+    ap.add_argument("--routes", default="compiled,native,triton_cl")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    out = os.environ.get("OUT", "out")
+    os.makedirs(out, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "first_layer": [], "profiles": {}}
+    path = os.path.join(out, "gpu_profile.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+    shapes = ([("cnn", 128, 256, 3, 32, 32, 32, 5, 2), ("resnet18", 32, 64, 3, 32, 32, 64, 3, 1)] if not a.small
+              else [("cnn", 4, 8, 3, 12, 12, 8, 5, 2), ("resnet18", 3, 4, 3, 10, 10, 8, 3, 1)])
+    for s in shapes:
+        res["first_layer"].append(first_layer(*s, device))
+        save()
+    for name, K in (("cnn", 4 if a.small else 128), ("resnet18", 2 if a.small else 32)):
+        res["profiles"][name] = profile_routes(name, K, device, a.small, a.routes.split(","))
+        save()
+
+
+if __name__ == "__main__":
+    main()
