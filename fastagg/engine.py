@@ -30,7 +30,10 @@ H100, so they run only when named); elsewhere it is native.
 ``compile=True`` adds one more candidate: ``torch.compile`` of the whole per-pass function
 (vmap of grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used
 there; nor is the gemm route's op: dynamo traces the vmap'd body with unbatched tensors, so the
-routing, which looks for a shared input under vmap, never sees one there). The candidates are timed once per pass size and the fastest kept: ``routes`` says which
+routing, which looks for a shared input under vmap, never sees one, and routing every
+convolution through the op instead fails in dynamo — torch 2.13: "You tried to vmap over
+ApplyTemplate, but it does not have vmap support" — as does a torch.library custom op, whose
+generated autograd cannot run under torch.func's grad transform when called from a vmap rule). The candidates are timed once per pass size and the fastest kept: ``routes`` says which
 ran, ``route_timings`` what each measured. Compilation takes seconds to a minute at the first
 pass of each size, so it is opt-in.
 
