@@ -298,6 +298,7 @@ def flower_numpy_merge(layers_per_client, weights):
 
 
 # -- the benchmark --------------------------------------------------------------------------------
+STEP_BUFFERS = 6  # buffers per timed run of the whole step
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
                 eager_clients=8, log=print, r=None):
     """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps
@@ -328,7 +329,11 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     counter = [0]
 
     def step(a, deltas):
-        for _ in range(2):  # two buffers back to back: ingest of the second overlaps the first's merge
+        # STEP_BUFFERS buffers back to back, as a busy server takes them: on a GPU the host ingests
+        # each next buffer while the device corrects and merges this one, so the rate approaches
+        # the slower of the two (with two buffers, as measured until the seventh session, half of
+        # the host's ingest and half of the device's work had nothing to overlap with)
+        for _ in range(STEP_BUFFERS):
             base = a.version - 1
             for p in deltas:
                 counter[0] += 1
@@ -336,13 +341,14 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         assert a.stats()["buffered"] == 0
 
     t_step = timeit(lambda: step(agg, host_deltas), device, reps=2, warmup=1)
-    r["step_updates_per_s"] = 2 * K / t_step  # host updates: decode-free submit, validation, staging
+    r["step_buffers"] = STEP_BUFFERS
+    r["step_updates_per_s"] = STEP_BUFFERS * K / t_step  # host updates: decode-free submit, validation, staging
     eng = corr.engine  # the first buffers chose its pass sizes and routes: say so before going on
     log(f"{name}: step {r['step_updates_per_s']:.0f} upd/s (host updates); students per pass "
         f"{eng.chunks or eng.chunk}, routes {eng.routes} {eng.route_timings}")
     dev_deltas = [d.to(device) for d in host_deltas]
     t_dev = timeit(lambda: step(agg, dev_deltas), device, reps=2, warmup=1)
-    r["step_device_updates_per_s"] = 2 * K / t_dev  # updates already on the device
+    r["step_device_updates_per_s"] = STEP_BUFFERS * K / t_dev  # updates already on the device
     log(f"{name}: step {r['step_device_updates_per_s']:.0f} upd/s (device updates)")
     # host updates sent and buffered in bf16 (Aggregator(delta_dtype=bf16)): half the bytes to
     # stage, copy to the device and merge. Its correction shares the engine: same model, proxy
@@ -356,7 +362,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     agg16.flush()
     host16 = [d.bfloat16() for d in host_deltas]
     t16 = timeit(lambda: step(agg16, host16), device, reps=2, warmup=1)
-    r["step_bf16_updates_per_s"] = 2 * K / t16
+    r["step_bf16_updates_per_s"] = STEP_BUFFERS * K / t16
     del agg16, corr16, host16
 
     # stages

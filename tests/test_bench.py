@@ -88,8 +88,9 @@ def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     monkeypatch.setattr(bench, "timeit", one_second)
     r = bench.bench_model("lm", "cpu", K=3, small=True, compile_baseline=False, eager_clients=2,
                           log=lambda *a: None)
-    assert r["correction_updates_per_s"] == 3 and r["step_updates_per_s"] == 6  # two buffers of 3
-    assert r["step_bf16_updates_per_s"] == 6
+    assert bench.STEP_BUFFERS == r["step_buffers"] == 6
+    assert r["correction_updates_per_s"] == 3 and r["step_updates_per_s"] == 18  # six buffers of 3
+    assert r["step_bf16_updates_per_s"] == 18
     assert r["baseline_updates_per_s"] == {"per_client_eager_fp32": 2, "vmap_fp32": 3, "vmap_bf16": 3}
     r = bench.bench_model("lm", "cpu", K=3, small=True, baselines=True, compile_baseline=False, eager_clients=8,
                           log=lambda *a: None)
