@@ -2,9 +2,14 @@
 # The device script. Results land in $OUT; copy them to bench/results/. The session has 15
 # minutes of device time in all, start-up included, one call at most 10, and the machine goes
 # back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 3 at once if time is left.
-#   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~570 s), then the summary table
-#   bash bench/gpu_run.sh 1   device/versions, CUDA tests of the grouped-conv kernels and the
-#                             engine, the kernels vs cuDNN per layer, `fastagg bench` on `cnn`
+#   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~550 s), then the summary table:
+#                             device/versions, the CUDA tests of what changed since the last run
+#                             (full log in cuda_tests.txt), bench/gpu_profile.py (the first layer
+#                             as cuDNN vs cuBLAS products; the kernels of a pass per route),
+#                             `fastagg bench` on `cnn` (its routes now native, gemm, triton_cl,
+#                             compiled), then resnet18 and lm; 8 files in $OUT
+#   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
+#                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
 #   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests and HTTP clients
 #                             feeding a CUDA aggregator from threads (~40 s), then
@@ -16,9 +21,11 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
-  T_TESTS=150 T_CONV=80 T_CNN=170 T_REST=170 bash "$0" 1
-  T_REST=170 bash "$0" 2
-  # printed, not saved: at most 8 files come back from $OUT (this call leaves 7), and the JSONs hold it all
+  # the kernel tests all passed on the H100 in the seventh session (71 on 8 workers, 92 s warm,
+  # over 150 s cold): here only the tests of what changed since, then the profile
+  TESTS="tests/test_shared_conv.py tests/test_correction.py" T_TESTS=100 T_CONV=0 T_CNN=160 bash "$0" 1
+  MODELS_REST=lm,resnet18 T_REST=160 bash "$0" 2  # lm first: not measured since the first session
+  # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
   python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
   exit 0
 fi
@@ -31,13 +38,22 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   # eight pytest workers where pytest-xdist is there (the device image has it): most of the time
   # is Triton compiling each kernel variant, CPU work that the 16 cores share out
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-  FASTAGG_TEST_DEVICE=cuda timeout ${T_TESTS:-180} python3 -m pytest -q -p no:cacheprovider -p no:warnings $XDIST \
-      tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py 2>&1 | tail -6 | tee -a "$OUT/device.txt"
-  OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
+  # the whole pytest output (which test failed, and why) goes to cuda_tests.txt; -rf lists failures
+  FASTAGG_TEST_DEVICE=cuda timeout ${T_TESTS:-240} python3 -m pytest -p no:cacheprovider -p no:warnings \
+      -p no:benchmark -rf --tb=short $XDIST \
+      ${TESTS:-tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py tests/test_shared_conv.py} \
+      > "$OUT/cuda_tests.txt" 2>&1
+  echo "CUDA tests: exit $? ($(tail -1 "$OUT/cuda_tests.txt"))" | tee -a "$OUT/device.txt"
+  if [ "${T_CONV:-120}" != 0 ]; then
+    OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
+  else  # `all`: the first layer's alternatives and the kernels of a pass per route instead
+    OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py --routes compiled,native,gemm 2>&1 \
+        | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
+  fi
   timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
 elif [ "$part" = 2 ]; then
-  timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models resnet18,lm --out "$OUT/gpu_bench_rest.json" \
+  timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
