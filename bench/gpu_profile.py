@@ -10,9 +10,10 @@ be a GEMM.
    Timed here, bf16, forward and weight gradient, for the `cnn` and `resnet18` first layers at the
    engine's K: cuDNN NCHW, cuDNN channels-last, and the same product as GEMMs over the unfolded
    input (cuBLAS): ``bmm`` (one [K*Co, C*R*S] x [C*R*S, Ho*Wo] product per image, the output in
-   vmap's NCHW layout) and ``mm`` (one [N*Ho*Wo, C*R*S] x [C*R*S, K*Co] product, the output
-   channels-last). Each against float32 cuDNN, relative L2 error.
-2. ``torch.profiler`` over engine passes per route (compiled, native, triton_cl): the kernels
+   vmap's NCHW layout: the gemm route's op), ``mm`` (one [N*Ho*Wo, C*R*S] x [C*R*S, K*Co]
+   product, the output channels-last) and ``vmap_product`` (one product per student, the shared
+   columns broadcast: what compiled_gemm's plain ops lower to). Each against float64, relative L2.
+2. ``torch.profiler`` over engine passes per route (compiled, compiled_gemm, native, gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
    profiler sees each launch; the kernels are the same).
 """
@@ -78,6 +79,16 @@ def first_layer(name, K, N, C, H, W, CO, R, pad, device):
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())
 
+    cols_t = cols().transpose(1, 2).reshape(N * L, CRS)
+    wk = wb.reshape(K, CO, CRS)
+    dyk = dycl.permute(0, 2, 3, 1).reshape(N * L, K, CO).permute(1, 2, 0)  # [K, Co, N*L], no copy
+
+    def product_fwd():  # compiled_gemm's per-student product as vmap lowers it: shared operand broadcast
+        return torch.bmm(cols_t.expand(K, -1, -1), wk.transpose(1, 2))  # [K, N*L, Co]
+
+    def product_wgrad():
+        return torch.bmm(dyk, cols_t.expand(K, -1, -1))  # [K, Co, CRS]
+
     variants = {
         "cudnn_nchw": (lambda: F.conv2d(xb, wb, padding=pad),
                        lambda: torch.nn.grad.conv2d_weight(xb, wb.shape, dyb, padding=pad)),
@@ -85,11 +96,15 @@ def first_layer(name, K, N, C, H, W, CO, R, pad, device):
                                 lambda: torch.nn.grad.conv2d_weight(xcl, wcl.shape, dycl, padding=pad)),
         "gemm_bmm": (bmm_fwd, bmm_wgrad),
         "gemm_mm": (mm_fwd, mm_wgrad),
+        "vmap_product": (product_fwd, product_wgrad),
     }
     row = {"model": name, "K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "gflop": flops / 1e9}
     for key, (fwd, wgrad) in variants.items():
         y, dw = fwd(), wgrad()
-        y = y.reshape(N, H, W, K * CO).permute(0, 3, 1, 2) if key == "gemm_mm" else y
+        if key == "gemm_mm":
+            y = y.reshape(N, H, W, K * CO).permute(0, 3, 1, 2)
+        elif key == "vmap_product":  # [K, N*L, Co] -> [N, K*Co, H, W]
+            y = y.view(K, N, H, W, CO).permute(1, 0, 4, 2, 3).reshape(N, K * CO, H, W)
         row[key] = {"fwd_ms": _time(fwd, device), "wgrad_ms": _time(wgrad, device),
                     "fwd_err": rel(y, ref_y), "wgrad_err": rel(dw.reshape(w.shape), ref_dw)}
         row[key]["fwd_TFLOPs"] = flops / row[key]["fwd_ms"] / 1e9
@@ -110,11 +125,12 @@ def profile_routes(name, K, device, small, routes, passes=3):
         probs = torch.softmax(model(proxy).float() / 3.0, -1)
     rows = {}
     for route in routes:
+        compiled = route.startswith("compiled")
+        conv = {"compiled": "native", "compiled_gemm": "gemm"}.get(route, route)
         eng = StudentGradEngine(model, spec, proxy, 3.0, precision="bf16" if device.type == "cuda" else "fp32",
-                                cuda_graphs=False, conv="native" if route == "compiled" else route,
-                                chunk=None, compile=route == "compiled")
-        if route == "compiled":
-            eng.routes[K] = "compiled"
+                                cuda_graphs=False, conv=conv, chunk=None, compile=compiled)
+        if compiled:
+            eng.routes[K] = route
         out = torch.empty_like(students)
         try:
             eng(students, probs, out)
@@ -157,7 +173,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="compiled,native,triton_cl")
+    ap.add_argument("--routes", default="compiled,compiled_gemm,native,gemm")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")

@@ -23,8 +23,12 @@ part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
   # the kernel tests all passed on the H100 in the seventh session (71 on 8 workers, 92 s warm,
   # over 150 s cold): here only the tests of what changed since, then the profile
-  TESTS="tests/test_shared_conv.py tests/test_correction.py" T_TESTS=100 T_CONV=0 T_CNN=160 bash "$0" 1
-  MODELS_REST=lm,resnet18 T_REST=160 bash "$0" 2  # lm first: not measured since the first session
+  # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
+  # routes are timed (and compiled) at one pass size only; lm first in part 2 (not measured since
+  # the first session), no K sweep (a compile per K): run part 2 alone for it
+  TESTS="tests/test_shared_conv.py tests/test_correction.py" T_TESTS=100 T_CONV=0 T_PROF=150 T_CNN=150 \
+      CNN_ARGS="--chunk none" bash "$0" 1
+  MODELS_REST=lm,resnet18 REST_ARGS=--no-sweep T_REST=150 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
   python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
   exit 0
@@ -47,13 +51,15 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   else  # `all`: the first layer's alternatives and the kernels of a pass per route instead
-    OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py --routes compiled,native,gemm 2>&1 \
+    OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py 2>&1 \
         | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
   fi
-  timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep --out "$OUT/gpu_bench_cnn.json" \
+  timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep ${CNN_ARGS:-} \
+      --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
 elif [ "$part" = 2 ]; then
-  timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} --out "$OUT/gpu_bench_rest.json" \
+  timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} ${REST_ARGS:-} \
+      --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank

@@ -300,7 +300,7 @@ def flower_numpy_merge(layers_per_client, weights):
 # -- the benchmark --------------------------------------------------------------------------------
 STEP_BUFFERS = 6  # buffers per timed run of the whole step
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
-                eager_clients=8, log=print, r=None):
+                eager_clients=8, log=print, r=None, chunk="auto"):
     """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps
     what it measured), returned."""
     device = torch.device(device)
@@ -309,7 +309,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     T = 3.0
     corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", steps=1, min_staleness=1,
                         cuda_graphs=cuda_graphs and device.type == "cuda", staleness_factor="none",
-                        schedule=1.0, compile=compile_baseline)
+                        schedule=1.0, compile=compile_baseline, chunk=chunk)
     agg = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr, device=device,
                      max_versions=4)
     spec, P = agg.spec, agg.spec.numel
@@ -574,7 +574,7 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
 
 
 def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, small=None, out=None, log=print,
-        compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024)):
+        compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024), chunk="auto"):
     device = torch.device(device)
     small = (device.type == "cpu") if small is None else small
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
@@ -604,7 +604,7 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
             row = {"model": name, "complete": False}
             res["models"].append(row)
             try:
-                bench_model(name, device, K or default_k[name], small=small, log=log,
+                bench_model(name, device, K or default_k[name], small=small, log=log, chunk=chunk,
                             compile_baseline=compile_baseline, r=row)
                 row["complete"] = True
             except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the next ones run

@@ -27,15 +27,16 @@ on the H100) runs as cuBLAS products over the unfolded input (fastagg.ops.shared
 keeps the fastest (triton and triton_fused lost to native by 2-9x at every size measured on the
 H100, so they run only when named); elsewhere it is native.
 
-``compile=True`` adds one more candidate: ``torch.compile`` of the whole per-pass function
-(vmap of grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used
-there; nor is the gemm route's op: dynamo traces the vmap'd body with unbatched tensors, so the
-routing, which looks for a shared input under vmap, never sees one, and routing every
-convolution through the op instead fails in dynamo — torch 2.13: "You tried to vmap over
-ApplyTemplate, but it does not have vmap support" — as does a torch.library custom op, whose
-generated autograd cannot run under torch.func's grad transform when called from a vmap rule). The candidates are timed once per pass size and the fastest kept: ``routes`` says which
-ran, ``route_timings`` what each measured. Compilation takes seconds to a minute at the first
-pass of each size, so it is opt-in.
+``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
+grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used there), with
+vmap's convolutions (``"compiled"``) and, for a model with convolutions on CUDA, with the layers
+that read the proxy batch as one matrix product per student over its unfolded columns
+(``"compiled_gemm"``, fastagg.ops.shared_conv.conv2d_as_product; plain ops, because dynamo
+traces a vmap'd body with unbatched tensors and cannot trace an autograd.Function's own vmap
+rule — torch 2.13: "You tried to vmap over ApplyTemplate, but it does not have vmap support" —
+so the eager gemm route's op cannot run there). The candidates are timed once per pass size and
+the fastest kept: ``routes`` says which ran, ``route_timings`` what each measured. Compilation
+takes seconds to a minute at the first pass of each size, so it is opt-in.
 
 ``chunk``: at most this many students per pass (memory grows linearly with K; the gradients of
 a larger buffer are computed chunk by chunk into the same [K, P] output); ``None``: all K in one
@@ -51,6 +52,8 @@ grouped convolutions were 2-3x slower there at every size measured.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import time
 import warnings
 
@@ -58,7 +61,16 @@ import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from .ops.grouped_conv import fuse_conv_relu_pool, routable_convs, route_convs
+from .ops.shared_conv import conv2d_as_product, shared_input_convs
 from .ops.kd_loss import kd_loss_grad
+
+def _product_forward(module, device_type, x, w, b):
+    """A Conv2d's forward as conv2d_as_product, its operands in the autocast dtype when on."""
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    return conv2d_as_product(x, w, b, module.stride, module.padding)
+
 
 CONV_CHOICES = ("auto", "native", "gemm", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 
@@ -102,7 +114,9 @@ class StudentGradEngine:
         self.routes: dict = {}  # pass size -> the route that runs it (a CONV_CHOICES route or "compiled")
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
-        self._compiled = self._fused = None
+        self._compiled: dict = {}  # route -> its torch.compile'd pass
+        self._fused = self._product = None
+        self.product_convs = 0  # layers the compiled_gemm route runs as products
         self._graphs: dict = {}
         self._zeros: dict = {}
 
@@ -130,8 +144,8 @@ class StudentGradEngine:
     def _step(self, students, probs, out):
         K = students.shape[0]
         route = self.routes[K]
-        if route == "compiled":
-            return self._compiled_step(students, probs, out)
+        if route.startswith("compiled"):
+            return self._compiled_step(students, probs, out, route)
         trainable, frozen = self._split(students)
         x = self.proxy
         net = (self.fused_model()[0] or self.model) if route.endswith("_fused") else self.model
@@ -162,24 +176,41 @@ class StudentGradEngine:
                 parts.append(self._zeros[key])
         return parts
 
-    def _compiled_step(self, students, probs, out):
-        if self._compiled is None:
-            self._compiled = torch.compile(self._plain_flat_grads)
+    def _compiled_step(self, students, probs, out, route="compiled"):
+        if route not in self._compiled:
+            self._compiled[route] = torch.compile(self._plain_flat_grads)
+        net = self.product_model() if route == "compiled_gemm" else None
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
-        with route_convs(self.model, "native") if cast else contextlib.nullcontext():
-            loss, flat = self._compiled(students, probs)
+        with route_convs(self.model, "native") if cast and net is None else contextlib.nullcontext():
+            loss, flat = self._compiled[route](students, probs, net)
         out.copy_(flat)
         return loss
 
-    def _plain_flat_grads(self, students, probs):
-        """(loss [K], flat gradients [K, P]) with plain ops only: what torch.compile traces."""
+    def product_model(self):
+        """A copy of the model whose layers on the proxy batch run as one matrix product
+        (fastagg.ops.shared_conv.conv2d_as_product, plain ops), the others as vmap's
+        convolutions with bf16 operands under bf16: the net of the ``compiled_gemm`` route."""
+        if self._product is None:
+            net = copy.deepcopy(self.model)
+            names = {id(m) for m in shared_input_convs(self.model, self.proxy)}
+            dev = self.proxy.device.type
+            for src, m in zip(self.model.modules(), net.modules()):
+                if isinstance(m, torch.nn.Conv2d) and id(src) in names:
+                    m._conv_forward = functools.partial(_product_forward, m, dev)
+                    self.product_convs += 1
+            self._product = net
+        return self._product
+
+    def _plain_flat_grads(self, students, probs, net=None):
+        """(loss [K], flat gradients [K, P]) with plain ops only: what torch.compile traces (on
+        ``net`` when given: product_model)."""
         x, T = self.proxy, self.temperature
         trainable, frozen = self._split(students)
         acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
 
         def loss_k(p, b):
             with self._autocast():
-                z = self._forward({**p, **b}, x)
+                z = self._forward({**p, **b}, x, net)
             logq = torch.log_softmax(z.to(acc) / T, dim=-1)
             pt = probs.to(acc)
             return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
@@ -251,7 +282,7 @@ class StudentGradEngine:
     def _run(self, students, probs, out):
         """One pass through the route set in ``routes``, the way passes of this size run: captured
         once and replayed with CUDA graphs on (not the compiled route: it runs as inductor made it)."""
-        if self.cuda_graphs and self.routes[students.shape[0]] != "compiled":
+        if self.cuda_graphs and not self.routes[students.shape[0]].startswith("compiled"):
             return self._replay(students, probs, out)
         return self._step(students, probs, out)
 
@@ -259,13 +290,14 @@ class StudentGradEngine:
         cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
         convs = cuda and bool(routable_convs(self.model))
         if self.conv != "auto":
-            routes = [self.conv]
+            routes, compiled = [self.conv], ["compiled_gemm" if self.conv == "gemm" else "compiled"]
         else:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
             # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
             routes = ["native"] + (["gemm", "triton_cl"] if convs else [])
-        return routes + (["compiled"] if self.compile else [])
+            compiled = ["compiled"] + (["compiled_gemm"] if convs else [])
+        return routes + (compiled if self.compile else [])
 
     def _pick_route(self, students, probs, out):
         """The route for passes of this size: the only candidate, or the fastest of them measured

@@ -33,6 +33,14 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     assert r["chunk"] == "auto" and r["students_per_pass"] == r["K"] and r["route"] == {str(r["K"]): "native"}
 
 
+def test_bench_cli_chunk_sets_the_students_per_pass(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--device", "cpu", "--models", "lm", "--k", "4", "--no-sweep", "--no-compile",
+                 "--chunk", "3", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["models"]
+    assert r["chunk"] == 3 and r["students_per_pass"] == 3  # passes of 3 and 1 for K = 4
+
+
 def test_sweep_reports_one_pass_and_chunked_passes():
     rows = bench.sweep_k("cnn", "cpu", ks=(1, 4), small=True, log=lambda *a: None, chunk=2)
     assert [(r["K"], r["chunk"]) for r in rows] == [(1, "auto"), (1, None), (4, "auto"), (4, None), (4, 2)]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastagg.engine import StudentGradEngine
 from fastagg.flat import ParamSpec
-from fastagg.ops.shared_conv import shared_conv2d
+from fastagg.ops.shared_conv import conv2d_as_product, shared_conv2d, shared_input_convs
 
 GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding)
     (3, 2, 3, 7, 6, 4, 3, 2, (2, 1), (1, 0)),
@@ -25,7 +25,8 @@ def _reference(x, w, b, stride, padding):
 
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: f"K{g[0]}-{g[6]}x{g[7]}-s{g[8][0]}{g[8][1]}")
 @pytest.mark.parametrize("bias", [True, False])
-def test_vjp_of_vmap_over_students_equals_float64_conv(geo, bias, rng):
+@pytest.mark.parametrize("op", [shared_conv2d, conv2d_as_product], ids=["gemm_op", "plain_product"])
+def test_vjp_of_vmap_over_students_equals_float64_conv(geo, bias, op, rng):
     K, N, C, H, W, CO, R, S, stride, padding = geo
     x = torch.randn(N, C, H, W, dtype=torch.float64, generator=rng)
     w = torch.randn(K, CO, C, R, S, dtype=torch.float64, generator=rng)
@@ -37,7 +38,7 @@ def test_vjp_of_vmap_over_students_equals_float64_conv(geo, bias, rng):
     ref_grads = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], dy)
 
     def students(xx, ww, *bb):  # x is shared: not batched
-        return torch.func.vmap(lambda w1, *b1: shared_conv2d(xx, w1, b1[0] if bias else None, stride, padding))(ww, *bb)
+        return torch.func.vmap(lambda w1, *b1: op(xx, w1, b1[0] if bias else None, stride, padding))(ww, *bb)
 
     out, pullback = torch.func.vjp(students, x, w, *([b] if bias else []))
     assert out.shape == ref.shape
@@ -77,8 +78,15 @@ class _CNN(torch.nn.Module):
         return self.fc(torch.relu(self.c2(x)).flatten(1))
 
 
-def test_engine_gemm_route_equals_native(device, rng):
-    """fp32, TF32 off: the same KD gradients for K students as vmap's own convolutions."""
+def test_shared_input_convs_are_the_layers_that_read_the_input():
+    model = _CNN()
+    assert shared_input_convs(model, torch.randn(2, 3, 14, 14)) == [model.c1]
+
+
+@pytest.mark.parametrize("route", ["gemm", "compiled_gemm"])
+def test_engine_gemm_routes_equal_native(route, device, rng):
+    """fp32, TF32 off: the same KD gradients for K students as vmap's own convolutions (the
+    compiled route through torch.compile, its first layer as one product per student)."""
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
     model = _CNN().to(device)
     spec = ParamSpec.from_module(model)
@@ -90,13 +98,16 @@ def test_engine_gemm_route_equals_native(device, rng):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         out = {}
-        for route in ("native", "gemm"):
-            eng = StudentGradEngine(model, spec, proxy, 3.0, conv=route, chunk=None)
+        for name in ("native", route):
+            eng = StudentGradEngine(model, spec, proxy, 3.0, conv="native" if name == "native" else "gemm", chunk=None,
+                                    compile=name == "compiled_gemm")
+            if name == "compiled_gemm":
+                eng.routes[students.shape[0]] = name  # this route, untimed
             loss, grads = eng(students, probs)
-            out[route] = (loss, grads.clone(), eng.routed_convs)
+            out[name] = (loss, grads.clone(), eng.routed_convs + eng.product_convs)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert out["gemm"][2] == 1 and out["native"][2] == 0  # the first layer, and only it, went the gemm way
-    torch.testing.assert_close(out["gemm"][0], out["native"][0], rtol=1e-5, atol=1e-7)
-    err = float((out["gemm"][1] - out["native"][1]).norm() / out["native"][1].norm())
+    assert out[route][2] == 1 and out["native"][2] == 0  # the first layer, and only it, went the gemm way
+    torch.testing.assert_close(out[route][0], out["native"][0], rtol=1e-5, atol=1e-7)
+    err = float((out[route][1] - out["native"][1]).norm() / out["native"][1].norm())
     assert err < 1e-5

@@ -128,3 +128,42 @@ def shared_conv2d(x, w, b, stride, padding):
     """``F.conv2d(x, w, b, stride, padding)`` for one student; under vmap with ``x`` shared by
     the students, all of them as cuBLAS products (see the module docstring)."""
     return _StudentSharedConv.apply(x, w, b, tuple(stride), tuple(padding))
+
+
+# -- the same product in plain ops, for torch.compile -------------------------------------------
+# Dynamo traces a vmap'd body with unbatched tensors, so neither the runtime check for a shared
+# input nor an autograd.Function's own vmap rule survives it. What does: plain ops whose vmap
+# lowering is already a good product. Per student y = cols^T w^T, with cols^T [N*HO*WO, C*R*S]
+# shared, lowers under vmap to one batched product whose shared operand is broadcast (stride 0,
+# no copy), the output per student channels-last; the weight gradient lowers to dy^T cols^T, one
+# product per student. (Written as w @ cols instead, vmap copies cols K times: checked with
+# make_fx.) A layer gets this form only where it is known to read the model's input (the proxy
+# batch, never batched: shared_input_convs); on a batched input it would still be right, slower.
+
+def conv2d_as_product(x, w, b, stride, padding):
+    """``F.conv2d(x, w, b, stride, padding)`` for [N, C, H, W] x [Co, C, R, S] as unfold and one
+    matrix product, output [N, Co, HO, WO] stored channels-last."""
+    N = x.shape[0]
+    CO, _, R, S = w.shape
+    HO, WO = _out_hw(x, R, S, stride, padding)
+    cols_t = F.unfold(x, (R, S), padding=padding, stride=stride).transpose(1, 2).reshape(N * HO * WO, -1)
+    y = cols_t @ w.reshape(CO, -1).t()
+    if b is not None:
+        y = y + b
+    return y.view(N, HO, WO, CO).permute(0, 3, 1, 2)
+
+
+def shared_input_convs(model, x):
+    """The ``nn.Conv2d`` modules of ``model`` that receive ``x`` itself (the first layer(s) on the
+    input), found by one forward with hooks."""
+    found, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp: found.append(mod) if inp[0] is x else None))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
