@@ -158,6 +158,11 @@ def profile_routes(name, K, device, small, routes, passes=3):
                 continue
             per[ev.name][0] += 1
             per[ev.name][1] += dev_us / 1e3 / passes
+        if not per and device.type == "cuda":  # no kernel events listed: the ops' own device time instead
+            for ka in prof.key_averages():
+                us = getattr(ka, "self_device_time_total", None) or getattr(ka, "self_cuda_time_total", 0)
+                if us:
+                    per[f"[op] {ka.key}"] = [ka.count, us / 1e3 / passes]
         total = sum(v[1] for v in per.values())
         top = sorted(per.items(), key=lambda kv: -kv[1][1])[:15]
         rows[route] = {"wall_ms_per_pass": wall, "kernel_ms_per_pass": total,
