@@ -64,6 +64,7 @@ from .ops.grouped_conv import fuse_conv_relu_pool, routable_convs, route_convs
 from .ops.shared_conv import conv2d_as_product, shared_input_convs
 from .ops.kd_loss import kd_loss_grad
 
+
 def _product_forward(module, device_type, x, w, b):
     """A Conv2d's forward as conv2d_as_product, its operands in the autocast dtype when on."""
     if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
@@ -295,8 +296,9 @@ class StudentGradEngine:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
             # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
-            routes = ["native"] + (["gemm", "triton_cl"] if convs else [])
-            compiled = ["compiled"] + (["compiled_gemm"] if convs else [])
+            shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
+            routes = ["native"] + (["gemm"] if shared else []) + (["triton_cl"] if convs else [])
+            compiled = ["compiled"] + (["compiled_gemm"] if shared else [])
         return routes + (compiled if self.compile else [])
 
     def _pick_route(self, students, probs, out):
