@@ -86,7 +86,10 @@ def parse_update(payload) -> tuple[PayloadView, dict]:
     the metadata; raises MalformedUpdateError."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise errors.MalformedUpdateError(f"expected bytes, got {type(payload).__name__}")
-    buf = memoryview(payload).cast("B") if isinstance(payload, memoryview) else payload
+    try:
+        buf = memoryview(payload).cast("B") if isinstance(payload, memoryview) else payload
+    except TypeError as exc:  # a memoryview that is not one contiguous run of bytes
+        raise errors.MalformedUpdateError(f"expected contiguous bytes ({exc})") from None
     if len(buf) < 8:
         raise _malformed(f"{len(buf)} bytes, shorter than the 8-byte header length")
     (n,) = struct.unpack("<Q", buf[:8])

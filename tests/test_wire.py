@@ -100,6 +100,8 @@ def test_malformed_payloads_are_refused_like_safetensors_does():
             wire.parse_update(payload)
     with pytest.raises(errors.MalformedUpdateError, match="expected bytes"):
         wire.parse_update("not bytes")
+    with pytest.raises(errors.MalformedUpdateError, match="contiguous"):
+        wire.parse_update(memoryview(good)[::2])
 
 
 def test_a_refused_payload_changes_nothing(rng):
