@@ -81,7 +81,7 @@ class _SharedGemmConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        return (*_grads(ctx, _plain(x), _plain(w), dy), None, None)
+        return (*_grads(ctx, x, w, dy), None, None)
 
 
 class _StudentSharedConv(torch.autograd.Function):
@@ -117,11 +117,6 @@ class _StudentSharedConv(torch.autograd.Function):
         b = None if b is None else first(b, b_dim).reshape(K * CO)
         y = _SharedGemmConv.apply(x, w.reshape(K * CO, *w.shape[2:]), b, stride, padding)  # [N, K*Co, HO, WO]
         return y.view(y.shape[0], K, CO, *y.shape[2:]), 1
-
-
-def _plain(t):
-    from .grouped_conv import _plain as plain
-    return plain(t)
 
 
 def shared_conv2d(x, w, b, stride, padding):
