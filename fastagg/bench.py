@@ -299,6 +299,8 @@ def flower_numpy_merge(layers_per_client, weights):
 
 # -- the benchmark --------------------------------------------------------------------------------
 STEP_BUFFERS = 6  # buffers per timed run of the whole step
+
+
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
                 eager_clients=8, log=print, r=None, chunk="auto"):
     """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps

@@ -26,6 +26,15 @@ def _simulate(args):
     return 0
 
 
+def _chunk(value):
+    """--chunk: "auto", "none" (all K in one pass) or a positive int."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected auto, none or a positive int, got {value!r}")
+
+
 def _bench(args):
     from . import bench
 
@@ -33,7 +42,7 @@ def _bench(args):
                     sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
                     sweep_models=tuple(args.sweep_models.split(",")),
                     sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")),
-                    chunk=None if args.chunk == "none" else args.chunk if args.chunk == "auto" else int(args.chunk))
+                    chunk=args.chunk)
     if args.out:
         print(f"results: {args.out}")
     failed = [r["model"] for r in res["models"] if "error" in r]
@@ -92,7 +101,7 @@ def main(argv=None):
     b.add_argument("--sweep-models", default="cnn", help="models of the K sweep (comma-separated)")
     b.add_argument("--sweep-k", default="1,16,64,256,1024", help="buffer sizes of the K sweep")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    b.add_argument("--chunk", default="auto", help='students per pass of the engine: auto | none | an int')
+    b.add_argument("--chunk", default="auto", type=_chunk, help="students per pass of the engine: auto | none | an int")
     b.add_argument("--out", default="fastagg-bench.json")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="which kernel backends are available here, and why not")
