@@ -81,6 +81,11 @@ class _CNN(torch.nn.Module):
 def test_shared_input_convs_are_the_layers_that_read_the_input():
     model = _CNN()
     assert shared_input_convs(model, torch.randn(2, 3, 14, 14)) == [model.c1]
+    assert model.training  # left as it was
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 3))
+    before = bn[0].running_mean.clone()
+    assert shared_input_convs(bn, torch.randn(4, 3, 5, 5) + 3.0) == []  # reads the normalized input, not x
+    assert torch.equal(bn[0].running_mean, before)  # the detection forward moved no statistics
 
 
 @pytest.mark.parametrize("route", ["gemm", "compiled_gemm"])

@@ -149,15 +149,17 @@ def conv2d_as_product(x, w, b, stride, padding):
 
 def shared_input_convs(model, x):
     """The ``nn.Conv2d`` modules of ``model`` that receive ``x`` itself (the first layer(s) on the
-    input), found by one forward with hooks."""
-    found, hooks = [], []
+    input), found by one forward with hooks (in eval mode: no running statistics move)."""
+    found, hooks, training = [], [], model.training
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             hooks.append(m.register_forward_pre_hook(lambda mod, inp: found.append(mod) if inp[0] is x else None))
     try:
         with torch.no_grad():
+            model.eval()
             model(x)
     finally:
+        model.train(training)
         for h in hooks:
             h.remove()
     return found
