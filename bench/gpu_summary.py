@@ -15,6 +15,16 @@ def _f(x, fmt="{:,.0f}"):
     return fmt.format(x) if isinstance(x, (int, float)) else "-"
 
 
+def _met(target, best_step, corr, compiled, vmap32):
+    """"yes" only when the step and both ratios the issue names reach their targets."""
+    if not target[0]:
+        return "-"
+    ratios = [(corr, compiled, target[1]), (corr, vmap32, target[2])]
+    ok = isinstance(best_step, float) and best_step >= target[0] and all(
+        isinstance(c, float) and isinstance(b, float) and c / b >= t for c, b, t in ratios if t)
+    return "yes" if ok else "no"
+
+
 def rows(res):
     for r in res.get("models", []):
         base = r.get("baseline_updates_per_s") or r.get("partial_correction_rates") or {}
@@ -30,7 +40,7 @@ def rows(res):
                _f(corr / compiled if isinstance(corr, float) and isinstance(compiled, float) else None, "{:.2f}x"),
                _f(corr / vmap32 if isinstance(corr, float) and isinstance(vmap32, float) else None, "{:.2f}x"),
                "/".join(_f(t, "{:,}") if t and i == 0 else _f(t, "{}x") for i, t in enumerate(target) if t) or "-",
-               "yes" if target[0] and best_step and best_step >= target[0] else "no" if target[0] else "-",
+               _met(target, best_step, corr, compiled, vmap32),
                json.dumps(r.get("route", {}))[:60]]
 
 

@@ -2,6 +2,7 @@
 so that a device session does not spend its minutes finding a broken harness."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,7 +165,6 @@ def test_a_run_stopped_by_sigterm_saves_what_it_measured(tmp_path):
     """The device script stops a run at its time limit with `timeout` (SIGTERM): the JSON keeps the
     figures measured so far, the row marked incomplete."""
     import signal
-    import subprocess
 
     out = tmp_path / "b.json"
     proc = subprocess.Popen([sys.executable, "-u", "-m", "fastagg.cli", "bench", "--device", "cpu", "--models",
@@ -188,3 +188,23 @@ def test_a_run_stopped_by_sigterm_saves_what_it_measured(tmp_path):
     assert summary.returncode == 0, summary.stderr
     line = next(ln for ln in summary.stdout.splitlines() if ln.startswith("lm (cut short)"))
     assert f"{r['step_updates_per_s']:,.0f}" in line
+
+
+def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_targets(tmp_path):
+    """bench/gpu_summary.py's "met": the cnn step at 15,000 is not enough without 3x compiled bf16
+    vmap and 9x fp32 vmap."""
+    def row(step, corr, compiled, vmap32):
+        return {"model": "cnn", "K": 128, "complete": True, "step_updates_per_s": float(step),
+                "correction_updates_per_s": float(corr),
+                "baseline_updates_per_s": {"compiled_vmap_bf16": float(compiled), "vmap_fp32": float(vmap32)}}
+
+    cases = {"fast step, low ratio": (row(16000, 9000, 3500, 900), "no"),
+             "all met": (row(16000, 11000, 3500, 1200), "yes"),
+             "ratios met, slow step": (row(14000, 11000, 3500, 1200), "no")}
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_summary.py"
+    for name, (r, want) in cases.items():
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps({"device": "test", "models": [r]}))
+        out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn "))
+        assert line.split()[9] == want, (name, line)
