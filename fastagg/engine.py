@@ -60,7 +60,7 @@ import warnings
 import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
-from .ops.grouped_conv import fuse_conv_relu_pool, routable_convs, route_convs
+from .ops.grouped_conv import cast_operands, fuse_conv_relu_pool, routable_convs, route_convs
 from .ops.shared_conv import conv2d_as_product, shared_input_convs
 from .ops.kd_loss import kd_loss_grad
 
@@ -68,8 +68,7 @@ from .ops.kd_loss import kd_loss_grad
 def _product_forward(module, device_type, x, w, b):
     """A Conv2d's forward as conv2d_as_product, its operands in the autocast dtype when on."""
     if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device_type)
-        x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        x, w, b = cast_operands(torch.get_autocast_dtype(device_type), x, w, b)
     return conv2d_as_product(x, w, b, module.stride, module.padding)
 
 

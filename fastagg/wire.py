@@ -164,8 +164,8 @@ def encode_model(state: dict, version: int) -> bytes:
 
 
 def decode_model(payload: bytes) -> tuple[int, dict]:
-    tensors = _st_load(bytes(payload))
-    return int(read_metadata(bytes(payload))["version"]), tensors
+    payload = bytes(payload)
+    return int(read_metadata(payload)["version"]), _st_load(payload)
 
 
 def to_tensor_dict(obj) -> dict:

@@ -211,6 +211,11 @@ def _routable(m):
             and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
+def cast_operands(dtype, x, w, b):
+    """A convolution's operands in ``dtype`` (no copies where they are in it already)."""
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
 def _routed_forward(module, route, counter, x, weight, bias):
     batched = torch._C._functorch.is_batchedtensor
     dev = x.device.type
@@ -222,14 +227,13 @@ def _routed_forward(module, route, counter, x, weight, bias):
     # inside torch.autocast), so the operands are cast here.
     if route == "gemm" and x.dim() == 4 and batched(weight) and not batched(x):
         from .shared_conv import shared_conv2d
-        if x.dtype != dtype or weight.dtype != dtype:
-            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        x, weight, bias = cast_operands(dtype, x, weight, bias)
         counter.calls += 1
         return shared_conv2d(x, weight, bias, list(module.stride), list(module.padding))
     if (ROUTES[route][0] is None or x.dim() != 4 or not batched(weight) or not batched(x)
             or x.dtype == torch.float64):
         if batched(weight) and x.dtype != torch.float64 and dtype != weight.dtype:
-            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+            x, weight, bias = cast_operands(dtype, x, weight, bias)
         return nn.Conv2d._conv_forward(module, x, weight, bias)
     return _StudentConv.apply(x, weight, bias, module.stride, module.padding, dtype, route, counter)
 

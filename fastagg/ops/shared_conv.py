@@ -83,22 +83,14 @@ class _SharedGemmConv(torch.autograd.Function):
         return (*_grads(ctx, x, w, dy), None, None)
 
 
-class _StudentSharedConv(torch.autograd.Function):
+class _StudentSharedConv(_SharedGemmConv):
     """One student's convolution; under vmap over students with an input they all share, the
-    products above for all K at once (an input that differs per student: vmap's grouped rule)."""
+    products above for all K at once (an input that differs per student: vmap's grouped rule).
+    Its context and gradients are those of _SharedGemmConv (the same convolution)."""
 
     @staticmethod
     def forward(x, w, b, stride, padding):
         return F.conv2d(x, w, b, stride, padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _SharedGemmConv.setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        return (*_grads(ctx, x, w, dy), None, None)
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, stride, padding):
