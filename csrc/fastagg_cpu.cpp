@@ -1,4 +1,5 @@
-// fastagg CPU kernels: fused correct-and-merge and fused KD loss + gradient.
+// fastagg CPU kernels: fused correct-and-merge, fused KD loss + gradient, and the staging of a
+// host update into its buffer row (dtype conversion and sum of squares in one pass).
 //
 // Built without torch headers: Python passes raw data pointers (tensor.data_ptr()), sizes and
 // strides, so one build serves any torch version. Loops are OpenMP-parallel across rows or
@@ -20,7 +21,7 @@
 
 namespace py = pybind11;
 
-enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };  // F64: stage_row only
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = uint32_t(b) << 16;
@@ -32,33 +33,51 @@ static inline float bf16_to_f32(uint16_t b) {
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept NaN
     uint32_t u;
     std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return uint16_t(u >> 16);
+    const uint32_t nan = -uint32_t((u & 0x7fffffffu) > 0x7f800000u);  // all ones for a NaN: a select, no branch
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet = (u >> 16) | 0x40u;
+    return uint16_t((quiet & nan) | (rounded & ~nan));
 }
 
-#ifdef __FLT16_MAX__
+// fp16 on the bits, both ways (a _Float16 conversion can be a library call per element, which
+// keeps a loop from vectorising, and needs compiler support)
+static inline uint32_t pick(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }
+static inline uint32_t all_if(bool c) { return -uint32_t(c); }
+
 static inline float f16_to_f32(uint16_t h) {
-    _Float16 x;
-    std::memcpy(&x, &h, 2);
-    return float(x);
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    const uint32_t normal = pick(all_if(e == 31), 0x7f800000u | (m << 13), ((e + 112u) << 23) | (m << 13));
+    const float sub = float(m) * 5.9604644775390625e-8f;  // a subnormal: m * 2^-24, exact
+    uint32_t sub_bits, out;
+    std::memcpy(&sub_bits, &sub, 4);
+    out = sign | pick(all_if(e == 0), sub_bits, normal);
+    float f;
+    std::memcpy(&f, &out, 4);
+    return f;
 }
+
+// rounded to nearest even; NaN -> quiet NaN, 65520 and up -> Inf. Below 2^-14 (an fp16
+// subnormal) adding 0.5 in fp32 rounds the value to a multiple of 2^-24 (the ulp of 0.5) to nearest
+// even, which leaves the fp16 bits in the sum's low mantissa: no variable shifts, which ran ~40x
+// slower vectorised here. Needs fp32 arithmetic as written (no -ffast-math).
 static inline uint16_t f32_to_f16(float f) {
-    _Float16 x = _Float16(f);
-    uint16_t h;
-    std::memcpy(&h, &x, 2);
-    return h;
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - (112u << 23)) >> 13;
+    float mag, t;
+    std::memcpy(&mag, &a, 4);
+    t = mag + 0.5f;
+    uint32_t t_bits;
+    std::memcpy(&t_bits, &t, 4);
+    const uint32_t sub = t_bits - 0x3f000000u;
+    uint32_t h = pick(all_if(a >= 0x38800000u), normal, sub);
+    h = pick(all_if(a >= 0x477ff000u), 0x7c00u, h);
+    h = pick(all_if(a > 0x7f800000u), 0x7e00u, h);
+    return uint16_t(sign | h);
 }
-static constexpr bool kHasF16 = true;
-#else
-static inline float f16_to_f32(uint16_t) { return 0.f; }
-static inline uint16_t f32_to_f16(float) { return 0; }
-static constexpr bool kHasF16 = false;
-#endif
 
 static void check_dtype(int dt) {
     if (dt != F32 && dt != BF16 && dt != F16) throw std::invalid_argument("dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16)");
-    if (dt == F16 && !kHasF16) throw std::invalid_argument("this build has no fp16 support (compiler lacks _Float16)");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,6 +259,102 @@ void kd_loss_grad(uintptr_t z_ptr, int zdt, int64_t M, int64_t C, int64_t zs, ui
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// staging: dst[i] = src[i] converted to dst's dtype; returns sum_i dst[i]^2 (of the stored values)
+// ---------------------------------------------------------------------------------------------
+// One read of the update and one write of the row, the squares summed on the way (a copy followed
+// by a norm reads the row twice, and a 16-bit row has no fast norm in torch on a CPU). Squares are
+// summed in double (no fp32 value's square overflows it), so the result is non-finite exactly
+// when a stored value is NaN or Inf. Blocks of 4096 elements, OpenMP over blocks if threads > 1.
+static constexpr int64_t kStageBlock = 4096;
+
+// conversions as function objects (a function pointer would not be inlined into the loops)
+struct Bf16 {
+    static constexpr auto widen = [](uint16_t v) { return bf16_to_f32(v); };
+    static constexpr auto narrow = [](float x) { return f32_to_bf16(x); };
+};
+struct F16 {
+    static constexpr auto widen = [](uint16_t v) { return f16_to_f32(v); };
+    static constexpr auto narrow = [](float x) { return f32_to_f16(x); };
+};
+
+template <typename S, typename D, typename Conv, typename Widen>
+static double stage_impl(const S* __restrict src, D* __restrict dst, int64_t n, int threads, Conv conv, Widen widen) {
+    const int64_t nblocks = (n + kStageBlock - 1) / kStageBlock;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads) if (threads > 1 && nblocks > 16)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t i0 = b * kStageBlock, m = std::min(kStageBlock, n - i0);
+        const S* s = src + i0;
+        D* d = dst + i0;
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < m; ++i) {
+            const D v = conv(s[i]);
+            d[i] = v;
+            const double w = widen(v);
+            acc += w * w;
+        }
+        total += double(acc);
+    }
+    return total;
+}
+
+// a double row: squares summed in double (its values need not fit fp32)
+template <typename S, typename Conv>
+static double stage_f64(const S* __restrict src, double* __restrict dst, int64_t n, int threads, Conv conv) {
+    double total = 0.0;
+#pragma omp parallel for simd schedule(static) reduction(+ : total) num_threads(threads) if (threads > 1 && n > 16 * kStageBlock)
+    for (int64_t i = 0; i < n; ++i) {
+        const double v = conv(src[i]);
+        dst[i] = v;
+        total += v * v;
+    }
+    return total;
+}
+
+template <typename S, typename Load>
+static double stage_to16(const S* src, uint16_t* dst, int64_t n, int threads, int ddt, Load load) {
+    if (ddt == BF16)
+        return stage_impl(src, dst, n, threads, [load](S x) { return Bf16::narrow(load(x)); }, Bf16::widen);
+    return stage_impl(src, dst, n, threads, [load](S x) { return F16::narrow(load(x)); }, F16::widen);
+}
+
+double stage_row(uintptr_t src_ptr, int sdt, uintptr_t dst_ptr, int ddt, int64_t n, int threads) {
+    if (sdt != F64) check_dtype(sdt);
+    if (ddt != F64) check_dtype(ddt);
+    if (n < 0) throw std::invalid_argument("n must be >= 0");
+    threads = std::max(threads, 1);
+    py::gil_scoped_release release;
+    const double* s64 = reinterpret_cast<const double*>(src_ptr);
+    const float* s32 = reinterpret_cast<const float*>(src_ptr);
+    const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src_ptr);
+    const auto id32 = [](float x) { return x; };
+    const auto from64 = [](double x) { return float(x); };  // a double is rounded once, to fp32, first: as torch does
+    if (ddt == F64) {
+        double* d = reinterpret_cast<double*>(dst_ptr);
+        if (sdt == F64) return stage_f64(s64, d, n, threads, [](double x) { return x; });
+        if (sdt == F32) return stage_f64(s32, d, n, threads, [](float x) { return double(x); });
+        if (sdt == BF16) return stage_f64(s16, d, n, threads, [](uint16_t x) { return double(Bf16::widen(x)); });
+        return stage_f64(s16, d, n, threads, [](uint16_t x) { return double(F16::widen(x)); });
+    }
+    if (ddt == F32) {
+        float* d = reinterpret_cast<float*>(dst_ptr);
+        if (sdt == F64) return stage_impl(s64, d, n, threads, from64, id32);
+        if (sdt == F32) return stage_impl(s32, d, n, threads, id32, id32);
+        if (sdt == BF16) return stage_impl(s16, d, n, threads, Bf16::widen, id32);
+        return stage_impl(s16, d, n, threads, F16::widen, id32);
+    }
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst_ptr);  // rounded to nearest even
+    if (sdt == ddt)
+        return ddt == BF16 ? stage_impl(s16, d, n, threads, [](uint16_t x) { return x; }, Bf16::widen)
+                           : stage_impl(s16, d, n, threads, [](uint16_t x) { return x; }, F16::widen);
+    if (sdt == F64) return stage_to16(s64, d, n, threads, ddt, from64);
+    if (sdt == F32) return stage_to16(s32, d, n, threads, ddt, id32);
+    if (sdt == BF16) return stage_to16(s16, d, n, threads, ddt, Bf16::widen);
+    return stage_to16(s16, d, n, threads, ddt, F16::widen);
+}
+
 int num_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -252,11 +367,12 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "fastagg C++ CPU kernels (no torch headers; raw pointers)";
     m.def("fused_merge", &fused_merge, "out = c0*theta + sum coef*row over row groups (ptr, dtype, stride, coefs, rows)");
     m.def("kd_loss_grad", &kd_loss_grad, "row losses and logit gradient of the KD loss");
+    m.def("stage_row", &stage_row, "dst = src converted to dst's dtype; returns the sum of squares of dst (double)");
     m.def("num_threads", &num_threads);
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else
     m.attr("openmp") = false;
 #endif
-    m.attr("fp16") = kHasF16;
+    m.attr("fp16") = true;  // on the bits: every build
 }

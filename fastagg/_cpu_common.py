@@ -1,5 +1,6 @@
 """Argument checks shared by the CPU backends (C++ and numba): both take fp32 parameters,
-contiguous fp32 / bf16 / fp16 rows, and return what the references in fastagg.ops return."""
+contiguous fp32 / bf16 / fp16 rows (stage_row: fp64 too), and return what the references in
+fastagg.ops return."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from .ops.kd_loss import check_shapes
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+STAGE_CODE = {**DTYPE_CODE, torch.float64: 3}  # stage_row also reads and writes fp64
 
 
 def merge_groups(theta, groups):

@@ -33,6 +33,7 @@ from . import rules as _rules
 from . import staleness as _staleness
 from .flat import ParamSpec, check_float, check_keys
 from .ops.merge import fused_merge, to_device
+from .ops.stage import STAGED_DTYPES, stage_row, sum_squares
 from .version_store import VersionStore
 
 
@@ -54,6 +55,7 @@ class _Pending:
     num_samples: int
     staleness: int
     norm: float | None = None  # the buffered delta's L2 norm, measured at ingest
+    row: int | None = None  # its row of the delta buffer (None: a checkpoint's, rows 0, 1, ... in order)
 
 
 _DELTA_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -84,17 +86,16 @@ def _add_rows(dst, src):
 
 
 def _finite_norm(row) -> float:
-    """L2 norm of a row, raising NonFiniteUpdateError when it holds NaN or Inf. One pass (a dot
-    product: any NaN or Inf makes it non-finite); ``isfinite`` only runs when the dot is not
-    finite, to tell NaN/Inf from finite entries whose squares overflow (11M fp32 values: 0.6 ms
-    against 21 ms for ``isfinite().all()`` on this project's CPU). A 16-bit row on the host is
-    summed in fp32 pieces (bf16 ``dot`` rounds its result to bf16 and runs at 1/40 the speed)."""
-    if row.dtype in (torch.float32, torch.float64):
-        sq = float(row.dot(row))
-    elif row.is_cuda:
-        sq = float(torch.linalg.vector_norm(row, dtype=torch.float32)) ** 2
-    else:
-        sq = sum(float(piece.dot(piece)) for _, piece in _widened(row))
+    """L2 norm of a device row, raising NonFiniteUpdateError when it holds NaN or Inf."""
+    return _norm_of(float(torch.linalg.vector_norm(row, dtype=torch.float32)) ** 2 if row.is_cuda
+                    else sum_squares(row), row)
+
+
+def _norm_of(sq, row) -> float:
+    """The L2 norm of ``row`` from the sum of its squares ``sq`` (measured while staging it), or
+    NonFiniteUpdateError. A non-finite sum means NaN or Inf, or finite squares past the
+    accumulator's range: ``isfinite`` (21 ms for 11M fp32 values on this project's CPU, against
+    0.6 ms for the sum) only runs then, to tell which."""
     if math.isfinite(sq):
         return math.sqrt(sq)
     if not bool(torch.isfinite(row).all()):
@@ -148,6 +149,15 @@ class Aggregator:
             self._row_copied = [None] * self._capacity
             self._delta_sets = [self._deltas, torch.empty_like(self._deltas)]
             self._set, self._set_merged = 0, [None, None]
+        # Host updates are staged into rows outside the lock (see submit): on a GPU the pinned
+        # staging rows, each free again once its copy is enqueued; on a CPU the delta rows
+        # themselves, free again once merged (so a buffered update's row need not be its slot).
+        self._stage_rows = self._staging if self._staging is not None else self._deltas
+        self._free_rows = list(range(self._capacity))[::-1]
+        self._staging_now = 0  # rows being staged into now
+        self._host_backend = self.backend if self.backend in ("cpp", "numba", "torch") \
+            else backends.resolve("auto", "cpu")  # triton: a GPU's (or the interpreter's) host side
+        self._stage_threads = backends.cpu_threads() if self._host_backend == "cpp" else 1
         self._pending: list[_Pending] = []
         self._momentum = self._momentum_next = None
         # the correction's students and gradients [capacity, P], allocated at the first correction
@@ -162,6 +172,7 @@ class Aggregator:
             correction.bind(model, self.spec, self.device, self.dtype, self.backend)
             correction.check_fits(self.params)
         self._lock = threading.RLock()
+        self._rows_freed = threading.Condition(self._lock)
         self._seq = 0
         # duplicate detection: base version -> client ids seen on it; versions older than
         # max_staleness are dropped at each merge (such updates are rejected as too stale anyway)
@@ -216,6 +227,13 @@ class Aggregator:
         ``update``: {name: tensor} with exactly the model's floating keys, a flat [P] tensor, a
         list of arrays in state_dict order, or safetensors bytes (see fastagg.wire), whose
         metadata may carry base_version / num_samples / client_id.
+
+        Thread-safe, and a host update is staged outside the aggregator's lock: a submit takes
+        a free row under the lock, copies the update into it (converting its dtype and summing
+        its squares for the norm check in one pass, fastagg.ops.stage) without the lock, and
+        takes the lock again to commit it, so that concurrent submits stage in parallel. The
+        checks that depend on the server's state run at both ends (a merge may have happened
+        while the update was staged).
         """
         try:
             if isinstance(update, (bytes, bytearray, memoryview)):
@@ -224,14 +242,18 @@ class Aggregator:
                 num_samples = meta.get("num_samples") if num_samples is None else num_samples
                 client_id = meta.get("client_id") if client_id is None else client_id
             base_version, num_samples = _check_args(base_version, num_samples, client_id)
-            with self._lock:
-                return self._accept(update, base_version, num_samples, client_id)
+            if self._staging is not None and isinstance(update, torch.Tensor) and update.is_cuda:
+                with self._lock:  # already on the device: written straight into its delta row
+                    return self._accept_on_device(update, base_version, num_samples, client_id)
+            return self._accept_host(update, base_version, num_samples, client_id)
         except errors.InvalidUpdate as exc:
             with self._lock:
                 self._rejected[exc.reason] += 1
             raise
 
-    def _accept(self, update, base_version, num_samples, client_id):
+    def _admit(self, base_version, client_id) -> int:
+        """The checks against the server's state (under the lock): the update's staleness, or
+        the error that rejects it."""
         if base_version > self.version:
             raise errors.FutureVersionError(f"base version {base_version} is newer than the server's {self.version}")
         if client_id is not None and client_id in self._seen.get(base_version, ()):
@@ -245,29 +267,80 @@ class Aggregator:
             raise errors.EvictedVersionError(
                 f"base version {base_version} is not in the version store (holds {self.store.versions[:1]}.."
                 f"{self.store.versions[-1:]}) and on_evicted='reject'")
+        return s
+
+    def _accept_host(self, update, base_version, num_samples, client_id):
+        """Reserve a staging row, stage the update into it without the lock, commit."""
+        with self._lock:
+            self._admit(base_version, client_id)  # fail fast: no staging for a doomed update
+            while not self._free_rows:  # every row is staged into or buffered: a merge frees them
+                self._rows_freed.wait()
+            r = self._free_rows.pop()
+            self._staging_now += 1
+            threads = max(1, self._stage_threads // self._staging_now)
+        try:
+            if self._staging is not None and self._row_copied[r] is not None:
+                self._row_copied[r].synchronize()  # the row's last copy to the device has left it
+            row = self._stage_rows[r]
+            norm = _norm_of(self._write_row(update, row, threads), row)
+            if self.max_update_norm is not None and norm > self.max_update_norm:
+                raise errors.UpdateNormError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
+        except BaseException:
+            with self._lock:
+                self._staged(r, free=True)
+            raise
+        with self._lock:
+            self._staged(r, free=False)
+            try:
+                s = self._admit(base_version, client_id)  # again: a merge may have happened meanwhile
+            except BaseException:
+                self._free_row(r)
+                raise
+            return self._commit(r, row, base_version, num_samples, client_id, s, norm)
+
+    def _staged(self, r, free):
+        """Row ``r``'s staging ended (under the lock); ``free``: it holds nothing to keep."""
+        self._staging_now -= 1
+        if free:
+            self._free_row(r)
+        else:
+            self._rows_freed.notify_all()  # load_state_dict waits for every staging to end
+
+    def _free_row(self, r):
+        self._free_rows.append(r)
+        self._free_rows.sort(reverse=True)  # pop() takes the lowest: one thread fills rows 0, 1, ...
+        self._rows_freed.notify_all()
+
+    def _accept_on_device(self, update, base_version, num_samples, client_id):
+        s = self._admit(base_version, client_id)
         slot = len(self._pending)
-        host = self._staging is not None and not (isinstance(update, torch.Tensor) and update.is_cuda)
-        row = self._staging[slot] if host else self._deltas[slot]  # scratch until committed below
-        if host and self._row_copied[slot] is not None:
-            self._row_copied[slot].synchronize()  # the previous buffer's copy has left this row
+        row = self._deltas[slot]  # scratch until committed
         self._write_row(update, row)
         norm = _finite_norm(row)
         if self.max_update_norm is not None and norm > self.max_update_norm:
             raise errors.UpdateNormError(f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
-        # -- commit: nothing below raises on bad input
-        if host:
-            with torch.cuda.stream(self._ingest_stream):
-                merged = self._set_merged[self._set]
-                if merged is not None:
-                    self._ingest_stream.wait_event(merged)  # the last merge of this buffer has read it
-                self._deltas[slot].copy_(row, non_blocking=True)
-                self._row_copied[slot] = torch.cuda.Event()
-                self._row_copied[slot].record(self._ingest_stream)
+        return self._commit(None, row, base_version, num_samples, client_id, s, norm)
+
+    def _commit(self, r, row, base_version, num_samples, client_id, s, norm):
+        """Buffer a staged update (nothing here raises on bad input); merge when full. ``r``: its
+        staging row (None: written into its delta row on the device)."""
+        slot = len(self._pending)
+        if self._staging is not None:  # a GPU: the row's bytes go to the device on the ingest stream
+            if r is not None:
+                with torch.cuda.stream(self._ingest_stream):
+                    merged = self._set_merged[self._set]
+                    if merged is not None:
+                        self._ingest_stream.wait_event(merged)  # the last merge of this buffer has read it
+                    self._deltas[slot].copy_(row, non_blocking=True)
+                    self._row_copied[r] = torch.cuda.Event()
+                    self._row_copied[r].record(self._ingest_stream)
+                self._free_row(r)
+            r = slot
         seq = self._seq
         self._seq += 1
         if client_id is not None:
             self._seen[base_version].add(client_id)
-        self._pending.append(_Pending(seq, client_id, base_version, num_samples, s, norm))
+        self._pending.append(_Pending(seq, client_id, base_version, num_samples, s, norm, r))
         self._counters["accepted"] += 1
         status = "buffered"
         if len(self._pending) == self._capacity and self._merges_when_full:
@@ -284,49 +357,71 @@ class Aggregator:
                 self._counters["merge_failures"] += 1
                 if client_id is not None:
                     self._seen[base_version].discard(client_id)
+                if self._staging is None:
+                    self._free_row(r)
                 raise
             status = "merged"
         return Receipt(seq, client_id, base_version, s, status, self.version)
 
-    def _write_row(self, update, row):
+    def _write_row(self, update, row, threads=1):
+        """Copy ``update`` into ``row`` after checking its structure; nothing is written before
+        every part is checked. Returns the sum of the stored values' squares for a host row (the
+        norm check's), None for a device row."""
         spec = self.spec
         if isinstance(update, torch.Tensor):
             if update.dim() != 1 or update.numel() != spec.numel:
                 raise errors.UpdateShapeError(
                     f"a flat update must have shape ({spec.numel},), got {tuple(update.shape)}")
             check_float("flat update", update.dtype)
-            row.copy_(update)
+            pieces = [(update, row)]
         elif isinstance(update, dict):
             check_keys(spec, update)
+            pieces = []
             for name, shape, off, n in spec.items():
                 t = update[name]
                 t = t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t))
                 if tuple(t.shape) != shape:
                     raise errors.UpdateShapeError(f"{name!r} has shape {tuple(t.shape)}, expected {shape}")
                 check_float(name, t.dtype)
-                row[off:off + n].copy_(t.reshape(-1))
+                pieces.append((t.reshape(-1), row[off:off + n]))
         elif isinstance(update, wire.PayloadView):
             check_keys(spec, update.entries)
+            pieces = []
             for name, shape, off, n in spec.items():
                 dtype, shp = update.entries[name][:2]
                 if shp != shape:
                     raise errors.UpdateShapeError(f"{name!r} has shape {shp}, expected {shape}")
                 check_float(name, dtype)
-            for name, shape, off, n in spec.items():  # nothing is written before all are checked
-                update.copy_into(name, row[off:off + n])
+                pieces.append(((update.array(name), dtype), row[off:off + n]))
         elif isinstance(update, (list, tuple)):
             if len(update) != len(spec):
                 raise errors.UpdateKeysError(f"got {len(update)} arrays, the model has {len(spec)} tensors")
+            pieces = []
             for (name, shape, off, n), arr in zip(spec.items(), update):
                 t = torch.as_tensor(np.asarray(arr))
                 if tuple(t.shape) != shape:
                     raise errors.UpdateShapeError(f"array {name!r} has shape {tuple(t.shape)}, expected {shape}")
                 check_float(name, t.dtype)
-                row[off:off + n].copy_(t.reshape(-1))
+                pieces.append((t.reshape(-1), row[off:off + n]))
         else:
             raise errors.MalformedUpdateError(
                 f"unsupported update type {type(update).__name__}: pass a state_dict, a flat tensor, "
                 "a list of arrays or safetensors bytes")
+        if row.is_cuda:
+            for src, dst in pieces:
+                dst.copy_(src)
+            return None
+        return math.fsum(self._stage(src, dst, threads) for src, dst in pieces)
+
+    def _stage(self, src, dst, threads):
+        """One piece of a host update into its part of a host row; its sum of squares."""
+        src, dtype = src if isinstance(src, tuple) else (src, src.dtype)
+        if dtype in STAGED_DTYPES and (isinstance(src, np.ndarray) or (src.device.type == "cpu" and src.is_contiguous())):
+            return stage_row(src, dst, self._host_backend, src_dtype=dtype, threads=threads)
+        if isinstance(src, np.ndarray):  # a float8 payload, say: torch reads it, from a copy
+            src = torch.from_numpy(src.copy()).view(dtype)
+        dst.copy_(src)  # a device tensor into a host row, a strided or exotic one
+        return sum_squares(dst)
 
     # -- merging -----------------------------------------------------------------------------
     def flush(self) -> int:
@@ -335,7 +430,7 @@ class Aggregator:
             if self._pending:
                 try:
                     self._merge_pending()
-                except BaseException:  # nothing changed (see _accept); the buffer stays for a retry
+                except BaseException:  # nothing changed (see _commit); the buffer stays for a retry
                     self._counters["merge_failures"] += 1
                     raise
             return self.version
@@ -353,29 +448,36 @@ class Aggregator:
             self._grads = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self._students[:n]
 
+    def _buffered(self, pend):
+        """The buffered deltas: (rows, index), update k being rows[index[k]] (index None: rows[k])."""
+        rows = [p.row for p in pend]
+        if rows == list(range(len(rows))):
+            return self._deltas[:len(rows)], None
+        return self._deltas, rows
+
     def _merge_pending(self):
         self._wait_ingest()
         pend = self._pending
         K = len(pend)
-        D = self._deltas[:K]
+        D, idx = self._buffered(pend)
         w = self._staleness_weights(pend)
         slots = self._base_slots(pend)
         fedasync = isinstance(self.rule, _rules.FedAsync)
         kept = self._counters["corrected"], self._last_lambda
-        try:  # where merges fail: before (or at) the write of the parameters; see _accept
-            corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
+        try:  # where merges fail: before (or at) the write of the parameters; see _commit
+            corr_idx, corr_rows, corr_scale = self._correct(D, idx, pend, slots)
             if fedasync:
                 c0, coefs = self.rule.coefficients(w)
                 base_idx = [s for s in slots if s is not None]
                 base_coef = [coefs[k] for k in range(K) if slots[k] is not None]
                 c0 += sum(coefs[k] for k in range(K) if slots[k] is None)  # evicted base: theta_t0 stands in
-                groups = [(D, coefs, None), (self.store.rows, base_coef, base_idx)]
+                groups = [(D, coefs, idx), (self.store.rows, base_coef, base_idx)]
                 if corr_idx:
                     groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
                 fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
             else:
                 a = self.rule.coefficients(w, [p.num_samples for p in pend])
-                self._apply_buffered(self._delta_groups(D, a, corr_idx, corr_rows, corr_scale))
+                self._apply_buffered(self._delta_groups(D, idx, a, corr_idx, corr_rows, corr_scale))
         except BaseException:
             self._counters["corrected"], self._last_lambda = kept
             raise
@@ -389,9 +491,9 @@ class Aggregator:
         """Each buffered update's base version's row in the store (None: evicted or not needed)."""
         return [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
 
-    def _correct(self, D, pend, slots):
-        """KD-correct the buffered deltas D against the current model: (corr_idx, rows, scale),
-        the corrected k in corr_idx having delta'_k = D[k] - scale[j] * rows[j]."""
+    def _correct(self, D, idx, pend, slots):
+        """KD-correct the buffered deltas (D, idx: see _buffered) against the current model:
+        (corr_idx, rows, scale), the corrected k in corr_idx having delta'_k = delta_k - scale[j] * rows[j]."""
         if self.correction is None:
             return [], None, None
         corr, K, t0 = self.correction, len(pend), self.version
@@ -402,7 +504,7 @@ class Aggregator:
         if not corr_idx:
             return [], None, None
         n = len(corr_idx)
-        deltas = D if n == K else D.index_select(0, to_device(corr_idx, torch.int64, self.device))
+        sel = corr_idx if idx is None else [idx[k] for k in corr_idx]  # their rows of D
         students = self._work_rows(n)
         src = [slots[k] for k in corr_idx] if corr.student == "client" else [None] * n
         if all(s is not None for s in src):  # students = their base versions + their deltas
@@ -410,16 +512,25 @@ class Aggregator:
         else:  # an evicted base (or student="applied"): the current model stands in
             for j, s in enumerate(src):
                 students[j].copy_(self.store.rows[s] if s is not None else self.params)
-        _add_rows(students, deltas)
         norms = [pend[k].norm for k in corr_idx]
+        if sel == list(range(n)):
+            deltas = D[:n]
+        elif D.is_cuda or None in norms:  # gathered (the correction measures the norms it lacks)
+            deltas = D.index_select(0, to_device(sel, torch.int64, self.device))
+        else:  # rows out of order on a CPU (staged concurrently): added row by row, not gathered
+            deltas = None
+            for j, r in enumerate(sel):
+                _add_rows(students[j:j + 1], D[r:r + 1])
+        if deltas is not None:
+            _add_rows(students, deltas)
         rows, scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher, out=self._grads[:n],
                                    delta_norms=None if None in norms else norms)
         self._counters["corrected"] += n
         return corr_idx, rows, scale
 
-    def _delta_groups(self, D, coefs, corr_idx, corr_rows, corr_scale):
+    def _delta_groups(self, D, idx, coefs, corr_idx, corr_rows, corr_scale):
         """Merge row groups for sum_k coefs[k] * delta'_k."""
-        groups = [(D, coefs, None)]
+        groups = [(D, coefs, idx)]
         if corr_idx:
             groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
         return groups
@@ -434,7 +545,7 @@ class Aggregator:
             if self._momentum_next is None:
                 self._momentum_next = torch.empty_like(self.params)
             # the new momentum goes to a second buffer, swapped in once the parameters took it:
-            # a failure before the last write leaves the momentum as it was (see _accept)
+            # a failure before the last write leaves the momentum as it was (see _commit)
             m = self._momentum_next
             fused_merge(self._momentum, rule.momentum, groups, out=m, backend=self.backend)
             fused_merge(self.params, 1.0, [(m[None], [rule.server_lr], None)], out=self.params, backend=self.backend)
@@ -460,6 +571,10 @@ class Aggregator:
         for p in pend:
             self._hist[p.staleness] += 1
         self._pending = []
+        if self._staging is None:  # a CPU's delta rows are its staging rows: free for the next buffer
+            self._free_rows.extend(p.row for p in pend)
+            self._free_rows.sort(reverse=True)
+            self._rows_freed.notify_all()
 
     # -- inspection and checkpoints ----------------------------------------------------------
     def stats(self) -> dict:
@@ -496,7 +611,7 @@ class Aggregator:
                 "format": "fastagg-aggregator-1",
                 "version": self.version,
                 "params": self.params.clone(),
-                "pending_deltas": self._deltas[:len(self._pending)].clone(),
+                "pending_deltas": self._pending_deltas(),
                 "pending": [asdict(p) for p in self._pending],
                 "momentum": None if self._momentum is None else self._momentum.clone(),
                 "store": self.store.state_dict(),
@@ -509,6 +624,10 @@ class Aggregator:
                 "teacher_forwards": self.correction.teacher_forwards if self.correction else 0,
             }
 
+    def _pending_deltas(self):
+        D, idx = self._buffered(self._pending)
+        return D.clone() if idx is None else D.index_select(0, torch.tensor(idx, device=D.device))
+
     def load_state_dict(self, state: dict):
         if state.get("format") != "fastagg-aggregator-1":
             raise ValueError("not a fastagg aggregator checkpoint")
@@ -517,12 +636,16 @@ class Aggregator:
         if len(state["pending"]) > self._capacity:
             raise ValueError(f"checkpoint buffers {len(state['pending'])} updates, this rule holds {self._capacity}")
         with self._lock:
+            while self._staging_now:  # submits staging into rows now: let them end first (the wait
+                self._rows_freed.wait()  # lets go of the lock, so before anything is changed)
             self.params.copy_(state["params"])
             self.version = int(state["version"])
             n = len(state["pending"])
             self._wait_ingest()  # copies still on their way must not land over the restored rows
             self._deltas[:n].copy_(state["pending_deltas"])
-            self._pending = [_Pending(**p) for p in state["pending"]]
+            self._pending = [_Pending(**{**p, "row": k}) for k, p in enumerate(state["pending"])]
+            if self._staging is None:
+                self._free_rows = list(range(n, self._capacity))[::-1]
             self._momentum = None if state["momentum"] is None else state["momentum"].to(self.params).clone()
             self.store.load_state_dict(state["store"])
             self._generation += 1

@@ -14,7 +14,8 @@ import warnings
 import torch
 
 BACKENDS = ("torch", "triton", "cpp", "numba")
-_OPS = ("fused_merge", "kd_loss_grad")
+_OPS = ("fused_merge", "kd_loss_grad", "stage_row")
+_MODULES = {"fused_merge": "merge", "kd_loss_grad": "kd_loss", "stage_row": "stage"}  # fastagg.ops / .kernels
 
 
 class BackendUnavailable(RuntimeError):
@@ -76,16 +77,22 @@ def resolve(backend: str, device, dtype=torch.float32) -> str:
 
 def _impl(op, name):
     if name == "torch":
-        mod = importlib.import_module(f"fastagg.ops.{ {'fused_merge': 'merge', 'kd_loss_grad': 'kd_loss'}[op] }")
-        return getattr(mod, f"{op}_reference")
+        return getattr(importlib.import_module(f"fastagg.ops.{_MODULES[op]}"), f"{op}_reference")
     if name == "triton":
-        mod = importlib.import_module(f"fastagg.kernels.{ {'fused_merge': 'merge', 'kd_loss_grad': 'kd_loss'}[op] }")
-        return getattr(mod, op)
+        if op == "stage_row":  # host memory: the CPU backends' op
+            raise BackendUnavailable("stage_row stages host memory: use a CPU backend (cpp, numba or torch)")
+        return getattr(importlib.import_module(f"fastagg.kernels.{_MODULES[op]}"), op)
     mod = importlib.import_module(f"fastagg.cpu_{name}")
     return getattr(mod, op)
 
 
 _cache: dict = {}
+
+
+def cpu_threads() -> int:
+    """The C++ kernels' OpenMP threads (1 when the extension is not built)."""
+    ok, _ = _probe("cpp")
+    return importlib.import_module("fastagg.cpu_cpp").max_threads() if ok else 1
 
 
 def get(op: str, backend: str, device):

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import staleness
-from .aggregator import Aggregator, _finite_norm
+from .aggregator import Aggregator, _norm_of
 from .correction import KDCorrection
 from .engine import StudentGradEngine
 from .ops.merge import fused_merge
@@ -373,7 +373,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     # what submit does to a host update: stage it, check its norm — each of the K updates into its
     # own row, as in the step (one row and a few updates stay in the caches: on this project's CPU
     # that measured half the time of K distinct ones for `cnn`)
-    t_ingest = timeit(lambda: [(agg._write_row(p, rows[i]), _finite_norm(rows[i])) for i, p in enumerate(host_deltas)],
+    t_ingest = timeit(lambda: [_norm_of(agg._write_row(p, rows[i]), rows[i]) for i, p in enumerate(host_deltas)],
                       device, reps=3) / K
     from .wire import parse_update  # what submit does to bytes: parse the header, copy into the row
     t_decode = timeit(lambda: [agg._write_row(parse_update(p)[0], row) for p in payloads[:8]], device, reps=3) / 8

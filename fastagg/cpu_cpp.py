@@ -3,9 +3,11 @@ references in fastagg.ops. Tensors are passed as raw pointers, so any torch vers
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ._cpu_common import DTYPE_CODE, check_kd_args, merge_groups
+from ._cpu_common import DTYPE_CODE, STAGE_CODE, check_kd_args, merge_groups
+from .ops.stage import check_stage_args
 
 try:
     from . import _cpu
@@ -39,3 +41,13 @@ def kd_loss_grad(logits, teacher_probs, temperature):
     _cpu.kd_loss_grad(logits.data_ptr(), DTYPE_CODE[logits.dtype], M, C, logits.stride(0), teacher_probs.data_ptr(),
                       N, teacher_probs.stride(0), grad.data_ptr(), grad.stride(0), row_loss.data_ptr(), 1.0 / T, T / N)
     return row_loss.view(K, N).sum(1) * (T * T / N), grad
+
+
+def stage_row(src, dst, src_dtype=None, threads=1):
+    dtype = check_stage_args(src, dst, src_dtype)
+    ptr = src.ctypes.data if isinstance(src, np.ndarray) else src.data_ptr()
+    return _cpu.stage_row(ptr, STAGE_CODE[dtype], dst.data_ptr(), STAGE_CODE[dst.dtype], dst.numel(), int(threads))
+
+
+def max_threads():
+    return _cpu.num_threads() if _cpu is not None else 1

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._cpu_common import DTYPE_CODE, check_kd_args, merge_groups
+from ._cpu_common import DTYPE_CODE, STAGE_CODE, check_kd_args, merge_groups
+from .ops.stage import check_stage_args
 
 try:
     import numba
@@ -107,6 +108,87 @@ if numba is not None:
             row_loss[r] = plogp[t] - cross
 
 
+    @njit(inline="always")
+    def _to_bf16(u):  # fp32 bits -> bf16 bits, rounded to nearest even; NaN stays NaN
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+        return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @njit(inline="always")
+    def _to_f16(u):  # fp32 bits -> fp16 bits, rounded to nearest even (numba has no float16)
+        sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+        a = u & np.uint32(0x7FFFFFFF)
+        if a > np.uint32(0x7F800000):  # NaN
+            return np.uint16(sign | np.uint32(0x7E00))
+        if a >= np.uint32(0x477FF000):  # 65520 and up (Inf included) round to Inf
+            return np.uint16(sign | np.uint32(0x7C00))
+        if a >= np.uint32(0x38800000):  # a normal fp16: rebias the exponent, round the mantissa
+            a = a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))
+            return np.uint16(sign | ((a - np.uint32(112 << 23)) >> np.uint32(13)))
+        e = a >> np.uint32(23)  # below 2^-14: an fp16 subnormal, m * 2^(e - 126) units of 2^-24
+        if e < np.uint32(102):  # below 2^-25: rounds to zero
+            return np.uint16(sign)
+        m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+        shift = np.uint32(126) - e
+        h = m >> shift
+        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
+        half = np.uint32(1) << (shift - np.uint32(1))
+        if rem > half or (rem == half and (h & np.uint32(1)) == np.uint32(1)):
+            h += np.uint32(1)
+        return np.uint16(sign | h)
+
+    @njit(nogil=True, cache=True, fastmath=True)
+    def _stage(src, scode, dst, dcode, table):
+        """dst <- src, both flat; codes 0 fp32, 1 bf16, 2 fp16 (raw uint16 bits), 3 fp64.
+        Returns the sum of squares of the stored values (double). One thread, GIL released: the
+        aggregator's submitting threads stage at once. Each dtype pair has its own loop (a
+        branch inside would keep it from vectorising)."""
+        n = dst.shape[0]
+        total = 0.0
+        buf = np.empty(BLOCK, np.float32)
+        for i0 in range(0, n, BLOCK):
+            m = min(n, i0 + BLOCK) - i0
+            s, d = src[i0:i0 + m], dst[i0:i0 + m]  # views: indexing them vectorises, src[i0 + i] does not
+            f = buf[:m]
+            fb = f.view(np.uint32)
+            acc = 0.0
+            if dcode == 3 and scode == 3:
+                for i in range(m):
+                    v = np.float64(s[i])
+                    d[i] = v
+                    acc += v * v
+                total += acc
+                continue
+            # the block as fp32 values (fp64 rounded once, as torch does)
+            if scode == 0 or scode == 3:
+                for i in range(m):
+                    f[i] = np.float32(s[i])
+            elif scode == 1:
+                for i in range(m):
+                    fb[i] = np.uint32(s[i]) << np.uint32(16)
+            else:
+                for i in range(m):
+                    fb[i] = table[np.uint16(s[i])]
+            # stored, the block then holding the stored values
+            if dcode == 1:
+                for i in range(m):
+                    h = _to_bf16(fb[i])
+                    d[i] = h
+                    fb[i] = np.uint32(h) << np.uint32(16)
+            elif dcode == 2:
+                for i in range(m):
+                    h = _to_f16(fb[i])
+                    d[i] = h
+                    fb[i] = table[h]
+            else:
+                for i in range(m):
+                    d[i] = f[i]
+            for i in range(m):
+                w = np.float64(f[i])
+                acc += w * w
+            total += acc
+        return total
+
 _EMPTY_F32 = np.zeros((1, 1), np.float32)  # placeholders for a group's unused dtype
 _EMPTY_U16 = np.zeros((1, 1), np.uint16)
 
@@ -140,3 +222,16 @@ def kd_loss_grad(logits, teacher_probs, temperature):
     _kd(z, p, grad, row_loss, plogp, np.float32(1.0 / T), np.float32(T / N))
     loss = torch.from_numpy(row_loss).view(K, N).sum(1) * (T * T / N)
     return loss, torch.from_numpy(grad).to(logits.dtype)
+
+
+def _raw(t):
+    """A flat CPU tensor or numpy array as the array the kernel reads: 16-bit floats as their bits."""
+    if isinstance(t, np.ndarray):
+        return t.view(np.uint16) if t.itemsize == 2 else t
+    t = t.view(-1)
+    return t.view(torch.int16).numpy().view(np.uint16) if t.element_size() == 2 else t.numpy()
+
+
+def stage_row(src, dst, src_dtype=None):
+    dtype = check_stage_args(src, dst, src_dtype)
+    return float(_stage(_raw(src), STAGE_CODE[dtype], _raw(dst), STAGE_CODE[dst.dtype], _F16_TABLE))

@@ -100,11 +100,11 @@ class DistributedAggregator(Aggregator):
         op(host)
         t.copy_(host)
 
-    def _accept(self, update, base_version, num_samples, client_id):
-        if len(self._pending) >= self._capacity:
+    def _admit(self, base_version, client_id):
+        if len(self._pending) + self._staging_now >= self._capacity:  # buffered, or being staged
             raise errors.BufferFullError(
                 f"rank {self.rank} holds {self._capacity} updates (local_capacity): retry after the next step()")
-        return super()._accept(update, base_version, num_samples, client_id)
+        return super()._admit(base_version, client_id)
 
     def step(self, force: bool = False) -> int:
         """Collective (every rank calls it): merge every rank's buffered updates once there are
@@ -134,16 +134,16 @@ class DistributedAggregator(Aggregator):
 
     def _merge_global(self, pend, coefs):
         K = len(pend)
-        D = self._deltas[:K]
+        D, idx = self._buffered(pend)
         slots = self._base_slots(pend)
         u = self._sum
         kept = self._counters["corrected"], self._last_lambda
         failure = None
         try:  # this rank's share: nothing global changes here
-            corr_idx, corr_rows, corr_scale = self._correct(D, pend, slots)
+            corr_idx, corr_rows, corr_scale = self._correct(D, idx, pend, slots)
             u.zero_()
             if K:
-                fused_merge(u, 1.0, self._delta_groups(D, coefs, corr_idx, corr_rows, corr_scale), out=u,
+                fused_merge(u, 1.0, self._delta_groups(D, idx, coefs, corr_idx, corr_rows, corr_scale), out=u,
                             backend=self.backend)
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
             failure = exc

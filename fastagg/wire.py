@@ -64,15 +64,17 @@ class PayloadView:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(bytearray(self.buffer[start:stop]), dtype=torch.uint8).view(dtype).view(shape)
 
-    def copy_into(self, name, dst: torch.Tensor):
-        """dst (a contiguous CPU tensor of the same number of elements) <- the tensor ``name``:
-        the bytes as they are when the dtypes match, else through ``tensor`` and a cast."""
+    def array(self, name) -> np.ndarray:
+        """The tensor ``name`` as a flat read-only numpy view of the payload's bytes (no copy); a
+        bfloat16 tensor as its uint16 bit patterns. Floating dtypes only (what a staged update holds)."""
         dtype, shape, start, stop = self.entries[name]
-        if dtype == dst.dtype:
-            np.copyto(dst.view(-1).view(torch.uint8).numpy(),
-                      np.frombuffer(self.buffer, np.uint8, stop - start, start))
-        else:
-            dst.view(-1).copy_(self.tensor(name).view(-1))
+        np_dtype = _NP_BITS[dtype]
+        return np.frombuffer(self.buffer, np_dtype, (stop - start) // np_dtype.itemsize, start)
+
+
+# floating dtypes as numpy reads their bytes: bfloat16 (which numpy lacks) as its bit patterns
+_NP_BITS = {torch.float64: np.dtype(np.float64), torch.float32: np.dtype(np.float32),
+            torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16)}
 
 
 def _malformed(why):

@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 
 import fastagg
-from fastagg import errors, wire
+from fastagg import backends, errors, wire
+from fastagg.ops.stage import stage_row
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
 
@@ -52,13 +53,26 @@ def test_tensors_equal_safetensors_loader(kind, rng):
     assert all(torch.equal(_bits(decoded[n]), _bits(ref[n])) for n in ref)
 
 
-def test_copy_into_same_dtype_and_cast(rng):
-    t = {"a": torch.randn(37, generator=rng), "b": torch.randn(5, 3, generator=rng).bfloat16()}
-    view, _ = wire.parse_update(safetensors.torch.save(t))
-    for name, dt in (("a", torch.float32), ("a", torch.bfloat16), ("b", torch.bfloat16), ("b", torch.float32)):
-        dst = torch.full((t[name].numel(),), float("nan"), dtype=dt)
-        view.copy_into(name, dst)
-        assert torch.equal(_bits(dst), _bits(t[name].reshape(-1).to(dt))), (name, dt)
+@pytest.mark.parametrize("backend", ["torch", "cpp", "numba"])
+@pytest.mark.parametrize("pad", [0, 1, 3])  # header lengths that leave the tensors' bytes unaligned
+def test_payload_arrays_stage_into_rows(rng, backend, pad):
+    if not backends.available()[backend][0]:
+        pytest.skip(backends.available()[backend][1])
+    t = {"a": torch.randn(37, generator=rng), "b": torch.randn(5, 3, generator=rng).bfloat16(),
+         "c": torch.randn(4, generator=rng).half(), "d": torch.randn(3, generator=rng).double()}
+    payload = safetensors.torch.save(t)
+    (n,) = struct.unpack("<Q", payload[:8])
+    payload = struct.pack("<Q", n + pad) + payload[8:8 + n] + b" " * pad + payload[8 + n:]  # JSON may end in spaces
+    view, _ = wire.parse_update(payload)
+    for name in t:
+        arr = view.array(name)
+        assert not arr.flags.writeable and arr.size == t[name].numel()
+        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            dst = torch.full((t[name].numel(),), float("nan"), dtype=dt)
+            sq = stage_row(arr, dst, backend, src_dtype=t[name].dtype)
+            want = t[name].reshape(-1).to(dt)
+            assert torch.equal(_bits(dst), _bits(want)), (name, dt)
+            assert sq == pytest.approx(float(want.double().square().sum()), rel=1e-6)
 
 
 def _valid():

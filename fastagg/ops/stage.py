@@ -1,0 +1,85 @@
+"""Staging of a host update into its buffer row, with the sum of squares the norm check needs.
+
+    stage_row(src, dst) -> float:   dst <- src converted to dst's dtype;
+                                    returns sum_i dst[i]^2 over the stored values
+
+src: a contiguous CPU tensor of fp32, bf16, fp16 or fp64, or a flat numpy array of them (a
+bfloat16 one as its uint16 bits, with ``src_dtype=torch.bfloat16``; read-only arrays too: a
+payload's bytes, fastagg.wire.PayloadView.array); dst: a contiguous CPU tensor (a buffer row,
+pinned or not) of fp32, bf16, fp16 or fp64 with as many elements. Conversions round to nearest even, as ``Tensor.copy_`` does. The sum is non-finite
+when a stored value is NaN or Inf; a finite row whose squares overflow the accumulator (fp32
+in the reference, double in the kernels) also gives a non-finite sum, which the aggregator
+tells apart with ``isfinite``.
+
+The CPU backends do it in one pass (one read of the update, one write of the row), with the
+GIL released: a copy followed by a norm reads the row twice, and torch has no fast norm of a
+16-bit row on a CPU. The aggregator stages every host update through here, outside its lock,
+so that several submitting threads stage at once (fastagg.aggregator).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import backends
+
+STAGED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what the kernels read and write
+_PIECE = 1 << 18  # a 16-bit row's squares are summed in fp32 pieces of this many elements
+
+
+_FROM_NUMPY = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
+               np.dtype(np.float16): torch.float16}
+
+
+def check_stage_args(src, dst, src_dtype=None):
+    """The source's torch dtype, after checking both sides."""
+    if isinstance(src, np.ndarray):
+        dtype = src_dtype or _FROM_NUMPY.get(src.dtype)
+        if dtype is None or (dtype == torch.bfloat16) != (src.dtype == np.uint16) or src.ndim != 1:
+            raise TypeError(f"stage_row takes a flat numpy array of float64/32/16 (bfloat16 as uint16 bits with "
+                            f"src_dtype=torch.bfloat16), got {src.dtype} {src.shape} with src_dtype={src_dtype}")
+        numel, contiguous = src.size, src.flags.c_contiguous
+    else:
+        if src.device.type != "cpu" or not src.is_floating_point():
+            raise TypeError(f"stage_row takes a floating CPU tensor, got {src.dtype} on {src.device}")
+        dtype, numel, contiguous = src.dtype, src.numel(), src.is_contiguous()
+    if dst.device.type != "cpu" or not dst.is_floating_point():
+        raise TypeError(f"stage_row writes a floating CPU row, got {dst.dtype} on {dst.device}")
+    if numel != dst.numel():
+        raise ValueError(f"stage_row: {numel} elements into a row of {dst.numel()}")
+    if not (contiguous and dst.is_contiguous()):
+        raise ValueError("stage_row takes contiguous memory")
+    return dtype
+
+
+def sum_squares(row) -> float:
+    """sum(row ** 2) of a flat CPU row as a Python float, in fp32 (fp64 rows: fp64). A 16-bit row
+    is widened in cache-sized pieces (bf16 ``dot`` rounds its result to bf16 and runs at 1/40 the
+    speed; a whole-row conversion page-faults a fresh tensor)."""
+    if row.dtype in (torch.float32, torch.float64):
+        return float(row.dot(row))
+    buf = torch.empty(min(row.numel(), _PIECE), dtype=torch.float32)
+    total = 0.0
+    for i in range(0, row.numel(), _PIECE):
+        piece = buf[:min(_PIECE, row.numel() - i)]
+        piece.copy_(row[i:i + _PIECE])
+        total += float(piece.dot(piece))
+    return total
+
+
+def stage_row_reference(src, dst, src_dtype=None):
+    dtype = check_stage_args(src, dst, src_dtype)
+    if isinstance(src, np.ndarray):  # torch takes no read-only array: copy one
+        src = torch.from_numpy(src if src.flags.writeable else src.copy()).view(dtype)
+    dst.copy_(src.view(dst.shape))
+    return sum_squares(dst.view(-1))
+
+
+def stage_row(src, dst, backend="torch", src_dtype=None, threads=1):
+    """Dispatch to a CPU ``backend`` (torch, cpp or numba); see the module docstring.
+    ``threads``: OpenMP threads for the cpp kernel (the others run on the calling thread)."""
+    impl = backends.get("stage_row", backend, "cpu")
+    if impl.__module__.endswith("cpu_cpp"):
+        return impl(src, dst, src_dtype, threads)
+    return impl(src, dst, src_dtype)
