@@ -4,7 +4,8 @@
 # back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 3 at once if time is left.
 #   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~550 s), then the summary table:
 #                             device/versions, the CUDA tests of what changed since the last run
-#                             (full log in cuda_tests.txt), bench/gpu_profile.py (the first layer
+#                             (full log in cuda_tests.txt), where the host syncs in the step
+#                             (bench/gpu_syncs.py), bench/gpu_profile.py (the first layer
 #                             as cuDNN vs cuBLAS products; the kernels of a pass per route),
 #                             `fastagg bench` on `cnn` (its routes now native, gemm, triton_cl,
 #                             compiled), then resnet18 and lm; 8 files in $OUT
@@ -26,7 +27,7 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
   # routes are timed (and compiled) at one pass size only; lm first in part 2 (not measured since
   # the first session), no K sweep (a compile per K): run part 2 alone for it
-  TESTS="tests/test_shared_conv.py tests/test_correction.py" T_TESTS=100 T_CONV=0 T_PROF=150 T_CNN=150 \
+  TESTS="tests/test_shared_conv.py tests/test_correction.py tests/test_staging.py" T_TESTS=100 T_CONV=0 T_PROF=150 T_CNN=150 \
       CNN_ARGS="--chunk none" bash "$0" 1
   MODELS_REST=lm,resnet18 REST_ARGS=--no-sweep T_REST=150 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
@@ -48,6 +49,8 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
       ${TESTS:-tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py tests/test_shared_conv.py} \
       > "$OUT/cuda_tests.txt" 2>&1
   echo "CUDA tests: exit $? ($(tail -1 "$OUT/cuda_tests.txt"))" | tee -a "$OUT/device.txt"
+  # where the host waits for the device in the step (sync debug mode; ~20 s), into device.txt
+  timeout 60 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -14 | tee -a "$OUT/device.txt"
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   else  # `all`: the first layer's alternatives and the kernels of a pass per route instead

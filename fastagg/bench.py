@@ -301,6 +301,36 @@ def flower_numpy_merge(layers_per_client, weights):
 STEP_BUFFERS = 6  # buffers per timed run of the whole step
 
 
+STEP_THREADS = 4  # submitting threads of the threaded step (a GPU host's handlers)
+
+
+def step_threaded(agg, deltas, buffers, n, counter):
+    """``buffers`` buffers of ``deltas`` submitted by ``n`` threads at once (each a share of the
+    updates, based on the version before the current one when it submits), as a server's request
+    handlers do: host updates stage in parallel, outside the aggregator's lock."""
+    todo = [d for _ in range(buffers) for d in deltas]
+    lock, errors_seen = threading.Lock(), []
+
+    def work(share):
+        try:
+            for d in share:
+                with lock:
+                    counter[0] += 1
+                    cid = counter[0]
+                agg.submit(d, base_version=max(0, agg.version - 1), num_samples=10, client_id=cid)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the caller
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=work, args=(todo[i::n],)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors_seen:
+        raise errors_seen[0]
+    assert agg.stats()["buffered"] == 0
+
+
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
                 eager_clients=8, log=print, r=None, chunk="auto"):
     """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps
@@ -348,6 +378,11 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     eng = corr.engine  # the first buffers chose its pass sizes and routes: say so before going on
     log(f"{name}: step {r['step_updates_per_s']:.0f} upd/s (host updates); students per pass "
         f"{eng.chunks or eng.chunk}, routes {eng.routes} {eng.route_timings}")
+    if device.type == "cuda":  # host updates staged by several submitting threads at once
+        n = STEP_THREADS
+        t_thr = timeit(lambda: step_threaded(agg, host_deltas, STEP_BUFFERS, n, counter), device, reps=2, warmup=1)
+        r[f"step_updates_per_s_{n}_threads"] = STEP_BUFFERS * K / t_thr
+        log(f"{name}: step {STEP_BUFFERS * K / t_thr:.0f} upd/s (host updates from {n} threads)")
     dev_deltas = [d.to(device) for d in host_deltas]
     t_dev = timeit(lambda: step(agg, dev_deltas), device, reps=2, warmup=1)
     r["step_device_updates_per_s"] = STEP_BUFFERS * K / t_dev  # updates already on the device

@@ -109,9 +109,13 @@ def test_stage_row_refuses_what_it_cannot_stage(backend):
 
 
 # -- the aggregator ------------------------------------------------------------------------------
-def _make(rule, correction=None, delta_dtype=None, backend="auto"):
+def _make(rule, correction=None, delta_dtype=None, backend="auto", device="cpu"):
+    """On CUDA (FASTAGG_TEST_DEVICE=cuda, the device script) the rows staged into are the pinned
+    staging rows, and a commit enqueues the copy to the device; on a CPU they are the delta rows."""
+    if torch.device(device).type != "cpu" and backend != "auto":  # the host staging's backend: the GPU aggregator picks its own
+        pytest.skip("a GPU aggregator stages through the auto-chosen CPU kernel")
     return fastagg.Aggregator(mlp(), rule, staleness=fastagg.staleness.polynomial(0.5), correction=correction,
-                              max_versions=8, delta_dtype=delta_dtype, backend=backend)
+                              max_versions=8, delta_dtype=delta_dtype, backend=backend, device=device)
 
 
 def _hooked(monkeypatch, before):
@@ -140,10 +144,10 @@ def _run(targets):
     return ts, errs
 
 
-def test_submits_stage_in_parallel_outside_the_lock(monkeypatch, rng):
+def test_submits_stage_in_parallel_outside_the_lock(monkeypatch, rng, device):
     """Two submits must be inside stage_row at the same time: a barrier of two would time out if
     staging ran under the aggregator's lock."""
-    agg = _make(fastagg.FedBuff(4))
+    agg = _make(fastagg.FedBuff(4), device=device)
     meet = threading.Barrier(2, timeout=20)
     _hooked(monkeypatch, lambda src: meet.wait())
     deltas = [0.1 * torch.randn(agg.spec.numel, generator=rng) for _ in range(2)]
@@ -157,16 +161,17 @@ def test_submits_stage_in_parallel_outside_the_lock(monkeypatch, rng):
 @pytest.mark.parametrize("delta_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rule", [fastagg.FedBuff(4, server_lr=0.8), fastagg.FedAsync(0.6, batch_size=4)],
                          ids=["fedbuff", "fedasync"])
-@pytest.mark.parametrize("backend", ["cpp", "numba", "torch"])
-def test_out_of_order_commits_merge_as_a_replay_in_seq_order(monkeypatch, rule, delta_dtype, backend, rng):
+@pytest.mark.parametrize("backend", ["auto", "cpp", "numba", "torch"])
+def test_out_of_order_commits_merge_as_a_replay_in_seq_order(monkeypatch, rule, delta_dtype, backend, rng, device):
     """Four submits take rows 0..3 in turn and commit in the reverse order, so the buffer's rows
     are [3, 2, 1, 0] when it merges (with the KD correction): the merged model equals that of a
     fresh aggregator fed the same updates one by one in the order of their receipts."""
-    _need(backend)
-    proxy = torch.randn(12, 6, generator=rng)
+    if backend != "auto":
+        _need(backend)
+    proxy = torch.randn(12, 6, generator=rng).to(device)
 
     def make():
-        return _make(rule, fastagg.KDCorrection(proxy, steps=1, min_staleness=1), delta_dtype, backend)
+        return _make(rule, fastagg.KDCorrection(proxy, steps=1, min_staleness=1), delta_dtype, backend, device)
 
     agg, replay = make(), make()
     P = agg.spec.numel
