@@ -5,7 +5,7 @@
 1. Staging (``fastagg.ops.stage.stage_row``: copy into the row, dtype conversion, the sum of
    squares for the norm check), per update over 16 distinct updates and rows, for fp32 and bf16
    rows: the C++ kernel (1 and all OpenMP threads) and numba against the torch backend — a copy
-   then a norm, which is what submit did until the ninth session — and against one plain copy of
+   then a norm, which is what submit did until the eighth session — and against one plain copy of
    the same bytes (``Tensor.copy_``, the floor), all in the same run, medians of alternating rounds.
 2. ``submit(bytes)`` throughput, no correction (FedBuff(16), so merges are a small part), from 1
    and 2 threads: the rows are staged outside the aggregator's lock, so two threads stage at once.
