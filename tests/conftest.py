@@ -32,6 +32,16 @@ def cnn(dtype=torch.float32, seed=0):
     return TinyCNN().to(dtype)
 
 
+def need_backend(name):
+    """Skip where a CPU backend is not available — except the C++ one where CI requires it."""
+    from fastagg import backends
+    ok, why = backends.available()[name]
+    if not ok:
+        if name == "cpp" and os.environ.get("FASTAGG_REQUIRE_CPP") == "1":
+            pytest.fail(f"the C++ extension must be built here: {why}")
+        pytest.skip(why)
+
+
 def random_delta(agg, scale=0.1, gen=None):
     return torch.randn(agg.spec.numel, dtype=agg.dtype, generator=gen) * scale
 

@@ -2,7 +2,6 @@
 float64 sum, and the aggregator's submits that stage outside its lock — in parallel, committed
 out of order, failing half-way — against a replay of the same updates one by one."""
 
-import os
 import threading
 import time
 
@@ -14,18 +13,10 @@ from fastagg import aggregator as agg_mod
 from fastagg import backends, errors
 from fastagg.ops.stage import stage_row
 
-from conftest import mlp
+from conftest import mlp, need_backend
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [0, 1, 4095, 4097, 3 * 4096 + 5]  # empty, one, a block's tail, several blocks
-
-
-def _need(name):
-    ok, why = backends.available()[name]
-    if not ok:
-        if name == "cpp" and os.environ.get("FASTAGG_REQUIRE_CPP") == "1":
-            pytest.fail(f"the C++ extension must be built here: {why}")
-        pytest.skip(why)
 
 
 def _bits(t):
@@ -41,7 +32,7 @@ def _values(n, dtype, g):
 @pytest.mark.parametrize("backend", ["cpp", "numba", "torch"])
 @pytest.mark.parametrize("n", SIZES)
 def test_stage_row_converts_as_torch_does_and_sums_the_stored_squares(backend, n, rng):
-    _need(backend)
+    need_backend(backend)
     for src_dtype in FLOATS:
         src = _values(n, src_dtype, rng)
         for dst_dtype in FLOATS:
@@ -61,7 +52,7 @@ def test_stage_row_converts_as_torch_does_and_sums_the_stored_squares(backend, n
 def test_stage_row_rounds_every_16_bit_boundary(backend):
     """Every fp16 value, the midpoints between neighbours (ties to even) and one fp32 ulp either
     side of them, subnormals and overflow: the kernels' bit-level fp16 and bf16 rounding equals torch's."""
-    _need(backend)
+    need_backend(backend)
     every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
     for dtype in (torch.float16, torch.bfloat16):
         v = every.view(dtype).float()
@@ -84,7 +75,7 @@ def test_stage_row_rounds_every_16_bit_boundary(backend):
 
 @pytest.mark.parametrize("backend", ["cpp", "numba", "torch"])
 def test_stage_row_sum_is_nonfinite_exactly_for_nan_or_inf(backend, rng):
-    _need(backend)
+    need_backend(backend)
     src = torch.randn(9000, generator=rng)
     for bad in (float("nan"), float("inf"), -float("inf")):
         x = src.clone()
@@ -97,7 +88,7 @@ def test_stage_row_sum_is_nonfinite_exactly_for_nan_or_inf(backend, rng):
 
 @pytest.mark.parametrize("backend", ["cpp", "numba", "torch"])
 def test_stage_row_refuses_what_it_cannot_stage(backend):
-    _need(backend)
+    need_backend(backend)
     with pytest.raises(ValueError, match="elements"):
         stage_row(torch.zeros(5), torch.empty(4), backend)
     with pytest.raises(ValueError, match="contiguous"):
@@ -167,7 +158,7 @@ def test_out_of_order_commits_merge_as_a_replay_in_seq_order(monkeypatch, rule, 
     are [3, 2, 1, 0] when it merges (with the KD correction): the merged model equals that of a
     fresh aggregator fed the same updates one by one in the order of their receipts."""
     if backend != "auto":
-        _need(backend)
+        need_backend(backend)
     proxy = torch.randn(12, 6, generator=rng).to(device)
 
     def make():

@@ -10,8 +10,10 @@ import safetensors.torch
 import torch
 
 import fastagg
-from fastagg import backends, errors, wire
+from fastagg import errors, wire
 from fastagg.ops.stage import stage_row
+
+from conftest import need_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
 
@@ -56,8 +58,7 @@ def test_tensors_equal_safetensors_loader(kind, rng):
 @pytest.mark.parametrize("backend", ["torch", "cpp", "numba"])
 @pytest.mark.parametrize("pad", [0, 1, 3])  # header lengths that leave the tensors' bytes unaligned
 def test_payload_arrays_stage_into_rows(rng, backend, pad):
-    if not backends.available()[backend][0]:
-        pytest.skip(backends.available()[backend][1])
+    need_backend(backend)
     t = {"a": torch.randn(37, generator=rng), "b": torch.randn(5, 3, generator=rng).bfloat16(),
          "c": torch.randn(4, generator=rng).half(), "d": torch.randn(3, generator=rng).double()}
     payload = safetensors.torch.save(t)
