@@ -33,7 +33,7 @@ from . import rules as _rules
 from . import staleness as _staleness
 from .flat import ParamSpec, check_float, check_keys
 from .ops.merge import fused_merge, to_device
-from .ops.stage import STAGED_DTYPES, stage_row, sum_squares
+from .ops.stage import STAGED_DTYPES, _widened, stage_row, sum_squares
 from .version_store import VersionStore
 
 
@@ -60,21 +60,6 @@ class _Pending:
 
 _DELTA_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-_PIECE = 1 << 18  # 16-bit rows on a CPU are widened in cache-sized pieces (see _widened)
-
-
-def _widened(src, dtype=torch.float32):
-    """(offset, piece) over a contiguous 16-bit CPU tensor, each piece widened to ``dtype`` in one
-    reused cache-sized buffer: on a CPU a whole-row conversion page-faults a fresh tensor and a
-    mixed-dtype add_ runs at 1/6 the speed of an fp32 one; pieces run at copy speed."""
-    flat = src.reshape(-1)
-    buf = torch.empty(min(flat.numel(), _PIECE), dtype=dtype)
-    for i in range(0, flat.numel(), _PIECE):
-        piece = buf[:min(_PIECE, flat.numel() - i)]
-        piece.copy_(flat[i:i + _PIECE])
-        yield i, piece
-
-
 def _add_rows(dst, src):
     """dst += src for [n, P] rows; a 16-bit ``src`` on a CPU through _widened."""
     if src.dtype == dst.dtype or dst.is_cuda:
@@ -306,8 +291,8 @@ class Aggregator:
         else:
             self._rows_freed.notify_all()  # load_state_dict waits for every staging to end
 
-    def _free_row(self, r):
-        self._free_rows.append(r)
+    def _free_row(self, *rows):
+        self._free_rows.extend(rows)
         self._free_rows.sort(reverse=True)  # pop() takes the lowest: one thread fills rows 0, 1, ...
         self._rows_freed.notify_all()
 
@@ -572,9 +557,7 @@ class Aggregator:
             self._hist[p.staleness] += 1
         self._pending = []
         if self._staging is None:  # a CPU's delta rows are its staging rows: free for the next buffer
-            self._free_rows.extend(p.row for p in pend)
-            self._free_rows.sort(reverse=True)
-            self._rows_freed.notify_all()
+            self._free_row(*(p.row for p in pend))
 
     # -- inspection and checkpoints ----------------------------------------------------------
     def stats(self) -> dict:

@@ -232,6 +232,6 @@ def _raw(t):
     return t.view(torch.int16).numpy().view(np.uint16) if t.element_size() == 2 else t.numpy()
 
 
-def stage_row(src, dst, src_dtype=None):
+def stage_row(src, dst, src_dtype=None, threads=1):  # threads: one, the caller's (see _stage)
     dtype = check_stage_args(src, dst, src_dtype)
     return float(_stage(_raw(src), STAGE_CODE[dtype], _raw(dst), STAGE_CODE[dst.dtype], _F16_TABLE))

@@ -48,9 +48,9 @@ _MAX_HEADER = 100_000_000  # safetensors' own bound on the JSON header
 
 class PayloadView:
     """A validated update payload whose tensors stay in the payload's bytes: ``entries`` maps
-    each name to (dtype, shape, start, stop), byte offsets into ``buffer``. The server copies each
-    tensor straight into its staging row (``copy_into``), so decoding costs a header parse, not
-    three copies of the update (bytes(), safetensors' tensors, the row)."""
+    each name to (dtype, shape, start, stop), byte offsets into ``buffer``. The server stages each
+    tensor from these bytes straight into its row (``array``; fastagg.ops.stage), so decoding
+    costs a header parse, not three copies of the update (bytes(), safetensors' tensors, the row)."""
 
     __slots__ = ("buffer", "entries")
 

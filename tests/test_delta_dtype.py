@@ -9,7 +9,8 @@ import torch
 
 import fastagg
 from fastagg import errors
-from fastagg.aggregator import _PIECE, _add_rows, _finite_norm
+from fastagg.aggregator import _add_rows, _finite_norm
+from fastagg.ops.stage import _PIECE
 
 from conftest import mlp
 
