@@ -208,3 +208,24 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
         out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn "))
         assert line.split()[9] == want, (name, line)
+
+
+def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
+    """The GPU bench's threaded step (four submitting threads, host updates staged at once), here
+    on the CPU: every update is accepted once, merged in whole buffers, and corrected (each is
+    based on an older version), and an error in a thread reaches the caller."""
+    from fastagg import Aggregator, FedBuff, KDCorrection, staleness
+    model, proxy = bench.make("cnn", "cpu", small=True)
+    corr = KDCorrection(proxy[:4], steps=1, min_staleness=1, staleness_factor="none", schedule=1.0)
+    agg = Aggregator(model, FedBuff(4), staleness=staleness.polynomial(0.5), correction=corr, max_versions=4)
+    g = torch.Generator().manual_seed(0)
+    deltas = [1e-3 * torch.randn(agg.spec.numel, generator=g) for _ in range(4)]
+    agg.submit(deltas[0], base_version=0)
+    agg.flush()
+    counter = [0]
+    bench.step_threaded(agg, deltas, 3, 4, counter)
+    st = agg.stats()
+    assert st["accepted"] == st["merged"] == 13 and st["corrected"] == 12 and st["version"] == 4
+    assert counter[0] == 12
+    with pytest.raises(Exception, match="shape"):
+        bench.step_threaded(agg, [torch.zeros(3)] * 4, 1, 2, counter)
