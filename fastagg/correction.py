@@ -21,8 +21,6 @@ op on the [K*N, C] logits, and one vjp back into a flat [K, P] gradient buffer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.func import functional_call
 
@@ -32,12 +30,28 @@ from .engine import StudentGradEngine, check_options
 from .ops.merge import to_device
 
 
-@dataclass
 class Teacher:
-    version: int
-    probs: torch.Tensor  # [N, C]
-    confidence: float  # (mean max p_T - 1/C) / (1 - 1/C)
-    accuracy: float | None  # on labelled proxy data, else None
+    """The global model of one version on the proxy inputs: ``probs`` p_T [N, C], and two
+    statistics that schedules may ask for, ``confidence`` ((mean max p_T - 1/C) / (1 - 1/C),
+    at least 0) and ``accuracy`` (on labelled proxy data, else None). Each may be given as a
+    0-d tensor: it is read to the host when first asked for, so that a schedule which never
+    asks (``constant``, the warm-ups) never makes the host wait for the device."""
+
+    def __init__(self, version: int, probs: torch.Tensor, confidence, accuracy=None):
+        self.version, self.probs = version, probs
+        self._confidence, self._accuracy = confidence, accuracy
+
+    @property
+    def confidence(self) -> float:
+        if isinstance(self._confidence, torch.Tensor):
+            self._confidence = max(float(self._confidence), 0.0)
+        return self._confidence
+
+    @property
+    def accuracy(self) -> float | None:
+        if isinstance(self._accuracy, torch.Tensor):
+            self._accuracy = float(self._accuracy)
+        return self._accuracy
 
 
 class KDCorrection:
@@ -124,11 +138,11 @@ class KDCorrection:
         acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
         probs = torch.softmax(logits.to(acc) / self.temperature, dim=-1)
         C = probs.shape[-1]
-        conf = float((probs.max(dim=-1).values.mean() - 1.0 / C) / (1.0 - 1.0 / C))
+        conf = (probs.max(dim=-1).values.mean() - 1.0 / C) / (1.0 - 1.0 / C)  # on the device, read if asked
         accuracy = None
         if self.proxy_labels is not None:
-            accuracy = float((logits.argmax(-1) == self.proxy_labels).float().mean())
-        self._teacher = Teacher(version, probs, max(conf, 0.0), accuracy)
+            accuracy = (logits.argmax(-1) == self.proxy_labels).float().mean()
+        self._teacher = Teacher(version, probs, conf, accuracy)
         return self._teacher
 
     def invalidate(self):

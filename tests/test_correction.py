@@ -92,6 +92,39 @@ def test_teacher_forward_runs_once_per_version(rng):
     assert st["corrected"] == 20
 
 
+@pytest.mark.parametrize("schedule", ["constant", "teacher_confidence", "teacher_accuracy"])
+def test_teacher_statistics_are_read_only_by_the_schedule_that_needs_them(schedule, rng):
+    """A teacher's confidence and accuracy stay on the device (a read would make a GPU host wait
+    for the previous merge) unless the schedule asks; asked, they equal a float64 reference."""
+    model = mlp(dtype=torch.float64)
+    proxy = torch.randn(13, 6, dtype=torch.float64, generator=rng)
+    labels = torch.randint(0, 5, (13,), generator=rng)
+    sched = {"constant": fastagg.schedules.constant(0.7), "teacher_confidence": fastagg.schedules.teacher_confidence(0.8),
+             "teacher_accuracy": fastagg.schedules.teacher_accuracy(0.9)}[schedule]
+    corr = fastagg.KDCorrection(proxy, schedule=sched, proxy_labels=labels, staleness_factor="none")
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(2), correction=corr)
+    for _ in range(2):  # version 1: the teacher of version 0 corrected nothing (fresh updates)
+        agg.submit(0.05 * torch.randn(agg.spec.numel, dtype=torch.float64, generator=rng), base_version=0)
+    for _ in range(2):  # stale by one: corrected against the teacher of version 1
+        agg.submit(0.05 * torch.randn(agg.spec.numel, dtype=torch.float64, generator=rng), base_version=0)
+    assert agg.stats()["corrected"] == 2
+    teacher = corr._teacher
+    assert teacher.version == 1
+    read = {"constant": (), "teacher_confidence": ("_confidence",), "teacher_accuracy": ("_accuracy",)}[schedule]
+    for name in ("_confidence", "_accuracy"):
+        assert isinstance(getattr(teacher, name), float) == (name in read), name
+    theta1 = agg.store.get(1)
+    with torch.no_grad():
+        logits = torch.func.functional_call(model, agg.spec.unflatten(theta1), (proxy,))
+    p = torch.softmax(logits / 3.0, -1)
+    conf = max(0.0, float((p.max(-1).values.mean() - 0.2) / 0.8))
+    acc = float((logits.argmax(-1) == labels).double().mean())
+    assert teacher.confidence == pytest.approx(conf, rel=1e-12, abs=1e-15)
+    assert teacher.accuracy == pytest.approx(acc, abs=1e-7)  # a mean taken in fp32
+    lam = {"constant": 0.7, "teacher_confidence": 0.8 * conf, "teacher_accuracy": 0.9 * acc}[schedule]
+    assert agg.stats()["lambda"] == pytest.approx(lam, rel=1e-7, abs=1e-15)
+
+
 def test_min_staleness_and_grows_factor(rng):
     model = mlp()
     proxy = torch.randn(8, 6, generator=rng)
