@@ -50,7 +50,7 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
       > "$OUT/cuda_tests.txt" 2>&1
   echo "CUDA tests: exit $? ($(tail -1 "$OUT/cuda_tests.txt"))" | tee -a "$OUT/device.txt"
   # where the host waits for the device in the step (sync debug mode; ~20 s), into device.txt
-  timeout 60 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -14 | tee -a "$OUT/device.txt"
+  timeout 60 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   else  # `all`: the first layer's alternatives and the kernels of a pass per route instead

@@ -229,3 +229,17 @@ def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
     assert counter[0] == 12
     with pytest.raises(Exception, match="shape"):
         bench.step_threaded(agg, [torch.zeros(3)] * 4, 1, 2, counter)
+
+
+def test_gpu_syncs_script_runs_and_profiles_the_host_without_cuda(capsys):
+    """bench/gpu_syncs.py (run in the device script) on a CPU: the step's submits under cProfile,
+    every update merged, and a profile that names the submit path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import gpu_syncs
+    finally:
+        sys.path.pop(0)
+    us = gpu_syncs.main(K=4, buffers=2, device="cpu")
+    out = capsys.readouterr().out
+    assert us > 0 and "us per submit" in out
+    assert "_accept_host" in out or "stage_row" in out, out
