@@ -29,11 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import staleness
+from . import backends, staleness
 from .aggregator import Aggregator, _norm_of
 from .correction import KDCorrection
 from .engine import StudentGradEngine
+from .ops.kd_loss import kd_loss_grad
 from .ops.merge import fused_merge
+from .ops.stage import stage_row
 from .rules import FedBuff
 from .wire import encode_update
 
@@ -331,8 +333,81 @@ def step_threaded(agg, deltas, buffers, n, counter):
     assert agg.stats()["buffered"] == 0
 
 
+def backends_here(device):
+    """(device backends, host backends) available here: those of the merge and the KD loss on
+    ``device`` (triton and torch on CUDA; cpp, numba and torch on a CPU, where triton only runs
+    through the interpreter, for tests), and those of staging host updates (cpp, numba, torch)."""
+    ok = {name for name, (up, _) in backends.available().items() if up}
+    dev = ("triton", "torch") if torch.device(device).type == "cuda" else ("cpp", "numba", "torch")
+    return [b for b in dev if b in ok], [b for b in ("cpp", "numba", "torch") if b in ok]
+
+
+def by_backend(model, corr, agg, host_deltas, step, students, grads, probs, device, log=print):
+    """The step and each backend op, per backend (fastagg.backends), timed in this run:
+
+    - ``stage_ms_per_update``: staging a host update into its row with its sum of squares (what
+      submit does; a host op, so the CPU backends on either device);
+    - ``merge_ms``, ``kd_loss_grad_ms``: the fused merge of the buffer's deltas and correction
+      rows, and the KD loss + logit gradient on the buffer's [K * N, C] logits (device ops);
+    - ``step_updates_per_s``: the whole step through ``Aggregator(backend=...)``, host updates as
+      in the step above. Its correction's engine is the one the step above set up and shares (its
+      route, pass size and compiled code; the KD loss inside it keeps the default backend, and a
+      compiled route uses no backend op): the backend changes the staging and the merge here.
+
+    ``max_rel_diff``: the largest difference of each backend's model from the first backend's
+    after one corrected buffer from the same start, over the largest parameter: the backends
+    must agree to rounding. (Not after the timed steps: the bench's repeated synthetic updates
+    drive the KD gradient down to its rounding noise, where the relative step, a fixed length
+    along g / |g|, turns that noise into full-length steps that differ between backends.)"""
+    device = torch.device(device)
+    dev_backends, host_backends = backends_here(device)
+    K, P = len(host_deltas), agg.spec.numel
+    rows = agg._stage_rows
+    res = {b: {} for b in dict.fromkeys(host_backends + dev_backends)}
+    for b in host_backends:
+        threads = backends.cpu_threads() if b == "cpp" else 1
+        res[b]["stage_ms_per_update"] = 1e3 / K * timeit(
+            lambda: [_norm_of(stage_row(p, rows[i], b, threads=threads), rows[i]) for i, p in enumerate(host_deltas)],
+            device, reps=3)
+    coefs = [1.0 / K] * K
+    merged = torch.zeros_like(agg.params)
+    N, C = probs.shape
+    logits = torch.randn(K * N, C, generator=torch.Generator().manual_seed(2)).to(device)
+    first = None
+    for b in dev_backends:
+        res[b]["merge_ms"] = 1e3 * timeit(lambda: fused_merge(agg.params, 1.0, [(students, coefs, None),
+                                                                                (grads, coefs, None)],
+                                                              out=merged, backend=b), device, reps=5)
+        res[b]["kd_loss_grad_ms"] = 1e3 * timeit(lambda: kd_loss_grad(logits, probs, corr.temperature, b),
+                                                 device, reps=5)
+        c_b = KDCorrection(corr.proxy, precision=corr.precision, steps=1, min_staleness=1, cuda_graphs=corr.cuda_graphs,
+                           staleness_factor="none", schedule=1.0)
+        a_b = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=c_b, device=device,
+                         max_versions=4, backend=b)
+        c_b.engine = corr.engine
+        a_b.submit(host_deltas[0], base_version=0, num_samples=10)
+        a_b.flush()
+        for p in host_deltas:  # one buffer, stale by one (corrected), from the same start for each backend
+            a_b.submit(p, base_version=0, num_samples=10)
+        theta = a_b.params.double()
+        first = theta if first is None else first
+        res[b]["max_rel_diff"] = float((theta - first).abs().max() / first.abs().max().clamp_min(1e-30))
+        t = timeit(lambda: step(a_b, host_deltas), device, reps=2, warmup=1)
+        res[b]["step_updates_per_s"] = STEP_BUFFERS * K / t
+        del a_b, c_b, theta
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    log("  by backend    stage ms/update   merge ms   KD loss ms   step upd/s   max rel diff")
+    for b, v in res.items():
+        cell = lambda key, f: format(v[key], f) if key in v else "-"  # noqa: E731
+        log(f"  {b:<12}{cell('stage_ms_per_update', '>16.3f'):>16}{cell('merge_ms', '>11.3f'):>11}"
+            f"{cell('kd_loss_grad_ms', '>13.3f'):>13}{cell('step_updates_per_s', '>13.0f'):>13}"
+            f"{cell('max_rel_diff', '>15.1e'):>15}")
+    return res
+
+
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
-                eager_clients=8, log=print, r=None, chunk="auto"):
+                eager_clients=8, log=print, r=None, chunk="auto", backend_rows=True):
     """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps
     what it measured), returned."""
     device = torch.device(device)
@@ -444,6 +519,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                                          out=merged, backend=agg.backend), device, reps=5)
     corr.invalidate()
     t_teacher = timeit(lambda: (corr.invalidate(), corr.teacher(agg.params, agg.version)), device, reps=3)
+    if backend_rows:
+        r["by_backend"] = by_backend(model, corr, agg, host_deltas, step, students, out, teacher.probs, device, log)
     lim = r["limits"] = limits(device)
     r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
                       "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3,
@@ -615,7 +692,8 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
 
 
 def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, small=None, out=None, log=print,
-        compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024), chunk="auto"):
+        compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024), chunk="auto",
+        backend_rows=True):
     device = torch.device(device)
     small = (device.type == "cpu") if small is None else small
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
@@ -646,7 +724,7 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
             res["models"].append(row)
             try:
                 bench_model(name, device, K or default_k[name], small=small, log=log, chunk=chunk,
-                            compile_baseline=compile_baseline, r=row)
+                            compile_baseline=compile_baseline, r=row, backend_rows=backend_rows)
                 row["complete"] = True
             except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the next ones run
                 row["error"] = f"{type(exc).__name__}: {exc}"

@@ -42,7 +42,7 @@ def _bench(args):
                     sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
                     sweep_models=tuple(args.sweep_models.split(",")),
                     sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")),
-                    chunk=args.chunk)
+                    chunk=args.chunk, backend_rows=not args.no_backends)
     if args.out:
         print(f"results: {args.out}")
     failed = [r["model"] for r in res["models"] if "error" in r]
@@ -101,6 +101,8 @@ def main(argv=None):
     b.add_argument("--sweep-models", default="cnn", help="models of the K sweep (comma-separated)")
     b.add_argument("--sweep-k", default="1,16,64,256,1024", help="buffer sizes of the K sweep")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--no-backends", action="store_true",
+                   help="skip the rows by backend (the step, staging, merge and KD loss per backend)")
     b.add_argument("--chunk", default="auto", type=_chunk, help="students per pass of the engine: auto | none | an int")
     b.add_argument("--out", default="fastagg-bench.json")
     b.set_defaults(fn=_bench)

@@ -32,6 +32,20 @@ def test_bench_cli_writes_stages_floors_baselines_and_routes(tmp_path):
     assert set(r["baseline_updates_per_s"]) == {"per_client_eager_fp32", "vmap_fp32", "vmap_bf16"}
     # no convolutions, K = 4: nothing below K for chunk="auto" to time, so one pass of all four
     assert r["chunk"] == "auto" and r["students_per_pass"] == r["K"] and r["route"] == {str(r["K"]): "native"}
+    # by backend: every CPU backend here, each op timed, and the backends' models agree after a buffer
+    dev, host = bench.backends_here("cpu")
+    assert "torch" in dev and set(r["by_backend"]) == set(dev) | set(host)
+    for b, v in r["by_backend"].items():
+        assert v["stage_ms_per_update"] > 0 and v["merge_ms"] > 0 and v["kd_loss_grad_ms"] > 0, b
+        assert v["step_updates_per_s"] > 0 and 0 <= v["max_rel_diff"] < 1e-5, b
+    assert r["by_backend"][dev[0]]["max_rel_diff"] == 0
+
+
+def test_backends_here_lists_the_available_ones_for_each_device(monkeypatch):
+    avail = {"torch": (True, ""), "triton": (True, "interpreter"), "cpp": (False, "not built"), "numba": (True, "")}
+    monkeypatch.setattr(bench.backends, "available", lambda: avail)
+    assert bench.backends_here("cpu") == (["numba", "torch"], ["numba", "torch"])  # no interpreter in a bench
+    assert bench.backends_here("cuda") == (["triton", "torch"], ["numba", "torch"])
 
 
 def test_bench_cli_chunk_sets_the_students_per_pass(tmp_path):
@@ -100,6 +114,9 @@ def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     assert bench.STEP_BUFFERS == r["step_buffers"] == 6
     assert r["correction_updates_per_s"] == 3 and r["step_updates_per_s"] == 18  # six buffers of 3
     assert r["step_bf16_updates_per_s"] == 18
+    for b, v in r["by_backend"].items():  # six buffers of 3; one-second stagings of 3 updates, merges, KD losses
+        assert v["step_updates_per_s"] == 18 and v["stage_ms_per_update"] == pytest.approx(1e3 / 3), b
+        assert v["merge_ms"] == v["kd_loss_grad_ms"] == 1e3, b
     assert r["baseline_updates_per_s"] == {"per_client_eager_fp32": 2, "vmap_fp32": 3, "vmap_bf16": 3}
     r = bench.bench_model("lm", "cpu", K=3, small=True, baselines=True, compile_baseline=False, eager_clients=8,
                           log=lambda *a: None)

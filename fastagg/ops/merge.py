@@ -31,20 +31,14 @@ def to_device(values, dtype, device):
     return t
 
 
-def _as_coefs(coefs, device):
-    if isinstance(coefs, torch.Tensor):
-        return coefs.to(device=device, dtype=torch.float64)
-    return torch.as_tensor(coefs, dtype=torch.float64, device="cpu").to(device)
-
-
 def fused_merge_reference(theta, c0, groups, out=None):
     acc_dtype = torch.float64 if theta.dtype == torch.float64 else torch.float32
     acc = theta.to(acc_dtype) * float(c0)
     for rows, coefs, index in groups:
         if rows is None or len(coefs) == 0:
             continue
-        sel = rows if index is None else rows.index_select(0, torch.as_tensor(index, device=rows.device))
-        acc += _as_coefs(coefs, theta.device).to(acc_dtype) @ sel.to(acc_dtype)
+        sel = rows if index is None else rows.index_select(0, to_device(index, torch.int64, rows.device))
+        acc += to_device(coefs, torch.float64, theta.device).to(acc_dtype) @ sel.to(acc_dtype)
     if out is None:
         return acc.to(theta.dtype)
     out.copy_(acc)
