@@ -31,11 +31,13 @@ def rows(res):
         corr = r.get("correction_updates_per_s", base.get("engine"))
         compiled, vmap32 = base.get("compiled_vmap_bf16"), base.get("vmap_fp32")
         target = TARGETS.get(r["model"], (None, None, None))
-        steps = ("step_updates_per_s", "step_bf16_updates_per_s", "step_device_updates_per_s")
+        steps = ("step_updates_per_s", "step_updates_per_s_4_threads", "step_bf16_updates_per_s",
+                 "step_device_updates_per_s")
         best_step = max((r[k] for k in steps if isinstance(r.get(k), float)), default=None)
         state = " (failed)" if "error" in r else "" if r.get("complete", True) else " (cut short)"
         yield [r["model"] + state, r.get("K"),
-               _f(r.get("step_updates_per_s")), _f(r.get("step_bf16_updates_per_s")),
+               _f(r.get("step_updates_per_s")), _f(r.get("step_updates_per_s_4_threads")),
+               _f(r.get("step_bf16_updates_per_s")),
                _f(r.get("step_device_updates_per_s")), _f(corr),
                _f(corr / compiled if isinstance(corr, float) and isinstance(compiled, float) else None, "{:.2f}x"),
                _f(corr / vmap32 if isinstance(corr, float) and isinstance(vmap32, float) else None, "{:.2f}x"),
@@ -44,10 +46,20 @@ def rows(res):
                json.dumps(r.get("route", {}))[:60]]
 
 
+def backend_lines(res):
+    """A line per model with its figures by backend (fastagg.bench.by_backend), where it has them."""
+    for r in res.get("models", []):
+        if r.get("by_backend"):
+            yield f"{r['model']} by backend: " + "; ".join(
+                f"{b} step {_f(v.get('step_updates_per_s'))}/s, stage {_f(v.get('stage_ms_per_update'), '{:.3f}')}"
+                f" ms, merge {_f(v.get('merge_ms'), '{:.2f}')} ms, KD loss {_f(v.get('kd_loss_grad_ms'), '{:.2f}')}"
+                f" ms, diff {_f(v.get('max_rel_diff'), '{:.0e}')}" for b, v in r["by_backend"].items())
+
+
 def main(paths):
-    head = ["model", "K", "step host", "step bf16 host", "step device", "correction", "vs compiled bf16",
+    head = ["model", "K", "step host", "4 threads", "step bf16 host", "step device", "correction", "vs compiled bf16",
             "vs vmap fp32", "target", "met", "routes"]
-    table, errors = [head], []
+    table, errors, notes = [head], [], []
     device = None
     for p in paths:
         try:
@@ -58,6 +70,7 @@ def main(paths):
             continue
         device = device or f"{res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}"
         table += list(rows(res))
+        notes += list(backend_lines(res))
         errors += [f"{r['model']}: {r['error']}" for r in res.get("models", []) if "error" in r]
         for name, k in (res.get("flush_k") or {}).items():
             print(f"flush K ({name}): {k}")
@@ -65,6 +78,8 @@ def main(paths):
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    for line in notes:
+        print(line)
     for line in errors:
         print("failed:", line[:300])
 

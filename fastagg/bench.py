@@ -519,8 +519,6 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                                          out=merged, backend=agg.backend), device, reps=5)
     corr.invalidate()
     t_teacher = timeit(lambda: (corr.invalidate(), corr.teacher(agg.params, agg.version)), device, reps=3)
-    if backend_rows:
-        r["by_backend"] = by_backend(model, corr, agg, host_deltas, step, students, out, teacher.probs, device, log)
     lim = r["limits"] = limits(device)
     r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
                       "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3,
@@ -563,6 +561,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         log("  baselines (correction upd/s): " + ", ".join(
             f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["baseline_updates_per_s"].items()))
     del r["partial_correction_rates"]
+    if backend_rows:  # last: a run stopped by its timeout here has every figure above
+        r["by_backend"] = by_backend(model, corr, agg, host_deltas, step, students, out, teacher.probs, device, log)
     return r
 
 

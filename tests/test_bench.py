@@ -210,21 +210,34 @@ def test_a_run_stopped_by_sigterm_saves_what_it_measured(tmp_path):
 def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_targets(tmp_path):
     """bench/gpu_summary.py's "met": the cnn step at 15,000 is not enough without 3x compiled bf16
     vmap and 9x fp32 vmap."""
-    def row(step, corr, compiled, vmap32):
-        return {"model": "cnn", "K": 128, "complete": True, "step_updates_per_s": float(step),
-                "correction_updates_per_s": float(corr),
-                "baseline_updates_per_s": {"compiled_vmap_bf16": float(compiled), "vmap_fp32": float(vmap32)}}
+    def row(step, corr, compiled, vmap32, threads=None):
+        r = {"model": "cnn", "K": 128, "complete": True, "step_updates_per_s": float(step),
+             "correction_updates_per_s": float(corr),
+             "baseline_updates_per_s": {"compiled_vmap_bf16": float(compiled), "vmap_fp32": float(vmap32)}}
+        if threads:  # the step from four submitting threads
+            r["step_updates_per_s_4_threads"] = float(threads)
+        return r
 
     cases = {"fast step, low ratio": (row(16000, 9000, 3500, 900), "no"),
              "all met": (row(16000, 11000, 3500, 1200), "yes"),
-             "ratios met, slow step": (row(14000, 11000, 3500, 1200), "no")}
+             "ratios met, slow step": (row(14000, 11000, 3500, 1200), "no"),
+             "ratios met, the threaded step fast": (row(14000, 11000, 3500, 1200, threads=15500), "yes")}
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_summary.py"
     for name, (r, want) in cases.items():
         path = tmp_path / "s.json"
         path.write_text(json.dumps({"device": "test", "models": [r]}))
         out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn "))
-        assert line.split()[9] == want, (name, line)
+        assert line.split()[10] == want, (name, line)  # the columns: bench/gpu_summary.py's head
+    r = row(1455, 2979, 3024, 1046)
+    r["by_backend"] = {"triton": {"step_updates_per_s": 1455.0, "stage_ms_per_update": 0.1, "merge_ms": 0.85,
+                                  "kd_loss_grad_ms": 0.31, "max_rel_diff": 0.0},
+                       "torch": {"step_updates_per_s": 1302.0, "merge_ms": 1.9}}  # a row cut short
+    path.write_text(json.dumps({"device": "test", "models": [r]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn by backend:"))
+    assert "triton step 1,455/s, stage 0.100 ms, merge 0.85 ms, KD loss 0.31 ms" in line
+    assert "torch step 1,302/s, stage - ms, merge 1.90 ms" in line
 
 
 def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
