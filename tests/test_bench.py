@@ -273,3 +273,16 @@ def test_gpu_syncs_script_runs_and_profiles_the_host_without_cuda(capsys):
     out = capsys.readouterr().out
     assert us > 0 and "us per submit" in out
     assert "_accept_host" in out or "stage_row" in out, out
+
+
+def test_bf16_regime_script_measures_the_gradients_against_the_distance():
+    """bench/bf16_regime.py: far from the teacher the bf16 KD gradient follows the fp32 one; at the
+    teacher the fp32 gradient is rounding (~1e-8 of its size at 0.1) and the bf16 one far larger."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import bf16_regime
+    finally:
+        sys.path.pop(0)
+    far, at = bf16_regime.regime("lm", "cpu", K=2, distances=(1e-1, 0.0))
+    assert far["distance"] == 0.1 and far["cos_mean"] > 0.99 and far["rel_err"] < 0.05
+    assert at["g32"] < 1e-5 * far["g32"] and at["g16"] > 100 * at["g32"]
