@@ -372,7 +372,11 @@ def by_backend(model, corr, agg, host_deltas, step, students, grads, probs, devi
     coefs = [1.0 / K] * K
     merged = torch.zeros_like(agg.params)
     N, C = probs.shape
-    logits = torch.randn(K * N, C, generator=torch.Generator().manual_seed(2)).to(device)
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(K * N, C, generator=gen).to(device)
+    # version 1 from an update of its own: were it one of the buffer's, that student would equal
+    # the teacher, whose KD gradient is rounding noise that the relative step scales to full length
+    start = 1e-3 * torch.randn(P, generator=gen)
     first = None
     for b in dev_backends:
         res[b]["merge_ms"] = 1e3 * timeit(lambda: fused_merge(agg.params, 1.0, [(students, coefs, None),
@@ -385,7 +389,7 @@ def by_backend(model, corr, agg, host_deltas, step, students, grads, probs, devi
         a_b = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=c_b, device=device,
                          max_versions=4, backend=b)
         c_b.engine = corr.engine
-        a_b.submit(host_deltas[0], base_version=0, num_samples=10)
+        a_b.submit(start, base_version=0, num_samples=10)
         a_b.flush()
         for p in host_deltas:  # one buffer, stale by one (corrected), from the same start for each backend
             a_b.submit(p, base_version=0, num_samples=10)
