@@ -39,7 +39,8 @@ def regime(name, device, K=8, distances=DISTANCES, seed=0):
     agg = Aggregator(model, FedBuff(K), correction=corr, device=device)
     theta = agg.params
     teacher = corr.teacher(theta, 0)
-    engines = {p: StudentGradEngine(model, agg.spec, corr.proxy, corr.temperature, agg.backend, p, chunk=None)
+    engines = {p: StudentGradEngine(model, agg.spec, corr.proxy, corr.temperature, agg.backend, p, chunk=None,
+                                    conv="native")  # the precision is in question here, not the route
                for p in ("fp32", "bf16")}
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(K, theta.numel(), generator=g).to(device)

@@ -13,7 +13,8 @@
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
 #   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests and HTTP clients
-#                             feeding a CUDA aggregator from threads (~40 s), then
+#                             feeding a CUDA aggregator from threads (~40 s), bench/bf16_regime.py
+#                             (bf16 vs fp32 KD gradients by student-teacher distance, ~20 s), then
 #                             `fastagg simulate --device cuda` on Fashion-MNIST,
 #                             FedADT through cuDNN and through the Triton conv routes (the data
 #                             travels in .carry/fashion-mnist: copy the four .gz files of
@@ -69,6 +70,9 @@ else
   FASTAGG_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
       tests/test_distributed.py tests/test_http.py -k "cuda or nccl or direct_submits or concurrent_clients" \
       2>&1 | tail -4 | tee "$OUT/gpu_distributed_tests.txt"
+  # the bf16 correction against fp32 by student-teacher distance, with the GPU's bf16 convolutions (~20 s)
+  timeout 60 python3 bench/bf16_regime.py --device cuda --out "$OUT/gpu_bf16_regime.json" 2>&1 \
+      | grep -v -i warn  # printed only: the JSON holds it (at most 8 files come back)
   FASTAGG_FASHION_DIR=$PWD/.carry/fashion-mnist timeout 200 python3 -m fastagg.cli simulate --device cuda \
       --dataset fashion-mnist --dirichlet 0.1 --arrivals 600 --quiet --out "$OUT/sim" \
       --algorithms "fedbuff,fedadt-buff/conv=native,fedadt-buff/conv=triton,fedadt-buff/conv=triton_cl" \
