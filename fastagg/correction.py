@@ -218,9 +218,9 @@ class KDCorrection:
             p = teacher.probs.to(z.dtype)
             loss = T * T * (torch.xlogy(p, p) - p * torch.log_softmax(z / T, dim=-1)).sum(-1).mean()
             names = [n for n, tr in zip(self.spec.names, self.spec.trainable) if tr]
-            grads = torch.autograd.grad(loss, [params[n] for n in names])
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
             gd = dict(zip(names, grads))
             for name, shape, off, n in self.spec.items():
-                if name in gd:
+                if gd.get(name) is not None:  # else a buffer, or a parameter the logits do not use: zeros
                     out[k, off:off + n] = gd[name].reshape(-1)
         return out

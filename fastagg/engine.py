@@ -23,9 +23,11 @@ through the plain-PyTorch references of those routes (tests). ``"gemm"``: native
 a layer whose input every student shares (the first, on the proxy batch: under vmap one dense
 convolution with K * Co output channels over 3 input channels, which cuDNN ran at ~11 TFLOP/s
 on the H100) runs as cuBLAS products over the unfolded input (fastagg.ops.shared_conv).
-``"auto"`` (default) times native, gemm and triton_cl once per pass size on a CUDA device and
-keeps the fastest (triton and triton_fused lost to native by 2-9x at every size measured on the
-H100, so they run only when named); elsewhere it is native.
+``"loop"``: no vmap, the students one at a time through the model's own layers with plain
+autograd. ``"auto"`` (default) times native, gemm and triton_cl once per pass size on a CUDA
+device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
+measured on the H100, so they run only when named); on a CPU it is loop for a model with
+convolutions (one student per pass there, see ``chunk``) and native otherwise.
 
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
 grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used there), with
@@ -72,7 +74,7 @@ def _product_forward(module, device_type, x, w, b):
     return conv2d_as_product(x, w, b, module.stride, module.padding)
 
 
-CONV_CHOICES = ("auto", "native", "gemm", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
+CONV_CHOICES = ("auto", "native", "loop", "gemm", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 
 
 def check_options(precision, conv, chunk):
@@ -146,6 +148,8 @@ class StudentGradEngine:
         route = self.routes[K]
         if route.startswith("compiled"):
             return self._compiled_step(students, probs, out, route)
+        if route == "loop":
+            return self._loop_step(students, probs, out)
         trainable, frozen = self._split(students)
         x = self.proxy
         net = (self.fused_model()[0] or self.model) if route.endswith("_fused") else self.model
@@ -163,6 +167,32 @@ class StudentGradEngine:
             (grads,) = pullback(glogits.view_as(logits).to(logits.dtype))
         torch.cat(self._flat_parts(grads, K, out.dtype, out.device), dim=1, out=out)
         return loss
+
+    def _loop_step(self, students, probs, out):
+        """The ``loop`` route: the students one at a time through the model's own layers, with
+        plain autograd (no vmap), the fused KD op on each one's logits, and each one's gradients
+        written into its row of ``out`` (zeros for buffers and for parameters the logits do not
+        use). On a CPU a model with convolutions runs one student per pass, where vmap's
+        batching rule (a grouped convolution of one group) only costs: 1.1-1.3x slower there."""
+        spec, N, C = self.spec, *probs.shape
+        names = [n for n, tr in zip(spec.names, spec.trainable) if tr]
+        losses = []
+        for k in range(students.shape[0]):
+            params = {n: v.detach().requires_grad_(tr) for (n, v), tr in zip(spec.unflatten(students[k]).items(),
+                                                                              spec.trainable)}
+            with self._autocast():
+                z = self._forward(params, self.proxy)
+            loss, gz = kd_loss_grad(z.reshape(N, C), probs, self.temperature, self.backend)
+            grads = torch.autograd.grad(z, [params[n] for n in names], gz.view_as(z).to(z.dtype), allow_unused=True)
+            row = spec.unflatten(out[k])
+            found = dict(zip(names, grads))
+            for n in spec.names:
+                if found.get(n) is None:
+                    row[n].zero_()
+                else:
+                    row[n].copy_(found[n])
+            losses.append(loss)
+        return torch.cat(losses)
 
     def _flat_parts(self, grads, K, dtype, device):
         parts = []
@@ -282,13 +312,19 @@ class StudentGradEngine:
     def _run(self, students, probs, out):
         """One pass through the route set in ``routes``, the way passes of this size run: captured
         once and replayed with CUDA graphs on (not the compiled route: it runs as inductor made it)."""
-        if self.cuda_graphs and not self.routes[students.shape[0]].startswith("compiled"):
+        route = self.routes[students.shape[0]]
+        if self.cuda_graphs and not route.startswith("compiled") and route != "loop":
             return self._replay(students, probs, out)
         return self._step(students, probs, out)
 
     def _candidates(self, students):
         cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
         convs = cuda and bool(routable_convs(self.model))
+        if self.conv == "auto" and self.proxy.device.type == "cpu" and _has_convs(self.model):
+            # one student per pass on a CPU (see __init__): the loop, without vmap, was 1.1-1.3x
+            # faster than vmap's one-group convolutions for every model measured there (a fixed
+            # choice, not a timed one, so that a CPU run's numbers do not depend on its timings)
+            return ["loop"] + (["compiled"] if self.compile else [])
         if self.conv != "auto":
             routes, compiled = [self.conv], ["compiled_gemm" if self.conv == "gemm" else "compiled"]
         else:

@@ -65,7 +65,7 @@ def test_sweep_reports_one_pass_and_chunked_passes():
     assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in rows)
     # a CNN on a CPU: "auto" is one student per pass
     assert [r["students_per_pass"] for r in rows] == [1, 1, 1, 4, 2]
-    assert rows[2]["route"] == {1: "native"} and rows[4]["route"] == {2: "native"}
+    assert rows[2]["route"] == {1: "loop"} and rows[4]["route"] == {2: "loop"}  # convolutions on a CPU
 
 
 def test_sweep_skips_a_one_pass_row_that_would_not_fit_in_memory(monkeypatch):

@@ -1,6 +1,8 @@
 """Grouped convolution of K students (fastagg.kernels.grouped_conv, fastagg.ops.grouped_conv)
 against float64 PyTorch, and the engine's conv routes against vmap's own rule."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -248,24 +250,67 @@ def test_engine_triton_conv_route_equals_native_fp32_and_bf16_within_tolerance(r
     assert eng.routed_convs == 1 and float((g3 - g0).norm() / g0.norm()) < 1e-5
 
 
-def test_engine_chunks_equal_one_pass_and_auto_is_native_off_cuda(rng):
+def test_engine_chunks_equal_one_pass_and_auto_is_the_loop_for_convolutions_on_a_cpu(rng):
     model = cnn()
     proxy = torch.randn(12, 2, 5, 5, generator=rng)
     P = sum(p.numel() for p in model.parameters())
     students = 0.1 * torch.randn(7, P, generator=rng)
-    loss0, g0, eng0 = _engine_grads(model, proxy, students, chunk=7)
-    loss1, g1, eng1 = _engine_grads(model, proxy, students, chunk=3)  # passes of 3, 3 and 1
-    loss2, g2, eng2 = _engine_grads(model, proxy, students)  # CPU + convolutions: one student per pass
+    loss0, g0, eng0 = _engine_grads(model, proxy, students, chunk=7, conv="native")
+    loss1, g1, eng1 = _engine_grads(model, proxy, students, chunk=3, conv="native")  # passes of 3, 3 and 1
+    loss2, g2, eng2 = _engine_grads(model, proxy, students)  # CPU + convolutions: one student per pass, loop
     for loss, g in ((loss1, g1), (loss2, g2)):
         assert torch.allclose(g, g0, rtol=1e-5, atol=1e-7) and torch.allclose(loss, loss0, rtol=1e-5)
     assert eng0.routes == {7: "native"} and eng1.routes == {3: "native", 1: "native"}
-    assert eng2.chunk == 1 and eng2.routes == {1: "native"}
+    assert eng2.chunk == 1 and eng2.routes == {1: "loop"}
     assert eng0.route_timings == {} and eng0.routed_convs == 0
     small = mlp(d_in=50)
     P_mlp = sum(p.numel() for p in small.parameters())
     _, _, eng_mlp = _engine_grads(small, torch.randn(12, 50, generator=rng), torch.randn(3, P_mlp, generator=rng))
     assert eng_mlp.chunk == "auto" and eng_mlp.chunks == {3: 3}  # nothing below 3 to time: one pass
     assert eng_mlp.chunk_timings == {}
+
+
+class BufferedConv(nn.Module):
+    """Convolutions, a batchnorm's buffers (no KD gradient) and a parameter the logits never use."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.fc, self.unused = nn.Linear(3 * 5 * 5, 4), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.c1(x))).flatten(1))
+
+
+@pytest.mark.parametrize("net", [TwoConv, cnn, BufferedConv])
+def test_loop_route_equals_native_and_a_float64_per_client_oracle(net, rng, device):
+    """conv="loop" (no vmap; the CPU default for convolutional models): gradients and losses
+    equal the native route's in fp32, the per-client float64 autograd oracle's, with zero rows
+    for buffers and unused parameters; bf16 within the stated tolerance of fp32."""
+    from test_correction import BF16_TOLERANCE
+
+    model, proxy, students = _net_proxy_students(net, (9, 2, 5, 5), 5, rng, device)
+    model.eval()
+    if net is BufferedConv:
+        model.bn.running_mean.normal_(generator=torch.Generator().manual_seed(1))
+        students = 0.1 * torch.randn(5, sum(t.numel() for t in model.state_dict().values()
+                                            if t.is_floating_point()), generator=rng).to(device)
+    loss0, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=5)
+    loss1, g1, eng = _engine_grads(model, proxy, students, conv="loop", chunk=2)  # passes of 2, 2 and 1
+    assert eng.routes == {2: "loop", 1: "loop"}
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5 and torch.allclose(loss1, loss0, rtol=1e-4, atol=1e-7)
+    zero = [(off, n) for name, _, off, n in eng.spec.items() if name.startswith(("bn.running", "bn.num", "unused"))]
+    assert all(float(g1[:, off:off + n].abs().max()) == 0 for off, n in zero) and (net is not BufferedConv or zero)
+    # the oracle: float64, client by client, plain autograd of the explicit KL formula
+    m64 = copy.deepcopy(model).double()
+    corr = fastagg.KDCorrection(proxy.double(), schedule=1.0, conv="loop", chunk=None)
+    agg = fastagg.Aggregator(m64, fastagg.FedBuff(4), correction=corr, backend="torch")
+    teacher = corr.teacher(agg.params, 0)
+    want = corr._loop_grad(agg.params + students.double(), teacher)
+    loss, got = corr.engine(agg.params + students.double(), teacher.probs)
+    assert corr.engine.routes == {5: "loop"} and float((got - want).norm() / want.norm()) < 1e-10
+    _, g2, _ = _engine_grads(model, proxy, students, conv="loop", precision="bf16", chunk=5)
+    assert 0 < float((g2 - g0).norm() / g0.norm()) < BF16_TOLERANCE
 
 
 def test_auto_chunk_keeps_the_fastest_pass_size_and_leaves_out_one_that_does_not_fit(rng, monkeypatch):
