@@ -173,7 +173,8 @@ class StudentGradEngine:
         plain autograd (no vmap), the fused KD op on each one's logits, and each one's gradients
         written into its row of ``out`` (zeros for buffers and for parameters the logits do not
         use). On a CPU a model with convolutions runs one student per pass, where vmap's
-        batching rule (a grouped convolution of one group) only costs: 1.1-1.3x slower there."""
+        batching rule (a grouped convolution of one group) only costs: the loop was 1.04-1.46x
+        faster there (bench/bench_loop_route.py)."""
         spec, N, C = self.spec, *probs.shape
         names = [n for n, tr in zip(spec.names, spec.trainable) if tr]
         losses = []
@@ -321,7 +322,7 @@ class StudentGradEngine:
         cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
         convs = cuda and bool(routable_convs(self.model))
         if self.conv == "auto" and self.proxy.device.type == "cpu" and _has_convs(self.model):
-            # one student per pass on a CPU (see __init__): the loop, without vmap, was 1.1-1.3x
+            # one student per pass on a CPU (see __init__): the loop, without vmap, was 1.04-1.46x
             # faster than vmap's one-group convolutions for every model measured there (a fixed
             # choice, not a timed one, so that a CPU run's numbers do not depend on its timings)
             return ["loop"] + (["compiled"] if self.compile else [])
