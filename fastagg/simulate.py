@@ -180,7 +180,8 @@ def parse_algorithm(name: str):
     clients send their deltas in, and the aggregator's delta_dtype). FedADT also takes the
     correction's: schedule (constant, linear_warmup, exp_saturation, sigmoid, teacher_confidence,
     teacher_accuracy), lam, student, factor (grows | none), step, rho, eta, steps, T, and the
-    engine's precision (fp32 | bf16) and conv route (native | triton | triton_cl | torch).
+    engine's precision (fp32 | bf16) and conv route (native | loop | triton | triton_cl | torch;
+    fastagg.engine lists them all).
     Returns (rule, correction options or None, the update dtype or None)."""
     base, _, opts = name.partition("/")
     if base not in ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff"):
