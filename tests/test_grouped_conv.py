@@ -16,7 +16,7 @@ from fastagg.ops.grouped_conv import grouped_conv2d, grouped_conv2d_reference, r
 pytest.importorskip("triton")
 from fastagg.kernels import grouped_conv as gck  # noqa: E402
 
-from conftest import cnn, mlp  # noqa: E402
+from conftest import cnn, mlp, need_backend  # noqa: E402
 
 # (K, N, C, Co, H, W, (R, S), stride, padding): channel counts above one block (16) and not a
 # multiple of it, pixel counts with tails, 1x1 / 3x3 / 5x5 / 3x1 taps, strides 1 and 2
@@ -311,6 +311,20 @@ def test_loop_route_equals_native_and_a_float64_per_client_oracle(net, rng, devi
     assert corr.engine.routes == {5: "loop"} and float((got - want).norm() / want.norm()) < 1e-10
     _, g2, _ = _engine_grads(model, proxy, students, conv="loop", precision="bf16", chunk=5)
     assert 0 < float((g2 - g0).norm() / g0.norm()) < BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba", "torch"])
+def test_loop_route_runs_every_cpu_backends_kd_op(backend, rng):
+    """The loop hands each student's logits to the KD op of the aggregator's backend, detached
+    (numba reads them as numpy arrays, which a tensor that requires grad refuses)."""
+    need_backend(backend)
+    model, proxy, students = _net_proxy_students(TwoConv, (9, 2, 5, 5), 3, rng, "cpu")
+    loss0, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=3)
+    corr = fastagg.KDCorrection(proxy, schedule=1.0, conv="loop", chunk=3)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend=backend)
+    loss, g = corr.engine(agg.params + students, corr.teacher(agg.params, 0).probs)
+    assert corr.engine.backend == backend and not loss.requires_grad
+    assert float((g - g0).norm() / g0.norm()) < 1e-5 and torch.allclose(loss, loss0, rtol=1e-4, atol=1e-7)
 
 
 def test_auto_chunk_keeps_the_fastest_pass_size_and_leaves_out_one_that_does_not_fit(rng, monkeypatch):
