@@ -1,6 +1,7 @@
 """`fastagg bench` runs end to end on the CPU (tiny sizes) and writes what its tables are made of,
 so that a device session does not spend its minutes finding a broken harness."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -282,15 +283,19 @@ def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
         bench.step_threaded(agg, [torch.zeros(3)] * 4, 1, 2, counter)
 
 
+def _bench_script(name):
+    """A script of bench/ (not a package) imported as a module."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_gpu_syncs_script_runs_and_profiles_the_host_without_cuda(capsys):
     """bench/gpu_syncs.py (run in the device script) on a CPU: the step's submits under cProfile,
     every update merged, and a profile that names the submit path."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import gpu_syncs
-    finally:
-        sys.path.pop(0)
-    us = gpu_syncs.main(K=4, buffers=2, device="cpu")
+    us = _bench_script("gpu_syncs").main(K=4, buffers=2, device="cpu")
     out = capsys.readouterr().out
     assert us > 0 and "us per submit" in out
     assert "_accept_host" in out or "stage_row" in out, out
@@ -299,11 +304,6 @@ def test_gpu_syncs_script_runs_and_profiles_the_host_without_cuda(capsys):
 def test_bf16_regime_script_measures_the_gradients_against_the_distance():
     """bench/bf16_regime.py: far from the teacher the bf16 KD gradient follows the fp32 one; at the
     teacher the fp32 gradient is rounding (~1e-8 of its size at 0.1) and the bf16 one far larger."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import bf16_regime
-    finally:
-        sys.path.pop(0)
-    far, at = bf16_regime.regime("lm", "cpu", K=2, distances=(1e-1, 0.0))
+    far, at = _bench_script("bf16_regime").regime("lm", "cpu", K=2, distances=(1e-1, 0.0))
     assert far["distance"] == 0.1 and far["cos_mean"] > 0.99 and far["rel_err"] < 0.05
     assert at["g32"] < 1e-5 * far["g32"] and at["g16"] > 100 * at["g32"]
