@@ -293,12 +293,30 @@ def _bench_script(name):
 
 
 def test_gpu_syncs_script_runs_and_profiles_the_host_without_cuda(capsys):
-    """bench/gpu_syncs.py (run in the device script) on a CPU: the step's submits under cProfile,
-    every update merged, and a profile that names the submit path."""
-    us = _bench_script("gpu_syncs").main(K=4, buffers=2, device="cpu")
+    """bench/gpu_syncs.py (run in the device script) on a CPU: the step's submits under cProfile
+    (main asserts that every update was merged), a line per call with the most time of its own,
+    and those calls ranked by that time."""
+    import cProfile
+    import re
+    import time
+
+    script = _bench_script("gpu_syncs")
+    us = script.main(K=4, buffers=2, device="cpu")
     out = capsys.readouterr().out
     assert us > 0 and "us per submit" in out
-    assert "_accept_host" in out or "stage_row" in out, out
+    calls = [ln for ln in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+\S", ln)]
+    assert len(calls) == 14, out
+
+    def slow():
+        time.sleep(0.05)
+
+    prof = cProfile.Profile()
+    prof.enable()
+    slow()
+    sum(range(1000))
+    prof.disable()
+    first = script.top_calls(prof, 3)[0].split()
+    assert first[0] == "1" and 45 <= float(first[1]) < 500 and "sleep" in first[-1]
 
 
 def test_bf16_regime_script_measures_the_gradients_against_the_distance():
