@@ -1,0 +1,242 @@
+"""Random sequences of server operations against a float64 reference server written out here.
+
+Each run draws a few hundred operations — submits (valid, or with one of several faults: a
+future, too stale or evicted base version, a client's second update on one version, NaN, a
+norm over the bound, a wrong length; as a tensor, a state_dict or wire bytes), flushes,
+checkpoints (through ``torch.save``) restored into a fresh aggregator, rollbacks of the same
+aggregator to its last checkpoint, ``set_global`` and pulls — and after each one checks the
+aggregator against the reference:
+version, parameters (1e-12), buffered count, counters and staleness histogram. A rejected
+submit must raise one of the errors its faults allow and change nothing but the rejection
+count. The reference knows the rules only as DESIGN.md states them (FedAsync applied update by
+update, the evicted base replaced by the model at the start of the batch; FedBuff with server
+momentum; with FedADT one relative KD step per stale update, its gradient by plain float64
+autograd against the model at the batch's start), and the version store as a ring of the last
+``max_versions`` versions pushed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import random
+
+import pytest
+import torch
+
+import fastagg
+from fastagg import errors, staleness
+
+from conftest import mlp
+
+
+class RefServer:
+    def __init__(self, rule, w, theta, max_staleness, max_norm, max_versions, on_evicted, kd=None):
+        self.rule, self.w, self.kd = rule, w, kd
+        self.theta, self.version = theta.clone(), 0
+        self.max_staleness, self.max_norm = max_staleness, max_norm
+        self.cap, self.on_evicted = max_versions, on_evicted
+        self.store = {0: theta.clone()}  # insertion order: oldest first
+        self.pending, self.seen = [], set()
+        self.momentum = torch.zeros_like(theta)
+        self.accepted = self.merged = self.fallbacks = 0
+        self.hist = {}
+
+    def _push(self):
+        if self.version not in self.store and len(self.store) == self.cap:
+            del self.store[next(iter(self.store))]
+        self.store[self.version] = self.theta.clone()
+
+    def faults(self, delta, base, client, P):
+        """The errors this submit may raise (empty: it is accepted)."""
+        out = set()
+        fedasync = isinstance(self.rule, fastagg.FedAsync)
+        if base > self.version:
+            out.add(errors.FutureVersionError)
+        else:
+            if client is not None and (client, base) in self.seen:
+                out.add(errors.DuplicateUpdateError)
+            s = self.version + (len(self.pending) if fedasync else 0) - base
+            if self.max_staleness is not None and s > self.max_staleness:
+                out.add(errors.StaleUpdateError)
+            if (fedasync or self.kd) and base not in self.store and self.on_evicted == "reject":
+                out.add(errors.EvictedVersionError)
+        if delta.numel() != P:
+            out.add(errors.UpdateShapeError)
+        elif not bool(torch.isfinite(delta).all()):
+            out.add(errors.NonFiniteUpdateError)
+        elif self.max_norm is not None and float(delta.norm()) > self.max_norm:
+            out.add(errors.UpdateNormError)
+        return out
+
+    def submit(self, delta, base, n, client):
+        fedasync = isinstance(self.rule, fastagg.FedAsync)
+        s = self.version + (len(self.pending) if fedasync else 0) - base
+        self.pending.append((delta.clone(), base, n, s))
+        if client is not None:
+            self.seen.add((client, base))
+        self.accepted += 1
+        if len(self.pending) == self.rule.capacity:
+            self.flush()
+        return s
+
+    def flush(self):
+        if not self.pending:
+            return
+        rule, pend, theta0 = self.rule, self.pending, self.theta.clone()
+        if self.kd is not None:  # each stale delta corrected against the model at the batch's start
+            pend = [(self._corrected(d, b, s, theta0), b, n, s) for d, b, n, s in pend]
+        if isinstance(rule, fastagg.FedAsync):
+            for d, b, _, s in pend:  # one by one, each from its base (evicted: the batch's start)
+                a = rule.alpha * self.w(s)
+                base = self.store.get(b)
+                if base is None:
+                    self.fallbacks += 1
+                    base = theta0
+                self.theta = (1 - a) * self.theta + a * (base + d)
+            self.version += len(pend)
+        else:
+            a = [self.w(s) * (n if rule.sample_weighted else 1) for _, _, n, s in pend]
+            norm = math.fsum(a) if rule.normalize == "weights" else len(a)
+            u = sum(ak * d for ak, (d, _, _, _) in zip(a, pend)) / norm
+            self.momentum = rule.momentum * self.momentum + u
+            self.theta = self.theta + rule.server_lr * self.momentum
+            self.version += 1
+            if self.kd is not None:
+                self.fallbacks += sum(1 for _, b, _, _ in pend if b not in self.store)
+        for *_, s in pend:
+            self.hist[s] = self.hist.get(s, 0) + 1
+        self.merged += len(pend)
+        self.pending = []
+        self._push()
+
+    def _corrected(self, d, b, s, theta0):
+        """delta - rho * lam * |delta| * g / |g|: one relative KD step (lam = 1.5, rho = 0.8) from
+        the student base + delta (the batch's start where the base is evicted), g the KD gradient
+        by plain float64 autograd against the teacher at the batch's start."""
+        if s < 1:
+            return d
+        corr = self.kd
+        corr.invalidate()  # the teacher of theta0 (set_global keeps the version number)
+        teacher = corr.teacher(theta0, 0)
+        g = corr._loop_grad((self.store.get(b, theta0) + d)[None], teacher)[0]
+        return d - 0.8 * 1.5 * d.norm() * g / g.norm()
+
+    STATE = ("theta", "version", "store", "pending", "seen", "momentum", "accepted", "merged", "fallbacks", "hist")
+
+    def snapshot(self):
+        return copy.deepcopy({k: getattr(self, k) for k in self.STATE})
+
+    def restore(self, snap):
+        for k, v in copy.deepcopy(snap).items():
+            setattr(self, k, v)
+
+    def set_global(self, theta):
+        self.theta = theta.clone()
+        self._push()
+
+
+RULES = {  # "_kd": with FedADT's correction
+    "fedasync": fastagg.FedAsync(0.6),
+    "fedasync_batch3": fastagg.FedAsync(0.45, batch_size=3),
+    "fedasync_batch3_kd": fastagg.FedAsync(0.45, batch_size=3),
+    "fedbuff_kd": fastagg.FedBuff(3, server_lr=0.9),
+    "fedbuff_momentum": fastagg.FedBuff(3, server_lr=0.8, momentum=0.5),
+    "fedbuff_samples_count": fastagg.FedBuff(4, sample_weighted=True, normalize="count"),
+}
+
+
+@pytest.mark.parametrize("on_evicted", ["applied", "reject"])
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    r = random.Random(seed)
+    model = mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64)
+    kw = dict(staleness=staleness.polynomial(0.5), max_staleness=6, max_update_norm=10.0, max_versions=4,
+              on_evicted=on_evicted)
+    proxy = torch.randn(7, 4, dtype=torch.float64, generator=rng)
+
+    def correction():  # FedADT: one relative KD step on every stale update, lam = 1.5
+        if not rule.endswith("_kd"):
+            return None
+        return fastagg.KDCorrection(proxy, schedule=fastagg.schedules.constant(1.5), step="relative", rho=0.8,
+                                    steps=1, staleness_factor="none")
+
+    agg = fastagg.Aggregator(model, RULES[rule], correction=correction(), **kw)
+    P = agg.spec.numel
+    kd = correction()
+    if kd is not None:
+        fastagg.Aggregator(model, fastagg.FedBuff(3), correction=kd)  # binds the reference's own to the model
+    ref = RefServer(RULES[rule], agg.staleness, agg.params, 6, 10.0, 4, on_evicted, kd)
+    rejected, saved, tally = 0, None, {"accepted": 0, "rejected": 0, "merges": 0}
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(250):
+        op = r.random()
+        where = f"seed {seed}, step {step}"
+        if op < 0.72:
+            base = max(0, ref.version - r.choice([0, 0, 1, 1, 2, 3, 5, 8]))
+            if r.random() < 0.05:
+                base = ref.version + 1
+            delta = torch.randn(P, dtype=torch.float64, generator=gen) * r.choice([0.05, 0.3, 0.8])
+            fault = r.random()
+            if fault < 0.04:
+                delta[r.randrange(P)] = r.choice([float("nan"), float("inf")])
+            elif fault < 0.08:
+                delta = delta * 100.0  # over max_update_norm
+            elif fault < 0.10:
+                delta = delta[:-1]
+            client = r.choice([None, "a", "b", "c", "d", "e", "f"])
+            n = r.randint(1, 30)
+            allowed = ref.faults(delta, base, client, P)
+            form = r.choice(["flat", "dict", "bytes"]) if delta.numel() == P else "flat"
+            if form == "dict":
+                update = agg.spec.unflatten(delta)
+            elif form == "bytes":
+                update = fastagg.encode_update(agg.spec.unflatten(delta), base_version=base, num_samples=n,
+                                               client_id=client)
+            else:
+                update = delta
+            try:
+                receipt = agg.submit(update, base_version=base, num_samples=n, client_id=client)
+            except errors.InvalidUpdate as exc:
+                assert type(exc) in allowed, (where, type(exc).__name__, allowed)
+                rejected += 1
+                tally["rejected"] += 1
+            else:
+                assert not allowed, (where, allowed)
+                assert receipt.staleness == ref.submit(delta, base, n, client), where
+                tally["accepted"] += 1
+                tally["merges"] += receipt.status == "merged"
+        elif op < 0.82:
+            assert agg.flush() == (ref.flush() or ref.version), where
+        elif op < 0.86:  # a checkpoint, through torch.save, restored into a fresh aggregator
+            buf = io.BytesIO()
+            torch.save(agg.state_dict(), buf)
+            buf.seek(0)
+            fresh = fastagg.Aggregator(mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64, seed=step),
+                                       RULES[rule], correction=correction(), **kw)
+            fresh.load_state_dict(torch.load(buf, weights_only=False))
+            agg = fresh
+            saved = (agg.state_dict(), ref.snapshot(), rejected)
+        elif op < 0.92 and saved is not None:  # the same aggregator rolled back to the last checkpoint
+            agg.load_state_dict(saved[0])
+            ref.restore(saved[1])
+            rejected = saved[2]
+        elif op < 0.96:
+            theta = torch.randn(P, dtype=torch.float64, generator=gen)
+            agg.set_global(agg.spec.unflatten(theta) if r.random() < 0.5 else theta)
+            ref.set_global(theta)
+        else:
+            version, flat = agg.pull(flat=True)
+            assert version == ref.version and torch.allclose(flat, ref.theta, rtol=0, atol=1e-12), where
+        st = agg.stats()
+        assert st["version"] == ref.version and st["buffered"] == len(ref.pending), where
+        assert torch.allclose(agg.params, ref.theta, rtol=0, atol=1e-12), \
+            (where, float((agg.params - ref.theta).abs().max()))
+        assert (st["accepted"], st["merged"], st["rejected_total"], st["fallbacks"]) == \
+            (ref.accepted, ref.merged, rejected, ref.fallbacks), where
+        assert st["staleness_histogram"] == dict(sorted(ref.hist.items())), where
+        assert agg.store.versions == list(ref.store), where
+    # the run went through merges and rejections (not only a few updates before a rollback)
+    assert tally["accepted"] > 40 and tally["merges"] > 5 and tally["rejected"] > 10, tally
