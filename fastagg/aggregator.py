@@ -260,7 +260,7 @@ class Aggregator:
             self._admit(base_version, client_id)  # fail fast: no staging for a doomed update
             while not self._free_rows:  # every row is staged into or buffered: a merge frees them
                 self._rows_freed.wait()
-            r = self._free_rows.pop()
+            r = self._take_row()
             self._staging_now += 1
             threads = max(1, self._stage_threads // self._staging_now)
         try:
@@ -291,9 +291,19 @@ class Aggregator:
         else:
             self._rows_freed.notify_all()  # load_state_dict waits for every staging to end
 
+    def _take_row(self) -> int:
+        """A free staging row (under the lock). On a CPU the lowest: one thread fills rows 0, 1,
+        ..., so that a buffer's rows are its slots and the merge reads them without an index. On
+        a GPU the row freed longest ago: a pinned row is free again as soon as its copy to the
+        device is enqueued, and staging into it must first wait for that copy to land, so taking
+        the same row again would make each submit wait for the previous one's copy (~0.1 ms for
+        4 MB at 50 GB/s) instead of staging while it runs."""
+        return self._free_rows.pop() if self._staging is None else self._free_rows.pop(0)
+
     def _free_row(self, *rows):
-        self._free_rows.extend(rows)
-        self._free_rows.sort(reverse=True)  # pop() takes the lowest: one thread fills rows 0, 1, ...
+        self._free_rows.extend(rows)  # a GPU's: in the order freed, oldest first (see _take_row)
+        if self._staging is None:
+            self._free_rows.sort(reverse=True)  # pop() takes the lowest
         self._rows_freed.notify_all()
 
     def _accept_on_device(self, update, base_version, num_samples, client_id):
