@@ -5,14 +5,13 @@ future, too stale or evicted base version, a client's second update on one versi
 norm over the bound, a wrong length; as a tensor, a state_dict or wire bytes), flushes,
 checkpoints (through ``torch.save``) restored into a fresh aggregator, rollbacks of the same
 aggregator to its last checkpoint, ``set_global`` and pulls — and after each one checks the
-aggregator against the reference:
-version, parameters (1e-12), buffered count, counters and staleness histogram. A rejected
-submit must raise one of the errors its faults allow and change nothing but the rejection
-count. The reference knows the rules only as DESIGN.md states them (FedAsync applied update by
-update, the evicted base replaced by the model at the start of the batch; FedBuff with server
-momentum; with FedADT one relative KD step per stale update, its gradient by plain float64
-autograd against the model at the batch's start), and the version store as a ring of the last
-``max_versions`` versions pushed.
+aggregator against the reference: version, parameters (1e-12 in float64), buffered count,
+counters, staleness histogram and the versions stored. A rejected submit must raise one of the
+errors its faults allow and change nothing but the rejection count. The reference knows the
+rules only as DESIGN.md states them (FedAsync applied update by update, an evicted base
+replaced by the model at the start of the batch; FedBuff with server momentum; with FedADT one
+relative KD step per stale update, its gradient by plain float64 autograd against the model at
+the batch's start), and the version store as a ring of the last ``max_versions`` versions pushed.
 """
 
 from __future__ import annotations
@@ -28,12 +27,13 @@ import torch
 import fastagg
 from fastagg import errors, staleness
 
-from conftest import mlp
+from conftest import mlp, need_backend
 
 
 class RefServer:
-    def __init__(self, rule, w, theta, max_staleness, max_norm, max_versions, on_evicted, kd=None):
-        self.rule, self.w, self.kd = rule, w, kd
+    def __init__(self, rule, w, theta, max_staleness, max_norm, max_versions, on_evicted, kd=None,
+                 row_dtype=torch.float64):
+        self.rule, self.w, self.kd, self.row_dtype = rule, w, kd, row_dtype
         self.theta, self.version = theta.clone(), 0
         self.max_staleness, self.max_norm = max_staleness, max_norm
         self.cap, self.on_evicted = max_versions, on_evicted
@@ -48,9 +48,14 @@ class RefServer:
             del self.store[next(iter(self.store))]
         self.store[self.version] = self.theta.clone()
 
+    def rounded(self, delta):
+        """The update as the server holds it (16-bit rows: rounded to nearest)."""
+        return delta.to(self.row_dtype).double()
+
     def faults(self, delta, base, client, P):
         """The errors this submit may raise (empty: it is accepted)."""
         out = set()
+        delta = self.rounded(delta)
         fedasync = isinstance(self.rule, fastagg.FedAsync)
         if base > self.version:
             out.add(errors.FutureVersionError)
@@ -73,7 +78,7 @@ class RefServer:
     def submit(self, delta, base, n, client):
         fedasync = isinstance(self.rule, fastagg.FedAsync)
         s = self.version + (len(self.pending) if fedasync else 0) - base
-        self.pending.append((delta.clone(), base, n, s))
+        self.pending.append((self.rounded(delta), base, n, s))
         if client is not None:
             self.seen.add((client, base))
         self.accepted += 1
@@ -150,11 +155,29 @@ RULES = {  # "_kd": with FedADT's correction
 @pytest.mark.parametrize("on_evicted", ["applied", "reject"])
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
+    _run(rule, on_evicted, rng)
+
+
+@pytest.mark.parametrize("rule, backend, delta_dtype", [
+    ("fedbuff_kd", "cpp", None), ("fedasync_batch3", "cpp", None), ("fedbuff_momentum", "numba", None),
+    ("fedasync_batch3_kd", "numba", None), ("fedbuff_kd", "cpp", torch.bfloat16),
+    ("fedasync_batch3", "cpp", torch.float16)])
+def test_random_operations_in_float32_on_the_cpu_kernels(rule, backend, delta_dtype, rng):
+    """The same with a float32 model, so that the C++ and numba kernels merge (they take float32;
+    a float64 model merges through torch), the buffered deltas in float32 or 16 bits: the
+    reference rounds each update to that dtype and goes on in float64, and the parameters agree
+    to float32's rounding over the run (1e-4)."""
+    need_backend(backend)
+    _run(rule, "applied", rng, backend=backend, delta_dtype=delta_dtype, dtype=torch.float32)
+
+
+def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.float64):
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     r = random.Random(seed)
-    model = mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64)
+    model = mlp(d_in=4, hidden=5, classes=3, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
     kw = dict(staleness=staleness.polynomial(0.5), max_staleness=6, max_update_norm=10.0, max_versions=4,
-              on_evicted=on_evicted)
+              on_evicted=on_evicted, backend=backend, delta_dtype=delta_dtype)
     proxy = torch.randn(7, 4, dtype=torch.float64, generator=rng)
 
     def correction():  # FedADT: one relative KD step on every stale update, lam = 1.5
@@ -167,8 +190,10 @@ def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
     P = agg.spec.numel
     kd = correction()
     if kd is not None:
-        fastagg.Aggregator(model, fastagg.FedBuff(3), correction=kd)  # binds the reference's own to the model
-    ref = RefServer(RULES[rule], agg.staleness, agg.params, 6, 10.0, 4, on_evicted, kd)
+        # binds the reference's own to the model in float64
+        fastagg.Aggregator(mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64), fastagg.FedBuff(3), correction=kd)
+    ref = RefServer(RULES[rule], agg.staleness, agg.params.double(), 6, 10.0, 4, on_evicted, kd,
+                    delta_dtype or dtype)
     rejected, saved, tally = 0, None, {"accepted": 0, "rejected": 0, "merges": 0}
     gen = torch.Generator().manual_seed(seed)
     for step in range(250):
@@ -214,7 +239,7 @@ def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
             buf = io.BytesIO()
             torch.save(agg.state_dict(), buf)
             buf.seek(0)
-            fresh = fastagg.Aggregator(mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64, seed=step),
+            fresh = fastagg.Aggregator(mlp(d_in=4, hidden=5, classes=3, dtype=dtype, seed=step),
                                        RULES[rule], correction=correction(), **kw)
             fresh.load_state_dict(torch.load(buf, weights_only=False))
             agg = fresh
@@ -224,16 +249,16 @@ def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
             ref.restore(saved[1])
             rejected = saved[2]
         elif op < 0.96:
-            theta = torch.randn(P, dtype=torch.float64, generator=gen)
+            theta = torch.randn(P, dtype=torch.float64, generator=gen).to(dtype)
             agg.set_global(agg.spec.unflatten(theta) if r.random() < 0.5 else theta)
-            ref.set_global(theta)
+            ref.set_global(theta.double())
         else:
             version, flat = agg.pull(flat=True)
-            assert version == ref.version and torch.allclose(flat, ref.theta, rtol=0, atol=1e-12), where
+            assert version == ref.version and torch.allclose(flat.double(), ref.theta, rtol=0, atol=tol), where
         st = agg.stats()
         assert st["version"] == ref.version and st["buffered"] == len(ref.pending), where
-        assert torch.allclose(agg.params, ref.theta, rtol=0, atol=1e-12), \
-            (where, float((agg.params - ref.theta).abs().max()))
+        assert torch.allclose(agg.params.double(), ref.theta, rtol=0, atol=tol), \
+            (where, float((agg.params.double() - ref.theta).abs().max()))
         assert (st["accepted"], st["merged"], st["rejected_total"], st["fallbacks"]) == \
             (ref.accepted, ref.merged, rejected, ref.fallbacks), where
         assert st["staleness_histogram"] == dict(sorted(ref.hist.items())), where
