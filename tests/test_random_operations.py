@@ -41,6 +41,7 @@ class RefServer:
         self.pending, self.seen = [], set()
         self.momentum = torch.zeros_like(theta)
         self.accepted = self.merged = self.fallbacks = 0
+        self.slack = 0.0
         self.hist = {}
 
     def _push(self):
@@ -119,14 +120,19 @@ class RefServer:
     def _corrected(self, d, b, s, theta0):
         """delta - rho * lam * |delta| * g / |g|: one relative KD step (lam = 1.5, rho = 0.8) from
         the student base + delta (the batch's start where the base is evicted), g the KD gradient
-        by plain float64 autograd against the teacher at the batch's start."""
+        by plain float64 autograd against the teacher at the batch's start. ``slack`` gathers
+        what float32 may miss by: the step's length times the relative error of a float32 g's
+        direction, taken as 1e-6 / |g| (a gradient near zero, e.g. at saturated probabilities,
+        points anywhere in float32: seen at |g| = 2e-7, a whole step off)."""
         if s < 1:
             return d
         corr = self.kd
         corr.invalidate()  # the teacher of theta0 (set_global keeps the version number)
         teacher = corr.teacher(theta0, 0)
         g = corr._loop_grad((self.store.get(b, theta0) + d)[None], teacher)[0]
-        return d - 0.8 * 1.5 * d.norm() * g / g.norm()
+        length = 0.8 * 1.5 * d.norm()
+        self.slack += float(length) * min(2.0, 1e-6 / float(g.norm()))
+        return d - length * g / g.norm()
 
     STATE = ("theta", "version", "store", "pending", "seen", "momentum", "accepted", "merged", "fallbacks", "hist")
 
@@ -165,20 +171,25 @@ def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
 def test_random_operations_in_float32_on_the_cpu_kernels(rule, backend, delta_dtype, rng):
     """The same with a float32 model, so that the C++ and numba kernels merge (they take float32;
     a float64 model merges through torch), the buffered deltas in float32 or 16 bits: the
-    reference rounds each update to that dtype and goes on in float64, and the parameters agree
-    to float32's rounding over the run (1e-4)."""
+    reference rounds each update to that dtype and computes in float64 from the aggregator's
+    parameters, version store and momentum after the previous operation, so that rounding does
+    not pile up over the run and each operation is held to float32's rounding of itself."""
     need_backend(backend)
     _run(rule, "applied", rng, backend=backend, delta_dtype=delta_dtype, dtype=torch.float32)
 
 
-def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.float64):
-    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.float64, seed=None):
+    """One run; ``seed`` (printed with each failure) replays a failed one."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng)) if seed is None else seed
     r = random.Random(seed)
     model = mlp(d_in=4, hidden=5, classes=3, dtype=dtype)
-    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    # float32: the reference is put back on the aggregator's state after each check (below), so a
+    # merge is held to ~1e-7 of the parameters, plus the slack of its KD steps (RefServer._corrected)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    gen = torch.Generator().manual_seed(seed)
+    proxy = torch.randn(7, 4, dtype=torch.float64, generator=gen)
     kw = dict(staleness=staleness.polynomial(0.5), max_staleness=6, max_update_norm=10.0, max_versions=4,
               on_evicted=on_evicted, backend=backend, delta_dtype=delta_dtype)
-    proxy = torch.randn(7, 4, dtype=torch.float64, generator=rng)
 
     def correction():  # FedADT: one relative KD step on every stale update, lam = 1.5
         if not rule.endswith("_kd"):
@@ -195,7 +206,6 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
     ref = RefServer(RULES[rule], agg.staleness, agg.params.double(), 6, 10.0, 4, on_evicted, kd,
                     delta_dtype or dtype)
     rejected, saved, tally = 0, None, {"accepted": 0, "rejected": 0, "merges": 0}
-    gen = torch.Generator().manual_seed(seed)
     for step in range(250):
         op = r.random()
         where = f"seed {seed}, step {step}"
@@ -257,11 +267,18 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
             assert version == ref.version and torch.allclose(flat.double(), ref.theta, rtol=0, atol=tol), where
         st = agg.stats()
         assert st["version"] == ref.version and st["buffered"] == len(ref.pending), where
-        assert torch.allclose(agg.params.double(), ref.theta, rtol=0, atol=tol), \
+        assert torch.allclose(agg.params.double(), ref.theta, rtol=0, atol=tol + (ref.slack if dtype != torch.float64 else 0.0)), \
             (where, float((agg.params.double() - ref.theta).abs().max()))
         assert (st["accepted"], st["merged"], st["rejected_total"], st["fallbacks"]) == \
             (ref.accepted, ref.merged, rejected, ref.fallbacks), where
         assert st["staleness_histogram"] == dict(sorted(ref.hist.items())), where
         assert agg.store.versions == list(ref.store), where
+        if dtype != torch.float64:  # float32: the reference goes on from the aggregator's state, so
+            # that each check is of one operation's arithmetic (see the test's docstring)
+            ref.theta = agg.params.double()
+            ref.store = {v: agg.store.get(v).double() for v in agg.store.versions}
+            if agg._momentum is not None:
+                ref.momentum = agg._momentum.double()
+            ref.slack = 0.0
     # the run went through merges and rejections (not only a few updates before a rollback)
     assert tally["accepted"] > 40 and tally["merges"] > 5 and tally["rejected"] > 10, tally
