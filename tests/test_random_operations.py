@@ -27,7 +27,7 @@ import torch
 import fastagg
 from fastagg import errors, staleness
 
-from conftest import mlp, need_backend
+from conftest import DEVICE, mlp, need_backend
 
 
 class RefServer:
@@ -178,7 +178,22 @@ def test_random_operations_in_float32_on_the_cpu_kernels(rule, backend, delta_dt
     _run(rule, "applied", rng, backend=backend, delta_dtype=delta_dtype, dtype=torch.float32)
 
 
-def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.float64, seed=None):
+@pytest.mark.skipif(DEVICE == "cpu", reason="the GPU aggregator (FASTAGG_TEST_DEVICE=cuda): the CPU's runs above")
+@pytest.mark.parametrize("rule, delta_dtype", [("fedbuff_kd", None), ("fedasync_batch3", None),
+                                                ("fedbuff_momentum", torch.bfloat16), ("fedasync_batch3_kd", None)])
+def test_random_operations_on_the_gpu_aggregator(rule, delta_dtype, rng):
+    """The same on a GPU aggregator in float32: host updates through the pinned staging rows and
+    the ingest stream, device-resident ones (flat tensors sent on the device) written into their
+    rows, the Triton merge, the engine on the GPU (TF32 off: it rounds to 10 bits)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _run(rule, "applied", rng, delta_dtype=delta_dtype, dtype=torch.float32, device=DEVICE)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.float64, seed=None, device="cpu"):
     """One run; ``seed`` (printed with each failure) replays a failed one."""
     seed = int(torch.randint(0, 2**31, (1,), generator=rng)) if seed is None else seed
     r = random.Random(seed)
@@ -189,7 +204,7 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
     gen = torch.Generator().manual_seed(seed)
     proxy = torch.randn(7, 4, dtype=torch.float64, generator=gen)
     kw = dict(staleness=staleness.polynomial(0.5), max_staleness=6, max_update_norm=10.0, max_versions=4,
-              on_evicted=on_evicted, backend=backend, delta_dtype=delta_dtype)
+              on_evicted=on_evicted, backend=backend, delta_dtype=delta_dtype, device=device)
 
     def correction():  # FedADT: one relative KD step on every stale update, lam = 1.5
         if not rule.endswith("_kd"):
@@ -203,7 +218,7 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
     if kd is not None:
         # binds the reference's own to the model in float64
         fastagg.Aggregator(mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64), fastagg.FedBuff(3), correction=kd)
-    ref = RefServer(RULES[rule], agg.staleness, agg.params.double(), 6, 10.0, 4, on_evicted, kd,
+    ref = RefServer(RULES[rule], agg.staleness, agg.params.double().cpu(), 6, 10.0, 4, on_evicted, kd,
                     delta_dtype or dtype)
     rejected, saved, tally = 0, None, {"accepted": 0, "rejected": 0, "merges": 0}
     for step in range(250):
@@ -230,8 +245,8 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
             elif form == "bytes":
                 update = fastagg.encode_update(agg.spec.unflatten(delta), base_version=base, num_samples=n,
                                                client_id=client)
-            else:
-                update = delta
+            else:  # on a GPU aggregator, half of them sent from the device
+                update = delta.to(device) if device != "cpu" and r.random() < 0.5 else delta
             try:
                 receipt = agg.submit(update, base_version=base, num_samples=n, client_id=client)
             except errors.InvalidUpdate as exc:
@@ -260,25 +275,26 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
             rejected = saved[2]
         elif op < 0.96:
             theta = torch.randn(P, dtype=torch.float64, generator=gen).to(dtype)
-            agg.set_global(agg.spec.unflatten(theta) if r.random() < 0.5 else theta)
+            agg.set_global(agg.spec.unflatten(theta) if r.random() < 0.5 else theta.to(device))
             ref.set_global(theta.double())
         else:
             version, flat = agg.pull(flat=True)
-            assert version == ref.version and torch.allclose(flat.double(), ref.theta, rtol=0, atol=tol), where
+            assert version == ref.version and torch.allclose(flat.double().cpu(), ref.theta, rtol=0, atol=tol), where
         st = agg.stats()
         assert st["version"] == ref.version and st["buffered"] == len(ref.pending), where
-        assert torch.allclose(agg.params.double(), ref.theta, rtol=0, atol=tol + (ref.slack if dtype != torch.float64 else 0.0)), \
-            (where, float((agg.params.double() - ref.theta).abs().max()))
+        theta = agg.params.double().cpu()
+        assert torch.allclose(theta, ref.theta, rtol=0, atol=tol + (ref.slack if dtype != torch.float64 else 0.0)), \
+            (where, float((theta - ref.theta).abs().max()))
         assert (st["accepted"], st["merged"], st["rejected_total"], st["fallbacks"]) == \
             (ref.accepted, ref.merged, rejected, ref.fallbacks), where
         assert st["staleness_histogram"] == dict(sorted(ref.hist.items())), where
         assert agg.store.versions == list(ref.store), where
         if dtype != torch.float64:  # float32: the reference goes on from the aggregator's state, so
             # that each check is of one operation's arithmetic (see the test's docstring)
-            ref.theta = agg.params.double()
-            ref.store = {v: agg.store.get(v).double() for v in agg.store.versions}
+            ref.theta = theta
+            ref.store = {v: agg.store.get(v).double().cpu() for v in agg.store.versions}
             if agg._momentum is not None:
-                ref.momentum = agg._momentum.double()
+                ref.momentum = agg._momentum.double().cpu()
             ref.slack = 0.0
     # the run went through merges and rejections (not only a few updates before a rollback)
     assert tally["accepted"] > 40 and tally["merges"] > 5 and tally["rejected"] > 10, tally
