@@ -10,11 +10,12 @@ histogram and the versions stored; then the reference goes on from the aggregato
 version store and momentum, so that each operation is held to its own rounding (1e-12 in
 float64, 1e-5 in float32, plus what rounding does to a KD step's direction: RefServer._corrected).
 A rejected submit must raise one of the errors its faults allow and change nothing but the
-rejection count. The reference knows the
-rules only as DESIGN.md states them (FedAsync applied update by update, an evicted base
-replaced by the model at the start of the batch; FedBuff with server momentum; with FedADT one
-relative KD step per stale update, its gradient by plain float64 autograd against the model at
-the batch's start), and the version store as a ring of the last ``max_versions`` versions pushed.
+rejection count. The reference knows the rules only as DESIGN.md states them (FedAsync applied
+update by update, an evicted base replaced by the model at the start of the batch; FedBuff with
+server momentum; FedADT with one or several relative or absolute KD steps from the client's or
+the applied student, a constant or teacher-confidence lambda(t), c(s) constant or growing, its
+gradients by plain float64 autograd against the model at the batch's start), and the version
+store as a ring of the last ``max_versions`` versions pushed.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class RefServer:
             s = self.version + (len(self.pending) if fedasync else 0) - base
             if self.max_staleness is not None and s > self.max_staleness:
                 out.add(errors.StaleUpdateError)
-            if (fedasync or self.kd) and base not in self.store and self.on_evicted == "reject":
+            if self._needs_base() and base not in self.store and self.on_evicted == "reject":
                 out.add(errors.EvictedVersionError)
         if delta.numel() != P:
             out.add(errors.UpdateShapeError)
@@ -79,6 +80,10 @@ class RefServer:
         elif self.max_norm is not None and float(delta.norm()) > self.max_norm:
             out.add(errors.UpdateNormError)
         return out
+
+    def _needs_base(self):
+        """The base version is read: FedAsync's mix, or the correction's client student."""
+        return isinstance(self.rule, fastagg.FedAsync) or (self.kd is not None and self.kd[1]["student"] == "client")
 
     def submit(self, delta, base, n, client):
         fedasync = isinstance(self.rule, fastagg.FedAsync)
@@ -113,7 +118,7 @@ class RefServer:
             self.momentum = rule.momentum * self.momentum + u
             self.theta = self.theta + rule.server_lr * self.momentum
             self.version += 1
-            if self.kd is not None:
+            if self._needs_base():
                 self.fallbacks += sum(1 for _, b, _, _ in pend if b not in self.store)
         for *_, s in pend:
             self.hist[s] = self.hist.get(s, 0) + 1
@@ -122,22 +127,36 @@ class RefServer:
         self._push()
 
     def _corrected(self, d, b, s, theta0):
-        """delta - rho * lam * |delta| * g / |g|: one relative KD step (lam = 1.5, rho = 0.8) from
-        the student base + delta (the batch's start where the base is evicted), g the KD gradient
-        by plain float64 autograd against the teacher at the batch's start. ``slack`` gathers
-        what the aggregator's arithmetic may miss by: the step's length times the relative error
-        of its g's direction, taken as direction_noise / |g| (1e-6 for float32, 1e-14 for
-        float64): a gradient near zero, e.g. at saturated probabilities, points anywhere once
-        rounded (float32: seen at |g| = 2e-7, a whole step off)."""
-        if s < 1:
-            return d
-        corr = self.kd
+        """DESIGN.md's correction of one delta: lam = lambda(t) * c(s) (0 below min_staleness;
+        c = 1 - (1 + s)^-0.5 for "grows"); from the student base + delta ("client"; the batch's
+        start where the base is evicted) or theta0 + delta ("applied"), ``steps`` steps of
+        eta * lam * g ("absolute") or rho * lam * |delta| / steps along g / |g| ("relative"), g the
+        KD gradient by plain float64 autograd against the teacher of theta0; delta minus their
+        sum. ``slack`` gathers what the aggregator's arithmetic may miss by: each step's length
+        times the relative error of its g's direction, taken as direction_noise / |g| (1e-6 for
+        float32, 1e-14 for float64): a gradient near zero, e.g. at saturated probabilities,
+        points anywhere once rounded (float32: seen at |g| = 2e-7, a whole step off)."""
+        corr, cfg = self.kd
         corr.invalidate()  # the teacher of theta0 (set_global keeps the version number)
         teacher = corr.teacher(theta0, 0)
-        g = corr._loop_grad((self.store.get(b, theta0) + d)[None], teacher)[0]
-        length = 0.8 * 1.5 * d.norm()
-        self.slack += float(length) * min(2.0, self.direction_noise / float(g.norm()))
-        return d - length * g / g.norm()
+        if s < cfg["min_staleness"]:
+            return d
+        p = teacher.probs
+        C = p.shape[1]
+        lam = cfg["lam"] * (max(0.0, (float(p.max(1).values.mean()) - 1 / C) / (1 - 1 / C))
+                            if cfg["schedule"] == "teacher_confidence" else 1.0)
+        lam *= 1 - (1 + s) ** -0.5 if cfg["grows"] else 1.0
+        student = (self.store.get(b, theta0) if cfg["student"] == "client" else theta0) + d
+        total = torch.zeros_like(d)
+        for _ in range(cfg["steps"]):
+            g = corr._loop_grad(student[None], teacher)[0]
+            if cfg["step"] == "absolute":
+                step = cfg["eta"] * lam * g
+            else:
+                step = cfg["rho"] * lam * d.norm() / cfg["steps"] * g / g.norm()
+            self.slack += float(step.norm()) * min(2.0, self.direction_noise / float(g.norm()))
+            total, student = total + step, student - step
+        return d - total
 
     STATE = ("theta", "version", "store", "pending", "seen", "momentum", "accepted", "merged", "fallbacks", "hist")
 
@@ -153,14 +172,36 @@ class RefServer:
         self._push()
 
 
-RULES = {  # "_kd": with FedADT's correction
+RULES = {  # "_kd": with FedADT's correction, configured as KD[name] says
     "fedasync": fastagg.FedAsync(0.6),
     "fedasync_batch3": fastagg.FedAsync(0.45, batch_size=3),
     "fedasync_batch3_kd": fastagg.FedAsync(0.45, batch_size=3),
     "fedbuff_kd": fastagg.FedBuff(3, server_lr=0.9),
+    "fedbuff_applied_kd": fastagg.FedBuff(2, server_lr=0.7, momentum=0.3),
+    "fedasync_absolute_kd": fastagg.FedAsync(0.5, batch_size=2),
     "fedbuff_momentum": fastagg.FedBuff(3, server_lr=0.8, momentum=0.5),
     "fedbuff_samples_count": fastagg.FedBuff(4, sample_weighted=True, normalize="count"),
 }
+ONE_STEP = dict(schedule="constant", lam=1.5, grows=False, min_staleness=1, student="client", step="relative",
+                rho=0.8, steps=1)
+KD = {
+    "fedasync_batch3_kd": ONE_STEP,
+    "fedbuff_kd": ONE_STEP,
+    # three relative steps from theta_t + delta, the teacher's confidence as lambda(t), c(s) growing
+    "fedbuff_applied_kd": dict(ONE_STEP, schedule="teacher_confidence", lam=2.0, grows=True, min_staleness=2,
+                               student="applied", steps=3),
+    "fedasync_absolute_kd": dict(ONE_STEP, step="absolute", eta=0.3, steps=2, grows=True),
+}
+
+
+def _correction(cfg, proxy):
+    if cfg is None:
+        return None
+    schedule = (fastagg.schedules.constant(cfg["lam"]) if cfg["schedule"] == "constant"
+                else fastagg.schedules.teacher_confidence(cfg["lam"]))
+    return fastagg.KDCorrection(proxy, schedule=schedule, step=cfg["step"], rho=cfg["rho"], eta=cfg.get("eta", 0.05),
+                                steps=cfg["steps"], student=cfg["student"], min_staleness=cfg["min_staleness"],
+                                staleness_factor="grows" if cfg["grows"] else "none")
 
 
 @pytest.mark.parametrize("on_evicted", ["applied", "reject"])
@@ -171,7 +212,7 @@ def test_random_operations_match_the_reference_server(rule, on_evicted, rng):
 
 @pytest.mark.parametrize("rule, backend, delta_dtype", [
     ("fedbuff_kd", "cpp", None), ("fedasync_batch3", "cpp", None), ("fedbuff_momentum", "numba", None),
-    ("fedasync_batch3_kd", "numba", None), ("fedbuff_kd", "cpp", torch.bfloat16),
+    ("fedasync_batch3_kd", "numba", None), ("fedbuff_kd", "cpp", torch.bfloat16), ("fedbuff_applied_kd", "cpp", None),
     ("fedasync_batch3", "cpp", torch.float16)])
 def test_random_operations_in_float32_on_the_cpu_kernels(rule, backend, delta_dtype, rng):
     """The same with a float32 model, so that the C++ and numba kernels merge (they take float32;
@@ -183,7 +224,8 @@ def test_random_operations_in_float32_on_the_cpu_kernels(rule, backend, delta_dt
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="the GPU aggregator (FASTAGG_TEST_DEVICE=cuda): the CPU's runs above")
 @pytest.mark.parametrize("rule, delta_dtype", [("fedbuff_kd", None), ("fedasync_batch3", None),
-                                                ("fedbuff_momentum", torch.bfloat16), ("fedasync_batch3_kd", None)])
+                                                ("fedbuff_momentum", torch.bfloat16), ("fedasync_batch3_kd", None),
+                                                ("fedbuff_applied_kd", None)])
 def test_random_operations_on_the_gpu_aggregator(rule, delta_dtype, rng):
     """The same on a GPU aggregator in float32: host updates through the pinned staging rows and
     the ingest stream, device-resident ones (flat tensors sent on the device) written into their
@@ -209,11 +251,8 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
     kw = dict(staleness=staleness.polynomial(0.5), max_staleness=6, max_update_norm=10.0, max_versions=4,
               on_evicted=on_evicted, backend=backend, delta_dtype=delta_dtype, device=device)
 
-    def correction():  # FedADT: one relative KD step on every stale update, lam = 1.5
-        if not rule.endswith("_kd"):
-            return None
-        return fastagg.KDCorrection(proxy, schedule=fastagg.schedules.constant(1.5), step="relative", rho=0.8,
-                                    steps=1, staleness_factor="none")
+    def correction():
+        return _correction(KD.get(rule), proxy)
 
     agg = fastagg.Aggregator(model, RULES[rule], correction=correction(), **kw)
     P = agg.spec.numel
@@ -221,7 +260,8 @@ def _run(rule, on_evicted, rng, backend="auto", delta_dtype=None, dtype=torch.fl
     if kd is not None:
         # binds the reference's own to the model in float64
         fastagg.Aggregator(mlp(d_in=4, hidden=5, classes=3, dtype=torch.float64), fastagg.FedBuff(3), correction=kd)
-    ref = RefServer(RULES[rule], agg.staleness, agg.params.double().cpu(), 6, 10.0, 4, on_evicted, kd,
+    ref = RefServer(RULES[rule], agg.staleness, agg.params.double().cpu(), 6, 10.0, 4, on_evicted,
+                    None if kd is None else (kd, KD[rule]),
                     delta_dtype or dtype, 1e-14 if dtype == torch.float64 else 1e-6)
     rejected, saved, tally = 0, None, {"accepted": 0, "rejected": 0, "merges": 0}
     for step in range(250):
