@@ -35,6 +35,10 @@ from conftest import DEVICE, mlp, need_backend
 
 
 class RefServer:
+    """The server in float64 as DESIGN.md states it: the rule, staleness weights ``w``, the bounds
+    and the version store; ``kd``: (a KDCorrection bound to a float64 copy of the model, its
+    configuration as in KD), or None; ``row_dtype``: the dtype the aggregator buffers deltas in."""
+
     def __init__(self, rule, w, theta, max_staleness, max_norm, max_versions, on_evicted, kd=None,
                  row_dtype=torch.float64, direction_noise=1e-14):
         self.rule, self.w, self.kd, self.row_dtype = rule, w, kd, row_dtype
