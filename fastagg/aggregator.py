@@ -129,16 +129,19 @@ class Aggregator:
         # that last read that buffer (an event per buffer, recorded on the compute stream).
         self._staging = self._ingest_stream = None
         if self.device.type == "cuda":
-            self._staging = torch.empty(self._capacity, P, dtype=self.delta_dtype, pin_memory=True)
+            # two rows at least: a rule that holds one update (FedAsync's default batch of one)
+            # stages the next update while the copy of the previous one runs (see _take_row)
+            rows = max(2, self._capacity)
+            self._staging = torch.empty(rows, P, dtype=self.delta_dtype, pin_memory=True)
             self._ingest_stream = torch.cuda.Stream(self.device)
-            self._row_copied = [None] * self._capacity
+            self._row_copied = [None] * rows
             self._delta_sets = [self._deltas, torch.empty_like(self._deltas)]
             self._set, self._set_merged = 0, [None, None]
         # Host updates are staged into rows outside the lock (see submit): on a GPU the pinned
         # staging rows, each free again once its copy is enqueued; on a CPU the delta rows
         # themselves, free again once merged (so a buffered update's row need not be its slot).
         self._stage_rows = self._staging if self._staging is not None else self._deltas
-        self._free_rows = list(range(self._capacity))[::-1]
+        self._free_rows = list(range(self._stage_rows.shape[0]))[::-1]
         self._staging_now = 0  # rows being staged into now
         self._host_backend = self.backend if self.backend in ("cpp", "numba", "torch") \
             else backends.resolve("auto", "cpu")  # triton: a GPU's (or the interpreter's) host side
