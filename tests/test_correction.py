@@ -290,6 +290,46 @@ def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(delta_dtype, r
     assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU aggregator's streams need a CUDA device")
+def test_every_reader_sees_the_merge_the_device_is_still_running(rng, monkeypatch):
+    """Each merge is held back ~50 ms on the device (a sleep queued before it). Right after the
+    submit that starts one, every reader of the global model — pull (flat and as a state_dict),
+    pull_bytes, state_dict, load_into — must return the merged model, the CPU aggregator's: a
+    reader not ordered after the device's work (say, the merge moved to a stream of its own)
+    would read the model before it."""
+    import fastagg.aggregator as A
+
+    merge = A.fused_merge
+
+    def slow_merge(*args, **kw):
+        torch.cuda._sleep(50_000_000)
+        return merge(*args, **kw)
+
+    monkeypatch.setattr(A, "fused_merge", slow_merge)
+    model = mlp(d_in=6, hidden=64, classes=5)
+    gpu = fastagg.Aggregator(model, fastagg.FedBuff(2), device="cuda")
+    cpu = fastagg.Aggregator(model, fastagg.FedBuff(2), backend="torch")
+
+    def flat(state):
+        return torch.cat([state[n].reshape(-1).cpu() for n in cpu.spec.names])
+
+    readers = {
+        "pull flat": lambda: gpu.pull(flat=True)[1].cpu(),
+        "pull": lambda: flat(gpu.pull()[1]),
+        "pull_bytes": lambda: flat(fastagg.wire.decode_model(gpu.pull_bytes())[1]),
+        "state_dict": lambda: gpu.state_dict()["params"].cpu(),
+        "load_into": lambda: flat(gpu.load_into(mlp(d_in=6, hidden=64, classes=5, seed=1)).state_dict()),
+    }
+    for name, read in readers.items():
+        for _ in range(2):  # the second submit starts a merge
+            d = torch.randn(gpu.spec.numel, generator=rng)
+            gpu.submit(d, base_version=gpu.version)
+            cpu.submit(d, base_version=cpu.version)
+        got = read()
+        assert torch.allclose(got, cpu.params, rtol=1e-5, atol=1e-6), (name, float((got - cpu.params).abs().max()))
+    assert gpu.version == cpu.version == len(readers)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs a CUDA device")
 @pytest.mark.parametrize("rule, rows", [(fastagg.FedBuff(4), 4), (fastagg.FedAsync(0.5), 2)], ids=["fedbuff", "fedasync"])
 def test_one_thread_stages_into_the_pinned_row_freed_longest_ago(rule, rows, rng, monkeypatch):
