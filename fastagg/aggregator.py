@@ -629,8 +629,13 @@ class Aggregator:
             raise ValueError("not a fastagg aggregator checkpoint")
         if state["params"].numel() != self.spec.numel:
             raise ValueError(f"checkpoint has {state['params'].numel()} parameters, the model {self.spec.numel}")
-        if len(state["pending"]) > self._capacity:
-            raise ValueError(f"checkpoint buffers {len(state['pending'])} updates, this rule holds {self._capacity}")
+        # a full buffer merges in the submit that fills it, so this aggregator never holds one: a
+        # checkpoint with one (another rule's, a distributed rank's) would leave no row for the
+        # next submit, which would wait for a merge that never comes
+        most = self._capacity - 1 if self._merges_when_full else self._capacity
+        if len(state["pending"]) > most:
+            raise ValueError(f"checkpoint buffers {len(state['pending'])} updates; this aggregator's rule merges "
+                             f"at {self._capacity}, so it holds at most {most}")
         with self._lock:
             while self._staging_now:  # submits staging into rows now: let them end first (the wait
                 self._rows_freed.wait()  # lets go of the lock, so before anything is changed)
