@@ -3,6 +3,7 @@ safetensors' own loader: the same tensors from valid payloads, a MalformedUpdate
 loader refuses the bytes too, and submit(bytes) equal to submit(dict)."""
 
 import json
+import random
 import struct
 
 import pytest
@@ -136,6 +137,45 @@ def test_a_refused_payload_changes_nothing(rng):
         agg.submit(ints)
     assert torch.equal(agg.params, before[0]) and agg.version == before[1]
     assert agg.stats()["accepted"] == before[2] and agg.stats()["buffered"] == 0
+
+
+def test_mutated_payloads_are_taken_as_safetensors_reads_them_or_refused_with_an_update_error(rng):
+    """600 random mutations of a valid payload (bytes changed, cut off, inserted; characters of
+    the JSON header replaced): each submit either is accepted, its row then holding exactly what
+    safetensors reads from the same bytes, or raises an InvalidUpdate (never another exception)
+    and changes nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(1000), max_update_norm=100.0)
+    state = {k: 0.1 * torch.randn(v.shape, generator=rng) for k, v in model.state_dict().items()}
+    good = wire.encode_update(state, base_version=0, num_samples=3, client_id="c")
+    header = int.from_bytes(good[:8], "little")
+    r = random.Random(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    accepted = refused = 0
+    for i in range(600):
+        b = bytearray(good)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(r.randint(1, 4)):
+                b[r.randrange(len(b))] = r.randrange(256)
+        elif kind == 1:
+            b = b[:r.randrange(len(b))]
+        elif kind == 2:
+            at = r.randrange(8, len(b))
+            b[at:at] = bytes(r.randrange(256) for _ in range(r.randint(1, 5)))
+        else:
+            b[r.randrange(8, 8 + header)] = r.choice(b'{}[]",:0123456789aFU ')
+        before = agg.params.clone(), agg.version, len(agg._pending)
+        try:
+            agg.submit(bytes(b), client_id=i)
+        except errors.InvalidUpdate:
+            refused += 1
+            assert torch.equal(agg.params, before[0]) and (agg.version, len(agg._pending)) == before[1:]
+            continue
+        accepted += 1
+        read = safetensors.torch.load(bytes(b))
+        row = agg._deltas[agg._pending[-1].row]
+        assert torch.equal(row, torch.cat([read[n].reshape(-1).float() for n in agg.spec.names]))
+    assert accepted > 10 and refused > 400, (accepted, refused)
 
 
 @pytest.mark.parametrize("delta_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
