@@ -33,7 +33,7 @@ from . import rules as _rules
 from . import staleness as _staleness
 from .flat import ParamSpec, check_float, check_keys
 from .ops.merge import fused_merge, to_device
-from .ops.stage import STAGED_DTYPES, _widened, stage_row, sum_squares
+from .ops.stage import STAGED_DTYPES, stage_row, sum_squares, widened
 from .version_store import VersionStore
 
 
@@ -61,12 +61,12 @@ class _Pending:
 _DELTA_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 def _add_rows(dst, src):
-    """dst += src for [n, P] rows; a 16-bit ``src`` on a CPU through _widened."""
+    """dst += src for [n, P] rows; a 16-bit ``src`` on a CPU through widened."""
     if src.dtype == dst.dtype or dst.is_cuda:
         dst.add_(src)
         return
     flat = dst.view(-1)
-    for i, piece in _widened(src, dst.dtype):
+    for i, piece in widened(src, dst.dtype):
         flat[i:i + piece.numel()].add_(piece)
 
 

@@ -25,7 +25,7 @@ import torch
 from .. import backends
 
 STAGED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what the kernels read and write
-_PIECE = 1 << 18  # 16-bit rows on a CPU are widened in cache-sized pieces (see _widened)
+_PIECE = 1 << 18  # CPU rows are widened in cache-sized pieces (see widened)
 
 
 _FROM_NUMPY = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
@@ -53,8 +53,9 @@ def check_stage_args(src, dst, src_dtype=None):
     return dtype
 
 
-def _widened(src, dtype=torch.float32):
-    """(offset, piece) over a contiguous 16-bit CPU tensor, each piece widened to ``dtype`` in one
+def widened(src, dtype=torch.float32):
+    """(offset, piece) over a contiguous CPU tensor, each piece converted to the wider ``dtype``
+    (a 16-bit row to fp32 for the aggregator's adds, any row to fp64 for sum_squares) in one
     reused cache-sized buffer: on a CPU a whole-row conversion page-faults a fresh tensor and a
     mixed-dtype add_ runs at 1/6 the speed of an fp32 one; pieces run at copy speed."""
     flat = src.reshape(-1)
@@ -72,7 +73,7 @@ def sum_squares(row) -> float:
     bf16 ``dot`` also rounds its result to bf16 and runs at 1/40 the speed)."""
     if row.dtype == torch.float64:
         return float(row.dot(row))
-    return sum(float(piece.dot(piece)) for _, piece in _widened(row, torch.float64))
+    return sum(float(piece.dot(piece)) for _, piece in widened(row, torch.float64))
 
 
 def stage_row_reference(src, dst, src_dtype=None, threads=1):  # threads: torch's own
