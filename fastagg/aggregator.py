@@ -91,6 +91,47 @@ def _norm_of(sq, row) -> float:
     return float(row.double().norm())
 
 
+class _Ingest:
+    """A GPU aggregator's host-to-device side: pinned staging rows, and each staged row's copy
+    into its delta row on a side stream, ordered by CUDA events. (tests/test_staged_path.py
+    runs the aggregator's staged path on a CPU with a stand-in for this class whose copies
+    complete late, at any point between their enqueueing and the wait that needs them.)"""
+
+    @staticmethod
+    def used_on(device) -> bool:
+        return device.type == "cuda"
+
+    def __init__(self, device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    @staticmethod
+    def pinned(rows, numel, dtype):
+        return torch.empty(rows, numel, dtype=dtype, pin_memory=True)
+
+    def copy(self, dst, src, after=None):
+        """Enqueue ``dst <- src`` on the side stream, behind the event ``after`` when given; returns
+        the event that marks the copy done (``synchronize()`` waits for it on the host)."""
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def join(self):
+        """Order the compute stream after every copy enqueued so far."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def mark(self):
+        """An event at the compute stream's end: what copies into a delta buffer must wait for once
+        a merge that reads that buffer has been enqueued."""
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        return done
+
+
 class Aggregator:
     _merges_when_full = True  # a full buffer merges inside the submit that filled it
 
@@ -127,13 +168,13 @@ class Aggregator:
         # keep that safe: a staging row is rewritten only once its last copy has left it (an event
         # per row, waited for on the host), and a copy into a delta buffer waits for the merge
         # that last read that buffer (an event per buffer, recorded on the compute stream).
-        self._staging = self._ingest_stream = None
-        if self.device.type == "cuda":
+        self._staging = self._ingest = None
+        if _Ingest.used_on(self.device):
             # two rows at least: a rule that holds one update (FedAsync's default batch of one)
             # stages the next update while the copy of the previous one runs (see _take_row)
             rows = max(2, self._capacity)
-            self._staging = torch.empty(rows, P, dtype=self.delta_dtype, pin_memory=True)
-            self._ingest_stream = torch.cuda.Stream(self.device)
+            self._ingest = _Ingest(self.device)
+            self._staging = self._ingest.pinned(rows, P, self.delta_dtype)
             self._row_copied = [None] * rows
             self._delta_sets = [self._deltas, torch.empty_like(self._deltas)]
             self._set, self._set_merged = 0, [None, None]
@@ -324,14 +365,8 @@ class Aggregator:
         staging row (None: written into its delta row on the device)."""
         slot = len(self._pending)
         if self._staging is not None:  # a GPU: the row's bytes go to the device on the ingest stream
-            if r is not None:
-                with torch.cuda.stream(self._ingest_stream):
-                    merged = self._set_merged[self._set]
-                    if merged is not None:
-                        self._ingest_stream.wait_event(merged)  # the last merge of this buffer has read it
-                    self._deltas[slot].copy_(row, non_blocking=True)
-                    self._row_copied[r] = torch.cuda.Event()
-                    self._row_copied[r].record(self._ingest_stream)
+            if r is not None:  # once the last merge of this delta buffer has read it
+                self._row_copied[r] = self._ingest.copy(self._deltas[slot], row, after=self._set_merged[self._set])
                 self._free_row(r)
             r = slot
         seq = self._seq
@@ -435,8 +470,8 @@ class Aggregator:
 
     def _wait_ingest(self):
         """Order the compute stream after the pending host-to-device copies of the buffer."""
-        if self._ingest_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._ingest_stream)
+        if self._ingest is not None:
+            self._ingest.join()
 
     def _work_rows(self, n):
         """The first n rows of the students buffer (allocated with the gradients' at first use)."""
@@ -555,9 +590,8 @@ class Aggregator:
     def _finish_merge(self, pend, slots):
         """After the parameters moved: store the new version, swap the delta buffers, count."""
         self._params_committed()
-        if self._ingest_stream is not None:  # the next buffer fills the other delta buffer
-            self._set_merged[self._set] = torch.cuda.Event()
-            self._set_merged[self._set].record(torch.cuda.current_stream(self.device))
+        if self._ingest is not None:  # the next buffer fills the other delta buffer
+            self._set_merged[self._set] = self._ingest.mark()
             self._set ^= 1
             self._deltas = self._delta_sets[self._set]
         if self.max_staleness is not None:

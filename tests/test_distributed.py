@@ -28,6 +28,8 @@ CASES = {  # name: (FedBuff options, with a correction, model dtype, backend, de
     "count_no_kd": (dict(normalize="count", server_lr=0.7), False, torch.float64, "torch", "cpu"),
     "kd_fp32": (dict(momentum=0.3), True, torch.float32, "auto", "cpu"),
     "kd_bf16_updates": (dict(), True, torch.float32, "auto", "cpu"),  # delta_dtype=bf16, see make
+    # the ranks through a GPU aggregator's staged path on the CPU, their copies late (test_staged_path)
+    "kd_staged": (dict(momentum=0.3), True, torch.float64, "torch", "cpu"),
     # the GPU machine: Triton merge, and gloo's all-reduce through host copies of the [P] sum
     "kd_fp32_cuda": (dict(momentum=0.3), True, torch.float32, "auto", "cuda"),
 }
@@ -78,9 +80,13 @@ def _worker(rank, init, seed, out):
     torch.set_num_threads(1)
     try:
         result = {}
+        import fastagg.aggregator as fa
+        from test_staged_path import GPU_INGEST, LateIngest
         for case in RUN:
+            fa._Ingest = LateIngest if case.endswith("_staged") else GPU_INGEST
             # rank 1 starts from other parameters: construction hands every rank rank 0's
             agg = make(DistributedAggregator, case, seed, model_seed=rank, buffer_size=3, local_capacity=4)
+            assert (agg._staging is not None) == (case.endswith("_staged") or CASES[case][4] == "cuda")
             params = []
             ups = updates(seed, CASES[case][2])
             for j in range(len(COUNTS)):
@@ -92,6 +98,7 @@ def _worker(rank, init, seed, out):
                 assert agg.step() == j + 1  # every step holds at least buffer_size=3 over both ranks
                 params.append(agg.params.clone())
             result[case] = ([p.cpu() for p in params], agg.stats())
+        fa._Ingest = GPU_INGEST
         result["limits"] = _limits(rank, seed)
         result["failure"] = _failure(rank, seed)
         result["checkpoint"] = _checkpoint(rank, seed)
