@@ -51,6 +51,7 @@ class LateIngest:
     rng = random.Random(0)
     waits = True
     made: list = []
+    most_queued = 0  # the most copies queued at once, over the test: late copies really happened
 
     @staticmethod
     def used_on(device):
@@ -85,6 +86,7 @@ class LateIngest:
             self.queue.append(lambda: dst.copy_(src))  # reads the staging row when it runs, as DMA does
             self.queued += 1
             number = self.queued
+            LateIngest.most_queued = max(LateIngest.most_queued, len(self.queue))
         return _Done(self, number) if LateIngest.waits else _Done(self, 0)
 
     def join(self):
@@ -101,6 +103,7 @@ def late(monkeypatch, rng):
     monkeypatch.setattr(fa, "_Ingest", LateIngest)
     monkeypatch.setattr(LateIngest, "rng", random.Random(int(torch.randint(0, 2**31, (1,), generator=rng))))
     monkeypatch.setattr(LateIngest, "made", [])
+    monkeypatch.setattr(LateIngest, "most_queued", 0)
     return LateIngest
 
 
@@ -113,7 +116,7 @@ def test_random_operations_on_the_staged_path_match_the_reference(rule, rng, lat
     """test_random_operations' sequences (faults, flushes, checkpoints, rollbacks, set_global)
     through pinned rows and late copies, float64, against the float64 reference server."""
     ro._run(rule, "applied", rng)
-    assert _copies(late) > 20 and all(i.ran == i.queued or i.queue for i in late.made)
+    assert _copies(late) > 20 and late.most_queued >= min(2, ro.RULES[rule].capacity)  # FedAsync(0.6): 1
 
 
 @pytest.mark.parametrize("rule, backend, delta_dtype", [
@@ -122,7 +125,7 @@ def test_random_operations_on_the_staged_path_match_the_reference(rule, rng, lat
 def test_random_operations_on_the_staged_path_in_float32_and_16_bit_rows(rule, backend, delta_dtype, rng, late):
     need_backend(backend)
     ro._run(rule, "applied", rng, backend=backend, delta_dtype=delta_dtype, dtype=torch.float32)
-    assert _copies(late) > 20
+    assert _copies(late) > 20 and late.most_queued >= 2
 
 
 @pytest.mark.parametrize("rule", [fastagg.FedBuff(5, momentum=0.5, server_lr=0.7), fastagg.FedAsync(0.6, batch_size=3)],
