@@ -330,34 +330,6 @@ def test_every_reader_sees_the_merge_the_device_is_still_running(rng, monkeypatc
     assert gpu.version == cpu.version == len(readers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs a CUDA device")
-@pytest.mark.parametrize("rule, rows", [(fastagg.FedBuff(4), 4), (fastagg.FedAsync(0.5), 2)], ids=["fedbuff", "fedasync"])
-def test_one_thread_stages_into_the_pinned_row_freed_longest_ago(rule, rows, rng, monkeypatch):
-    """A pinned row is free again once its copy to the device is enqueued; staging into the same
-    row at the next submit would wait for that copy. One submitting thread must go round the
-    rows (any ``rows`` consecutive submits into as many rows: FedBuff(4) has four, FedAsync's
-    batch of one two), and the merged model must equal the CPU's."""
-    model = mlp(d_in=6, hidden=64, classes=5)
-    gpu = fastagg.Aggregator(model, rule, device="cuda")
-    cpu = fastagg.Aggregator(model, rule, backend="torch")
-    used, write = [], gpu._write_row
-    row_bytes = gpu._staging.stride(0) * gpu._staging.element_size()
-
-    def spy(update, row, threads=1):
-        used.append((row.data_ptr() - gpu._staging.data_ptr()) // row_bytes)
-        return write(update, row, threads)
-
-    monkeypatch.setattr(gpu, "_write_row", spy)
-    for _ in range(14):
-        d = torch.randn(gpu.spec.numel, generator=rng)
-        gpu.submit(d, base_version=gpu.version)
-        cpu.submit(d, base_version=cpu.version)
-    assert all(len(set(used[i:i + rows])) == rows for i in range(len(used) - rows + 1)), used
-    gpu.flush(), cpu.flush()
-    assert gpu.version == cpu.version == (4 if rows == 4 else 14)
-    assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("student", ["client", "applied"])
 def test_fedbuff_with_mixed_staleness_and_several_steps_equals_a_float64_reference(student, rng):
     """FedADT on FedBuff through the aggregator (its reused student/gradient buffers, the partial

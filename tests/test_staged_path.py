@@ -143,15 +143,23 @@ def test_sixteen_threads_on_the_staged_path_lose_nothing(late):
     assert _copies(late) >= 16 * 400
 
 
+@pytest.mark.parametrize("where", ["stand_in", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the real pinned rows and stream need a CUDA device"))])
 @pytest.mark.parametrize("rule, rows", [(fastagg.FedBuff(4), 4), (fastagg.FedAsync(0.5), 2)], ids=["fedbuff", "fedasync"])
-def test_one_thread_goes_round_the_staging_rows(rule, rows, rng, late, monkeypatch):
-    """One submitting thread stages into the row freed longest ago (any ``rows`` consecutive
-    submits into as many rows), and the model equals a CPU aggregator's bit for bit (the same
-    values reach the same merge)."""
-    model = mlp(d_in=6, hidden=16, classes=5)
-    staged = fastagg.Aggregator(model, rule)
-    monkeypatch.setattr(fa, "_Ingest", GPU_INGEST)
-    plain = fastagg.Aggregator(model, rule)
+def test_one_thread_goes_round_the_staging_rows(where, rule, rows, rng, monkeypatch, request):
+    """A pinned row is free again once its copy to the device is enqueued; staging into the same
+    row at the next submit would wait for that copy. One submitting thread must go round the
+    rows (any ``rows`` consecutive submits into as many rows: FedBuff(4) has four, FedAsync's
+    batch of one two), and the model must equal a CPU aggregator's: bit for bit through the
+    stand-in (the same values reach the same merge), to rounding on a GPU (its merge)."""
+    model = mlp(d_in=6, hidden=64, classes=5)
+    if where == "stand_in":
+        request.getfixturevalue("late")
+        staged = fastagg.Aggregator(model, rule)
+        monkeypatch.setattr(fa, "_Ingest", GPU_INGEST)
+    else:
+        staged = fastagg.Aggregator(model, rule, device="cuda")
+    plain = fastagg.Aggregator(model, rule, backend=staged.backend if where == "stand_in" else "auto")
     assert staged._staging is not None and plain._staging is None
     used, write = [], staged._write_row
     row_bytes = staged._staging.stride(0) * staged._staging.element_size()
@@ -168,7 +176,10 @@ def test_one_thread_goes_round_the_staging_rows(rule, rows, rng, late, monkeypat
     assert all(len(set(used[i:i + rows])) == rows for i in range(len(used) - rows + 1)), used
     staged.flush(), plain.flush()
     assert staged.version == plain.version == (4 if rows == 4 else 14)
-    assert torch.equal(staged.params, plain.params)
+    if where == "stand_in":
+        assert torch.equal(staged.params, plain.params)
+    else:
+        assert torch.allclose(staged.params.cpu(), plain.params, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("waits", [True, False], ids=["waits", "does_not_wait"])
