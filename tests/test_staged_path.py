@@ -10,9 +10,12 @@ queued and run late, each at a random moment between being queued and the wait t
 (as a GPU's complete on their own), so a missing wait gives a wrong model.
 
 Checked: the random operation sequences of test_random_operations against their float64
-reference; threads and checkpoints against a replay; the row rotation of one submitting thread;
-and, to show that the stand-in sees such a fault, an aggregator whose staging does not wait for
-the row's last copy ends with another model.
+reference; threads and checkpoints against a replay; the row rotation of one submitting thread
+(also on CUDA, through the real class); and, to show that the stand-in sees such a fault, an
+aggregator whose staging does not wait for the row's last copy ends with another model. The
+DistributedAggregator's ranks run through the stand-in in test_distributed.py (``kd_staged``).
+Not modelled: a copy into a delta buffer waiting for the merge that last read it (the stand-in's
+merges run at once), device-resident updates, CUDA graphs.
 """
 
 from __future__ import annotations
