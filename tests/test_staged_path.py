@@ -72,15 +72,18 @@ class LateIngest:
 
     def run_to(self, number):
         with self.lock:
-            while self.ran < number:
-                self.queue.popleft()()
-                self.ran += 1
+            self._run(number)
+
+    def _run(self, number):  # under self.lock
+        while self.ran < number:
+            self.queue.popleft()()
+            self.ran += 1
 
     def _drift(self):
         """Some of the queued copies complete now, on their own."""
         with self.lock:
-            n = LateIngest.rng.randint(0, len(self.queue)) if LateIngest.rng.random() < 0.3 else 0
-        self.run_to(self.ran + n)
+            if LateIngest.rng.random() < 0.3:
+                self._run(self.ran + LateIngest.rng.randint(0, len(self.queue)))
 
     def copy(self, dst, src, after=None):
         # ``after``: the merge that last read ``dst``'s buffer; merges run at once here
