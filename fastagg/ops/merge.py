@@ -3,9 +3,11 @@
     out[p] = c0 * theta[p] + sum_g sum_r coefs_g[r] * rows_g[index_g[r], p]
 
 theta: [P] float32 (float64 allowed on the torch backend); each group's rows: [R_g, P] in
-float32, bfloat16 or float16 (contiguous rows); coefs_g: [R_g]; index_g: [R_g] int64 row
-numbers into rows_g, or None for rows 0..R_g-1. Accumulation is float32 (float64 when theta is
-float64). ``out`` may be ``theta`` itself (in-place merge).
+float32, bfloat16 or float16 (contiguous rows); coefs_g: [n_g]; index_g: [n_g] int64 row
+numbers into rows_g (repeats allowed), or None for rows 0..n_g-1 (n_g <= R_g). Accumulation is
+float32 (float64 when theta is float64). ``out`` may be ``theta`` itself (in-place merge). The
+triton and numba kernels take at most three groups (the aggregator's deltas, base versions and
+KD rows), the cpp and torch ones any number.
 
 The aggregator computes every coefficient on the host (FedAsync prefix products, FedBuff
 weights and normalisation, eta_kd * lambda_i), so the corrected deltas are never written out:
@@ -37,7 +39,7 @@ def fused_merge_reference(theta, c0, groups, out=None):
     for rows, coefs, index in groups:
         if rows is None or len(coefs) == 0:
             continue
-        sel = rows if index is None else rows.index_select(0, to_device(index, torch.int64, rows.device))
+        sel = rows[:len(coefs)] if index is None else rows.index_select(0, to_device(index, torch.int64, rows.device))
         acc += to_device(coefs, torch.float64, theta.device).to(acc_dtype) @ sel.to(acc_dtype)
     if out is None:
         return acc.to(theta.dtype)
