@@ -97,18 +97,20 @@ def summary():
               + (f", addmv {r['addmv_s'] * 1e3:.1f} ms, Flower numpy {r['flower_numpy_s'] * 1e3:.0f} ms"
                  if "addmv_s" in r else ""))
         del theta, rows, out
-    for K, N, C in ((16, 256, 1000), (64, 64, 10)):
+    # bf16 logits: what the engine's bf16 forward hands the KD op
+    for K, N, C, dtype in ((16, 256, 1000, torch.float32), (16, 256, 1000, torch.bfloat16), (64, 64, 10, torch.float32),
+                           (16, 32, 32000, torch.float32), (16, 32, 32000, torch.bfloat16)):
         g = torch.Generator().manual_seed(1)
-        z = torch.randn(K * N, C, generator=g) * 3
+        z = (torch.randn(K * N, C, generator=g) * 3).to(dtype)
         p = torch.softmax(torch.randn(N, C, generator=g), -1)
-        r = {"rows": K * N, "C": C}
+        r = {"rows": K * N, "C": C, "dtype": str(dtype).replace("torch.", "")}
         r["cpp_s"] = timeit(lambda: cpu_cpp.kd_loss_grad(z, p, 3.0))
         r["numba_s"] = timeit(lambda: cpu_numba.kd_loss_grad(z, p, 3.0))
         r["eager_s"] = timeit(lambda: kd_loss_grad_reference(z, p, 3.0))
         r["cpp_vs_eager"] = r["eager_s"] / r["cpp_s"]
         r["numba_vs_eager"] = r["eager_s"] / r["numba_s"]
         res["kd"].append(r)
-        print(f"kd {K * N}x{C}: cpp {r['cpp_s'] * 1e3:.2f} ms, numba {r['numba_s'] * 1e3:.2f} ms, eager "
+        print(f"kd {K * N}x{C} {r['dtype']}: cpp {r['cpp_s'] * 1e3:.2f} ms, numba {r['numba_s'] * 1e3:.2f} ms, eager "
               f"{r['eager_s'] * 1e3:.2f} ms (cpp {r['cpp_vs_eager']:.2f}x, numba {r['numba_vs_eager']:.2f}x)")
     os.makedirs("bench/results", exist_ok=True)
     with open("bench/results/cpu.json", "w") as f:

@@ -39,7 +39,7 @@ def kd_loss_grad(logits, teacher_probs, temperature):
     grad = torch.empty_like(logits)
     row_loss = torch.empty(M, dtype=torch.float32)
     _cpu.kd_loss_grad(logits.data_ptr(), DTYPE_CODE[logits.dtype], M, C, logits.stride(0), teacher_probs.data_ptr(),
-                      N, teacher_probs.stride(0), grad.data_ptr(), grad.stride(0), row_loss.data_ptr(), 1.0 / T, T / N)
+                      N, teacher_probs.stride(0), grad.data_ptr(), grad.stride(0), row_loss.data_ptr(), T, T / N)
     return row_loss.view(K, N).sum(1) * (T * T / N), grad
 
 
