@@ -137,6 +137,36 @@ def test_random_shapes_match_a_float64_unfold_reference(rng, device):
         done += 1
 
 
+class ConvBatchNorm(nn.Module):
+    """Two convolutions, then an eval-mode BatchNorm with non-trivial running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.fc(self.bn(torch.tanh(self.c2(self.c1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("K, N", [(1, 1), (1, 2), (2, 1), (3, 1)])
+def test_channels_last_route_before_a_batchnorm_with_one_student_of_one_input(K, N, rng, device):
+    """torch 2.13's vmap'd eval-mode batch norm returns a wrong input gradient for a
+    channels-last [1, 1, C, H, W] input. A random-model soak found triton_cl's gradients 6-60% off
+    for a pass of one student on a one-image proxy set with a BatchNorm after a routed
+    convolution; such a pass now stores NCHW. Passes of one, against native, fp32."""
+    model, proxy, _ = _net_proxy_students(ConvBatchNorm, (N, 2, 3, 3), K, rng, device)
+    model.eval()
+    P = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())  # the running stats too
+    students = 0.1 * torch.randn(K, P, generator=rng).to(device)
+    model.bn.running_mean.normal_(generator=torch.Generator().manual_seed(1))
+    model.bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(2))
+    _, want, _ = _engine_grads(model, proxy, students, conv="native", chunk=None)
+    _, got, eng = _engine_grads(model, proxy, students, conv="triton_cl", chunk=1)
+    assert eng.routes == {1: "triton_cl"} and eng.routed_convs > 0
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
 def test_64_bit_offsets_within_a_student_give_the_same_results(rng, device, monkeypatch):
     """Offsets within one student run in 32 bits unless a student's tensor may pass 2^30
     elements (OFF64). Both branches against float64, the 64-bit one forced on small tensors; and
