@@ -231,7 +231,7 @@ static void kd_rows(const T* z, int64_t M, int64_t C, int64_t zs, const float* p
                 mass += double(pc);
                 gr[c] = store((e[c] * inv_s - pc) * grad_scale);
             }
-            row_loss[r] = float(plogp[tr] - (cross - mass * std::log(s)));
+            row_loss[r] = float(plogp[tr] - (cross - mass * std::log(double(s))));
         }
     }
 }
