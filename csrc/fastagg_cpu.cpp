@@ -377,6 +377,9 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("kd_loss_grad", &kd_loss_grad, "row losses and logit gradient of the KD loss");
     m.def("stage_row", &stage_row, "dst = src converted to dst's dtype; returns the sum of squares of dst (double)");
     m.def("num_threads", &num_threads);
+    // the calling convention's version (fastagg/cpu_cpp.py checks it): 2 since kd_loss_grad takes
+    // the temperature instead of its inverse; a stale build would compute with the wrong scale
+    m.attr("abi") = 2;
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

@@ -9,11 +9,18 @@ import torch
 from ._cpu_common import DTYPE_CODE, STAGE_CODE, check_kd_args, merge_groups
 from .ops.stage import check_stage_args
 
+ABI = 2  # the calling convention this module speaks; csrc/fastagg_cpu.cpp sets the same
+
 try:
     from . import _cpu
 except ImportError as exc:  # not built: no compiler at install, or FASTAGG_NO_CPP=1
     _cpu = None
     _why = f"the C++ extension fastagg._cpu was not built ({exc})"
+else:
+    if getattr(_cpu, "abi", 1) != ABI:  # built from older sources: its arguments mean other things
+        _why = (f"the C++ extension fastagg._cpu is a stale build (calling convention {getattr(_cpu, 'abi', 1)}, "
+                f"this fastagg needs {ABI}): rebuild it with `pip install -e .`")
+        _cpu = None
 
 
 def available():

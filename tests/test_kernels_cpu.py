@@ -11,7 +11,7 @@ import fastagg
 from fastagg import backends, cpu_cpp, cpu_numba
 from fastagg.ops import fused_merge_reference, kd_loss_grad_reference
 
-from conftest import mlp
+from conftest import mlp, need_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -130,3 +130,28 @@ def test_auto_falls_back_with_a_warning_when_the_extension_is_missing(monkeypatc
 
 def test_float64_parameters_use_the_torch_backend():
     assert fastagg.Aggregator(mlp(dtype=torch.float64), fastagg.FedBuff(2)).backend == "torch"
+
+
+def test_a_stale_cpp_build_is_refused_with_what_to_do(monkeypatch):
+    """The C++ extension states its calling convention (``abi``). One built from older sources
+    (kd_loss_grad took 1/T there, and would now be handed T) must not be used: cpu_cpp reports
+    it unavailable and says to rebuild, so that auto passes over it with that warning."""
+    import importlib
+    import sys
+    import types
+
+    from fastagg import cpu_cpp
+
+    need_backend("cpp")
+    real = sys.modules["fastagg._cpu"]
+    try:
+        monkeypatch.setitem(sys.modules, "fastagg._cpu", types.ModuleType("fastagg._cpu"))  # no abi: the old build
+        monkeypatch.setattr(importlib.import_module("fastagg"), "_cpu", sys.modules["fastagg._cpu"], raising=False)
+        stale = importlib.reload(cpu_cpp)
+        ok, why = stale.available()
+        assert not ok and "stale build" in why and "pip install -e ." in why
+    finally:
+        monkeypatch.undo()
+        sys.modules["fastagg._cpu"] = real
+        importlib.reload(cpu_cpp)
+    assert cpu_cpp.available()[0] and cpu_cpp._cpu.abi == cpu_cpp.ABI
