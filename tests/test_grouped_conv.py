@@ -167,6 +167,45 @@ def test_channels_last_route_before_a_batchnorm_with_one_student_of_one_input(K,
     assert float((got - want).norm() / want.norm()) < 1e-5
 
 
+class MixedConvs(nn.Module):
+    """A routable convolution followed by an eval-mode BatchNorm, a grouped and a dilated
+    convolution (neither rerouted) and a smooth head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.c3 = nn.Conv2d(4, 3, 3, padding=2, dilation=2)
+        self.fc = nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c3(torch.tanh(self.c2(self.bn(torch.tanh(self.c1(x))))))).flatten(1))
+
+
+@pytest.mark.parametrize("conv", ["native", "triton", "torch"])
+def test_bf16_routes_run_a_batchnorm_and_convolutions_they_do_not_reroute(conv, rng):
+    """On a CPU a routed convolution's operands are cast to bf16 (autocast does not reach a
+    convolution under vmap there), so its output meets the next layers in bf16. vmap's batch norm
+    refused that with fp32 statistics, and a grouped or dilated convolution (not rerouted) with
+    fp32 weights: the bf16 routes raised for such a model (found by a random-model soak). They
+    now run, within the stated bf16 tolerance of the fp32 gradients, as the loop route does."""
+    from test_correction import BF16_TOLERANCE
+
+    model, proxy, _ = _net_proxy_students(MixedConvs, (6, 2, 5, 5), 3, rng, "cpu")
+    model.eval()
+    model.bn.running_mean.normal_(generator=torch.Generator().manual_seed(1))
+    model.bn.running_var.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(2))
+    P = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    students = 0.1 * torch.randn(3, P, generator=rng)
+    _, want, _ = _engine_grads(model, proxy, students, conv="native", chunk=None)
+    _, loop16, _ = _engine_grads(model, proxy, students, conv="loop", chunk=None, precision="bf16")
+    _, got, eng = _engine_grads(model, proxy, students, conv=conv, chunk=None, precision="bf16")
+    assert eng.routes == {3: conv}
+    assert float((loop16 - want).norm() / want.norm()) < BF16_TOLERANCE
+    assert float((got - want).norm() / want.norm()) < BF16_TOLERANCE
+    assert not any("forward" in vars(m) or "_conv_forward" in vars(m) for m in model.modules())  # patches undone
+
+
 def test_64_bit_offsets_within_a_student_give_the_same_results(rng, device, monkeypatch):
     """Offsets within one student run in 32 bits unless a student's tensor may pass 2^30
     elements (OFF64). Both branches against float64, the 64-bit one forced on small tensors; and

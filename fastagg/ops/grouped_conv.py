@@ -258,13 +258,46 @@ def route_convs(model, route="triton"):
     patched = routable_convs(model)
     for m in patched:
         m._conv_forward = lambda x, w, b, m=m: _routed_forward(m, route, counter, x, w, b)
+    # what else a routed (cast) convolution's bf16 output meets under vmap on a CPU: a convolution
+    # not rerouted (grouped, dilated) and an eval-mode batch norm, which vmap there refuses in
+    # mixed dtypes (eager autocast accepts both)
+    others = [m for m in model.modules() if isinstance(m, nn.Conv2d) and not _routable(m)
+              and type(m)._conv_forward is nn.Conv2d._conv_forward]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and "forward" not in vars(m)]
+    for m in others:
+        m._conv_forward = lambda x, w, b, m=m: _cast_conv_forward(m, x, w, b)
+    for m in norms:
+        m.forward = lambda x, m=m: _norm_forward(m, x)
     token = _ACTIVE.set((route, counter))
     try:
         yield counter
     finally:
         _ACTIVE.reset(token)
-        for m in patched:
+        for m in patched + others:
             del m._conv_forward
+        for m in norms:
+            del m.forward
+
+
+def _cast_conv_forward(module, x, weight, bias):
+    """A convolution the routes do not reroute, its operands cast as a routed one's are when a
+    CPU's autocast is on (it does not reach a convolution under vmap there)."""
+    dev = x.device.type
+    if dev == "cpu" and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(dev)
+        if dtype != weight.dtype or dtype != x.dtype:
+            x, weight, bias = cast_operands(dtype, x, weight, bias)
+    return nn.Conv2d._conv_forward(module, x, weight, bias)
+
+
+def _norm_forward(module, x):
+    """A batch norm of a 16-bit activation on a CPU, in fp32 and back (what eager CPU batch norm
+    does inside; vmap's rule there refuses a bf16 input with fp32 statistics)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and module.running_mean is not None \
+            and module.running_mean.dtype != x.dtype:
+        return type(module).forward(module, x.float()).to(x.dtype)
+    return type(module).forward(module, x)
 
 
 # -- conv -> relu -> 2x2 max-pool as one op ----------------------------------------------------
