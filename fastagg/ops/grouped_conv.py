@@ -265,8 +265,8 @@ def route_convs(model, route="triton"):
               and type(m)._conv_forward is nn.Conv2d._conv_forward]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and "forward" not in vars(m)]
-    for m in others:
-        m._conv_forward = lambda x, w, b, m=m: _cast_conv_forward(m, x, w, b)
+    for m in others:  # as native runs an unrouted layer: its operands cast to the autocast dtype
+        m._conv_forward = lambda x, w, b, m=m: _routed_forward(m, "native", counter, x, w, b)
     for m in norms:
         m.forward = lambda x, m=m: _norm_forward(m, x)
     token = _ACTIVE.set((route, counter))
@@ -278,17 +278,6 @@ def route_convs(model, route="triton"):
             del m._conv_forward
         for m in norms:
             del m.forward
-
-
-def _cast_conv_forward(module, x, weight, bias):
-    """A convolution the routes do not reroute, its operands cast as a routed one's are when a
-    CPU's autocast is on (it does not reach a convolution under vmap there)."""
-    dev = x.device.type
-    if dev == "cpu" and torch.is_autocast_enabled(dev) and x.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(dev)
-        if dtype != weight.dtype or dtype != x.dtype:
-            x, weight, bias = cast_operands(dtype, x, weight, bias)
-    return nn.Conv2d._conv_forward(module, x, weight, bias)
 
 
 def _norm_forward(module, x):
