@@ -97,8 +97,12 @@ def test_teacher_statistics_are_read_only_by_the_schedule_that_needs_them(schedu
     """A teacher's confidence and accuracy stay on the device (a read would make a GPU host wait
     for the previous merge) unless the schedule asks; asked, they equal a float64 reference."""
     model = mlp(dtype=torch.float64)
-    proxy = torch.randn(13, 6, dtype=torch.float64, generator=rng)
-    labels = torch.randint(0, 5, (13,), generator=rng)
+    # 13 random inputs with random labels, and one more input five times, once with each label:
+    # the teacher's accuracy is above 0 (a zero would turn the teacher_accuracy schedule's
+    # correction off, as it should) and still differs from run to run
+    proxy = torch.cat([torch.randn(13, 6, dtype=torch.float64, generator=rng),
+                       torch.randn(1, 6, dtype=torch.float64, generator=rng).expand(5, 6)])
+    labels = torch.cat([torch.randint(0, 5, (13,), generator=rng), torch.arange(5)])
     sched = {"constant": fastagg.schedules.constant(0.7), "teacher_confidence": fastagg.schedules.teacher_confidence(0.8),
              "teacher_accuracy": fastagg.schedules.teacher_accuracy(0.9)}[schedule]
     corr = fastagg.KDCorrection(proxy, schedule=sched, proxy_labels=labels, staleness_factor="none")
