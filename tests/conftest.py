@@ -47,8 +47,21 @@ def random_delta(agg, scale=0.1, gen=None):
 
 
 @pytest.fixture
-def rng():
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+def rng(request):
+    """A generator with a fresh seed each run; FASTAGG_TEST_SEED=<n> repeats one, and a failing
+    test's report names the seed it ran with."""
+    seed = int(os.environ.get("FASTAGG_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    request.node.fastagg_seed = seed
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "fastagg_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("rng seed", f"FASTAGG_TEST_SEED={seed} reruns this test on the same inputs"))
 
 
 @pytest.fixture
