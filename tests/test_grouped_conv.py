@@ -406,7 +406,9 @@ def test_engine_chunks_equal_one_pass_and_auto_is_the_loop_for_convolutions_on_a
 
 
 class BufferedConv(nn.Module):
-    """Convolutions, a batchnorm's buffers (no KD gradient) and a parameter the logits never use."""
+    """Convolutions, a batchnorm's buffers (no KD gradient) and a parameter the logits never use.
+    Smooth (tanh), so that the stated bf16 tolerance applies: with a ReLU after the batch norm a
+    bf16 rounding can flip a unit near 0, and one draw in ~8 went past 3% (README, bf16)."""
 
     def __init__(self):
         super().__init__()
@@ -414,7 +416,7 @@ class BufferedConv(nn.Module):
         self.fc, self.unused = nn.Linear(3 * 5 * 5, 4), nn.Linear(2, 2)
 
     def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.c1(x))).flatten(1))
+        return self.fc(torch.tanh(self.bn(self.c1(x))).flatten(1))
 
 
 @pytest.mark.parametrize("net", [TwoConv, cnn, BufferedConv])
