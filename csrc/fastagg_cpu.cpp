@@ -252,17 +252,17 @@ void kd_loss_grad(uintptr_t z_ptr, int zdt, int64_t M, int64_t C, int64_t zs, ui
         }
         plogp[t] = acc;
     }
-    const float fi = float(temperature), fs = float(grad_scale);
+    const float ft = float(temperature), fs = float(grad_scale);
     if (zdt == F32) {
         kd_rows(reinterpret_cast<const float*>(z_ptr), M, C, zs, p, n_teacher, ps, reinterpret_cast<float*>(g_ptr), gs,
-                row_loss, fi, fs, plogp, [](float x) { return x; }, [](float x) { return x; });
+                row_loss, ft, fs, plogp, [](float x) { return x; }, [](float x) { return x; });
     } else if (zdt == BF16) {
         kd_rows(reinterpret_cast<const uint16_t*>(z_ptr), M, C, zs, p, n_teacher, ps, reinterpret_cast<uint16_t*>(g_ptr),
-                gs, row_loss, fi, fs, plogp, [](uint16_t v) { return bf16_to_f32(v); },
+                gs, row_loss, ft, fs, plogp, [](uint16_t v) { return bf16_to_f32(v); },
                 [](float x) { return f32_to_bf16(x); });  // lambdas: a function pointer is not inlined
     } else {
         kd_rows(reinterpret_cast<const uint16_t*>(z_ptr), M, C, zs, p, n_teacher, ps, reinterpret_cast<uint16_t*>(g_ptr),
-                gs, row_loss, fi, fs, plogp, [](uint16_t v) { return f16_to_f32(v); },
+                gs, row_loss, ft, fs, plogp, [](uint16_t v) { return f16_to_f32(v); },
                 [](float x) { return f32_to_f16(x); });
     }
 }

@@ -140,8 +140,6 @@ def test_a_stale_cpp_build_is_refused_with_what_to_do(monkeypatch):
     import sys
     import types
 
-    from fastagg import cpu_cpp
-
     need_backend("cpp")
     real = sys.modules["fastagg._cpu"]
     try:
