@@ -23,10 +23,14 @@ through the plain-PyTorch references of those routes (tests). ``"gemm"``: native
 a layer whose input every student shares (the first, on the proxy batch: under vmap one dense
 convolution with K * Co output channels over 3 input channels, which cuDNN ran at ~11 TFLOP/s
 on the H100) runs as cuBLAS products over the unfolded input (fastagg.ops.shared_conv).
+``"gemm_fused"``: gemm, and a conv -> relu -> 2x2 max-pool chain on the shared input runs as one
+op through fastagg.kernels.shared_conv (pooled in the forward's epilogue; the weight gradient
+built from the pooled gradient, never writing the convolution's full-size output).
 ``"loop"``: no vmap, the students one at a time through the model's own layers with plain
-autograd. ``"auto"`` (default) times native, gemm and triton_cl once per pass size on a CUDA
-device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
-measured on the H100, so they run only when named); on a CPU it is loop for a model with
+autograd. ``"auto"`` (default) times native, gemm, gemm_fused (where a chain reads the proxy
+batch) and triton_cl once per pass size on a CUDA device and keeps the fastest (triton and
+triton_fused lost to native by 2-9x at every size measured on the H100, so they run only when
+named); on a CPU it is loop for a model with
 convolutions (one student per pass there, see ``chunk``) and native otherwise.
 
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
@@ -74,7 +78,8 @@ def _product_forward(module, device_type, x, w, b):
     return conv2d_as_product(x, w, b, module.stride, module.padding)
 
 
-CONV_CHOICES = ("auto", "native", "loop", "gemm", "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
+CONV_CHOICES = ("auto", "native", "loop", "gemm", "gemm_fused", "triton", "triton_cl", "triton_fused", "torch",
+                "torch_fused")
 
 
 def check_options(precision, conv, chunk):
@@ -136,6 +141,15 @@ class StudentGradEngine:
         if self._fused is None:
             self._fused = fuse_conv_relu_pool(self.model)
         return self._fused
+
+    def shared_chains(self):
+        """How many of the fused model's conv -> relu -> 2x2 max-pool chains read the proxy batch
+        itself (the ones the ``gemm_fused`` route runs through fastagg.kernels.shared_conv)."""
+        gm, _ = self.fused_model()
+        if gm is None:
+            return 0
+        shared = {id(m) for m in shared_input_convs(self.model, self.proxy)}
+        return sum(id(m) in shared for m in gm.fused_convs)
 
     def _split(self, students):
         """Views of the stacked students [K, P]: ({trainable name: [K, ...]}, {buffer name: [K, ...]})."""
@@ -337,13 +351,14 @@ class StudentGradEngine:
             # choice, not a timed one, so that a CPU run's numbers do not depend on its timings)
             return ["loop"] + (["compiled"] if self.compile else [])
         if self.conv != "auto":
-            routes, compiled = [self.conv], ["compiled_gemm" if self.conv == "gemm" else "compiled"]
+            routes, compiled = [self.conv], ["compiled_gemm" if self.conv.startswith("gemm") else "compiled"]
         else:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
             # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
-            routes = ["native"] + (["gemm"] if shared else []) + (["triton_cl"] if convs else [])
+            routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if convs and self.shared_chains() else [])
+                      + (["triton_cl"] if convs else []))
             compiled = ["compiled"] + (["compiled_gemm"] if shared else [])
         return routes + (compiled if self.compile else [])
 

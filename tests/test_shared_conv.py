@@ -116,3 +116,163 @@ def test_engine_gemm_routes_equal_native(route, device, rng):
     torch.testing.assert_close(out[route][0], out["native"][0], rtol=1e-5, atol=1e-7)
     err = float((out[route][1] - out["native"][1]).norm() / out["native"][1].norm())
     assert err < 1e-5
+
+
+# -- conv -> relu -> 2x2 max-pool on the shared input: fastagg.kernels.shared_conv -------------
+# (N, C, H, W, KCo, R, S, stride, padding), even-sized convolution outputs: cnn's first layer
+# made small (C*R*S = 75: several reduction blocks and a tail), one input channel, stride 2,
+# and fewer pixels than one tile; output channels across block edges
+CHAIN_GEOMETRIES = [
+    (3, 3, 10, 10, 40, 5, 5, (1, 1), (2, 2)),
+    (2, 1, 8, 8, 17, 3, 3, (1, 1), (1, 0)),
+    (2, 2, 11, 11, 21, 3, 3, (2, 2), (1, 1)),
+    (1, 3, 4, 4, 5, 3, 1, (1, 1), (1, 0)),
+]
+
+
+def _chain_ref(x, w, b, stride, padding):
+    """float64 conv, relu, 2x2 max-pool of [N, C, H, W] with [KCo, C, R, S]: (pooled, conv output)."""
+    z = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    return F.max_pool2d(F.relu(z), 2), z
+
+
+@pytest.mark.parametrize("geo", CHAIN_GEOMETRIES, ids=lambda g: f"C{g[1]}-{g[5]}x{g[6]}-s{g[7][0]}-KCo{g[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_shared_chain_kernels_match_float64(geo, dtype, rng, device):
+    """Forward: pooled values against float64 conv, relu and pool of the same (rounded) operands,
+    window codes where the window's two largest values differ by more than rounding. Weight and
+    bias gradients from a pooled gradient with other strides than the forward's output (a view,
+    here channels-last) against float64 autograd through relu and pool with the kernel's
+    own codes."""
+    pytest.importorskip("triton")
+    from fastagg.kernels.shared_conv import shared_conv_relu_pool_forward, shared_conv_relu_pool_wgrad
+    from fastagg.ops.grouped_conv import unpool_relu_reference
+
+    N, C, H, W, KCO, R, S, stride, padding = geo
+    bias = KCO != 21  # one geometry without a bias
+    x = torch.randn(N, C, H, W, generator=rng).to(dtype)
+    w = torch.randn(KCO, C, R, S, generator=rng).to(dtype)
+    b = torch.randn(KCO, generator=rng) if bias else None
+    torch.backends.cudnn.allow_tf32, tf32 = False, torch.backends.cudnn.allow_tf32
+    try:
+        y, code = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
+                                                stride, padding)
+        ref, z = _chain_ref(x, w, b, stride, padding)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the stored pooled value's rounding
+        assert y.dtype == dtype and code.dtype == torch.int8 and y.shape == ref.shape
+        assert torch.allclose(y.double().cpu(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+        windows = F.relu(z).unfold(-2, 2, 2).unfold(-2, 2, 2).reshape(*ref.shape, 4).sort(-1, descending=True).values
+        clear = (windows[..., 0] - windows[..., 1] > 1e-3) | (windows[..., 0] == 0)
+        q = torch.arange(4).view(1, 1, 1, 1, 4)
+        argmax = torch.where(windows[..., 0] > 0, (F.relu(z).unfold(-2, 2, 2).unfold(-2, 2, 2).reshape(*ref.shape, 4)
+                                                  == windows[..., :1]).long().mul(4 - q).argmax(-1), -1)
+        assert bool((code.cpu().long() == argmax)[clear].all()) and float(clear.double().mean()) > 0.9
+        assert torch.equal(code.cpu() == -1, y.cpu() == 0)
+
+        # the pooled gradient with other strides than the forward's output (channels-last here)
+        dp = torch.randn(N, *ref.shape[-2:], KCO, generator=rng).to(dtype).permute(0, 3, 1, 2)
+        assert dp.shape == ref.shape and (KCO == 1 or not dp.is_contiguous())
+        dw, db = shared_conv_relu_pool_wgrad(x.to(device), dp.to(device), code, w.shape, stride, padding, bias=bias)
+        dz = unpool_relu_reference(dp.double(), code.cpu(), *z.shape[-2:])
+        dw_ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, dz, stride, padding)
+        assert dw.dtype == torch.float32 and dw.shape == w.shape
+        assert float((dw.double().cpu() - dw_ref).norm() / dw_ref.norm()) < 1e-5
+        if bias:
+            torch.testing.assert_close(db.double().cpu(), dz.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+        else:
+            assert db is None
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_shared_chain_rejects_what_it_cannot_run():
+    pytest.importorskip("triton")
+    from fastagg.kernels.shared_conv import shared_conv_relu_pool_forward, shared_conv_relu_pool_wgrad
+
+    x, w = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="7x7 must be even-sized"):
+        shared_conv_relu_pool_forward(x, w, None, (1, 1), (0, 0))
+    with pytest.raises(ValueError, match="do not match"):
+        shared_conv_relu_pool_forward(x, torch.randn(4, 2, 3, 3), None, (1, 1), (1, 1))
+    code = torch.zeros(2, 4, 4, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="do not fit"):
+        shared_conv_relu_pool_wgrad(x, torch.randn(2, 4, 5, 5), code, w.shape, (1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_shared_chain_under_vjp_of_vmap_equals_float64_per_student(bias, rng, device, monkeypatch):
+    """``conv_relu_pool`` on the proxy batch under vmap over K students, on the ``gemm_fused``
+    route: the stacked op through both kernels (counted), values and weight/bias gradients against
+    each student's float64 conv, relu and pool."""
+    pytest.importorskip("triton")
+    from fastagg.kernels import shared_conv as kern
+    from fastagg.ops.grouped_conv import conv_relu_pool, route_convs
+
+    calls = []
+    for name in ("shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"):
+        monkeypatch.setattr(kern, name, lambda *a, f=getattr(kern, name), name=name, **k: calls.append(name) or f(*a, **k))
+    K, N, C, H, W, CO = 4, 3, 3, 8, 6, 5
+    x = torch.randn(N, C, H, W, generator=rng).to(device)
+    w = torch.randn(K, CO, C, 3, 3, generator=rng).to(device)
+    b = torch.randn(K, CO, generator=rng).to(device)
+    torch.backends.cudnn.allow_tf32, tf32 = False, torch.backends.cudnn.allow_tf32
+    try:
+        with route_convs(torch.nn.Module(), "gemm_fused") as counter:
+            def students(ww, *bb):
+                return torch.func.vmap(lambda w1, *b1: conv_relu_pool(x, w1, b1[0] if bias else None, (1, 1), (1, 1)))(
+                    ww, *bb)
+
+            out, pullback = torch.func.vjp(students, w, *([b] if bias else []))
+            dy = torch.randn(out.shape, generator=rng).to(device)
+            grads = pullback(dy)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert counter.calls == 1 and calls == ["shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"]
+    wd = w.double().cpu().requires_grad_()
+    bd = b.double().cpu().requires_grad_() if bias else None
+    ref = torch.stack([_chain_ref(x.cpu(), wd[k], None if bd is None else bd[k], (1, 1), (1, 1))[0] for k in range(K)])
+    ref_grads = torch.autograd.grad(ref, [t for t in (wd, bd) if t is not None], dy.double().cpu())
+    assert out.shape == (K, N, CO, H // 2, W // 2)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert float((g.double().cpu() - r).norm() / r.norm()) < 1e-5
+
+
+def test_engine_gemm_fused_route_equals_native_and_its_reference_in_bf16(rng, device):
+    """The engine's gemm_fused route on a CNN whose first chain reads the proxy batch: fp32 KD
+    gradients equal vmap's own convolutions (TF32 off); in bf16 they equal torch_fused, whose
+    shared chain is the plain-PyTorch reference of the kernels' numerics (1e-2, as the grouped
+    fused routes), and differ from fp32 by bf16's rounding, not more."""
+    pytest.importorskip("triton")
+    from fastagg.bench import CifarCNN, ResNet18NoBN
+
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
+    model = _CNN().to(device)
+    spec = ParamSpec.from_module(model)
+    proxy = torch.randn(7, 3, 14, 14, generator=rng).to(device)
+    flat = spec.flatten(model.state_dict()).to(device)
+    students = flat + 0.05 * torch.randn(4, spec.numel, generator=rng).to(device)
+    probs = torch.softmax(torch.randn(7, 7, generator=rng), -1).to(device)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = {}
+        for conv, precision in (("native", "fp32"), ("gemm_fused", "fp32"), ("gemm_fused", "bf16"),
+                                ("torch_fused", "bf16")):
+            eng = StudentGradEngine(model, spec, proxy, 3.0, conv=conv, chunk=None, precision=precision)
+            loss, grads = eng(students, probs)
+            out[conv, precision] = (loss, grads.clone(), eng)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    eng = out["gemm_fused", "fp32"][2]
+    assert eng.shared_chains() == 1 and eng.routed_convs == 1 and eng.routes == {4: "gemm_fused"}
+    g0 = out["native", "fp32"][1]
+    torch.testing.assert_close(out["gemm_fused", "fp32"][0], out["native", "fp32"][0], rtol=1e-5, atol=1e-6)
+    assert float((out["gemm_fused", "fp32"][1] - g0).norm() / g0.norm()) < 1e-5
+    g_bf, g_ref = out["gemm_fused", "bf16"][1], out["torch_fused", "bf16"][1]
+    assert float((g_bf - g_ref).norm() / g_ref.norm()) < 1e-2
+    assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
+    assert StudentGradEngine(CifarCNN(), ParamSpec.from_module(CifarCNN()), torch.randn(2, 3, 32, 32),
+                             3.0).shared_chains() == 1
+    assert StudentGradEngine(ResNet18NoBN(), ParamSpec.from_module(ResNet18NoBN()), torch.randn(1, 3, 32, 32),
+                             3.0).shared_chains() == 0

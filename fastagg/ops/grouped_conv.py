@@ -141,10 +141,12 @@ def _triton_status():
 # route -> (backend, channels-last outputs). The "_fused" routes also run each
 # conv -> relu -> 2x2 max-pool chain of the model as one op (see fuse_conv_relu_pool).
 # "gemm": vmap's cuDNN convolutions, except a layer whose input every student shares (the first,
-# on the proxy batch), which runs as cuBLAS products (fastagg.ops.shared_conv).
+# on the proxy batch), which runs as cuBLAS products (fastagg.ops.shared_conv). "gemm_fused": the
+# same, and a chain on that shared input runs as one op through fastagg.kernels.shared_conv.
 ROUTES = {"native": (None, False), "torch": ("torch", False), "triton": ("triton", False),
           "triton_cl": ("triton", True), "torch_fused": ("torch", False), "triton_fused": ("triton", False),
-          "gemm": (None, False)}
+          "gemm": (None, False), "gemm_fused": (None, False)}
+SHARED_CONV_ROUTES = ("gemm", "gemm_fused")  # routes whose plain shared-input layer runs as products
 
 
 class _StudentConv(torch.autograd.Function):
@@ -229,7 +231,7 @@ def _routed_forward(module, route, counter, x, weight, bias):
     # K * Co output channels under vmap's own rule; it stays there, and so does every layer on
     # the native route. Autocast does not reach a convolution under vmap (it runs in fp32 even
     # inside torch.autocast), so the operands are cast here.
-    if route == "gemm" and x.dim() == 4 and batched(weight) and not batched(x):
+    if route in SHARED_CONV_ROUTES and x.dim() == 4 and batched(weight) and not batched(x):
         from .shared_conv import shared_conv2d
         x, weight, bias = cast_operands(dtype, x, weight, bias)
         counter.calls += 1
@@ -385,21 +387,95 @@ class _StudentConvReluPool(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, stride, padding, dtype, route, counter):
-        x, w, b = _students_first(info.batch_size, in_dims, x, w, b, dtype)
         counter.calls += 1
-        return grouped_conv_relu_pool(x, w, b, stride, padding, dtype, ROUTES[route][0]), (0, 0)
+        backend = ROUTES[route][0] or "triton"  # gemm_fused: the kernels for the shared chain only
+        if in_dims[0] is None:  # the input all students share: one dense op over their stacked weights
+            K = info.batch_size
+            w = w.movedim(in_dims[1], 0)
+            CO = w.shape[1]
+            b = None if b is None else (b.movedim(in_dims[2], 0) if in_dims[2] is not None
+                                        else b.expand(K, *b.shape)).reshape(K * CO)
+            y, code = shared_conv_relu_pool(x, w.reshape(K * CO, *w.shape[2:]), b, stride, padding, dtype, backend)
+            return (y.view(y.shape[0], K, CO, *y.shape[2:]), code.view(y.shape[0], K, CO, *y.shape[2:])), (1, 1)
+        x, w, b = _students_first(info.batch_size, in_dims, x, w, b, dtype)
+        return grouped_conv_relu_pool(x, w, b, stride, padding, dtype, backend), (0, 0)
+
+
+# -- the chain on an input every student shares (the first layer, on the proxy batch) ----------
+# Under vmap it is one dense convolution with K * Co output channels over few input channels,
+# whose output is far larger than anything it reads: fastagg.kernels.shared_conv runs it without
+# writing that output (forward pooled in the epilogue; weight gradient built from the pooled
+# gradient and the codes as the tile loads them).
+
+def shared_conv_relu_pool_reference(x, w, b, stride, padding, dtype=None):
+    """(y [N, KCo, Ho/2, Wo/2], code) for x [N, C, H, W] and stacked weights w [KCo, C, R, S] in
+    plain PyTorch with the kernels' numerics (conv_relu_pool_reference of one group)."""
+    y, code = conv_relu_pool_reference(x.unsqueeze(0), w.unsqueeze(0), None if b is None else b.unsqueeze(0),
+                                       stride, padding, dtype)
+    return y[0], code[0]
+
+
+class _SharedConvReluPool(torch.autograd.Function):
+    """The chain over the shared input with the students' weights stacked: forward and weight
+    gradient through fastagg.kernels.shared_conv (``backend="triton"``) or plain PyTorch
+    (``"torch"``); an input gradient, never needed for the proxy batch, in plain PyTorch."""
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, dtype, backend):
+        if backend == "torch":
+            return shared_conv_relu_pool_reference(x, w, b, stride, padding, dtype)
+        kern = importlib.import_module("fastagg.kernels.shared_conv")
+        return kern.shared_conv_relu_pool_forward(x.to(dtype), w.to(dtype), b, stride, padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_chain(ctx, *inputs[:6], *output)
+        ctx.backend = inputs[6]
+
+    @staticmethod
+    def backward(ctx, dy, _dcode):
+        x, w, code = (_plain(t) for t in ctx.saved_tensors)
+        dy = dy.to(ctx.dtype)
+        if ctx.backend == "torch":
+            dz = unpool_relu_reference(dy, code, *ctx.conv_hw)
+            return (*_student_grads(ctx, x, w, dz), None, None, None, None)
+        kern = importlib.import_module("fastagg.kernels.shared_conv")
+        need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        dw = db = dx = None
+        if ctx.needs_input_grad[1] or need_b:
+            dw, db = kern.shared_conv_relu_pool_wgrad(x.to(ctx.dtype), dy, code, w.shape, ctx.stride, ctx.padding,
+                                                      bias=need_b)
+            dw, db = dw.to(w.dtype), None if db is None else db.to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            dz = unpool_relu_reference(dy, code, *ctx.conv_hw)
+            dx = torch.nn.grad.conv2d_input(x.shape, w.to(ctx.dtype), dz, ctx.stride, ctx.padding).to(x.dtype)
+        return dx, dw if ctx.needs_input_grad[1] else None, db, None, None, None, None
+
+
+def shared_conv_relu_pool(x, w, b, stride, padding, dtype=None, backend="triton"):
+    """(max_pool2d(relu(conv2d(x, w, b)), 2) [N, KCo, Ho/2, Wo/2], int8 codes) for the shared input
+    x [N, C, H, W] and the students' stacked weights w [KCo, C, R, S], b [KCo] or None."""
+    _checked("shared_conv_relu_pool", x.unsqueeze(0), w.unsqueeze(0), stride, padding, backend)
+    return _SharedConvReluPool.apply(x, w, b, tuple(stride), tuple(padding), dtype or x.dtype, backend)
 
 
 def conv_relu_pool(x, weight, bias, stride, padding):
     """What ``fuse_conv_relu_pool`` puts in place of a conv -> relu -> 2x2 max-pool chain: under
     vmap over students inside ``route_convs``, one grouped op (the students' convolutions with
-    relu and pooling in the kernel's epilogue on the triton routes); anywhere else, and for
-    float64 or an odd-sized convolution output, the three ops as they were."""
+    relu and pooling in the kernel's epilogue on the triton routes; on an input all students
+    share, the dense op above, also on ``"gemm_fused"``); anywhere else, and for float64 or an
+    odd-sized convolution output, the three ops as they were."""
     active = _ACTIVE.get()
     HO = (x.shape[-2] + 2 * padding[0] - weight.shape[-2]) // stride[0] + 1
     WO = (x.shape[-1] + 2 * padding[1] - weight.shape[-1]) // stride[1] + 1
-    if (active is None or ROUTES[active[0]][0] is None or x.dim() != 4
-            or not torch._C._functorch.is_batchedtensor(weight) or x.dtype == torch.float64 or HO % 2 or WO % 2):
+    batched = torch._C._functorch.is_batchedtensor
+    kernels = active is not None and (ROUTES[active[0]][0] is not None
+                                      or (active[0] == "gemm_fused" and not batched(x)))
+    if (not kernels or x.dim() != 4 or not batched(weight) or x.dtype == torch.float64 or HO % 2 or WO % 2):
+        if active is not None and batched(weight) and x.dtype != torch.float64:  # as native: operands cast
+            dev = x.device.type
+            if torch.is_autocast_enabled(dev):
+                x, weight, bias = cast_operands(torch.get_autocast_dtype(dev), x, weight, bias)
         return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, stride, padding)), 2)
     route, counter = active
     dev = x.device.type
@@ -442,13 +518,15 @@ def fuse_conv_relu_pool(model):
     """(a torch.fx copy of ``model`` in which every plain Conv2d -> relu -> 2x2 max-pool chain
     calls ``conv_relu_pool``, how many chains it fused); (None, 0) if the model cannot be traced.
     The copy shares the model's modules and parameter names, so ``functional_call`` works on it
-    with the same parameters; outside ``route_convs`` it computes exactly what the model does."""
+    with the same parameters; outside ``route_convs`` it computes exactly what the model does.
+    The copy's ``fused_convs`` lists the fused chains' Conv2d modules."""
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no fusion, not an error
         return None, 0
     modules = dict(gm.named_modules())
     fused = 0
+    gm.fused_convs = []
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
         if not (isinstance(conv, nn.Conv2d) and _routable(conv)):
@@ -465,5 +543,6 @@ def fuse_conv_relu_pool(model):
         for n in (pool, relu, node):
             gm.graph.erase_node(n)
         fused += 1
+        gm.fused_convs.append(conv)
     gm.recompile()
     return gm, fused

@@ -1,0 +1,237 @@
+"""conv -> relu -> 2x2 max-pool of K students on an input they all share (the first layer, on
+the proxy batch), forward and weight gradient, as two Triton kernels.
+
+Why: under vmap this layer is one dense convolution with K * Co output channels over few input
+channels (3 for images). On the H100 cuDNN ran `cnn`'s first chain (conv, relu, pool) at ~11
+TFLOP/s, 0.24 ms per student forward and backward, the largest single item of a corrected
+update (bench/NOTES-gpu.md, seventh session): the GEMM's reduction is only C*R*S = 75 deep, so
+the layer is bound by writing its [N, K*Co, Ho, Wo] output and reading it back three times
+(relu, pool, and the gradient rebuilt at that size in the backward). The grouped kernels'
+fused chain (fastagg.kernels.grouped_conv) does not help here: its reduction runs tap by tap
+over blocks of >= 16 channels, 3 of them real.
+
+Here the reduction runs over the flattened (c, r, s) of the im2col matrix in blocks, so a
+block is filled whatever C is, and nothing of the convolution's full-size output is written:
+
+    forward   [N*Ho*Wo, C*R*S] x [C*R*S, K*Co], the tile's pixels window by window; the epilogue
+              adds the bias, applies relu, pools each window of four rows, and stores the pooled
+              y [N, K*Co, Ho/2, Wo/2] (any strides) and an int8 code per window: the position
+              (0..3, row-major) of its positive max, -1 where relu zeroed it (as
+              fastagg.kernels.grouped_conv.conv_relu_pool_forward)
+    weight    dw [K*Co, C*R*S] = sum over conv output pixels m of dz[m] x im2col[m], where
+    gradient  dz[m, j] = dp[window(m), j] if code[window(m), j] is m's position, else 0: built in
+              registers from the pooled gradient and the codes as the tile loads them, never
+              stored; db[j] = sum of the same dz. The reduction over pixels can be split over
+              programs (fp32 atomics into zeroed outputs).
+
+The input needs no gradient here (the proxy batch); the op's autograd (fastagg.ops.grouped_conv)
+computes one in plain PyTorch if it is ever asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .grouped_conv import _INTERPRET, _configs, _downcast, _mma, _tf32
+
+# BM: pixels (a multiple of 4: whole windows), BN: output channels, BK: the (c, r, s) block
+_FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 2)])
+# BN: output channels, BM: pixels of the reduction (whole windows), BK: the (c, r, s) block
+_WGRAD = _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 128, 8, 2)])
+_KEY = ["N", "C", "H", "W", "KCO", "HO", "WO", "R", "S", "SH", "SW"]
+
+
+@triton.jit
+def _im2col(x_ptr, n_off, oh, ow, m_ok, crs, CRS, C, H, W, sxc, sxh, sxw,
+            SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+            R: tl.constexpr, S: tl.constexpr):
+    """The [pixels, crs] block of the im2col matrix of x (zero outside the image and past CRS):
+    pixels given by their image offset n_off and output row/column, crs flattened (c, r, s)."""
+    c = crs // (R * S)
+    rs = crs - c * (R * S)
+    r = rs // S
+    s = rs - r * S
+    ih = oh[:, None] * SH - PH + r[None, :]
+    iw = ow[:, None] * SW - PW + s[None, :]
+    ok = m_ok[:, None] & (crs < CRS)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    src = n_off[:, None] + c.to(tl.int64)[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    return tl.load(x_ptr + src, mask=ok, other=0.0)
+
+
+@triton.jit
+def _windows(offs, PHO, PWO):
+    """Conv output pixels numbered window by window (four consecutive numbers: one 2x2 window):
+    (pooled pixel p, position q in its window, image n, conv output row and column)."""
+    p, q = offs // 4, offs % 4
+    n = (p // (PHO * PWO)).to(tl.int64)
+    oh = ((p // PWO) % PHO) * 2 + q // 2
+    ow = (p % PWO) * 2 + q % 2
+    return p, q, n, oh, ow
+
+
+@triton.autotune(_FWD, key=_KEY)
+@triton.jit(do_not_specialize=["N", "C", "H", "W", "KCO", "HO", "WO"])
+def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO, HO, WO,
+                          sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                          R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """w: [C*R*S, K*Co] contiguous (B tiles load along output channels); y and the contiguous
+    codes: [N, K*Co, HO/2, WO/2]."""
+    PHO, PWO = HO // 2, WO // 2
+    offs = tl.program_id(0) * BM + tl.arange(0, BM)
+    _, _, n, oh, ow = _windows(offs, PHO, PWO)
+    m_ok = offs < N * HO * WO
+    offs_o = tl.program_id(1) * BN + tl.arange(0, BN)
+    o_ok = offs_o < KCO
+    CRS = C * R * S
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, CRS, BK):
+        crs = k0 + kk
+        a = _im2col(x_ptr, n * sxn, oh, ow, m_ok, crs, CRS, C, H, W, sxc, sxh, sxw, SH, SW, PH, PW, R, S)
+        b = tl.load(w_ptr + crs.to(tl.int64)[:, None] * KCO + offs_o[None, :],
+                    mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, TF32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
+                         return_indices_tie_break_left=True)
+    code = tl.where(pooled > 0, pos, -1)
+    pp = tl.program_id(0) * (BM // 4) + tl.arange(0, BM // 4)
+    p_ok = (pp < N * PHO * PWO)[:, None] & o_ok[None, :]
+    pn, ph, pw = (pp // (PHO * PWO)).to(tl.int64), (pp // PWO) % PHO, pp % PWO
+    ch = offs_o.to(tl.int64)[None, :]
+    dst = (pn * syn + ph.to(tl.int64) * syh + pw.to(tl.int64) * syw)[:, None] + ch * syc
+    tl.store(y_ptr + dst, _downcast(pooled, y_ptr.dtype.element_ty), mask=p_ok)
+    flat = (pn * KCO * PHO * PWO + ph * PWO + pw)[:, None] + ch * (PHO * PWO)
+    tl.store(code_ptr + flat, code.to(tl.int8), mask=p_ok)
+
+
+# restore_value: autotuning runs the kernel once per config; dw and db must still hold the
+# launcher's zeros when the chosen config runs (the split path accumulates with atomics)
+@triton.autotune(_WGRAD, key=_KEY + ["SPLIT"], restore_value=["dw_ptr", "db_ptr"])
+@triton.jit(do_not_specialize=["N", "C", "H", "W", "KCO", "HO", "WO"])
+def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W, KCO, HO, WO,
+                            sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+                            SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                            R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            TF32: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """dw [K*Co, C*R*S] and db [K*Co] (fp32) from the pooled gradient dp [N, K*Co, HO/2, WO/2]
+    (strides sd*) and the contiguous codes. Grid: (channel tiles, crs tiles, SPLIT)."""
+    PHO, PWO = HO // 2, WO // 2
+    CRS = C * R * S
+    offs_j = tl.program_id(0) * BN + tl.arange(0, BN)
+    j_ok = offs_j < KCO
+    crs = tl.program_id(1) * BK + tl.arange(0, BK)
+    split = tl.program_id(2)
+    M = N * HO * WO
+    per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
+    lo = split * per
+    hi = tl.minimum(lo + per, M)
+    mm = tl.arange(0, BM)
+    dp_ch = offs_j.to(tl.int64)[:, None] * sdc
+    code_ch = offs_j.to(tl.int64)[:, None] * (PHO * PWO)
+    acc = tl.zeros((BN, BK), tl.float32)
+    acc_b = tl.zeros((BN,), tl.float32)
+    for m0 in range(lo, hi, BM):
+        m = m0 + mm
+        m_ok = m < hi
+        p, q, n, oh, ow = _windows(m, PHO, PWO)
+        ph, pw = (p // PWO) % PHO, p % PWO
+        ok = j_ok[:, None] & m_ok[None, :]
+        src = (n * sdn + ph.to(tl.int64) * sdh + pw.to(tl.int64) * sdw)[None, :]
+        g = tl.load(dp_ptr + dp_ch + src, mask=ok, other=0.0)
+        code = tl.load(code_ptr + code_ch + (n * KCO * PHO * PWO + ph * PWO + pw)[None, :], mask=ok, other=-1)
+        dz = tl.where(code == q[None, :], g, 0.0)  # [BN, BM]: the gradient at the conv's output
+        a = _im2col(x_ptr, n * sxn, oh, ow, m_ok, crs, CRS, C, H, W, sxc, sxh, sxw, SH, SW, PH, PW, R, S)
+        acc = _mma(dz.to(a.dtype), a, acc, TF32)
+        if HAS_BIAS:
+            acc_b += tl.sum(dz.to(tl.float32), axis=1)
+    dst = dw_ptr + offs_j.to(tl.int64)[:, None] * CRS + crs[None, :]
+    mask = j_ok[:, None] & (crs < CRS)[None, :]
+    if SPLIT == 1:
+        tl.store(dst, acc, mask=mask)
+    else:
+        tl.atomic_add(dst, acc, mask=mask)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:  # one crs tile adds the bias gradient
+            if SPLIT == 1:
+                tl.store(db_ptr + offs_j, acc_b, mask=j_ok)
+            else:
+                tl.atomic_add(db_ptr + offs_j, acc_b, mask=j_ok)
+
+
+def _conv_hw(x, R, S, stride, padding):
+    H, W = x.shape[-2:]
+    return (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+
+
+def _check(x, w, stride, padding):
+    if x.dim() != 4 or w.dim() != 4 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"shared conv + relu + pool: input {tuple(x.shape)} [N, C, H, W] and weight "
+                         f"{tuple(w.shape)} [K*Co, C, R, S] do not match")
+    HO, WO = _conv_hw(x, *w.shape[2:], stride, padding)
+    if HO % 2 or WO % 2 or HO < 2 or WO < 2:
+        raise ValueError(f"shared conv + relu + 2x2 max-pool: the convolution's output {HO}x{WO} must be "
+                         "even-sized")
+    return HO, WO
+
+
+def shared_conv_relu_pool_forward(x, w, b, stride, padding):
+    """(y, code) for the shared input x [N, C, H, W] and the students' stacked weights
+    w [K*Co, C, R, S] (same dtype as x), bias [K*Co] or None: y = max_pool2d(relu(conv2d(x, w, b)), 2)
+    [N, K*Co, Ho/2, Wo/2] in x's dtype, code the int8 window codes of the same shape."""
+    HO, WO = _check(x, w, stride, padding)
+    N, C, H, W = x.shape
+    KCO, _, R, S = w.shape
+    y = torch.empty(N, KCO, HO // 2, WO // 2, dtype=x.dtype, device=x.device)
+    code = torch.empty(y.shape, dtype=torch.int8, device=x.device)
+    wt = w.reshape(KCO, C * R * S).t().contiguous()  # [C*R*S, K*Co]
+    b = None if b is None else b.contiguous()
+
+    def grid(meta):
+        return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(KCO, meta["BN"])
+
+    _shared_fwd_relu_pool[grid](x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO,
+                                *x.stride(), *y.stride(), SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
+                                R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+    return y, code
+
+
+def _split(KCO, CRS, M, device):
+    """Programs along the pixel reduction so that the grid fills the device (~4 waves of its SMs)."""
+    if _INTERPRET:
+        return 2 if M > 64 else 1  # the tests exercise the atomic path
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(KCO, 64) * triton.cdiv(CRS, 64)
+    split = 1
+    while tiles * split < 4 * sms and M // (split * 2) >= 1024:
+        split *= 2
+    return split
+
+
+def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True):
+    """(dw [K*Co, C, R, S], db [K*Co] or None), fp32, of the chain above from its pooled gradient
+    dp [N, K*Co, Ho/2, Wo/2] (x's dtype, any strides) and the forward's codes."""
+    N, C, H, W = x.shape
+    KCO, _, R, S = w_shape
+    HO, WO = _conv_hw(x, R, S, stride, padding)
+    if dp.shape != (N, KCO, HO // 2, WO // 2) or code.shape != dp.shape or not code.is_contiguous():
+        raise ValueError(f"shared conv + relu + pool, weight gradient: pooled gradient {tuple(dp.shape)} and "
+                         f"codes {tuple(code.shape)} do not fit input {tuple(x.shape)} and weight {tuple(w_shape)}")
+    CRS = C * R * S
+    split = _split(KCO, CRS, N * HO * WO, x.device)
+    new = torch.zeros if split > 1 else torch.empty
+    dw = new(KCO, CRS, dtype=torch.float32, device=x.device)
+    db = new(KCO, dtype=torch.float32, device=x.device) if bias else dw
+
+    def grid(meta):
+        return triton.cdiv(KCO, meta["BN"]), triton.cdiv(CRS, meta["BK"]), split
+
+    _shared_wgrad_relu_pool[grid](x, dp, code, dw, db, N, C, H, W, KCO, HO, WO, *x.stride(), *dp.stride(),
+                                  SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S,
+                                  SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype))
+    return dw.view(w_shape), (db if bias else None)
