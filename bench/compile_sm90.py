@@ -30,6 +30,7 @@ from triton.compiler import ASTSource, compile  # noqa: E402
 
 from fastagg.kernels import grouped_conv as gc  # noqa: E402
 from fastagg.kernels import kd_loss, merge  # noqa: E402
+from fastagg.kernels import shared_conv as sc  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other plain argument is an integer
@@ -62,6 +63,21 @@ def cases(quick=False):
                     (gc._conv_dgrad, {"OFF64": False}, dict(dy_ptr=dt, w_ptr=dt, dx_ptr=dt)),
                     (gc._conv_wgrad, {"SPLIT": 1}, dict(dy_ptr=dt, x_ptr=dt, dw_ptr="fp32")),
                     (gc._conv_wgrad, {"SPLIT": 4}, dict(dy_ptr=dt, x_ptr=dt, dw_ptr="fp32"))):
+                for cfg in tuner.configs[:1] if quick else tuner.configs:
+                    consts = {**c, **extra, "TF32": tf32, **cfg.kwargs}
+                    label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} {geo} {extra} {cfg.kwargs}"
+                    yield label, tuner.fn, ptrs, consts, cfg.num_warps, cfg.num_stages, "i32"
+    # the chain on the shared proxy batch (cnn's first layer: 5x5, padding 2)
+    chain = {"5x5": dict(SH=1, SW=1, PH=2, PW=2, R=5, S=5), "3x3": conv["3x3"]}
+    if quick:
+        del chain["3x3"]
+    for dt, tf32 in (("fp32", True), ("bf16", False)):
+        for geo, c in chain.items():
+            for tuner, extra, ptrs in (
+                    (sc._shared_fwd_relu_pool, {"HAS_BIAS": True, "OFF64": False},
+                     dict(x_ptr=dt, w_ptr=dt, b_ptr="fp32", y_ptr=dt, code_ptr="i8")),
+                    (sc._shared_wgrad_relu_pool, {"HAS_BIAS": True, "SPLIT": 8, "OFF64": False},
+                     dict(x_ptr=dt, dp_ptr=dt, code_ptr="i8", dw_ptr="fp32", db_ptr="fp32"))):
                 for cfg in tuner.configs[:1] if quick else tuner.configs:
                     consts = {**c, **extra, "TF32": tf32, **cfg.kwargs}
                     label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} {geo} {extra} {cfg.kwargs}"

@@ -38,37 +38,49 @@ from .grouped_conv import _INTERPRET, _configs, _downcast, _mma, _tf32
 
 # BM: pixels (a multiple of 4: whole windows), BN: output channels, BK: the (c, r, s) block
 _FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 2)])
-# BN: output channels, BM: pixels of the reduction (whole windows), BK: the (c, r, s) block
-_WGRAD = _configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 128, 8, 2)])
+# BM: pixels of the reduction (whole windows), BN: output channels, BK: the (c, r, s) block.
+# Read with bench/compile_sm90.py (Triton 3.9, sm_90): these spill 0-200 bytes per thread; 4 warps
+# at 64x64x64, or 128 pixels or channels per tile, spilled 290-2,000 (the pooled gradient and
+# codes are loaded into registers, not fed to the MMA from shared memory)
+_WGRAD = _configs([(64, 64, 64, 8, 2), (64, 64, 128, 8, 2), (32, 64, 128, 4, 2)])
 _KEY = ["N", "C", "H", "W", "KCO", "HO", "WO", "R", "S", "SH", "SW"]
 
 
 @triton.jit
-def _im2col(x_ptr, n_off, oh, ow, m_ok, crs, CRS, C, H, W, sxc, sxh, sxw,
-            SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-            R: tl.constexpr, S: tl.constexpr):
-    """The [pixels, crs] block of the im2col matrix of x (zero outside the image and past CRS):
-    pixels given by their image offset n_off and output row/column, crs flattened (c, r, s)."""
+def _idx(v, OFF64: tl.constexpr):
+    """``v`` as an element offset: 64-bit when OFF64 (a tensor may pass 2^31 elements: the codes
+    of K = 1024 `cnn` students do), else 32-bit, which halves the registers of a tile's offsets."""
+    if OFF64:
+        return v.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _im2col(x_ptr, pix_off, ih0, iw0, m_ok, crs, CRS, H, W, sxc, sxh, sxw,
+            R: tl.constexpr, S: tl.constexpr, OFF64: tl.constexpr):
+    """The [pixels, crs] block of the im2col matrix of x (zero outside the image and past CRS).
+    Each offset and row is a row term plus a column term: a pixel's (pix_off, its window's top
+    left ih0, iw0) plus a tap's (c, r, s), so only sums are formed per element."""
     c = crs // (R * S)
     rs = crs - c * (R * S)
     r = rs // S
     s = rs - r * S
-    ih = oh[:, None] * SH - PH + r[None, :]
-    iw = ow[:, None] * SW - PW + s[None, :]
+    ih = ih0[:, None] + r[None, :]
+    iw = iw0[:, None] + s[None, :]
     ok = m_ok[:, None] & (crs < CRS)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    src = n_off[:, None] + c.to(tl.int64)[None, :] * sxc + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-    return tl.load(x_ptr + src, mask=ok, other=0.0)
+    tap_off = _idx(c, OFF64) * sxc + r * sxh + s * sxw
+    return tl.load(x_ptr + (pix_off[:, None] + tap_off[None, :]), mask=ok, other=0.0)
 
 
 @triton.jit
-def _windows(offs, PHO, PWO):
+def _windows(offs, PHO, PWO, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
     """Conv output pixels numbered window by window (four consecutive numbers: one 2x2 window):
-    (pooled pixel p, position q in its window, image n, conv output row and column)."""
+    (image n, pooled row ph and column pw, position q in the window, and the top left corner
+    ih0, iw0 of the pixel's receptive field in the input)."""
     p, q = offs // 4, offs % 4
-    n = (p // (PHO * PWO)).to(tl.int64)
-    oh = ((p // PWO) % PHO) * 2 + q // 2
-    ow = (p % PWO) * 2 + q % 2
-    return p, q, n, oh, ow
+    n = p // (PHO * PWO)
+    ph, pw = (p // PWO) % PHO, p % PWO
+    return n, ph, pw, q, (ph * 2 + q // 2) * SH - PH, (pw * 2 + q % 2) * SW - PW
 
 
 @triton.autotune(_FWD, key=_KEY)
@@ -77,13 +89,14 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
                           sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                           SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                          OFF64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """w: [C*R*S, K*Co] contiguous (B tiles load along output channels); y and the contiguous
     codes: [N, K*Co, HO/2, WO/2]."""
     PHO, PWO = HO // 2, WO // 2
     offs = tl.program_id(0) * BM + tl.arange(0, BM)
-    _, _, n, oh, ow = _windows(offs, PHO, PWO)
+    n, _, _, _, ih0, iw0 = _windows(offs, PHO, PWO, SH, SW, PH, PW)
     m_ok = offs < N * HO * WO
+    pix_off = _idx(n, OFF64) * sxn + ih0 * sxh + iw0 * sxw
     offs_o = tl.program_id(1) * BN + tl.arange(0, BN)
     o_ok = offs_o < KCO
     CRS = C * R * S
@@ -91,8 +104,8 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, CRS, BK):
         crs = k0 + kk
-        a = _im2col(x_ptr, n * sxn, oh, ow, m_ok, crs, CRS, C, H, W, sxc, sxh, sxw, SH, SW, PH, PW, R, S)
-        b = tl.load(w_ptr + crs.to(tl.int64)[:, None] * KCO + offs_o[None, :],
+        a = _im2col(x_ptr, pix_off, ih0, iw0, m_ok, crs, CRS, H, W, sxc, sxh, sxw, R, S, OFF64)
+        b = tl.load(w_ptr + (_idx(crs, OFF64) * KCO)[:, None] + offs_o[None, :],
                     mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, TF32)
     if HAS_BIAS:
@@ -102,11 +115,12 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
     code = tl.where(pooled > 0, pos, -1)
     pp = tl.program_id(0) * (BM // 4) + tl.arange(0, BM // 4)
     p_ok = (pp < N * PHO * PWO)[:, None] & o_ok[None, :]
-    pn, ph, pw = (pp // (PHO * PWO)).to(tl.int64), (pp // PWO) % PHO, pp % PWO
-    ch = offs_o.to(tl.int64)[None, :]
-    dst = (pn * syn + ph.to(tl.int64) * syh + pw.to(tl.int64) * syw)[:, None] + ch * syc
+    pn = _idx(pp // (PHO * PWO), OFF64)
+    ph, pw = (pp // PWO) % PHO, pp % PWO
+    ch = _idx(offs_o, OFF64)
+    dst = (pn * syn + ph * syh + pw * syw)[:, None] + (ch * syc)[None, :]
     tl.store(y_ptr + dst, _downcast(pooled, y_ptr.dtype.element_ty), mask=p_ok)
-    flat = (pn * KCO * PHO * PWO + ph * PWO + pw)[:, None] + ch * (PHO * PWO)
+    flat = (pn * (KCO * PHO * PWO) + ph * PWO + pw)[:, None] + (ch * (PHO * PWO))[None, :]
     tl.store(code_ptr + flat, code.to(tl.int8), mask=p_ok)
 
 
@@ -118,7 +132,8 @@ def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W,
                             sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
                             SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                             R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            TF32: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                            TF32: tl.constexpr, OFF64: tl.constexpr,
+                            BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """dw [K*Co, C*R*S] and db [K*Co] (fp32) from the pooled gradient dp [N, K*Co, HO/2, WO/2]
     (strides sd*) and the contiguous codes. Grid: (channel tiles, crs tiles, SPLIT)."""
     PHO, PWO = HO // 2, WO // 2
@@ -132,25 +147,25 @@ def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W,
     lo = split * per
     hi = tl.minimum(lo + per, M)
     mm = tl.arange(0, BM)
-    dp_ch = offs_j.to(tl.int64)[:, None] * sdc
-    code_ch = offs_j.to(tl.int64)[:, None] * (PHO * PWO)
+    dp_ch = (_idx(offs_j, OFF64) * sdc)[:, None]
+    code_ch = (_idx(offs_j, OFF64) * (PHO * PWO))[:, None]
     acc = tl.zeros((BN, BK), tl.float32)
     acc_b = tl.zeros((BN,), tl.float32)
     for m0 in range(lo, hi, BM):
         m = m0 + mm
         m_ok = m < hi
-        p, q, n, oh, ow = _windows(m, PHO, PWO)
-        ph, pw = (p // PWO) % PHO, p % PWO
+        n, ph, pw, q, ih0, iw0 = _windows(m, PHO, PWO, SH, SW, PH, PW)
+        nn = _idx(n, OFF64)
         ok = j_ok[:, None] & m_ok[None, :]
-        src = (n * sdn + ph.to(tl.int64) * sdh + pw.to(tl.int64) * sdw)[None, :]
-        g = tl.load(dp_ptr + dp_ch + src, mask=ok, other=0.0)
-        code = tl.load(code_ptr + code_ch + (n * KCO * PHO * PWO + ph * PWO + pw)[None, :], mask=ok, other=-1)
+        g = tl.load(dp_ptr + dp_ch + (nn * sdn + ph * sdh + pw * sdw)[None, :], mask=ok, other=0.0)
+        code = tl.load(code_ptr + code_ch + (nn * (KCO * PHO * PWO) + ph * PWO + pw)[None, :], mask=ok, other=-1)
         dz = tl.where(code == q[None, :], g, 0.0)  # [BN, BM]: the gradient at the conv's output
-        a = _im2col(x_ptr, n * sxn, oh, ow, m_ok, crs, CRS, C, H, W, sxc, sxh, sxw, SH, SW, PH, PW, R, S)
+        a = _im2col(x_ptr, nn * sxn + ih0 * sxh + iw0 * sxw, ih0, iw0, m_ok, crs, CRS, H, W, sxc, sxh, sxw,
+                    R, S, OFF64)
         acc = _mma(dz.to(a.dtype), a, acc, TF32)
         if HAS_BIAS:
             acc_b += tl.sum(dz.to(tl.float32), axis=1)
-    dst = dw_ptr + offs_j.to(tl.int64)[:, None] * CRS + crs[None, :]
+    dst = dw_ptr + (offs_j * CRS)[:, None] + crs[None, :]  # dw is small: 32-bit offsets
     mask = j_ok[:, None] & (crs < CRS)[None, :]
     if SPLIT == 1:
         tl.store(dst, acc, mask=mask)
@@ -162,6 +177,12 @@ def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W,
                 tl.store(db_ptr + offs_j, acc_b, mask=j_ok)
             else:
                 tl.atomic_add(db_ptr + offs_j, acc_b, mask=j_ok)
+
+
+def _off64(*tensors):
+    """Whether an element offset into one of the tensors may pass 2^31 - 1 (then the kernels index
+    in 64 bits; else in 32)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= (1 << 31) - 1 for t in tensors)
 
 
 def _conv_hw(x, R, S, stride, padding):
@@ -197,7 +218,7 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding):
 
     _shared_fwd_relu_pool[grid](x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO,
                                 *x.stride(), *y.stride(), SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
-                                R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype))
+                                R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype), OFF64=_off64(x, wt, y, code))
     return y, code
 
 
@@ -233,5 +254,5 @@ def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True
 
     _shared_wgrad_relu_pool[grid](x, dp, code, dw, db, N, C, H, W, KCO, HO, WO, *x.stride(), *dp.stride(),
                                   SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S,
-                                  SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype))
+                                  SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype), OFF64=_off64(x, dp, code))
     return dw.view(w_shape), (db if bias else None)

@@ -276,3 +276,22 @@ def test_engine_gemm_fused_route_equals_native_and_its_reference_in_bf16(rng, de
                              3.0).shared_chains() == 1
     assert StudentGradEngine(ResNet18NoBN(), ParamSpec.from_module(ResNet18NoBN()), torch.randn(1, 3, 32, 32),
                              3.0).shared_chains() == 0
+
+
+def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
+    """The kernels' 64-bit offset branch (taken when a tensor may pass 2^31 elements, e.g. the codes
+    of 1,024 `cnn` students) computes exactly what the 32-bit one does."""
+    pytest.importorskip("triton")
+    from fastagg.kernels import shared_conv as kern
+
+    off64 = kern._off64
+    assert not off64(torch.empty(8, 4096, 256, 256, device="meta")) and off64(torch.empty(9, 4096, 256, 256, device="meta"))
+    x, w, b = torch.randn(2, 3, 6, 6, generator=rng), torch.randn(9, 3, 3, 3, generator=rng), torch.randn(9, generator=rng)
+    out = {}
+    for wide in (False, True):
+        monkeypatch.setattr(kern, "_off64", lambda *t, wide=wide: wide)
+        y, code = kern.shared_conv_relu_pool_forward(x, w, b, (1, 1), (1, 1))
+        dw, db = kern.shared_conv_relu_pool_wgrad(x, y, code, w.shape, (1, 1), (1, 1))
+        out[wide] = (y, code, dw, db)
+    for a, c in zip(out[False], out[True]):
+        assert torch.equal(a, c)
