@@ -14,7 +14,9 @@ be a GEMM.
    product, the output channels-last) and ``vmap_product`` (one product per student, the shared
    columns broadcast: what compiled_gemm's plain ops lower to). Each against fp32 cuDNN with
    TF32 off, relative L2 error.
-2. ``torch.profiler`` over engine passes per route (compiled, compiled_gemm, native, gemm): the kernels
+   For `cnn` also the first layer with its relu and pool (the chain): cuDNN's three ops with
+   autograd against fastagg.kernels.shared_conv (the gemm_fused route), forward and weight gradient.
+2. ``torch.profiler`` over engine passes per route (gemm_fused, compiled, compiled_gemm, native, gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
    profiler sees each launch; the kernels are the same).
 """
@@ -105,6 +107,8 @@ def first_layer(name, K, N, C, H, W, CO, R, pad, device):
         "vmap_product": (product_fwd, product_wgrad),
     }
     row = {"model": name, "K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "gflop": flops / 1e9}
+    if name == "cnn" and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        row["chain"] = chain(xb, wb, x, w, pad, flops, device)
     for key, (fwd, wgrad) in variants.items():
         y, dw = fwd(), wgrad()
         if key == "gemm_mm":
@@ -121,6 +125,53 @@ def first_layer(name, K, N, C, H, W, CO, R, pad, device):
     return row
 
 
+def chain(xb, wb, x, w, pad, flops, device):
+    """The first layer with its relu and 2x2 max-pool (`cnn`'s first chain), forward and weight
+    gradient from a pooled gradient: cuDNN's convolution, relu and pool with autograd (what the
+    native and gemm routes run, the product aside) against fastagg.kernels.shared_conv (the
+    gemm_fused route: pooled in the epilogue, nothing of the [N, K*Co, H, W] output written).
+    Errors against the fp32 chain with TF32 off."""
+    from fastagg.kernels.shared_conv import shared_conv_relu_pool_forward, shared_conv_relu_pool_wgrad
+
+    wr = wb.detach().requires_grad_()
+
+    def cudnn_fwd():
+        return F.max_pool2d(F.relu(F.conv2d(xb, wr, padding=pad)), 2)
+
+    yt = cudnn_fwd()
+    dp = torch.randn(yt.shape, device=device).to(xb.dtype)
+    y, code = shared_conv_relu_pool_forward(xb, wb, None, (1, 1), (pad, pad))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    wf = w.detach().requires_grad_()
+    ref_y = F.max_pool2d(F.relu(F.conv2d(x, wf, padding=pad)), 2)
+    (ref_dw,) = torch.autograd.grad(ref_y, (wf,), dp.float())
+    torch.backends.cudnn.allow_tf32 = tf32
+    (dw_t,) = torch.autograd.grad(yt, (wr,), dp, retain_graph=True)
+    dw, _ = shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1), (pad, pad), bias=False)
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    out = {"cudnn_chain": {"fwd_ms": _time(cudnn_fwd, device),
+                           "wgrad_ms": _time(lambda: torch.autograd.grad(yt, (wr,), dp, retain_graph=True), device),
+                           "fwd_err": rel(yt, ref_y), "wgrad_err": rel(dw_t, ref_dw)},
+           "shared_fused": {"fwd_ms": _time(lambda: shared_conv_relu_pool_forward(xb, wb, None, (1, 1), (pad, pad)),
+                                            device),
+                            "wgrad_ms": _time(lambda: shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1),
+                                                                                  (pad, pad), bias=False), device),
+                            "fwd_err": rel(y, ref_y), "wgrad_err": rel(dw, ref_dw)}}
+    for key, r in out.items():
+        r["fwd_TFLOPs"], r["wgrad_TFLOPs"] = flops / r["fwd_ms"] / 1e9, flops / r["wgrad_ms"] / 1e9
+        print(f"cnn first chain (conv, relu, pool) {key:14s} fwd {r['fwd_ms']:8.3f} ms ({r['fwd_TFLOPs']:6.1f} TF/s, "
+              f"err {r['fwd_err']:.1e})  wgrad {r['wgrad_ms']:8.3f} ms ({r['wgrad_TFLOPs']:6.1f} TF/s, "
+              f"err {r['wgrad_err']:.1e})", flush=True)
+    c, f = out["cudnn_chain"], out["shared_fused"]
+    out["speedup_vs_cudnn"] = (c["fwd_ms"] + c["wgrad_ms"]) / (f["fwd_ms"] + f["wgrad_ms"])
+    print(f"cnn first chain: shared_fused {out['speedup_vs_cudnn']:.2f}x cuDNN (forward + weight gradient)", flush=True)
+    return out
+
+
 def profile_routes(name, K, device, small, routes, passes=3):
     model, proxy = bench.make(name, device, small)
     model.eval()
@@ -132,7 +183,7 @@ def profile_routes(name, K, device, small, routes, passes=3):
     rows = {}
     for route in routes:
         compiled = route.startswith("compiled")
-        conv = {"compiled": "native", "compiled_gemm": "gemm"}.get(route, route)
+        conv = {"compiled": "native", "compiled_gemm": "gemm"}.get(route, route)  # gemm_fused: as named
         eng = StudentGradEngine(model, spec, proxy, 3.0, precision="bf16" if device.type == "cuda" else "fp32",
                                 cuda_graphs=False, conv=conv, chunk=None, compile=compiled)
         if compiled:
@@ -184,7 +235,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="compiled,compiled_gemm,native,gemm")
+    ap.add_argument("--routes", default="gemm_fused,compiled,compiled_gemm,native,gemm")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")
