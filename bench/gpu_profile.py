@@ -16,7 +16,8 @@ be a GEMM.
    TF32 off, relative L2 error.
    For `cnn` also the first layer with its relu and pool (the chain): cuDNN's three ops with
    autograd against fastagg.kernels.shared_conv (the gemm_fused route), forward and weight gradient.
-2. ``torch.profiler`` over engine passes per route (gemm_fused, compiled, compiled_gemm, native, gemm): the kernels
+2. ``torch.profiler`` over engine passes per route (compiled_fused, gemm_fused, compiled, compiled_gemm,
+   native, gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
    profiler sees each launch; the kernels are the same).
 """
@@ -183,7 +184,7 @@ def profile_routes(name, K, device, small, routes, passes=3):
     rows = {}
     for route in routes:
         compiled = route.startswith("compiled")
-        conv = {"compiled": "native", "compiled_gemm": "gemm"}.get(route, route)  # gemm_fused: as named
+        conv = {"compiled": "native", "compiled_gemm": "gemm", "compiled_fused": "gemm_fused"}.get(route, route)
         eng = StudentGradEngine(model, spec, proxy, 3.0, precision="bf16" if device.type == "cuda" else "fp32",
                                 cuda_graphs=False, conv=conv, chunk=None, compile=compiled)
         if compiled:
@@ -235,7 +236,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="gemm_fused,compiled,compiled_gemm,native,gemm")
+    ap.add_argument("--routes", default="compiled_fused,gemm_fused,compiled,compiled_gemm,native,gemm")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")

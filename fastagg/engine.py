@@ -40,7 +40,11 @@ that read the proxy batch as one matrix product per student over its unfolded co
 (``"compiled_gemm"``, fastagg.ops.shared_conv.conv2d_as_product; plain ops, because dynamo
 traces a vmap'd body with unbatched tensors and cannot trace an autograd.Function's own vmap
 rule — torch 2.13: "You tried to vmap over ApplyTemplate, but it does not have vmap support" —
-so the eager gemm route's op cannot run there). The candidates are timed once per pass size and
+so the eager gemm route's op cannot run there), and, where a conv -> relu -> 2x2 max-pool chain
+reads the proxy batch, with that chain cut out of the model (``"compiled_fused"``: the chain runs
+through fastagg.kernels.shared_conv outside vmap, forward before and weight gradient after the
+compiled vmap(grad) of the rest, which also returns the gradient of the chain's pooled output;
+``split_model``). The candidates are timed once per pass size and
 the fastest kept: ``routes`` says which ran, ``route_timings`` what each measured. Compilation
 takes seconds to a minute at the first pass of each size, so it is opt-in.
 
@@ -60,13 +64,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import time
 import warnings
 
 import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
-from .ops.grouped_conv import cast_operands, fuse_conv_relu_pool, routable_convs, route_convs
+from .ops.grouped_conv import cast_operands, conv_relu_pool, fuse_conv_relu_pool, routable_convs, route_convs
 from .ops.shared_conv import conv2d_as_product, shared_input_convs
 from .ops.kd_loss import kd_loss_grad
 
@@ -122,7 +127,7 @@ class StudentGradEngine:
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._compiled: dict = {}  # route -> its torch.compile'd pass
-        self._fused = self._product = None
+        self._fused = self._product = self._split_net = None
         self.product_convs = 0  # layers the compiled_gemm route runs as products
         self._graphs: dict = {}
         self._zeros: dict = {}
@@ -223,6 +228,8 @@ class StudentGradEngine:
         return parts
 
     def _compiled_step(self, students, probs, out, route="compiled"):
+        if route == "compiled_fused":
+            return self._compiled_fused_step(students, probs, out)
         if route not in self._compiled:
             self._compiled[route] = torch.compile(self._plain_flat_grads)
         net = self.product_model() if route == "compiled_gemm" else None
@@ -231,6 +238,91 @@ class StudentGradEngine:
             loss, flat = self._compiled[route](students, probs, net)
         out.copy_(flat)
         return loss
+
+    def split_model(self):
+        """(rest, chains) for the ``compiled_fused`` route: the fused model's conv -> relu -> 2x2
+        max-pool chains that read the proxy batch itself, cut out of it (each a dict of its
+        weight and bias names, stride and padding), and ``rest``, a torch.fx copy whose forward
+        takes (x, the chains' pooled outputs) in their place; (None, []) without such a chain."""
+        if self._split_net is None:
+            gm, _ = self.fused_model()
+            rest, chains = None, []
+            if gm is not None:
+                graph = copy.deepcopy(gm.graph)
+                x = next(n for n in graph.nodes if n.op == "placeholder")
+                last = x
+                for node in list(graph.nodes):
+                    if not (node.op == "call_function" and node.target is conv_relu_pool and node.args[0] is x):
+                        continue
+                    inp, w, b, stride, padding = node.args
+                    with graph.inserting_after(last):
+                        last = graph.placeholder(f"_shared_chain_{len(chains)}")
+                    node.replace_all_uses_with(last)
+                    graph.erase_node(node)
+                    for attr in (w, b):
+                        if attr is not None and not attr.users:
+                            graph.erase_node(attr)
+                    chains.append({"weight": w.target, "bias": None if b is None else b.target,
+                                   "stride": tuple(stride), "padding": tuple(padding)})
+                if chains:
+                    graph.lint()
+                    rest = torch.fx.GraphModule(gm, graph)
+            self._split_net = (rest, chains)
+        return self._split_net
+
+    def _compiled_fused_step(self, students, probs, out):
+        """The ``compiled_fused`` route: the chains on the proxy batch through
+        fastagg.kernels.shared_conv outside vmap (forward: one launch for all K students; weight
+        gradient from the pooled gradient that the rest returns), the rest of the model and the
+        KD loss as torch.compile of vmap(grad) over the students, as the compiled route."""
+        kern = importlib.import_module("fastagg.kernels.shared_conv")
+        rest, chains = self.split_model()
+        K = students.shape[0]
+        trainable, frozen = self._split(students)
+        dtype = torch.bfloat16 if self.precision == "bf16" else students.dtype
+        x = self.proxy.to(dtype)
+        ys, saved = [], []
+        for ch in chains:
+            w = trainable[ch["weight"]]  # [K, Co, C, R, S]
+            b = trainable.get(ch["bias"]) if ch["bias"] else None
+            CO = w.shape[1]
+            wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
+            y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
+                                                         ch["stride"], ch["padding"])
+            ys.append(y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: vmap'd over dim 1, no copy
+            saved.append((wk.shape, code, w.shape, b is not None))
+        names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
+        rest_params = {n: v for n, v in trainable.items() if n not in names}
+        if "compiled_fused" not in self._compiled:
+            self._compiled["compiled_fused"] = torch.compile(self._split_grads)
+        cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
+        with route_convs(self.model, "native") if cast else contextlib.nullcontext():
+            loss, grads, gys = self._compiled["compiled_fused"](rest_params, frozen, tuple(ys), probs, rest)
+        grads = dict(grads)
+        for ch, gy, (wk_shape, code, w_shape, has_b) in zip(chains, gys, saved):
+            dw, db = kern.shared_conv_relu_pool_wgrad(x, gy.movedim(0, 1).to(dtype), code, wk_shape, ch["stride"],
+                                                      ch["padding"], bias=has_b)
+            for name, g, shape in ((ch["weight"], dw, w_shape), (ch["bias"], db, w_shape[:2])):
+                if g is not None:  # a parameter the rest also reads (tied) adds its share
+                    grads[name] = g.view(shape) + grads[name] if name in grads else g.view(shape)
+        torch.cat(self._flat_parts(grads, K, out.dtype, out.device), dim=1, out=out)
+        return loss
+
+    def _split_grads(self, params, frozen, ys, probs, rest):
+        """(loss [K], {name: grad [K, ...]}, the pooled outputs' gradients [K, N, Co, h, w]) of the
+        model after its shared chains, with plain ops only: what torch.compile traces."""
+        x, T = self.proxy, self.temperature
+        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+
+        def loss_k(p, b, yy):
+            with self._autocast():
+                z = functional_call(rest, {**p, **b}, (x, *yy))
+            logq = torch.log_softmax(z.to(acc) / T, dim=-1)
+            pt = probs.to(acc)
+            return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
+
+        (grads, gys), loss = vmap(grad_and_value(loss_k, argnums=(0, 2)), in_dims=(0, 0, 1))(params, frozen, ys)
+        return loss, grads, gys
 
     def product_model(self):
         """A copy of the model whose layers on the proxy batch run as one matrix product
@@ -351,7 +443,9 @@ class StudentGradEngine:
             # choice, not a timed one, so that a CPU run's numbers do not depend on its timings)
             return ["loop"] + (["compiled"] if self.compile else [])
         if self.conv != "auto":
-            routes, compiled = [self.conv], ["compiled_gemm" if self.conv.startswith("gemm") else "compiled"]
+            routes = [self.conv]
+            compiled = [{"gemm": "compiled_gemm", "gemm_fused": "compiled_fused" if students.dtype != torch.float64
+                         else "compiled"}.get(self.conv, "compiled")]
         else:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
@@ -359,7 +453,8 @@ class StudentGradEngine:
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
             routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if convs and self.shared_chains() else [])
                       + (["triton_cl"] if convs else []))
-            compiled = ["compiled"] + (["compiled_gemm"] if shared else [])
+            compiled = (["compiled"] + (["compiled_gemm"] if shared else [])
+                        + (["compiled_fused"] if convs and self.shared_chains() else []))
         return routes + (compiled if self.compile else [])
 
     def _pick_route(self, students, probs, out):

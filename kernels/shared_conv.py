@@ -128,14 +128,15 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
 # launcher's zeros when the chosen config runs (the split path accumulates with atomics)
 @triton.autotune(_WGRAD, key=_KEY + ["SPLIT"], restore_value=["dw_ptr", "db_ptr"])
 @triton.jit(do_not_specialize=["N", "C", "H", "W", "KCO", "HO", "WO"])
-def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W, KCO, HO, WO,
-                            sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W, KCO, HO, WO, CO,
+                            sxn, sxc, sxh, sxw, sdn, sdk, sdc, sdh, sdw,
                             SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                             R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                             TF32: tl.constexpr, OFF64: tl.constexpr,
                             BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """dw [K*Co, C*R*S] and db [K*Co] (fp32) from the pooled gradient dp [N, K*Co, HO/2, WO/2]
-    (strides sd*) and the contiguous codes. Grid: (channel tiles, crs tiles, SPLIT)."""
+    """dw [K*Co, C*R*S] and db [K*Co] (fp32) from the pooled gradient dp [N, K, Co, HO/2, WO/2]
+    (strides sd*: channel j = k * Co + co) and the contiguous codes [N, K*Co, HO/2, WO/2].
+    Grid: (channel tiles, crs tiles, SPLIT)."""
     PHO, PWO = HO // 2, WO // 2
     CRS = C * R * S
     offs_j = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -147,7 +148,7 @@ def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W,
     lo = split * per
     hi = tl.minimum(lo + per, M)
     mm = tl.arange(0, BM)
-    dp_ch = (_idx(offs_j, OFF64) * sdc)[:, None]
+    dp_ch = (_idx(offs_j // CO, OFF64) * sdk + _idx(offs_j % CO, OFF64) * sdc)[:, None]
     code_ch = (_idx(offs_j, OFF64) * (PHO * PWO))[:, None]
     acc = tl.zeros((BN, BK), tl.float32)
     acc_b = tl.zeros((BN,), tl.float32)
@@ -236,11 +237,19 @@ def _split(KCO, CRS, M, device):
 
 def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True):
     """(dw [K*Co, C, R, S], db [K*Co] or None), fp32, of the chain above from its pooled gradient
-    dp [N, K*Co, Ho/2, Wo/2] (x's dtype, any strides) and the forward's codes."""
+    (x's dtype, any strides) and the forward's codes. dp is [N, K*Co, Ho/2, Wo/2], or [N, K, Co,
+    Ho/2, Wo/2] (e.g. the movedim'd view of what a vmap over the students returns: no copy)."""
     N, C, H, W = x.shape
     KCO, _, R, S = w_shape
     HO, WO = _conv_hw(x, R, S, stride, padding)
-    if dp.shape != (N, KCO, HO // 2, WO // 2) or code.shape != dp.shape or not code.is_contiguous():
+    pooled = (N, KCO, HO // 2, WO // 2)
+    if dp.dim() == 5:  # [N, K, Co, h, w]
+        ok = dp.shape[0] == N and dp.shape[1] * dp.shape[2] == KCO and tuple(dp.shape[3:]) == pooled[2:]
+        CO, (sdn, sdk, sdc, sdh, sdw) = dp.shape[2], dp.stride()
+    else:
+        ok = tuple(dp.shape) == pooled
+        CO, (sdn, sdc, sdh, sdw), sdk = KCO, (dp.stride() if ok else (0,) * 4), 0
+    if not ok or tuple(code.shape) != pooled or not code.is_contiguous():
         raise ValueError(f"shared conv + relu + pool, weight gradient: pooled gradient {tuple(dp.shape)} and "
                          f"codes {tuple(code.shape)} do not fit input {tuple(x.shape)} and weight {tuple(w_shape)}")
     CRS = C * R * S
@@ -252,7 +261,7 @@ def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True
     def grid(meta):
         return triton.cdiv(KCO, meta["BN"]), triton.cdiv(CRS, meta["BK"]), split
 
-    _shared_wgrad_relu_pool[grid](x, dp, code, dw, db, N, C, H, W, KCO, HO, WO, *x.stride(), *dp.stride(),
+    _shared_wgrad_relu_pool[grid](x, dp, code, dw, db, N, C, H, W, KCO, HO, WO, CO, *x.stride(), sdn, sdk, sdc, sdh, sdw,
                                   SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S,
                                   SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype), OFF64=_off64(x, dp, code))
     return dw.view(w_shape), (db if bias else None)

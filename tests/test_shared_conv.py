@@ -181,6 +181,12 @@ def test_shared_chain_kernels_match_float64(geo, dtype, rng, device):
             torch.testing.assert_close(db.double().cpu(), dz.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
         else:
             assert db is None
+        if KCO % 5 == 0:  # the same gradient as the students' view [N, K, Co, ...] of a [K, N, Co, ...] tensor
+            K = 5
+            dpk = dp.reshape(N, K, KCO // K, *dp.shape[-2:]).movedim(1, 0).contiguous()
+            dw5, db5 = shared_conv_relu_pool_wgrad(x.to(device), dpk.movedim(0, 1).to(device), code, w.shape,
+                                                   stride, padding, bias=bias)
+            assert torch.equal(dw5, dw) and (db5 is None or torch.equal(db5, db))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
@@ -295,3 +301,46 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
         out[wide] = (y, code, dw, db)
     for a, c in zip(out[False], out[True]):
         assert torch.equal(a, c)
+
+
+def test_compiled_fused_route_equals_native(rng, device, monkeypatch):
+    """compiled_fused: the shared chain cut out of the model (torch.fx) and run through the
+    kernels outside vmap, the rest through torch.compile of vmap(grad); fp32 KD gradients and
+    losses equal vmap's own convolutions (TF32 off), both kernels ran, and the rest no longer
+    holds the chain. In bf16 the route equals the eager gemm_fused route within 1e-2 (six seeds
+    on the CPU: 0.08-0.19%; each 1.5-4.5% from fp32)."""
+    pytest.importorskip("triton")
+    from fastagg.kernels import shared_conv as kern
+
+    calls = []
+    for name in ("shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"):
+        monkeypatch.setattr(kern, name, lambda *a, f=getattr(kern, name), name=name, **k: calls.append(name) or f(*a, **k))
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
+    model = _CNN().to(device)
+    spec = ParamSpec.from_module(model)
+    proxy = torch.randn(6, 3, 14, 14, generator=rng).to(device)
+    flat = spec.flatten(model.state_dict()).to(device)
+    students = flat + 0.05 * torch.randn(3, spec.numel, generator=rng).to(device)
+    probs = torch.softmax(torch.randn(6, 7, generator=rng), -1).to(device)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+        eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True)
+        eng.routes[3] = "compiled_fused"  # this route, untimed
+        loss1, g1 = eng(students, probs)
+        _, g_eager = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
+                                       precision="bf16")(students, probs)
+        bf = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True, precision="bf16")
+        bf.routes[3] = "compiled_fused"
+        _, g_bf = bf(students, probs)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    rest, chains = eng.split_model()
+    assert chains == [{"weight": "c1.weight", "bias": "c1.bias", "stride": (1, 1), "padding": (2, 2)}]
+    assert "conv_relu_pool" not in rest.code and "c1" not in rest.code
+    assert calls == ["shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"] * 3
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    assert float((g_bf - g_eager).norm() / g_eager.norm()) < 1e-2
+    assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
