@@ -5,10 +5,11 @@
 #   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~550 s), then the summary table:
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
-#                             (bench/gpu_syncs.py), bench/gpu_profile.py (the first layer
-#                             as cuDNN vs cuBLAS products; the kernels of a pass per route),
-#                             `fastagg bench` on `cnn` (its routes now native, gemm, triton_cl,
-#                             compiled), then resnet18 and lm; 8 files in $OUT
+#                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes now
+#                             native, gemm, gemm_fused, triton_cl, compiled, compiled_gemm,
+#                             compiled_fused), bench/gpu_profile.py (the first layer as cuDNN vs
+#                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
+#                             kernels of a pass per route), then resnet18 and lm; 8 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
@@ -55,13 +56,15 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   timeout 60 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
-  else  # `all`: the first layer's alternatives and the kernels of a pass per route instead
-    OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py 2>&1 \
-        | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
   fi
+  # the headline first: the step, and which route wins (route_timings in the JSON)
   timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep ${CNN_ARGS:-} \
       --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
+  if [ "${T_CONV:-120}" = 0 ]; then  # `all`: the first layer's alternatives and the kernels of a pass per route
+    OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py 2>&1 \
+        | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
+  fi
 elif [ "$part" = 2 ]; then
   timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} ${REST_ARGS:-} \
       --out "$OUT/gpu_bench_rest.json" \

@@ -277,6 +277,9 @@ class StudentGradEngine:
         KD loss as torch.compile of vmap(grad) over the students, as the compiled route."""
         kern = importlib.import_module("fastagg.kernels.shared_conv")
         rest, chains = self.split_model()
+        if not chains:
+            raise ValueError("the compiled_fused route needs a conv -> relu -> 2x2 max-pool chain that reads the "
+                             "proxy batch; this model has none (shared_chains() == 0)")
         K = students.shape[0]
         trainable, frozen = self._split(students)
         dtype = torch.bfloat16 if self.precision == "bf16" else students.dtype

@@ -203,6 +203,13 @@ def test_shared_chain_rejects_what_it_cannot_run():
     code = torch.zeros(2, 4, 4, 4, dtype=torch.int8)
     with pytest.raises(ValueError, match="do not fit"):
         shared_conv_relu_pool_wgrad(x, torch.randn(2, 4, 5, 5), code, w.shape, (1, 1), (1, 1))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(98, 3))
+    spec = ParamSpec.from_module(net)
+    eng = StudentGradEngine(net, spec, x, 3.0, conv="gemm_fused", chunk=None)
+    assert eng.shared_chains() == 0 and eng.split_model() == (None, [])
+    eng.routes[2] = "compiled_fused"
+    with pytest.raises(ValueError, match="compiled_fused route needs a conv -> relu -> 2x2 max-pool chain"):
+        eng(spec.flatten(net.state_dict()).expand(2, -1).clone(), torch.softmax(torch.randn(2, 3), -1))
 
 
 @pytest.mark.parametrize("bias", [True, False])
