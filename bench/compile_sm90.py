@@ -91,6 +91,15 @@ def cases(quick=False):
                    {**conv["3x3"], "TF32": False, "OFF64": True, **cfg.kwargs,
                     **({"HAS_BIAS": False} if tuner is gc._conv_fwd else {})},
                    cfg.num_warps, cfg.num_stages, int_type)
+    for tuner, ptrs, extra in ((sc._shared_fwd_relu_pool,
+                                dict(x_ptr="bf16", w_ptr="bf16", b_ptr="fp32", y_ptr="bf16", code_ptr="i8"), {}),
+                               (sc._shared_wgrad_relu_pool,
+                                dict(x_ptr="bf16", dp_ptr="bf16", code_ptr="i8", dw_ptr="fp32", db_ptr="fp32"),
+                                {"SPLIT": 8})):
+        cfg = tuner.configs[0]
+        yield (f"{tuner.fn.__name__} bf16 5x5 OFF64 i64 sizes", tuner.fn, ptrs,
+               {**chain["5x5"], **extra, "HAS_BIAS": True, "TF32": False, "OFF64": True, **cfg.kwargs},
+               cfg.num_warps, cfg.num_stages, "i64")
     for dt in ("fp32", "bf16"):
         yield (f"_unpool_relu {dt}", gc._unpool_relu, dict(dp_ptr=dt, code_ptr="i8", dy_ptr=dt), {"BLOCK": 1024},
                4, 3, "i32")
