@@ -50,9 +50,11 @@ _KEY = ["N", "C", "H", "W", "KCO", "HO", "WO", "R", "S", "SH", "SW"]
 def _idx(v, OFF64: tl.constexpr):
     """``v`` as an element offset: 64-bit when OFF64 (a tensor may pass 2^31 elements: the codes
     of K = 1024 `cnn` students do), else 32-bit, which halves the registers of a tile's offsets."""
-    if OFF64:
-        return v.to(tl.int64)
-    return v
+    if OFF64:  # one return: Triton 3.6 types both returns of ``if c: return a; return b`` even for a constexpr c
+        out = v.to(tl.int64)
+    else:
+        out = v
+    return out
 
 
 @triton.jit
