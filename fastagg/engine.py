@@ -71,7 +71,8 @@ import warnings
 import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
-from .ops.grouped_conv import cast_operands, conv_relu_pool, fuse_conv_relu_pool, routable_convs, route_convs
+from .ops.grouped_conv import (cast_operands, conv_relu_pool_chains, fuse_conv_relu_pool, routable_convs,
+                               route_convs)
 from .ops.shared_conv import conv2d_as_product, shared_input_convs
 from .ops.kd_loss import kd_loss_grad
 
@@ -148,13 +149,10 @@ class StudentGradEngine:
         return self._fused
 
     def shared_chains(self):
-        """How many of the fused model's conv -> relu -> 2x2 max-pool chains read the proxy batch
-        itself (the ones the ``gemm_fused`` route runs through fastagg.kernels.shared_conv)."""
-        gm, _ = self.fused_model()
-        if gm is None:
-            return 0
-        shared = {id(m) for m in shared_input_convs(self.model, self.proxy)}
-        return sum(id(m) in shared for m in gm.fused_convs)
+        """How many of the model's conv -> relu -> 2x2 max-pool chains read the proxy batch itself
+        (with an even-sized convolution output): the ones the ``gemm_fused`` and ``compiled_fused``
+        routes run through fastagg.kernels.shared_conv."""
+        return len(self.split_model()[1])
 
     def _split(self, students):
         """Views of the stacked students [K, P]: ({trainable name: [K, ...]}, {buffer name: [K, ...]})."""
@@ -240,33 +238,36 @@ class StudentGradEngine:
         return loss
 
     def split_model(self):
-        """(rest, chains) for the ``compiled_fused`` route: the fused model's conv -> relu -> 2x2
-        max-pool chains that read the proxy batch itself, cut out of it (each a dict of its
-        weight and bias names, stride and padding), and ``rest``, a torch.fx copy whose forward
+        """(rest, chains) for the ``compiled_fused`` route: the model's conv -> relu -> 2x2
+        max-pool chains that read the proxy batch itself and whose convolution output is
+        even-sized, cut out of it (each a dict of its weight and bias names, stride and padding),
+        and ``rest``, a torch.fx copy of the model (its other layers as they were) whose forward
         takes (x, the chains' pooled outputs) in their place; (None, []) without such a chain."""
         if self._split_net is None:
-            gm, _ = self.fused_model()
+            gm, found = conv_relu_pool_chains(self.model)
             rest, chains = None, []
-            if gm is not None:
-                graph = copy.deepcopy(gm.graph)
+            if found:
+                graph = gm.graph
                 x = next(n for n in graph.nodes if n.op == "placeholder")
                 last = x
-                for node in list(graph.nodes):
-                    if not (node.op == "call_function" and node.target is conv_relu_pool and node.args[0] is x):
+                H, W = self.proxy.shape[-2:]
+                for conv_node, relu, pool, conv in found:
+                    (R, S), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+                    HO, WO = (H + 2 * ph - R) // sh + 1, (W + 2 * pw - S) // sw + 1
+                    if conv_node.args[0] is not x or HO % 2 or WO % 2 or HO < 2 or WO < 2:
                         continue
-                    inp, w, b, stride, padding = node.args
                     with graph.inserting_after(last):
                         last = graph.placeholder(f"_shared_chain_{len(chains)}")
-                    node.replace_all_uses_with(last)
-                    graph.erase_node(node)
-                    for attr in (w, b):
-                        if attr is not None and not attr.users:
-                            graph.erase_node(attr)
-                    chains.append({"weight": w.target, "bias": None if b is None else b.target,
-                                   "stride": tuple(stride), "padding": tuple(padding)})
+                    pool.replace_all_uses_with(last)
+                    for n in (pool, relu, conv_node):
+                        graph.erase_node(n)
+                    chains.append({"weight": f"{conv_node.target}.weight",
+                                   "bias": None if conv.bias is None else f"{conv_node.target}.bias",
+                                   "stride": tuple(conv.stride), "padding": tuple(conv.padding)})
                 if chains:
                     graph.lint()
-                    rest = torch.fx.GraphModule(gm, graph)
+                    gm.recompile()
+                    rest = gm
             self._split_net = (rest, chains)
         return self._split_net
 

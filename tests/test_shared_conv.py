@@ -78,6 +78,22 @@ class _CNN(torch.nn.Module):
         return self.fc(torch.relu(self.c2(x)).flatten(1))
 
 
+class _ChainThenSmooth(torch.nn.Module):
+    """The shared chain, then only smooth layers: in bf16 a route's rounding then moves no ReLU
+    or max-pool window downstream (with a ReLU after c2, 3 of 41 draws of the bf16 comparison
+    below went past 2%, up to 5.1%, against a 0.29% median)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 6, 5, padding=2)
+        self.c2 = torch.nn.Conv2d(6, 5, 3, stride=2)
+        self.fc = torch.nn.Linear(5 * 3 * 3, 7)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        return self.fc(torch.tanh(self.c2(x)).flatten(1))
+
+
 def test_shared_input_convs_are_the_layers_that_read_the_input():
     model = _CNN()
     assert shared_input_convs(model, torch.randn(2, 3, 14, 14)) == [model.c1]
@@ -254,13 +270,14 @@ def test_shared_chain_under_vjp_of_vmap_equals_float64_per_student(bias, rng, de
 def test_engine_gemm_fused_route_equals_native_and_its_reference_in_bf16(rng, device):
     """The engine's gemm_fused route on a CNN whose first chain reads the proxy batch: fp32 KD
     gradients equal vmap's own convolutions (TF32 off); in bf16 they equal torch_fused, whose
-    shared chain is the plain-PyTorch reference of the kernels' numerics (1e-2, as the grouped
-    fused routes), and differ from fp32 by bf16's rounding, not more."""
+    shared chain is the plain-PyTorch reference of the kernels' numerics (1e-2; 40 draws on the
+    CPU: 0.31% median, 0.45% max), and differ from fp32 by bf16's rounding, not more (2.7%
+    median, 6.5% max over the same draws)."""
     pytest.importorskip("triton")
     from fastagg.bench import CifarCNN, ResNet18NoBN
 
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
-    model = _CNN().to(device)
+    model = _ChainThenSmooth().to(device)
     spec = ParamSpec.from_module(model)
     proxy = torch.randn(7, 3, 14, 14, generator=rng).to(device)
     flat = spec.flatten(model.state_dict()).to(device)
@@ -310,12 +327,28 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
         assert torch.equal(a, c)
 
 
-def test_compiled_fused_route_equals_native(rng, device, monkeypatch):
+class _TwoChains(torch.nn.Module):
+    """Two conv -> relu -> pool chains: the first on the proxy batch, the second on its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 6, 5, padding=2)
+        self.c2 = torch.nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = torch.nn.Linear(5 * 3 * 3, 7)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        return self.fc(F.max_pool2d(torch.relu(self.c2(x)), 2).flatten(1))
+
+
+@pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains])
+def test_compiled_fused_route_equals_native(net, rng, device, monkeypatch):
     """compiled_fused: the shared chain cut out of the model (torch.fx) and run through the
     kernels outside vmap, the rest through torch.compile of vmap(grad); fp32 KD gradients and
     losses equal vmap's own convolutions (TF32 off), both kernels ran, and the rest no longer
-    holds the chain. In bf16 the route equals the eager gemm_fused route within 1e-2 (six seeds
-    on the CPU: 0.08-0.19%; each 1.5-4.5% from fp32)."""
+    holds the chain (a second chain, on a per-student input, stays in it as the model has it).
+    In bf16 (the smooth net only: see _ChainThenSmooth) the route equals the eager gemm_fused
+    route within 1e-2 (12 draws on the CPU: 0.26% median, 0.35% max)."""
     pytest.importorskip("triton")
     from fastagg.kernels import shared_conv as kern
 
@@ -323,9 +356,10 @@ def test_compiled_fused_route_equals_native(rng, device, monkeypatch):
     for name in ("shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"):
         monkeypatch.setattr(kern, name, lambda *a, f=getattr(kern, name), name=name, **k: calls.append(name) or f(*a, **k))
     torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
-    model = _CNN().to(device)
+    model = net().to(device)
     spec = ParamSpec.from_module(model)
-    proxy = torch.randn(6, 3, 14, 14, generator=rng).to(device)
+    proxy = torch.randn(6, 3, 14 if net is _ChainThenSmooth else 12, 14 if net is _ChainThenSmooth else 12,
+                        generator=rng).to(device)
     flat = spec.flatten(model.state_dict()).to(device)
     students = flat + 0.05 * torch.randn(3, spec.numel, generator=rng).to(device)
     probs = torch.softmax(torch.randn(6, 7, generator=rng), -1).to(device)
@@ -336,18 +370,22 @@ def test_compiled_fused_route_equals_native(rng, device, monkeypatch):
         eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True)
         eng.routes[3] = "compiled_fused"  # this route, untimed
         loss1, g1 = eng(students, probs)
-        _, g_eager = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
-                                       precision="bf16")(students, probs)
-        bf = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True, precision="bf16")
-        bf.routes[3] = "compiled_fused"
-        _, g_bf = bf(students, probs)
+        smooth = net is _ChainThenSmooth
+        if smooth:
+            _, g_eager = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
+                                           precision="bf16")(students, probs)
+            bf = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True,
+                                   precision="bf16")
+            bf.routes[3] = "compiled_fused"
+            _, g_bf = bf(students, probs)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rest, chains = eng.split_model()
     assert chains == [{"weight": "c1.weight", "bias": "c1.bias", "stride": (1, 1), "padding": (2, 2)}]
-    assert "conv_relu_pool" not in rest.code and "c1" not in rest.code
-    assert calls == ["shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"] * 3
+    assert "c1" not in rest.code and "c2" in rest.code and ("max_pool2d" in rest.code) == (net is _TwoChains)
+    assert calls == ["shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"] * (3 if smooth else 1)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
-    assert float((g_bf - g_eager).norm() / g_eager.norm()) < 1e-2
-    assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
+    if smooth:
+        assert float((g_bf - g_eager).norm() / g_eager.norm()) < 1e-2
+        assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage

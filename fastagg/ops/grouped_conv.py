@@ -514,27 +514,36 @@ def _is_pool2(node, modules):
             and not kw.get("ceil_mode", False) and not kw.get("return_indices", False))
 
 
-def fuse_conv_relu_pool(model):
-    """(a torch.fx copy of ``model`` in which every plain Conv2d -> relu -> 2x2 max-pool chain
-    calls ``conv_relu_pool``, how many chains it fused); (None, 0) if the model cannot be traced.
-    The copy shares the model's modules and parameter names, so ``functional_call`` works on it
-    with the same parameters; outside ``route_convs`` it computes exactly what the model does.
-    The copy's ``fused_convs`` lists the fused chains' Conv2d modules."""
+def conv_relu_pool_chains(model):
+    """(a torch.fx trace of ``model``, [(conv node, relu node, pool node, the Conv2d), ...] for each
+    plain Conv2d -> relu -> 2x2 max-pool chain in it, each link the only user of the one before);
+    (None, []) if the model cannot be traced."""
     try:
         gm = torch.fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no fusion, not an error
-        return None, 0
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no chains, not an error
+        return None, []
     modules = dict(gm.named_modules())
-    fused = 0
-    gm.fused_convs = []
-    for node in list(gm.graph.nodes):
+    chains = []
+    for node in gm.graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None
         if not (isinstance(conv, nn.Conv2d) and _routable(conv)):
             continue
         relu = _only_user(node)
         pool = _only_user(relu) if relu is not None and _is_relu(relu, modules) else None
-        if pool is None or not _is_pool2(pool, modules):
-            continue
+        if pool is not None and _is_pool2(pool, modules):
+            chains.append((node, relu, pool, conv))
+    return gm, chains
+
+
+def fuse_conv_relu_pool(model):
+    """(a torch.fx copy of ``model`` in which every plain Conv2d -> relu -> 2x2 max-pool chain
+    calls ``conv_relu_pool``, how many chains it fused); (None, 0) if the model cannot be traced.
+    The copy shares the model's modules and parameter names, so ``functional_call`` works on it
+    with the same parameters; outside ``route_convs`` it computes exactly what the model does."""
+    gm, chains = conv_relu_pool_chains(model)
+    if gm is None:
+        return None, 0
+    for node, relu, pool, conv in chains:
         with gm.graph.inserting_before(pool):
             w = gm.graph.get_attr(f"{node.target}.weight")
             b = gm.graph.get_attr(f"{node.target}.bias") if conv.bias is not None else None
@@ -542,7 +551,6 @@ def fuse_conv_relu_pool(model):
         pool.replace_all_uses_with(chain)
         for n in (pool, relu, node):
             gm.graph.erase_node(n)
-        fused += 1
-        gm.fused_convs.append(conv)
+    fused = len(chains)
     gm.recompile()
     return gm, fused
