@@ -2,6 +2,9 @@
 F.conv2d, student by student: values and the gradients that torch.func's vjp of a vmap gives;
 and the engine's "gemm" route against its "native" route."""
 
+import contextlib
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,39 @@ import torch.nn.functional as F
 from fastagg.engine import StudentGradEngine
 from fastagg.flat import ParamSpec
 from fastagg.ops.shared_conv import conv2d_as_product, shared_conv2d, shared_input_convs
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 convolutions and products without TF32 (exact comparisons on a GPU)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _engine_case(net, N, side, K, rng, device):
+    """(model, spec, proxy [N, 3, side, side], K students near the model, teacher probabilities):
+    a freshly seeded ``net`` and fresh draws from rng."""
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
+    model = net().to(device)
+    spec = ParamSpec.from_module(model)
+    proxy = torch.randn(N, 3, side, side, generator=rng).to(device)
+    students = spec.flatten(model.state_dict()).to(device) + 0.05 * torch.randn(K, spec.numel, generator=rng).to(device)
+    probs = torch.softmax(torch.randn(N, 7, generator=rng), -1).to(device)
+    return model, spec, proxy, students, probs
+
+
+def _spy_kernels(monkeypatch):
+    """The list that records each call of the two shared-chain kernels, by name."""
+    from fastagg.kernels import shared_conv as kern
+
+    calls = []
+    for name in ("shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"):
+        monkeypatch.setattr(kern, name, lambda *a, f=getattr(kern, name), name=name, **k: calls.append(name) or f(*a, **k))
+    return calls
+
 
 GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding)
     (3, 2, 3, 7, 6, 4, 3, 2, (2, 1), (1, 0)),
@@ -64,34 +100,32 @@ def test_one_student_and_a_batched_input_fall_back_to_plain_convolution(rng):
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
-class _CNN(torch.nn.Module):
-    """First layer on the shared proxy batch, then a per-student layer, pooling and a head."""
+class _Net(torch.nn.Module):
+    """c1 on the shared proxy batch as a conv -> relu -> 2x2 max-pool chain, then c2 and a head.
+    ``tail``: "relu" (c2 with stride 2, relu); "tanh" (the same, smooth: in bf16 a route's rounding
+    then moves no ReLU or max-pool window after the chain; with the ReLU, 3 of 41 draws of the
+    gemm_fused bf16 comparison below went past 2%, up to 5.1%, against a 0.29% median); "pool"
+    (c2 with padding 1, relu, pool: a second chain, on a per-student input)."""
 
-    def __init__(self):
+    def __init__(self, tail="relu"):
         super().__init__()
+        self.tail = tail
         self.c1 = torch.nn.Conv2d(3, 6, 5, padding=2)
-        self.c2 = torch.nn.Conv2d(6, 5, 3, stride=2)
+        self.c2 = torch.nn.Conv2d(6, 5, 3, padding=1) if tail == "pool" else torch.nn.Conv2d(6, 5, 3, stride=2)
         self.fc = torch.nn.Linear(5 * 3 * 3, 7)
 
     def forward(self, x):
-        x = F.max_pool2d(torch.relu(self.c1(x)), 2)
-        return self.fc(torch.relu(self.c2(x)).flatten(1))
+        y = self.c2(F.max_pool2d(torch.relu(self.c1(x)), 2))
+        if self.tail == "pool":
+            y = F.max_pool2d(torch.relu(y), 2)
+        else:
+            y = torch.tanh(y) if self.tail == "tanh" else torch.relu(y)
+        return self.fc(y.flatten(1))
 
 
-class _ChainThenSmooth(torch.nn.Module):
-    """The shared chain, then only smooth layers: in bf16 a route's rounding then moves no ReLU
-    or max-pool window downstream (with a ReLU after c2, 3 of 41 draws of the bf16 comparison
-    below went past 2%, up to 5.1%, against a 0.29% median)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(3, 6, 5, padding=2)
-        self.c2 = torch.nn.Conv2d(6, 5, 3, stride=2)
-        self.fc = torch.nn.Linear(5 * 3 * 3, 7)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.c1(x)), 2)
-        return self.fc(torch.tanh(self.c2(x)).flatten(1))
+_CNN = _Net
+_ChainThenSmooth = functools.partial(_Net, "tanh")
+_TwoChains = functools.partial(_Net, "pool")
 
 
 def test_shared_input_convs_are_the_layers_that_read_the_input():
@@ -108,17 +142,9 @@ def test_shared_input_convs_are_the_layers_that_read_the_input():
 def test_engine_gemm_routes_equal_native(route, device, rng):
     """fp32, TF32 off: the same KD gradients for K students as vmap's own convolutions (the
     compiled route through torch.compile, its first layer as one product per student)."""
-    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
-    model = _CNN().to(device)
-    spec = ParamSpec.from_module(model)
-    proxy = torch.randn(9, 3, 14, 14, generator=rng).to(device)
-    flat = spec.flatten(model.state_dict()).to(device)
-    students = flat + 0.05 * torch.randn(5, spec.numel, generator=rng).to(device)
-    probs = torch.softmax(torch.randn(9, 7, generator=rng), -1).to(device)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        out = {}
+    model, spec, proxy, students, probs = _engine_case(_CNN, 9, 14, 5, rng, device)
+    out = {}
+    with _no_tf32():
         for name in ("native", route):
             eng = StudentGradEngine(model, spec, proxy, 3.0, conv="native" if name == "native" else "gemm", chunk=None,
                                     compile=name == "compiled_gemm")
@@ -126,8 +152,6 @@ def test_engine_gemm_routes_equal_native(route, device, rng):
                 eng.routes[students.shape[0]] = name  # this route, untimed
             loss, grads = eng(students, probs)
             out[name] = (loss, grads.clone(), eng.routed_convs + eng.product_convs)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert out[route][2] == 1 and out["native"][2] == 0  # the first layer, and only it, went the gemm way
     torch.testing.assert_close(out[route][0], out["native"][0], rtol=1e-5, atol=1e-7)
     err = float((out[route][1] - out["native"][1]).norm() / out["native"][1].norm())
@@ -169,8 +193,7 @@ def test_shared_chain_kernels_match_float64(geo, dtype, rng, device):
     x = torch.randn(N, C, H, W, generator=rng).to(dtype)
     w = torch.randn(KCO, C, R, S, generator=rng).to(dtype)
     b = torch.randn(KCO, generator=rng) if bias else None
-    torch.backends.cudnn.allow_tf32, tf32 = False, torch.backends.cudnn.allow_tf32
-    try:
+    with _no_tf32():
         y, code = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
                                                 stride, padding)
         ref, z = _chain_ref(x, w, b, stride, padding)
@@ -203,8 +226,6 @@ def test_shared_chain_kernels_match_float64(geo, dtype, rng, device):
             dw5, db5 = shared_conv_relu_pool_wgrad(x.to(device), dpk.movedim(0, 1).to(device), code, w.shape,
                                                    stride, padding, bias=bias)
             assert torch.equal(dw5, dw) and (db5 is None or torch.equal(db5, db))
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def test_shared_chain_rejects_what_it_cannot_run():
@@ -234,28 +255,21 @@ def test_shared_chain_under_vjp_of_vmap_equals_float64_per_student(bias, rng, de
     route: the stacked op through both kernels (counted), values and weight/bias gradients against
     each student's float64 conv, relu and pool."""
     pytest.importorskip("triton")
-    from fastagg.kernels import shared_conv as kern
     from fastagg.ops.grouped_conv import conv_relu_pool, route_convs
 
-    calls = []
-    for name in ("shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"):
-        monkeypatch.setattr(kern, name, lambda *a, f=getattr(kern, name), name=name, **k: calls.append(name) or f(*a, **k))
+    calls = _spy_kernels(monkeypatch)
     K, N, C, H, W, CO = 4, 3, 3, 8, 6, 5
     x = torch.randn(N, C, H, W, generator=rng).to(device)
     w = torch.randn(K, CO, C, 3, 3, generator=rng).to(device)
     b = torch.randn(K, CO, generator=rng).to(device)
-    torch.backends.cudnn.allow_tf32, tf32 = False, torch.backends.cudnn.allow_tf32
-    try:
-        with route_convs(torch.nn.Module(), "gemm_fused") as counter:
-            def students(ww, *bb):
-                return torch.func.vmap(lambda w1, *b1: conv_relu_pool(x, w1, b1[0] if bias else None, (1, 1), (1, 1)))(
-                    ww, *bb)
+    with _no_tf32(), route_convs(torch.nn.Module(), "gemm_fused") as counter:
+        def students(ww, *bb):
+            return torch.func.vmap(lambda w1, *b1: conv_relu_pool(x, w1, b1[0] if bias else None, (1, 1), (1, 1)))(
+                ww, *bb)
 
-            out, pullback = torch.func.vjp(students, w, *([b] if bias else []))
-            dy = torch.randn(out.shape, generator=rng).to(device)
-            grads = pullback(dy)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+        out, pullback = torch.func.vjp(students, w, *([b] if bias else []))
+        dy = torch.randn(out.shape, generator=rng).to(device)
+        grads = pullback(dy)
     assert counter.calls == 1 and calls == ["shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"]
     wd = w.double().cpu().requires_grad_()
     bd = b.double().cpu().requires_grad_() if bias else None
@@ -276,24 +290,14 @@ def test_engine_gemm_fused_route_equals_native_and_its_reference_in_bf16(rng, de
     pytest.importorskip("triton")
     from fastagg.bench import CifarCNN, ResNet18NoBN
 
-    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
-    model = _ChainThenSmooth().to(device)
-    spec = ParamSpec.from_module(model)
-    proxy = torch.randn(7, 3, 14, 14, generator=rng).to(device)
-    flat = spec.flatten(model.state_dict()).to(device)
-    students = flat + 0.05 * torch.randn(4, spec.numel, generator=rng).to(device)
-    probs = torch.softmax(torch.randn(7, 7, generator=rng), -1).to(device)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        out = {}
+    model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 7, 14, 4, rng, device)
+    out = {}
+    with _no_tf32():
         for conv, precision in (("native", "fp32"), ("gemm_fused", "fp32"), ("gemm_fused", "bf16"),
                                 ("torch_fused", "bf16")):
             eng = StudentGradEngine(model, spec, proxy, 3.0, conv=conv, chunk=None, precision=precision)
             loss, grads = eng(students, probs)
             out[conv, precision] = (loss, grads.clone(), eng)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     eng = out["gemm_fused", "fp32"][2]
     assert eng.shared_chains() == 1 and eng.routed_convs == 1 and eng.routes == {4: "gemm_fused"}
     g0 = out["native", "fp32"][1]
@@ -327,50 +331,23 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
         assert torch.equal(a, c)
 
 
-class _TwoChains(torch.nn.Module):
-    """Two conv -> relu -> pool chains: the first on the proxy batch, the second on its output."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(3, 6, 5, padding=2)
-        self.c2 = torch.nn.Conv2d(6, 5, 3, padding=1)
-        self.fc = torch.nn.Linear(5 * 3 * 3, 7)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.c1(x)), 2)
-        return self.fc(F.max_pool2d(torch.relu(self.c2(x)), 2).flatten(1))
-
-
-@pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains])
+@pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
 def test_compiled_fused_route_equals_native(net, rng, device, monkeypatch):
     """compiled_fused: the shared chain cut out of the model (torch.fx) and run through the
     kernels outside vmap, the rest through torch.compile of vmap(grad); fp32 KD gradients and
     losses equal vmap's own convolutions (TF32 off), both kernels ran, and the rest no longer
     holds the chain (a second chain, on a per-student input, stays in it as the model has it).
-    In bf16 (the smooth net only: see _ChainThenSmooth) the route equals the eager gemm_fused
+    In bf16 (the smooth tail only: see _Net) the route equals the eager gemm_fused
     route within 1e-2 (12 draws on the CPU: 0.26% median, 0.35% max)."""
     pytest.importorskip("triton")
-    from fastagg.kernels import shared_conv as kern
-
-    calls = []
-    for name in ("shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"):
-        monkeypatch.setattr(kern, name, lambda *a, f=getattr(kern, name), name=name, **k: calls.append(name) or f(*a, **k))
-    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
-    model = net().to(device)
-    spec = ParamSpec.from_module(model)
-    proxy = torch.randn(6, 3, 14 if net is _ChainThenSmooth else 12, 14 if net is _ChainThenSmooth else 12,
-                        generator=rng).to(device)
-    flat = spec.flatten(model.state_dict()).to(device)
-    students = flat + 0.05 * torch.randn(3, spec.numel, generator=rng).to(device)
-    probs = torch.softmax(torch.randn(6, 7, generator=rng), -1).to(device)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    calls = _spy_kernels(monkeypatch)
+    smooth = net is _ChainThenSmooth
+    model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
+    with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
         eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True)
         eng.routes[3] = "compiled_fused"  # this route, untimed
         loss1, g1 = eng(students, probs)
-        smooth = net is _ChainThenSmooth
         if smooth:
             _, g_eager = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
                                            precision="bf16")(students, probs)
@@ -378,8 +355,6 @@ def test_compiled_fused_route_equals_native(net, rng, device, monkeypatch):
                                    precision="bf16")
             bf.routes[3] = "compiled_fused"
             _, g_bf = bf(students, probs)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     rest, chains = eng.split_model()
     assert chains == [{"weight": "c1.weight", "bias": "c1.bias", "stride": (1, 1), "padding": (2, 2)}]
     assert "c1" not in rest.code and "c2" in rest.code and ("max_pool2d" in rest.code) == (net is _TwoChains)
