@@ -285,16 +285,17 @@ class StudentGradEngine:
         trainable, frozen = self._split(students)
         dtype = torch.bfloat16 if self.precision == "bf16" else students.dtype
         x = self.proxy.to(dtype)
+        views = {**trainable, **frozen}  # a chain's weight or bias may be frozen (requires_grad=False)
         ys, saved = [], []
         for ch in chains:
-            w = trainable[ch["weight"]]  # [K, Co, C, R, S]
-            b = trainable.get(ch["bias"]) if ch["bias"] else None
+            w = views[ch["weight"]]  # [K, Co, C, R, S]
+            b = views[ch["bias"]] if ch["bias"] else None
             CO = w.shape[1]
             wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
             y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
                                                          ch["stride"], ch["padding"])
             ys.append(y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: vmap'd over dim 1, no copy
-            saved.append((wk.shape, code, w.shape, b is not None))
+            saved.append((wk.shape, code, w.shape))
         names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
         rest_params = {n: v for n, v in trainable.items() if n not in names}
         if "compiled_fused" not in self._compiled:
@@ -303,11 +304,14 @@ class StudentGradEngine:
         with route_convs(self.model, "native") if cast else contextlib.nullcontext():
             loss, grads, gys = self._compiled["compiled_fused"](rest_params, frozen, tuple(ys), probs, rest)
         grads = dict(grads)
-        for ch, gy, (wk_shape, code, w_shape, has_b) in zip(chains, gys, saved):
+        for ch, gy, (wk_shape, code, w_shape) in zip(chains, gys, saved):
+            need_b = ch["bias"] in trainable
+            if ch["weight"] not in trainable and not need_b:
+                continue  # a frozen chain: no gradient to compute
             dw, db = kern.shared_conv_relu_pool_wgrad(x, gy.movedim(0, 1).to(dtype), code, wk_shape, ch["stride"],
-                                                      ch["padding"], bias=has_b)
+                                                      ch["padding"], bias=need_b)
             for name, g, shape in ((ch["weight"], dw, w_shape), (ch["bias"], db, w_shape[:2])):
-                if g is not None:  # a parameter the rest also reads (tied) adds its share
+                if name in trainable:  # a parameter the rest also reads (tied) adds its share
                     grads[name] = g.view(shape) + grads[name] if name in grads else g.view(shape)
         torch.cat(self._flat_parts(grads, K, out.dtype, out.device), dim=1, out=out)
         return loss

@@ -364,3 +364,22 @@ def test_compiled_fused_route_equals_native(net, rng, device, monkeypatch):
     if smooth:
         assert float((g_bf - g_eager).norm() / g_eager.norm()) < 1e-2
         assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
+
+
+@pytest.mark.parametrize("frozen", ["c1.bias", "c1.weight"])
+def test_compiled_fused_route_with_a_frozen_chain_parameter_equals_native(frozen, rng, device):
+    """A chain parameter with requires_grad=False still enters the chain's forward (from the
+    frozen views) and gets no KD gradient (zeros in its columns, as on the native route)."""
+    pytest.importorskip("triton")
+    model, _, proxy, students, probs = _engine_case(_ChainThenSmooth, 5, 14, 2, rng, device)
+    model.get_parameter(frozen).requires_grad_(False)
+    spec = ParamSpec.from_module(model)
+    with _no_tf32():
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+        eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True)
+        eng.routes[2] = "compiled_fused"
+        loss1, g1 = eng(students, probs)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    off = spec.offsets[spec.names.index(frozen)]
+    assert not g1[:, off:off + model.get_parameter(frozen).numel()].any()

@@ -551,6 +551,5 @@ def fuse_conv_relu_pool(model):
         pool.replace_all_uses_with(chain)
         for n in (pool, relu, node):
             gm.graph.erase_node(n)
-    fused = len(chains)
     gm.recompile()
-    return gm, fused
+    return gm, len(chains)
