@@ -56,6 +56,17 @@ def backend_lines(res):
                 f" ms, diff {_f(v.get('max_rel_diff'), '{:.0e}')}" for b, v in r["by_backend"].items())
 
 
+def route_lines(res):
+    """A line per model and pass size: each route the engine timed, fastest first (ms per pass;
+    a route that failed says so), so that the reply shows which route won and by how much."""
+    for r in res.get("models", []):
+        for size, timings in (r.get("route_ms") or {}).items():
+            timed = sorted((t, name) for name, t in timings.items() if isinstance(t, (int, float)))
+            failed = [name for name, t in timings.items() if not isinstance(t, (int, float))]
+            yield (f"{r['model']} routes, passes of {size}: " + ", ".join(f"{name} {t:.1f}" for t, name in timed)
+                   + " ms" + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
 def main(paths):
     head = ["model", "K", "step host", "4 threads", "step bf16 host", "step device", "correction", "vs compiled bf16",
             "vs vmap fp32", "target", "met", "routes"]
@@ -70,7 +81,7 @@ def main(paths):
             continue
         device = device or f"{res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}"
         table += list(rows(res))
-        notes += list(backend_lines(res))
+        notes += list(route_lines(res)) + list(backend_lines(res))
         errors += [f"{r['model']}: {r['error']}" for r in res.get("models", []) if "error" in r]
         for name, k in (res.get("flush_k") or {}).items():
             print(f"flush K ({name}): {k}")

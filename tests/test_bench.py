@@ -260,6 +260,11 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn by backend:"))
     assert "triton step 1,455/s, stage 0.100 ms, merge 0.85 ms, KD loss 0.31 ms" in line
     assert "torch step 1,302/s, stage - ms, merge 1.90 ms" in line
+    r["route_ms"] = {"128": {"native": 71.8, "compiled_fused": 25.04, "compiled": 41.9, "gemm_fused": "failed: X"}}
+    path.write_text(json.dumps({"device": "test", "models": [r]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert ("cnn routes, passes of 128: compiled_fused 25.0, compiled 41.9, native 71.8 ms; failed: gemm_fused"
+            in out.stdout.splitlines())
 
 
 def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
