@@ -27,10 +27,12 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # the kernel tests all passed on the H100 in the seventh session (71 on 8 workers, 92 s warm,
   # over 150 s cold): here only the tests of what changed since, then the profile
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
-  # routes are timed (and compiled) at one pass size only; lm first in part 2 (not measured since
+  # routes are timed (and compiled) at one pass size only: seven routes since the thirteenth
+  # session, three of them compiled (and the compiled baseline), hence 200 s for it and 100 for
+  # the profile, which the bench's inductor cache then speeds up; lm first in part 2 (not measured since
   # the first session), no K sweep (a compile per K): run part 2 alone for it
   TESTS="tests/test_shared_conv.py tests/test_correction.py tests/test_staging.py tests/test_staged_path.py tests/test_grouped_conv.py::test_loop_route_equals_native_and_a_float64_per_client_oracle tests/test_random_operations.py::test_random_operations_on_the_gpu_aggregator" \
-      T_TESTS=100 T_CONV=0 T_PROF=150 T_CNN=150 \
+      T_TESTS=100 T_CONV=0 T_PROF=100 T_CNN=200 \
       CNN_ARGS="--chunk none" bash "$0" 1
   MODELS_REST=lm,resnet18 REST_ARGS=--no-sweep T_REST=150 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
