@@ -397,10 +397,16 @@ def conv_backward_data(dy, w, x_shape, stride, padding, channels_last=False):
 
 def _wgrad_split(K, CO, C, R, S, M, device):
     """Programs along the reduction so that the grid fills the device (~4 waves of its SMs)."""
+    return reduction_split(K * triton.cdiv(CO, 64) * triton.cdiv(C, 64) * R * S, M, device)
+
+
+def reduction_split(tiles, M, device):
+    """How many programs share a reduction over M pixels, given ``tiles`` output tiles: enough for
+    ~4 waves of the device's SMs, each slice at least 1024 pixels (2 under the interpreter, so
+    that the tests exercise the atomic path)."""
     if _INTERPRET:
-        return 2 if M > 64 else 1  # the tests exercise the atomic path
+        return 2 if M > 64 else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = K * triton.cdiv(CO, 64) * triton.cdiv(C, 64) * R * S
     split = 1
     while tiles * split < 4 * sms and M // (split * 2) >= 1024:
         split *= 2

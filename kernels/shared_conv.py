@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_conv import _INTERPRET, _configs, _downcast, _mma, _tf32
+from .grouped_conv import _configs, _downcast, _mma, _out_size, _tf32, reduction_split
 
 # BM: pixels (a multiple of 4: whole windows), BN: output channels, BK: the (c, r, s) block
 _FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 2)])
@@ -190,7 +190,7 @@ def _off64(*tensors):
 
 def _conv_hw(x, R, S, stride, padding):
     H, W = x.shape[-2:]
-    return (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+    return _out_size(H, R, stride[0], padding[0]), _out_size(W, S, stride[1], padding[1])
 
 
 def _check(x, w, stride, padding):
@@ -225,18 +225,6 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding):
     return y, code
 
 
-def _split(KCO, CRS, M, device):
-    """Programs along the pixel reduction so that the grid fills the device (~4 waves of its SMs)."""
-    if _INTERPRET:
-        return 2 if M > 64 else 1  # the tests exercise the atomic path
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(KCO, 64) * triton.cdiv(CRS, 64)
-    split = 1
-    while tiles * split < 4 * sms and M // (split * 2) >= 1024:
-        split *= 2
-    return split
-
-
 def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True):
     """(dw [K*Co, C, R, S], db [K*Co] or None), fp32, of the chain above from its pooled gradient
     (x's dtype, any strides) and the forward's codes. dp is [N, K*Co, Ho/2, Wo/2], or [N, K, Co,
@@ -255,7 +243,7 @@ def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True
         raise ValueError(f"shared conv + relu + pool, weight gradient: pooled gradient {tuple(dp.shape)} and "
                          f"codes {tuple(code.shape)} do not fit input {tuple(x.shape)} and weight {tuple(w_shape)}")
     CRS = C * R * S
-    split = _split(KCO, CRS, N * HO * WO, x.device)
+    split = reduction_split(triton.cdiv(KCO, 64) * triton.cdiv(CRS, 64), N * HO * WO, x.device)
     new = torch.zeros if split > 1 else torch.empty
     dw = new(KCO, CRS, dtype=torch.float32, device=x.device)
     db = new(KCO, dtype=torch.float32, device=x.device) if bias else dw
