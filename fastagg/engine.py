@@ -73,7 +73,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from .ops.grouped_conv import (cast_operands, conv_relu_pool_chains, fuse_conv_relu_pool, routable_convs,
                                route_convs)
-from .ops.shared_conv import conv2d_as_product, shared_input_convs
+from .ops.shared_conv import _out_hw, conv2d_as_product, shared_input_convs
 from .ops.kd_loss import kd_loss_grad
 
 
@@ -229,7 +229,9 @@ class StudentGradEngine:
         if route == "compiled_fused":
             return self._compiled_fused_step(students, probs, out)
         if route not in self._compiled:
-            self._compiled[route] = torch.compile(self._plain_flat_grads)
+            # one static graph per shape: every engine shares this code object, and dynamo's
+            # automatic dynamic shapes (after a second shape) failed inside vmap(grad)
+            self._compiled[route] = torch.compile(self._plain_flat_grads, dynamic=False)
         net = self.product_model() if route == "compiled_gemm" else None
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast and net is None else contextlib.nullcontext():
@@ -250,10 +252,8 @@ class StudentGradEngine:
                 graph = gm.graph
                 x = next(n for n in graph.nodes if n.op == "placeholder")
                 last = x
-                H, W = self.proxy.shape[-2:]
                 for conv_node, relu, pool, conv in found:
-                    (R, S), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-                    HO, WO = (H + 2 * ph - R) // sh + 1, (W + 2 * pw - S) // sw + 1
+                    HO, WO = _out_hw(self.proxy, *conv.kernel_size, conv.stride, conv.padding)
                     if conv_node.args[0] is not x or HO % 2 or WO % 2 or HO < 2 or WO < 2:
                         continue
                     with graph.inserting_after(last):
@@ -299,7 +299,7 @@ class StudentGradEngine:
         names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
         rest_params = {n: v for n, v in trainable.items() if n not in names}
         if "compiled_fused" not in self._compiled:
-            self._compiled["compiled_fused"] = torch.compile(self._split_grads)
+            self._compiled["compiled_fused"] = torch.compile(self._split_grads, dynamic=False)  # as above
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast else contextlib.nullcontext():
             loss, grads, gys = self._compiled["compiled_fused"](rest_params, frozen, tuple(ys), probs, rest)
