@@ -16,8 +16,8 @@ be a GEMM.
    TF32 off, relative L2 error.
    For `cnn` also the first layer with its relu and pool (the chain): cuDNN's three ops with
    autograd against fastagg.kernels.shared_conv (the gemm_fused route), forward and weight gradient.
-2. ``torch.profiler`` over engine passes per route (compiled_fused, gemm_fused, compiled, compiled_gemm,
-   native, gemm): the kernels
+2. ``torch.profiler`` over engine passes per route (compiled_fused, compiled, loop_fused, gemm_fused,
+   native, gemm, compiled_gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
    profiler sees each launch; the kernels are the same).
 """
@@ -236,7 +236,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="compiled_fused,compiled,gemm_fused,native,gemm,compiled_gemm")
+    ap.add_argument("--routes", default="compiled_fused,compiled,loop_fused,gemm_fused,native,gemm,compiled_gemm")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")

@@ -6,8 +6,8 @@
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
 #                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes now
-#                             native, gemm, gemm_fused, triton_cl, compiled, compiled_gemm,
-#                             compiled_fused), bench/gpu_profile.py (the first layer as cuDNN vs
+#                             native, gemm, gemm_fused, triton_cl, loop, loop_fused, compiled,
+#                             compiled_gemm, compiled_fused), bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             kernels of a pass per route), then resnet18 and lm; 8 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
@@ -27,8 +27,9 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # the kernel tests all passed on the H100 in the seventh session (71 on 8 workers, 92 s warm,
   # over 150 s cold): here only the tests of what changed since, then the profile
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
-  # routes are timed (and compiled) at one pass size only: seven routes since the thirteenth
-  # session, three of them compiled (and the compiled baseline), hence 200 s for it and 100 for
+  # routes are timed (and compiled) at one pass size only: nine routes since the fourteenth
+  # session (loop and loop_fused: captured, not compiled, a few seconds), three of them compiled
+  # (and the compiled baseline), hence 200 s for it and 100 for
   # the profile, which the bench's inductor cache then speeds up; lm first in part 2 (not measured since
   # the first session), no K sweep (a compile per K): run part 2 alone for it
   TESTS="tests/test_shared_conv.py tests/test_correction.py tests/test_staging.py tests/test_staged_path.py tests/test_grouped_conv.py::test_loop_route_equals_native_and_a_float64_per_client_oracle tests/test_random_operations.py::test_random_operations_on_the_gpu_aggregator" \

@@ -27,10 +27,13 @@ on the H100) runs as cuBLAS products over the unfolded input (fastagg.ops.shared
 op through fastagg.kernels.shared_conv (pooled in the forward's epilogue; the weight gradient
 built from the pooled gradient, never writing the convolution's full-size output).
 ``"loop"``: no vmap, the students one at a time through the model's own layers with plain
-autograd. ``"auto"`` (default) times native, gemm, gemm_fused (where a chain reads the proxy
-batch) and triton_cl once per pass size on a CUDA device and keeps the fastest (triton and
-triton_fused lost to native by 2-9x at every size measured on the H100, so they run only when
-named); on a CPU it is loop for a model with
+autograd (on CUDA each student's convolutions are cuDNN's dense ones, and with ``cuda_graphs``
+a pass of K students is captured as one graph). ``"loop_fused"``: the chains that read the proxy
+batch through fastagg.kernels.shared_conv for all K students at once, the rest of the model
+student by student as in loop. ``"auto"`` (default) times native, gemm, gemm_fused and
+loop_fused (where a chain reads the proxy batch), triton_cl and loop once per pass size on a
+CUDA device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
+measured on the H100, so they run only when named); on a CPU it is loop for a model with
 convolutions (one student per pass there, see ``chunk``) and native otherwise.
 
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
@@ -84,8 +87,8 @@ def _product_forward(module, device_type, x, w, b):
     return conv2d_as_product(x, w, b, module.stride, module.padding)
 
 
-CONV_CHOICES = ("auto", "native", "loop", "gemm", "gemm_fused", "triton", "triton_cl", "triton_fused", "torch",
-                "torch_fused")
+CONV_CHOICES = ("auto", "native", "loop", "loop_fused", "gemm", "gemm_fused", "triton", "triton_cl", "triton_fused",
+                "torch", "torch_fused")
 
 
 def check_options(precision, conv, chunk):
@@ -112,6 +115,8 @@ def _has_convs(model):
 
 
 class StudentGradEngine:
+    LOOP_STREAMS = 4  # the loop routes' side streams on CUDA (1: the current stream only)
+
     def __init__(self, model, spec, proxy, temperature, backend="torch", precision="fp32", cuda_graphs=False,
                  conv="auto", chunk="auto", compile=False):
         check_options(precision, conv, chunk)
@@ -132,6 +137,7 @@ class StudentGradEngine:
         self.product_convs = 0  # layers the compiled_gemm route runs as products
         self._graphs: dict = {}
         self._zeros: dict = {}
+        self._streams = None  # the loop routes' side streams (CUDA), made at first use
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -167,6 +173,8 @@ class StudentGradEngine:
             return self._compiled_step(students, probs, out, route)
         if route == "loop":
             return self._loop_step(students, probs, out)
+        if route == "loop_fused":
+            return self._loop_fused_step(students, probs, out)
         trainable, frozen = self._split(students)
         x = self.proxy
         net = (self.fused_model()[0] or self.model) if route.endswith("_fused") else self.model
@@ -187,31 +195,133 @@ class StudentGradEngine:
 
     def _loop_step(self, students, probs, out):
         """The ``loop`` route: the students one at a time through the model's own layers, with
-        plain autograd (no vmap), the fused KD op on each one's logits, and each one's gradients
-        written into its row of ``out`` (zeros for buffers and for parameters the logits do not
-        use). On a CPU a model with convolutions runs one student per pass, where vmap's
-        batching rule (a grouped convolution of one group) only costs: the loop was 1.04-1.46x
-        faster there (bench/bench_loop_route.py)."""
-        spec, N, C = self.spec, *probs.shape
-        names = [n for n, tr in zip(spec.names, spec.trainable) if tr]
-        losses = None  # [K], filled student by student (see __call__ on small tensors kept alive)
-        for k in range(students.shape[0]):
-            params = {n: v.detach().requires_grad_(tr) for (n, v), tr in zip(spec.unflatten(students[k]).items(),
-                                                                              spec.trainable)}
-            with self._autocast():
-                z = self._forward(params, self.proxy)
-            loss, gz = kd_loss_grad(z.detach().reshape(N, C), probs, self.temperature, self.backend)
-            grads = torch.autograd.grad(z, [params[n] for n in names], gz.view_as(z).to(z.dtype), allow_unused=True)
-            row = spec.unflatten(out[k])
-            found = dict(zip(names, grads))
-            for n in spec.names:
-                if found.get(n) is None:
-                    row[n].zero_()
-                else:
-                    row[n].copy_(found[n])
-            losses = loss.new_empty(students.shape[0]) if losses is None else losses
-            losses[k:k + 1].copy_(loss)
+        plain autograd (no vmap: dense convolutions), the fused KD op on each one's logits, and
+        each one's gradients written into its row of ``out``. On a CPU a model with convolutions
+        runs one student per pass, where vmap's batching rule (a grouped convolution of one group)
+        only costs: the loop was 1.04-1.46x faster there (bench/bench_loop_route.py). On CUDA a
+        pass of K students is captured as one graph with ``cuda_graphs`` on, and cuDNN runs each
+        student's convolutions as dense ones instead of vmap's grouped ones."""
+        return self._loop(students, probs, self.model, lambda k: (self.proxy,), out, lambda k, g: None)
+
+    def _loop(self, students, probs, net, inputs, out, take):
+        """Each student k of the pass through ``_loop_student`` on ``inputs(k)``, ``take(k, the
+        inputs' gradients)`` after it; the losses [K]. On CUDA the students go round
+        ``LOOP_STREAMS`` side streams forked from the current one and joined back at the end, so
+        that one student's small kernels (the dense layers' GEMMs of a few tiles, the elementwise
+        ops) overlap another's; what outlives a student (out, the losses, take's buffers) is
+        allocated on the current stream, a student's temporaries on its side stream."""
+        K = students.shape[0]
+        losses = torch.empty(K, dtype=torch.float64 if students.dtype == torch.float64 else torch.float32,
+                             device=students.device)  # the KD op's loss dtype
+        streams = self._loop_streams(students.device)
+        for k in range(K):
+            with torch.cuda.stream(streams[k % len(streams)]) if streams else contextlib.nullcontext():
+                loss, g = self._loop_student(students[k], probs, net, inputs(k), out[k])
+                take(k, g)
+                losses[k:k + 1].copy_(loss)
+        if streams:
+            main = torch.cuda.current_stream(students.device)
+            for st in streams:
+                main.wait_stream(st)
         return losses
+
+    def _loop_streams(self, device):
+        """The loop routes' side streams, forked from the current stream (none on a CPU)."""
+        if device.type != "cuda" or self.LOOP_STREAMS < 2:
+            return []
+        if self._streams is None:
+            self._streams = [torch.cuda.Stream(device) for _ in range(self.LOOP_STREAMS)]
+        main = torch.cuda.current_stream(device)
+        for st in self._streams:
+            st.wait_stream(main)
+        return self._streams
+
+    def _loop_student(self, student, probs, net, inputs, row):
+        """One student of the loop routes: its forward through ``net`` on ``inputs`` with plain
+        autograd, the fused KD op on its logits, and its gradients written into ``row`` (zeros for
+        buffers and for parameters the logits do not use). Returns (loss [1], the gradients of
+        the inputs that require grad)."""
+        spec, (N, C) = self.spec, probs.shape
+        names = [n for n, tr in zip(spec.names, spec.trainable) if tr]
+        params = {n: v.detach().requires_grad_(tr) for (n, v), tr in zip(spec.unflatten(student).items(),
+                                                                          spec.trainable)}
+        with self._autocast():
+            z = functional_call(net, params, inputs)
+        loss, gz = kd_loss_grad(z.detach().reshape(N, C), probs, self.temperature, self.backend)
+        wrt = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad(z, [params[n] for n in names] + wrt, gz.view_as(z).to(z.dtype),
+                                    allow_unused=True)
+        found = dict(zip(names, grads))
+        for n, view in spec.unflatten(row).items():
+            if found.get(n) is None:
+                view.zero_()
+            else:
+                view.copy_(found[n])
+        return loss, grads[len(names):]
+
+    def _loop_fused_step(self, students, probs, out):
+        """The ``loop_fused`` route: the chains on the proxy batch through
+        fastagg.kernels.shared_conv for all K students at once (as compiled_fused), the rest of
+        the model student by student with plain autograd (as loop), each student's gradient of
+        its chains' pooled outputs gathered for one weight-gradient launch per chain."""
+        fwd = self._chains_forward(students)
+        rest, K = self.split_model()[0], students.shape[0]
+        # the pooled outputs' gradients, [K, N, Co, h, w]: student k's is contiguous
+        gys = [torch.empty_like(y.movedim(1, 0), memory_format=torch.contiguous_format) for y in fwd["ys"]]
+
+        def take(k, gy):
+            for dst, g in zip(gys, gy):
+                dst[k].copy_(g)
+
+        losses = self._loop(students, probs, rest,
+                            lambda k: (self.proxy, *[y[:, k].detach().requires_grad_() for y in fwd["ys"]]), out, take)
+        views = self.spec.unflatten(out)
+        for name, g in self._chains_wgrad(fwd, gys).items():  # + what a tied use in the rest gave
+            views[name].add_(g.to(out.dtype))
+        return losses
+
+    def _chains_forward(self, students):
+        """The forward of the shared chains (split_model) for all K students in one launch each:
+        {"ys": the pooled outputs [N, K, Co, h, w], and what _chains_wgrad needs}."""
+        kern = importlib.import_module("fastagg.kernels.shared_conv")
+        chains = self.split_model()[1]
+        if not chains:
+            raise ValueError(f"the {self.routes.get(students.shape[0])} route needs a conv -> relu -> 2x2 max-pool "
+                             "chain that reads the proxy batch; this model has none (shared_chains() == 0)")
+        K = students.shape[0]
+        trainable, frozen = self._split(students)
+        dtype = torch.bfloat16 if self.precision == "bf16" else students.dtype
+        x = self.proxy.to(dtype)
+        views = {**trainable, **frozen}  # a chain's weight or bias may be frozen (requires_grad=False)
+        ys, saved = [], []
+        for ch in chains:
+            w = views[ch["weight"]]  # [K, Co, C, R, S]
+            b = views[ch["bias"]] if ch["bias"] else None
+            CO = w.shape[1]
+            wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
+            y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
+                                                         ch["stride"], ch["padding"])
+            ys.append(y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: no copy
+            saved.append((wk.shape, code, w.shape))
+        names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
+        return {"ys": ys, "kern": kern, "chains": chains, "x": x, "saved": saved, "names": names,
+                "trainable": trainable, "frozen": frozen}
+
+    @staticmethod
+    def _chains_wgrad(fwd, gys):
+        """{chain parameter name: its KD gradient [K, ...]} from the pooled outputs' gradients gys
+        ([K, N, Co, h, w] each), for the trainable ones."""
+        grads, trainable = {}, fwd["trainable"]
+        for ch, gy, (wk_shape, code, w_shape) in zip(fwd["chains"], gys, fwd["saved"]):
+            need_b = ch["bias"] in trainable
+            if ch["weight"] not in trainable and not need_b:
+                continue  # a frozen chain: no gradient to compute
+            dw, db = fwd["kern"].shared_conv_relu_pool_wgrad(fwd["x"], gy.movedim(0, 1).to(fwd["x"].dtype), code,
+                                                             wk_shape, ch["stride"], ch["padding"], bias=need_b)
+            for name, g, shape in ((ch["weight"], dw, w_shape), (ch["bias"], db, w_shape[:2])):
+                if name in trainable:
+                    grads[name] = g.view(shape) + grads[name] if name in grads else g.view(shape)
+        return grads
 
     def _flat_parts(self, grads, K, dtype, device):
         parts = []
@@ -276,44 +386,19 @@ class StudentGradEngine:
         fastagg.kernels.shared_conv outside vmap (forward: one launch for all K students; weight
         gradient from the pooled gradient that the rest returns), the rest of the model and the
         KD loss as torch.compile of vmap(grad) over the students, as the compiled route."""
-        kern = importlib.import_module("fastagg.kernels.shared_conv")
-        rest, chains = self.split_model()
-        if not chains:
-            raise ValueError("the compiled_fused route needs a conv -> relu -> 2x2 max-pool chain that reads the "
-                             "proxy batch; this model has none (shared_chains() == 0)")
-        K = students.shape[0]
-        trainable, frozen = self._split(students)
-        dtype = torch.bfloat16 if self.precision == "bf16" else students.dtype
-        x = self.proxy.to(dtype)
-        views = {**trainable, **frozen}  # a chain's weight or bias may be frozen (requires_grad=False)
-        ys, saved = [], []
-        for ch in chains:
-            w = views[ch["weight"]]  # [K, Co, C, R, S]
-            b = views[ch["bias"]] if ch["bias"] else None
-            CO = w.shape[1]
-            wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
-            y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
-                                                         ch["stride"], ch["padding"])
-            ys.append(y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: vmap'd over dim 1, no copy
-            saved.append((wk.shape, code, w.shape))
-        names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
-        rest_params = {n: v for n, v in trainable.items() if n not in names}
+        fwd = self._chains_forward(students)
+        rest = self.split_model()[0]
+        rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}
         if "compiled_fused" not in self._compiled:
             self._compiled["compiled_fused"] = torch.compile(self._split_grads, dynamic=False)  # as above
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast else contextlib.nullcontext():
-            loss, grads, gys = self._compiled["compiled_fused"](rest_params, frozen, tuple(ys), probs, rest)
+            loss, grads, gys = self._compiled["compiled_fused"](rest_params, fwd["frozen"], tuple(fwd["ys"]), probs,
+                                                                rest)
         grads = dict(grads)
-        for ch, gy, (wk_shape, code, w_shape) in zip(chains, gys, saved):
-            need_b = ch["bias"] in trainable
-            if ch["weight"] not in trainable and not need_b:
-                continue  # a frozen chain: no gradient to compute
-            dw, db = kern.shared_conv_relu_pool_wgrad(x, gy.movedim(0, 1).to(dtype), code, wk_shape, ch["stride"],
-                                                      ch["padding"], bias=need_b)
-            for name, g, shape in ((ch["weight"], dw, w_shape), (ch["bias"], db, w_shape[:2])):
-                if name in trainable:  # a parameter the rest also reads (tied) adds its share
-                    grads[name] = g.view(shape) + grads[name] if name in grads else g.view(shape)
-        torch.cat(self._flat_parts(grads, K, out.dtype, out.device), dim=1, out=out)
+        for name, g in self._chains_wgrad(fwd, gys).items():  # a parameter the rest also reads
+            grads[name] = g + grads[name] if name in grads else g       # (tied) adds its share
+        torch.cat(self._flat_parts(grads, students.shape[0], out.dtype, out.device), dim=1, out=out)
         return loss
 
     def _split_grads(self, params, frozen, ys, probs, rest):
@@ -438,7 +523,7 @@ class StudentGradEngine:
         """One pass through the route set in ``routes``, the way passes of this size run: captured
         once and replayed with CUDA graphs on (not the compiled route: it runs as inductor made it)."""
         route = self.routes[students.shape[0]]
-        if self.cuda_graphs and not route.startswith("compiled") and route != "loop":
+        if self.cuda_graphs and not route.startswith("compiled"):
             return self._replay(students, probs, out)
         return self._step(students, probs, out)
 
@@ -452,17 +537,20 @@ class StudentGradEngine:
             return ["loop"] + (["compiled"] if self.compile else [])
         if self.conv != "auto":
             routes = [self.conv]
-            compiled = [{"gemm": "compiled_gemm", "gemm_fused": "compiled_fused" if students.dtype != torch.float64
-                         else "compiled"}.get(self.conv, "compiled")]
+            fused = "compiled_fused" if students.dtype != torch.float64 else "compiled"
+            compiled = [{"gemm": "compiled_gemm", "gemm_fused": fused, "loop_fused": fused}.get(self.conv, "compiled")]
         else:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
             # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
+            # loop and loop_fused (fourteenth session, untimed on a GPU): each student's convolutions
+            # as cuDNN's dense ones, which may beat vmap's grouped ones; with CUDA graphs a pass of
+            # K students is one replay, so the loop's launches cost the host nothing
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
-            routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if convs and self.shared_chains() else [])
-                      + (["triton_cl"] if convs else []))
-            compiled = (["compiled"] + (["compiled_gemm"] if shared else [])
-                        + (["compiled_fused"] if convs and self.shared_chains() else []))
+            chains = convs and self.shared_chains() > 0
+            routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if chains else [])
+                      + (["triton_cl", "loop"] if convs else []) + (["loop_fused"] if chains else []))
+            compiled = ["compiled"] + (["compiled_gemm"] if shared else []) + (["compiled_fused"] if chains else [])
         return routes + (compiled if self.compile else [])
 
     def _pick_route(self, students, probs, out):

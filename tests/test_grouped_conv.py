@@ -629,7 +629,7 @@ def test_student_conv_outside_vmap_is_plain_conv2d_with_its_gradients(rng):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("conv", ["triton", "triton_cl", "auto"])
+@pytest.mark.parametrize("conv", ["triton", "triton_cl", "loop", "auto"])
 def test_cuda_graph_replay_of_each_route_equals_eager_native(conv, rng):
     """On a GPU: the captured and replayed engine, through each conv route (auto: whichever it
     timed fastest, compiled included), gives the eager native route's gradients in bf16."""

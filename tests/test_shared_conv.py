@@ -244,9 +244,10 @@ def test_shared_chain_rejects_what_it_cannot_run():
     spec = ParamSpec.from_module(net)
     eng = StudentGradEngine(net, spec, x, 3.0, conv="gemm_fused", chunk=None)
     assert eng.shared_chains() == 0 and eng.split_model() == (None, [])
-    eng.routes[2] = "compiled_fused"
-    with pytest.raises(ValueError, match="compiled_fused route needs a conv -> relu -> 2x2 max-pool chain"):
-        eng(spec.flatten(net.state_dict()).expand(2, -1).clone(), torch.softmax(torch.randn(2, 3), -1))
+    for route in ("compiled_fused", "loop_fused"):
+        eng.routes[2] = route
+        with pytest.raises(ValueError, match=f"the {route} route needs a conv -> relu -> 2x2 max-pool chain"):
+            eng(spec.flatten(net.state_dict()).expand(2, -1).clone(), torch.softmax(torch.randn(2, 3), -1))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -331,30 +332,38 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
         assert torch.equal(a, c)
 
 
+def _fused_engine(model, spec, proxy, route, K, **kw):
+    """An engine that runs passes of K students through ``route`` (compiled_fused or loop_fused:
+    the chains on the proxy batch through the kernels, the rest of the model compiled under vmap
+    or student by student), untimed."""
+    eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
+                            compile=route == "compiled_fused", **kw)
+    eng.routes[K] = route
+    return eng
+
+
+@pytest.mark.parametrize("route", ["compiled_fused", "loop_fused"])
 @pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
-def test_compiled_fused_route_equals_native(net, rng, device, monkeypatch):
-    """compiled_fused: the shared chain cut out of the model (torch.fx) and run through the
-    kernels outside vmap, the rest through torch.compile of vmap(grad); fp32 KD gradients and
-    losses equal vmap's own convolutions (TF32 off), both kernels ran, and the rest no longer
-    holds the chain (a second chain, on a per-student input, stays in it as the model has it).
-    In bf16 (the smooth tail only: see _Net) the route equals the eager gemm_fused
-    route within 1e-2 (12 draws on the CPU: 0.26% median, 0.35% max)."""
+def test_split_routes_equal_native(net, route, rng, device, monkeypatch):
+    """compiled_fused and loop_fused: the shared chain cut out of the model (torch.fx) and run
+    through the kernels for all students at once, the rest through torch.compile of vmap(grad)
+    or student by student with plain autograd; fp32 KD gradients and losses equal vmap's own
+    convolutions (TF32 off), both kernels ran once per pass, and the rest no longer holds the
+    chain (a second chain, on a per-student input, stays in it as the model has it). In bf16
+    (the smooth tail only: see _Net) the route equals the eager gemm_fused route within 1e-2
+    (compiled_fused, 12 draws on the CPU: 0.26% median, 0.35% max)."""
     pytest.importorskip("triton")
     calls = _spy_kernels(monkeypatch)
     smooth = net is _ChainThenSmooth
     model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
     with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
-        eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True)
-        eng.routes[3] = "compiled_fused"  # this route, untimed
+        eng = _fused_engine(model, spec, proxy, route, 3)
         loss1, g1 = eng(students, probs)
         if smooth:
             _, g_eager = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
                                            precision="bf16")(students, probs)
-            bf = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True,
-                                   precision="bf16")
-            bf.routes[3] = "compiled_fused"
-            _, g_bf = bf(students, probs)
+            _, g_bf = _fused_engine(model, spec, proxy, route, 3, precision="bf16")(students, probs)
     rest, chains = eng.split_model()
     assert chains == [{"weight": "c1.weight", "bias": "c1.bias", "stride": (1, 1), "padding": (2, 2)}]
     assert "c1" not in rest.code and "c2" in rest.code and ("max_pool2d" in rest.code) == (net is _TwoChains)
@@ -366,8 +375,9 @@ def test_compiled_fused_route_equals_native(net, rng, device, monkeypatch):
         assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
 
 
+@pytest.mark.parametrize("route", ["compiled_fused", "loop_fused"])
 @pytest.mark.parametrize("frozen", ["c1.bias", "c1.weight"])
-def test_compiled_fused_route_with_a_frozen_chain_parameter_equals_native(frozen, rng, device):
+def test_split_routes_with_a_frozen_chain_parameter_equal_native(frozen, route, rng, device):
     """A chain parameter with requires_grad=False still enters the chain's forward (from the
     frozen views) and gets no KD gradient (zeros in its columns, as on the native route)."""
     pytest.importorskip("triton")
@@ -376,13 +386,57 @@ def test_compiled_fused_route_with_a_frozen_chain_parameter_equals_native(frozen
     spec = ParamSpec.from_module(model)
     with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
-        eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True)
-        eng.routes[2] = "compiled_fused"
-        loss1, g1 = eng(students, probs)
+        loss1, g1 = _fused_engine(model, spec, proxy, route, 2)(students, probs)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
     off = spec.offsets[spec.names.index(frozen)]
     assert not g1[:, off:off + model.get_parameter(frozen).numel()].any()
+
+
+class _TiedNet(_Net):
+    """_ChainThenSmooth whose head also reads the chain's bias (a tied use in the rest)."""
+
+    def __init__(self):
+        super().__init__("tanh")
+
+    def forward(self, x):
+        return super().forward(x) * (1 + self.c1.bias[:1])  # scales the logits: a KD gradient
+
+
+def test_loop_fused_in_passes_and_with_a_tied_chain_parameter_equals_native(rng, device):
+    """loop_fused in passes of 2 of 5 students (each pass writes its rows of the [K, P] output),
+    on a model whose rest also reads the chain's bias: the bias' KD gradient is the chain's share
+    (the weight-gradient kernel) plus the rest's (the loop's autograd), as native gives it."""
+    pytest.importorskip("triton")
+    model, spec, proxy, students, probs = _engine_case(_TiedNet, 4, 14, 5, rng, device)
+    with _no_tf32():
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+        eng = StudentGradEngine(model, spec, proxy, 3.0, conv="loop_fused", chunk=2)
+        loss1, g1 = eng(students, probs)
+    assert eng.routes == {2: "loop_fused", 1: "loop_fused"}
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    off = spec.offsets[spec.names.index("c1.bias")]
+    torch.testing.assert_close(g1[:, off:off + 6], g0[:, off:off + 6], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("route", ["loop", "loop_fused"])
+def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
+    """On a GPU the loop routes run under CUDA graphs (a pass of K students, autograd included,
+    captured once): a replay on new students gives native's fp32 gradients (TF32 off), and
+    conv="auto" times both routes there."""
+    model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 16, 14, 8, rng, "cuda")
+    with _no_tf32():
+        eng = StudentGradEngine(model, spec, proxy, 3.0, conv=route, chunk=None, cuda_graphs=True)
+        eng(students, probs)  # capture
+        students = students + 0.05 * torch.randn(students.shape, generator=rng).cuda()
+        loss1, g1 = eng(students, probs)
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+    assert list(eng._graphs) == [(8, tuple(probs.shape), route)]
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    assert {"loop", "loop_fused"} <= set(StudentGradEngine(model, spec, proxy, 3.0)._candidates(students))
 
 
 def test_compiled_routes_recompile_for_each_shape_in_one_process(rng, device):
