@@ -265,7 +265,7 @@ class StudentGradEngine:
         the model student by student with plain autograd (as loop), each student's gradient of
         its chains' pooled outputs gathered for one weight-gradient launch per chain."""
         fwd = self._chains_forward(students)
-        rest, K = self.split_model()[0], students.shape[0]
+        rest = self.split_model()[0]
         # the pooled outputs' gradients, [K, N, Co, h, w]: student k's is contiguous
         gys = [torch.empty_like(y.movedim(1, 0), memory_format=torch.contiguous_format) for y in fwd["ys"]]
 
