@@ -16,6 +16,9 @@ be a GEMM.
    TF32 off, relative L2 error.
    For `cnn` also the first layer with its relu and pool (the chain): cuDNN's three ops with
    autograd against fastagg.kernels.shared_conv (the gemm_fused route), forward and weight gradient.
+   Then `cnn`'s second layer (K = 128), forward and both gradients: cuDNN's grouped convolution
+   (what vmap runs) against each student's dense convolution in a loop captured as a CUDA graph,
+   on one stream and round four (what the loop routes run): the loop routes' premise.
 2. ``torch.profiler`` over engine passes per route (compiled_fused, compiled, loop_fused, gemm_fused,
    native, gemm, compiled_gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
@@ -123,6 +126,82 @@ def first_layer(name, K, N, C, H, W, CO, R, pad, device):
         print(f"{name} first layer K={K} {key:20s} fwd {row[key]['fwd_ms']:8.3f} ms ({row[key]['fwd_TFLOPs']:6.1f} TF/s, "
               f"err {row[key]['fwd_err']:.1e})  wgrad {row[key]['wgrad_ms']:8.3f} ms "
               f"({row[key]['wgrad_TFLOPs']:6.1f} TF/s, err {row[key]['wgrad_err']:.1e})", flush=True)
+    return row
+
+
+def _graphed(fn, device):
+    """``fn`` captured as a CUDA graph (warmed up on a side stream first), as its replay; on a CPU
+    ``fn`` itself."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def second_layer(K, N, C, H, W, CO, R, pad, device):
+    """`cnn`'s second layer (each student's own input: vmap makes it one grouped convolution of K
+    groups) forward, data gradient and weight gradient with autograd, bf16: as vmap runs it
+    (cuDNN's grouped convolution) against each student's dense convolution in a loop (the loop
+    routes), on one stream and round four, each loop captured as a CUDA graph. The dense loop
+    reads each student's input as the strided slice that loop_fused hands it. The premise of the
+    loop routes: cuDNN's dense kernels beat its grouped ones on this layer."""
+    bf = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(N, K * C, H, W, device=device, dtype=bf)
+    w = (torch.randn(K * CO, C, R, R, device=device) / (C * R * R) ** 0.5).to(bf)
+    dy = torch.randn(N, K * CO, H, W, device=device, dtype=bf)
+    flops = 3 * 2 * N * H * W * K * CO * C * R * R  # forward, data gradient, weight gradient
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+    def grouped():
+        return torch.autograd.grad(F.conv2d(xr, wr, padding=pad, groups=K), (xr, wr), dy)
+
+    xs = [x[:, k * C:(k + 1) * C].detach().requires_grad_() for k in range(K)]  # strided, as loop_fused's
+    ws = [w[k * CO:(k + 1) * CO].detach().requires_grad_() for k in range(K)]
+    dys = [dy[:, k * CO:(k + 1) * CO].contiguous() for k in range(K)]
+
+    def student(k):
+        return torch.autograd.grad(F.conv2d(xs[k], ws[k], padding=pad), (xs[k], ws[k]), dys[k])
+
+    def loop():
+        return [student(k) for k in range(K)]
+
+    streams = [torch.cuda.Stream() for _ in range(4)] if device.type == "cuda" else []
+
+    def loop_streams():
+        main = torch.cuda.current_stream()
+        for st in streams:
+            st.wait_stream(main)
+        for k in range(K):
+            with torch.cuda.stream(streams[k % 4]):
+                student(k)
+        for st in streams:
+            main.wait_stream(st)
+
+    (gx, gw), (gx0, gw0) = grouped(), student(0)
+    err = max(float((gx[:, :C].float() - gx0.float()).norm() / gx0.float().norm()),
+              float((gw[:CO].float() - gw0.float()).norm() / gw0.float().norm()))
+    row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "gflop_fwd_bwd": flops / 1e9,
+           "student0_grouped_vs_dense_rel_err": err}
+    variants = {"grouped_cudnn": grouped, "dense_loop_graphed": loop}
+    if streams:
+        variants["dense_loop_4_streams_graphed"] = loop_streams
+    for key, fn in variants.items():
+        try:
+            ms = _time(_graphed(fn, device) if key != "grouped_cudnn" else fn, device)
+        except Exception as exc:  # a capture that fails: say so, time the others
+            row[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"cnn second layer K={K} {key}: failed: {row[key]['error']}", flush=True)
+            continue
+        row[key] = {"ms": ms, "TFLOPs": flops / ms / 1e9}
+        print(f"cnn second layer K={K} {key:30s} fwd+bwd {ms:8.3f} ms ({row[key]['TFLOPs']:6.1f} TF/s)", flush=True)
     return row
 
 
@@ -254,6 +333,9 @@ def main():
     for s in shapes:
         res["first_layer"].append(first_layer(*s, device))
         save()
+    res["second_layer"] = second_layer(*((4, 8, 3, 6, 6, 5, 5, 2) if a.small else (128, 256, 32, 16, 16, 64, 5, 2)),
+                                       device)
+    save()
     for name, K in (("cnn", 4 if a.small else 128), ("resnet18", 2 if a.small else 32)):
         res["profiles"][name] = {}
         for route in a.routes.split(","):  # saved route by route: a timeout keeps what was profiled

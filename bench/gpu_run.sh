@@ -9,6 +9,7 @@
 #                             native, gemm, gemm_fused, triton_cl, loop, loop_fused, compiled,
 #                             compiled_gemm, compiled_fused), bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
+#                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
 #                             kernels of a pass per route), then resnet18 and lm; 8 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
