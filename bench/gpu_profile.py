@@ -18,7 +18,8 @@ be a GEMM.
    autograd against fastagg.kernels.shared_conv (the gemm_fused route), forward and weight gradient.
    Then `cnn`'s second layer (K = 128), forward and both gradients: cuDNN's grouped convolution
    (what vmap runs) against each student's dense convolution in a loop captured as a CUDA graph,
-   on one stream and round four (what the loop routes run): the loop routes' premise.
+   on one stream and round four (what the loop routes run; and round four with every operand
+   channels-last, which the loop routes do not do yet): the loop routes' premise.
 2. ``torch.profiler`` over engine passes per route (compiled_fused, compiled, loop_fused, gemm_fused,
    native, gemm, compiled_gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
@@ -28,6 +29,7 @@ be a GEMM.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -175,24 +177,33 @@ def second_layer(K, N, C, H, W, CO, R, pad, device):
 
     streams = [torch.cuda.Stream() for _ in range(4)] if device.type == "cuda" else []
 
-    def loop_streams():
+    def loop_streams(one=student):
         main = torch.cuda.current_stream()
         for st in streams:
             st.wait_stream(main)
         for k in range(K):
             with torch.cuda.stream(streams[k % 4]):
-                student(k)
+                one(k)
         for st in streams:
             main.wait_stream(st)
 
-    (gx, gw), (gx0, gw0) = grouped(), student(0)
-    err = max(float((gx[:, :C].float() - gx0.float()).norm() / gx0.float().norm()),
-              float((gw[:CO].float() - gw0.float()).norm() / gw0.float().norm()))
+    cl = torch.channels_last  # the same, every operand channels-last (no layout transposes in cuDNN)
+    xcl = [t.detach().contiguous(memory_format=cl).requires_grad_() for t in xs]
+    wcl = [t.detach().contiguous(memory_format=cl).requires_grad_() for t in ws]
+    dycl = [t.contiguous(memory_format=cl) for t in dys]
+
+    def student_cl(k):
+        return torch.autograd.grad(F.conv2d(xcl[k], wcl[k], padding=pad), (xcl[k], wcl[k]), dycl[k])
+
+    (gx, gw) = grouped()
+    err = max(float((a.float() - b.float()).norm() / b.float().norm())
+              for gx0, gw0 in (student(0), student_cl(0)) for a, b in ((gx[:, :C], gx0), (gw[:CO], gw0)))
     row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "gflop_fwd_bwd": flops / 1e9,
            "student0_grouped_vs_dense_rel_err": err}
     variants = {"grouped_cudnn": grouped, "dense_loop_graphed": loop}
     if streams:
         variants["dense_loop_4_streams_graphed"] = loop_streams
+        variants["dense_loop_channels_last_4_streams_graphed"] = functools.partial(loop_streams, student_cl)
     for key, fn in variants.items():
         try:
             ms = _time(_graphed(fn, device) if key != "grouped_cudnn" else fn, device)

@@ -324,6 +324,16 @@ def test_gpu_syncs_script_runs_and_profiles_the_host_without_cuda(capsys):
     assert first[0] == "1" and 45 <= float(first[1]) < 500 and "sleep" in first[-1]
 
 
+def test_gpu_profile_second_layer_compares_the_same_gradients(capsys):
+    """bench/gpu_profile.py's second-layer comparison on a CPU (the device run's first use of it):
+    the grouped convolution's gradients for student 0 equal that student's dense convolution's
+    (fp32 here), and each variant is timed or says why not."""
+    row = _bench_script("gpu_profile").second_layer(3, 4, 2, 6, 6, 5, 3, 1, torch.device("cpu"))
+    assert row["student0_grouped_vs_dense_rel_err"] < 1e-5
+    assert row["grouped_cudnn"]["ms"] > 0 and row["dense_loop_graphed"]["ms"] > 0
+    assert "dense_loop_graphed" in capsys.readouterr().out
+
+
 def test_bf16_regime_script_measures_the_gradients_against_the_distance():
     """bench/bf16_regime.py: far from the teacher the bf16 KD gradient follows the fp32 one; at the
     teacher the fp32 gradient is rounding (~1e-8 of its size at 0.1) and the bf16 one far larger."""
