@@ -30,9 +30,10 @@ built from the pooled gradient, never writing the convolution's full-size output
 autograd (on CUDA each student's convolutions are cuDNN's dense ones, and with ``cuda_graphs``
 a pass of K students is captured as one graph). ``"loop_fused"``: the chains that read the proxy
 batch through fastagg.kernels.shared_conv for all K students at once, the rest of the model
-student by student as in loop. ``"auto"`` (default) times native, gemm, gemm_fused and
-loop_fused (where a chain reads the proxy batch), triton_cl and loop once per pass size on a
-CUDA device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
+student by student as in loop. ``"loop_cl"``, ``"loop_fused_cl"``: the same with the students'
+activations channels-last. ``"auto"`` (default) times native, gemm, gemm_fused, loop_fused and
+loop_fused_cl (where a chain reads the proxy batch), triton_cl, loop and loop_cl once per pass
+size on a CUDA device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
 measured on the H100, so they run only when named); on a CPU it is loop for a model with
 convolutions (one student per pass there, see ``chunk``) and native otherwise.
 
@@ -87,8 +88,8 @@ def _product_forward(module, device_type, x, w, b):
     return conv2d_as_product(x, w, b, module.stride, module.padding)
 
 
-CONV_CHOICES = ("auto", "native", "loop", "loop_fused", "gemm", "gemm_fused", "triton", "triton_cl", "triton_fused",
-                "torch", "torch_fused")
+CONV_CHOICES = ("auto", "native", "loop", "loop_cl", "loop_fused", "loop_fused_cl", "gemm", "gemm_fused", "triton",
+                "triton_cl", "triton_fused", "torch", "torch_fused")
 
 
 def check_options(precision, conv, chunk):
@@ -138,6 +139,7 @@ class StudentGradEngine:
         self._graphs: dict = {}
         self._zeros: dict = {}
         self._streams = None  # the loop routes' side streams (CUDA), made at first use
+        self._cl_proxy = None  # the proxy batch channels-last (loop_cl), made at first use
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -171,10 +173,10 @@ class StudentGradEngine:
         route = self.routes[K]
         if route.startswith("compiled"):
             return self._compiled_step(students, probs, out, route)
-        if route == "loop":
-            return self._loop_step(students, probs, out)
-        if route == "loop_fused":
-            return self._loop_fused_step(students, probs, out)
+        if route in ("loop", "loop_cl"):
+            return self._loop_step(students, probs, out, route == "loop_cl")
+        if route in ("loop_fused", "loop_fused_cl"):
+            return self._loop_fused_step(students, probs, out, route == "loop_fused_cl")
         trainable, frozen = self._split(students)
         x = self.proxy
         net = (self.fused_model()[0] or self.model) if route.endswith("_fused") else self.model
@@ -193,15 +195,25 @@ class StudentGradEngine:
         torch.cat(self._flat_parts(grads, K, out.dtype, out.device), dim=1, out=out)
         return loss
 
-    def _loop_step(self, students, probs, out):
+    def _loop_step(self, students, probs, out, channels_last=False):
         """The ``loop`` route: the students one at a time through the model's own layers, with
         plain autograd (no vmap: dense convolutions), the fused KD op on each one's logits, and
         each one's gradients written into its row of ``out``. On a CPU a model with convolutions
         runs one student per pass, where vmap's batching rule (a grouped convolution of one group)
         only costs: the loop was 1.04-1.46x faster there (bench/bench_loop_route.py). On CUDA a
         pass of K students is captured as one graph with ``cuda_graphs`` on, and cuDNN runs each
-        student's convolutions as dense ones instead of vmap's grouped ones."""
-        return self._loop(students, probs, self.model, lambda k: (self.proxy,), out, lambda k, g: None)
+        student's convolutions as dense ones instead of vmap's grouped ones. ``loop_cl``: the same
+        with a 4-D proxy batch channels-last, so that every activation after it is too (cuDNN's
+        bf16 kernels work in that layout; NCHW operands may cost it transposes)."""
+        x = self._proxy_cl() if channels_last else self.proxy
+        return self._loop(students, probs, self.model, lambda k: (x,), out, lambda k, g: None)
+
+    def _proxy_cl(self):
+        """The proxy batch channels-last (4-D; other inputs as they are), made once."""
+        if self._cl_proxy is None:
+            x = self.proxy
+            self._cl_proxy = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        return self._cl_proxy
 
     def _loop(self, students, probs, net, inputs, out, take):
         """Each student k of the pass through ``_loop_student`` on ``inputs(k)``, ``take(k, the
@@ -259,12 +271,14 @@ class StudentGradEngine:
                 view.copy_(found[n])
         return loss, grads[len(names):]
 
-    def _loop_fused_step(self, students, probs, out):
+    def _loop_fused_step(self, students, probs, out, channels_last=False):
         """The ``loop_fused`` route: the chains on the proxy batch through
         fastagg.kernels.shared_conv for all K students at once (as compiled_fused), the rest of
         the model student by student with plain autograd (as loop), each student's gradient of
-        its chains' pooled outputs gathered for one weight-gradient launch per chain."""
+        its chains' pooled outputs gathered for one weight-gradient launch per chain.
+        ``loop_fused_cl``: each student's pooled outputs handed to the rest channels-last."""
         fwd = self._chains_forward(students)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
         rest = self.split_model()[0]
         # the pooled outputs' gradients, [K, N, Co, h, w]: student k's is contiguous
         gys = [torch.empty_like(y.movedim(1, 0), memory_format=torch.contiguous_format) for y in fwd["ys"]]
@@ -273,8 +287,10 @@ class StudentGradEngine:
             for dst, g in zip(gys, gy):
                 dst[k].copy_(g)
 
-        losses = self._loop(students, probs, rest,
-                            lambda k: (self.proxy, *[y[:, k].detach().requires_grad_() for y in fwd["ys"]]), out, take)
+        def inputs(k):  # student k's pooled outputs: strided slices, copied once into the layout
+            return (self.proxy, *[y[:, k].detach().contiguous(memory_format=fmt).requires_grad_() for y in fwd["ys"]])
+
+        losses = self._loop(students, probs, rest, inputs, out, take)
         views = self.spec.unflatten(out)
         for name, g in self._chains_wgrad(fwd, gys).items():  # + what a tied use in the rest gave
             views[name].add_(g.to(out.dtype))
@@ -538,7 +554,8 @@ class StudentGradEngine:
         if self.conv != "auto":
             routes = [self.conv]
             fused = "compiled_fused" if students.dtype != torch.float64 else "compiled"
-            compiled = [{"gemm": "compiled_gemm", "gemm_fused": fused, "loop_fused": fused}.get(self.conv, "compiled")]
+            compiled = [{"gemm": "compiled_gemm", "gemm_fused": fused, "loop_fused": fused,
+                         "loop_fused_cl": fused}.get(self.conv, "compiled")]
         else:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
@@ -549,7 +566,8 @@ class StudentGradEngine:
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
             chains = convs and self.shared_chains() > 0
             routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if chains else [])
-                      + (["triton_cl", "loop"] if convs else []) + (["loop_fused"] if chains else []))
+                      + (["triton_cl", "loop", "loop_cl"] if convs else [])
+                      + (["loop_fused", "loop_fused_cl"] if chains else []))
             compiled = ["compiled"] + (["compiled_gemm"] if shared else []) + (["compiled_fused"] if chains else [])
         return routes + (compiled if self.compile else [])
 

@@ -342,12 +342,12 @@ def _fused_engine(model, spec, proxy, route, K, **kw):
     return eng
 
 
-@pytest.mark.parametrize("route", ["compiled_fused", "loop_fused"])
+@pytest.mark.parametrize("route", ["compiled_fused", "loop_fused", "loop_fused_cl"])
 @pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
 def test_split_routes_equal_native(net, route, rng, device, monkeypatch):
     """compiled_fused and loop_fused: the shared chain cut out of the model (torch.fx) and run
     through the kernels for all students at once, the rest through torch.compile of vmap(grad)
-    or student by student with plain autograd; fp32 KD gradients and losses equal vmap's own
+    or student by student with plain autograd (loop_fused_cl: its activations channels-last); fp32 KD gradients and losses equal vmap's own
     convolutions (TF32 off), both kernels ran once per pass, and the rest no longer holds the
     chain (a second chain, on a per-student input, stays in it as the model has it). In bf16
     (the smooth tail only: see _Net) the route equals the eager gemm_fused route within 1e-2
@@ -403,6 +403,24 @@ class _TiedNet(_Net):
         return super().forward(x) * (1 + self.c1.bias[:1])  # scales the logits: a KD gradient
 
 
+@pytest.mark.parametrize("route", ["loop", "loop_cl"])
+def test_loop_routes_on_a_named_route_equal_native(route, rng, device):
+    """loop and loop_cl named on any device (the CPU default is loop; on CUDA auto times both):
+    each student through the model's own layers with plain autograd, loop_cl with the proxy batch
+    channels-last; fp32 gradients and losses equal vmap's own convolutions (TF32 off)."""
+    model, spec, proxy, students, probs = _engine_case(_TwoChains, 5, 12, 3, rng, device)
+    with _no_tf32():
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+        eng = StudentGradEngine(model, spec, proxy, 3.0, conv=route, chunk=None)
+        loss1, g1 = eng(students, probs)
+    assert eng.routes == {3: route}
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    assert (eng._cl_proxy is not None) == (route == "loop_cl")
+    if route == "loop_cl":
+        assert eng._cl_proxy.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_loop_fused_in_passes_and_with_a_tied_chain_parameter_equals_native(rng, device):
     """loop_fused in passes of 2 of 5 students (each pass writes its rows of the [K, P] output),
     on a model whose rest also reads the chain's bias: the bias' KD gradient is the chain's share
@@ -421,11 +439,11 @@ def test_loop_fused_in_passes_and_with_a_tied_chain_parameter_equals_native(rng,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("route", ["loop", "loop_fused"])
+@pytest.mark.parametrize("route", ["loop", "loop_cl", "loop_fused", "loop_fused_cl"])
 def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
     """On a GPU the loop routes run under CUDA graphs (a pass of K students, autograd included,
     captured once): a replay on new students gives native's fp32 gradients (TF32 off), and
-    conv="auto" times both routes there."""
+    conv="auto" times them all there."""
     model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 16, 14, 8, rng, "cuda")
     with _no_tf32():
         eng = StudentGradEngine(model, spec, proxy, 3.0, conv=route, chunk=None, cuda_graphs=True)
@@ -436,7 +454,8 @@ def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
     assert list(eng._graphs) == [(8, tuple(probs.shape), route)]
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
-    assert {"loop", "loop_fused"} <= set(StudentGradEngine(model, spec, proxy, 3.0)._candidates(students))
+    assert {"loop", "loop_cl", "loop_fused", "loop_fused_cl"} <= set(
+        StudentGradEngine(model, spec, proxy, 3.0)._candidates(students))
 
 
 def test_compiled_routes_recompile_for_each_shape_in_one_process(rng, device):
