@@ -251,7 +251,7 @@ class StudentGradEngine:
     def _loop_student(self, student, probs, net, inputs, row):
         """One student of the loop routes: its forward through ``net`` on ``inputs`` with plain
         autograd, the fused KD op on its logits, and its gradients written into ``row`` (zeros for
-        buffers and for parameters the logits do not use). Returns (loss [1], the gradients of
+        buffers and for parameters the logits do not use: _flat_parts). Returns (loss [1], the gradients of
         the inputs that require grad)."""
         spec, (N, C) = self.spec, probs.shape
         names = [n for n, tr in zip(spec.names, spec.trainable) if tr]
@@ -263,12 +263,9 @@ class StudentGradEngine:
         wrt = [t for t in inputs if t.requires_grad]
         grads = torch.autograd.grad(z, [params[n] for n in names] + wrt, gz.view_as(z).to(z.dtype),
                                     allow_unused=True)
-        found = dict(zip(names, grads))
-        for n, view in spec.unflatten(row).items():
-            if found.get(n) is None:
-                view.zero_()
-            else:
-                view.copy_(found[n])
+        # one launch into the row (not one copy per tensor: under a CUDA graph each launch is a node)
+        found = {n: g[None] for n, g in zip(names, grads) if g is not None}
+        torch.cat(self._flat_parts(found, 1, row.dtype, row.device), dim=1, out=row[None])
         return loss, grads[len(names):]
 
     def _loop_fused_step(self, students, probs, out, channels_last=False):
