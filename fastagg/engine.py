@@ -30,8 +30,9 @@ built from the pooled gradient, never writing the convolution's full-size output
 autograd (on CUDA each student's convolutions are cuDNN's dense ones, and with ``cuda_graphs``
 a pass of K students is captured as one graph). ``"loop_fused"``: the chains that read the proxy
 batch through fastagg.kernels.shared_conv for all K students at once, the rest of the model
-student by student as in loop. ``"loop_cl"``, ``"loop_fused_cl"``: the same with the students'
-activations channels-last. ``"auto"`` (default) times native, gemm, gemm_fused, loop_fused and
+student by student as in loop (in float64 the chains run as the model has them, as on
+gemm_fused: the kernels accumulate in fp32). ``"loop_cl"``, ``"loop_fused_cl"``: the same with
+the students' activations channels-last. ``"auto"`` (default) times native, gemm, gemm_fused, loop_fused and
 loop_fused_cl (where a chain reads the proxy batch), triton_cl, loop and loop_cl once per pass
 size on a CUDA device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
 measured on the H100, so they run only when named); on a CPU it is loop for a model with
@@ -175,7 +176,9 @@ class StudentGradEngine:
             return self._compiled_step(students, probs, out, route)
         if route in ("loop", "loop_cl"):
             return self._loop_step(students, probs, out, route == "loop_cl")
-        if route in ("loop_fused", "loop_fused_cl"):
+        if route in ("loop_fused", "loop_fused_cl"):  # float64: the chains as the model has them, as
+            if students.dtype == torch.float64:     # on gemm_fused (the kernels accumulate in fp32)
+                return self._loop_step(students, probs, out, route == "loop_fused_cl")
             return self._loop_fused_step(students, probs, out, route == "loop_fused_cl")
         trainable, frozen = self._split(students)
         x = self.proxy
@@ -251,8 +254,8 @@ class StudentGradEngine:
     def _loop_student(self, student, probs, net, inputs, row):
         """One student of the loop routes: its forward through ``net`` on ``inputs`` with plain
         autograd, the fused KD op on its logits, and its gradients written into ``row`` (zeros for
-        buffers and for parameters the logits do not use: _flat_parts). Returns (loss [1], the gradients of
-        the inputs that require grad)."""
+        buffers and for parameters the logits do not use: _flat_parts). Returns (loss [1], the
+        gradients of the inputs that require grad)."""
         spec, (N, C) = self.spec, probs.shape
         names = [n for n, tr in zip(spec.names, spec.trainable) if tr]
         params = {n: v.detach().requires_grad_(tr) for (n, v), tr in zip(spec.unflatten(student).items(),
@@ -557,9 +560,9 @@ class StudentGradEngine:
             # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
             # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
             # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
-            # loop and loop_fused (fourteenth session, untimed on a GPU): each student's convolutions
-            # as cuDNN's dense ones, which may beat vmap's grouped ones; with CUDA graphs a pass of
-            # K students is one replay, so the loop's launches cost the host nothing
+            # the loop routes (fourteenth session, untimed on a GPU): each student's convolutions as
+            # cuDNN's dense ones, which may beat vmap's grouped ones; with CUDA graphs a pass of K
+            # students is one replay, so the loop's launches cost the host nothing
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
             chains = convs and self.shared_chains() > 0
             routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if chains else [])
