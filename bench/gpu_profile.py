@@ -18,8 +18,8 @@ be a GEMM.
    autograd against fastagg.kernels.shared_conv (the gemm_fused route), forward and weight gradient.
    Then `cnn`'s second layer (K = 128), forward and both gradients: cuDNN's grouped convolution
    (what vmap runs) against each student's dense convolution in a loop captured as a CUDA graph,
-   on one stream and round four (what the loop routes run; and round four with every operand
-   channels-last, which the loop routes do not do yet): the loop routes' premise.
+   on one stream and round four (what the loop routes run), and round four with every operand
+   channels-last (the _cl loop routes): the loop routes' premise.
 2. ``torch.profiler`` over engine passes per route (compiled_fused, compiled, loop_fused, gemm_fused,
    native, gemm, compiled_gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
@@ -152,9 +152,10 @@ def second_layer(K, N, C, H, W, CO, R, pad, device):
     """`cnn`'s second layer (each student's own input: vmap makes it one grouped convolution of K
     groups) forward, data gradient and weight gradient with autograd, bf16: as vmap runs it
     (cuDNN's grouped convolution) against each student's dense convolution in a loop (the loop
-    routes), on one stream and round four, each loop captured as a CUDA graph. The dense loop
-    reads each student's input as the strided slice that loop_fused hands it. The premise of the
-    loop routes: cuDNN's dense kernels beat its grouped ones on this layer."""
+    routes), on one stream, round four, and round four channels-last (the _cl loop routes), each
+    loop captured as a CUDA graph. Each student's input is a strided slice of all K students'
+    (one copy per student, as in loop_fused). The premise of the loop routes: cuDNN's dense
+    kernels beat its grouped ones on this layer."""
     bf = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(N, K * C, H, W, device=device, dtype=bf)
     w = (torch.randn(K * CO, C, R, R, device=device) / (C * R * R) ** 0.5).to(bf)
@@ -195,7 +196,7 @@ def second_layer(K, N, C, H, W, CO, R, pad, device):
     def student_cl(k):
         return torch.autograd.grad(F.conv2d(xcl[k], wcl[k], padding=pad), (xcl[k], wcl[k]), dycl[k])
 
-    (gx, gw) = grouped()
+    gx, gw = grouped()
     err = max(float((a.float() - b.float()).norm() / b.float().norm())
               for gx0, gw0 in (student(0), student_cl(0)) for a, b in ((gx[:, :C], gx0), (gw[:CO], gw0)))
     row = {"K": K, "N": N, "C": C, "H": H, "W": W, "Co": CO, "R": R, "gflop_fwd_bwd": flops / 1e9,

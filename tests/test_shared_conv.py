@@ -333,9 +333,9 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
 
 
 def _fused_engine(model, spec, proxy, route, K, **kw):
-    """An engine that runs passes of K students through ``route`` (compiled_fused or loop_fused:
-    the chains on the proxy batch through the kernels, the rest of the model compiled under vmap
-    or student by student), untimed."""
+    """An engine that runs passes of K students through ``route`` (compiled_fused, loop_fused or
+    loop_fused_cl: the chains on the proxy batch through the kernels, the rest of the model
+    compiled under vmap or student by student), untimed."""
     eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
                             compile=route == "compiled_fused", **kw)
     eng.routes[K] = route
@@ -347,11 +347,12 @@ def _fused_engine(model, spec, proxy, route, K, **kw):
 def test_split_routes_equal_native(net, route, rng, device, monkeypatch):
     """compiled_fused and loop_fused: the shared chain cut out of the model (torch.fx) and run
     through the kernels for all students at once, the rest through torch.compile of vmap(grad)
-    or student by student with plain autograd (loop_fused_cl: its activations channels-last); fp32 KD gradients and losses equal vmap's own
-    convolutions (TF32 off), both kernels ran once per pass, and the rest no longer holds the
-    chain (a second chain, on a per-student input, stays in it as the model has it). In bf16
-    (the smooth tail only: see _Net) the route equals the eager gemm_fused route within 1e-2
-    (compiled_fused, 12 draws on the CPU: 0.26% median, 0.35% max)."""
+    or student by student with plain autograd (loop_fused_cl: its activations channels-last);
+    fp32 KD gradients and losses equal vmap's own convolutions (TF32 off), both kernels ran once
+    per pass, and the rest no longer holds the chain (a second chain, on a per-student input,
+    stays in it as the model has it). In bf16 (the smooth tail only: see _Net) the route equals
+    the eager gemm_fused route within 1e-2 (compiled_fused, 12 draws on the CPU: 0.26% median,
+    0.35% max)."""
     pytest.importorskip("triton")
     calls = _spy_kernels(monkeypatch)
     smooth = net is _ChainThenSmooth
