@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 # One suite for every device: FASTAGG_TEST_DEVICE=cuda runs the kernel tests on the GPU (the
@@ -9,6 +10,13 @@ if DEVICE == "cpu":
 
 import pytest
 import torch
+
+# every address a kernel touches must lie inside one of its tensors (interpreter_bounds.py); without
+# Triton no Triton kernel runs either
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    from interpreter_bounds import install
+
+    install()
 
 
 def mlp(d_in=6, hidden=9, classes=5, dtype=torch.float32, seed=0):

@@ -4,6 +4,8 @@ On the CPU these run through TRITON_INTERPRET=1 (grids kept to a few hundred pro
 FASTAGG_TEST_DEVICE=cuda the same tests run the compiled kernels on the GPU.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -122,3 +124,26 @@ def test_aggregator_triton_equals_torch_over_a_fedadt_run(rule, rng, device):
         assert agg.stats()["corrected"] > 0 and agg.backend == backend
         models.append(agg.params)
     assert _rel(models[1], models[0]) < 1e-5
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the bounds check is the interpreter's")
+def test_interpreter_refuses_a_lane_that_reads_or_writes_past_its_tensor():
+    """Under the interpreter every address a lane touches must lie inside one of the launch's
+    tensors (tests/interpreter_bounds.py, installed by conftest): a mask one element too wide
+    fails the launch, on a load and on a store, and the same kernel within bounds runs."""
+    import triton
+    import triton.language as tl
+    from interpreter_bounds import active
+
+    @triton.jit
+    def copy(x, y, n_load, n_store, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(y + o, tl.load(x + o, mask=o < n_load), mask=o < n_store)
+
+    assert active()
+    x, y = torch.randn(8), torch.zeros(8)
+    copy[(1,)](x, y, 8, 8, BLOCK=16)
+    assert torch.equal(x, y)
+    for n_load, n_store, what in ((9, 8, "load"), (8, 9, "store")):
+        with pytest.raises(Exception, match=f"out-of-bounds {what}: 1 of 9 lanes"):
+            copy[(1,)](x, y, n_load, n_store, BLOCK=16)
