@@ -31,8 +31,8 @@ autograd (on CUDA each student's convolutions are cuDNN's dense ones, and with `
 a pass of K students is captured as one graph). ``"loop_fused"``: the chains that read the proxy
 batch through fastagg.kernels.shared_conv for all K students at once, the rest of the model
 student by student as in loop (in float64 the chains run as the model has them, as on
-gemm_fused: the kernels accumulate in fp32). ``"loop_cl"``, ``"loop_fused_cl"``: the same with
-the students' activations channels-last. ``"auto"`` (default) times native, gemm, gemm_fused, loop_fused and
+gemm_fused: the kernels accumulate in fp32). ``"loop_cl"``, ``"loop_fused_cl"`` (CUDA only): the
+same with the students' activations channels-last. ``"auto"`` (default) times native, gemm, gemm_fused, loop_fused and
 loop_fused_cl (where a chain reads the proxy batch), triton_cl, loop and loop_cl once per pass
 size on a CUDA device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
 measured on the H100, so they run only when named); on a CPU it is loop for a model with
@@ -127,6 +127,11 @@ class StudentGradEngine:
         self.cuda_graphs = bool(cuda_graphs) and proxy.device.type == "cuda"
         if chunk == "auto" and proxy.device.type == "cpu" and _has_convs(model):
             chunk = 1
+        if conv in ("loop_cl", "loop_fused_cl") and proxy.device.type != "cuda":
+            # channels-last is for cuDNN; on a CPU (torch 2.13.0+cpu) a soak of random small models
+            # through these routes crashed the process (a segfault in a later vmap'd convolution)
+            raise ValueError(f"conv={conv!r} runs on CUDA only (channels-last activations for cuDNN); on a CPU "
+                             "use 'loop' or 'loop_fused'")
         self.conv, self.compile = conv, bool(compile)
         self.chunk = chunk if chunk in (None, "auto") else int(chunk)
         self.chunks: dict = {}  # buffer size K -> students per pass (chunk="auto")

@@ -354,6 +354,8 @@ def test_split_routes_equal_native(net, route, rng, device, monkeypatch):
     the eager gemm_fused route within 1e-2 (draws on the CPU: compiled_fused 0.26% median, 0.35%
     max over 12; loop_fused and loop_fused_cl 0.32%, 0.41% over 15)."""
     pytest.importorskip("triton")
+    if route.endswith("_cl") and device.type != "cuda":
+        pytest.skip("the channels-last loop routes run on CUDA only")
     calls = _spy_kernels(monkeypatch)
     smooth = net is _ChainThenSmooth
     model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
@@ -406,10 +408,16 @@ class _TiedNet(_Net):
 
 @pytest.mark.parametrize("route", ["loop", "loop_cl"])
 def test_loop_routes_on_a_named_route_equal_native(route, rng, device):
-    """loop and loop_cl named on any device (the CPU default is loop; on CUDA auto times both):
-    each student through the model's own layers with plain autograd, loop_cl with the proxy batch
-    channels-last; fp32 gradients and losses equal vmap's own convolutions (TF32 off)."""
+    """loop named on any device (the CPU default; on CUDA auto times it), loop_cl on CUDA (a CPU
+    refuses it, and loop_fused_cl, with a clear error): each student through the model's own
+    layers with plain autograd, loop_cl with the proxy batch channels-last; fp32 gradients and
+    losses equal vmap's own convolutions (TF32 off)."""
     model, spec, proxy, students, probs = _engine_case(_TwoChains, 5, 12, 3, rng, device)
+    if route == "loop_cl" and device.type != "cuda":
+        for conv in ("loop_cl", "loop_fused_cl"):
+            with pytest.raises(ValueError, match=f"conv='{conv}' runs on CUDA only"):
+                StudentGradEngine(model, spec, proxy, 3.0, conv=conv)
+        return
     with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
         eng = StudentGradEngine(model, spec, proxy, 3.0, conv=route, chunk=None)
