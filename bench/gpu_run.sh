@@ -6,8 +6,9 @@
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
 #                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes now
-#                             native, gemm, gemm_fused, triton_cl, loop, loop_fused, compiled,
-#                             compiled_gemm, compiled_fused), bench/gpu_profile.py (the first layer as cuDNN vs
+#                             native, gemm, gemm_fused, triton_cl, loop, loop_cl, loop_fused,
+#                             loop_fused_cl, compiled, compiled_gemm, compiled_fused),
+#                             bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
 #                             kernels of a pass per route), then resnet18 and lm; 8 files in $OUT
@@ -28,8 +29,8 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # the kernel tests all passed on the H100 in the seventh session (71 on 8 workers, 92 s warm,
   # over 150 s cold): here only the tests of what changed since, then the profile
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
-  # routes are timed (and compiled) at one pass size only: nine routes since the fourteenth
-  # session (loop and loop_fused: captured, not compiled, a few seconds), three of them compiled
+  # routes are timed (and compiled) at one pass size only: eleven routes since the fourteenth
+  # session (the four loop routes: captured, not compiled, a few seconds each), three compiled
   # (and the compiled baseline), hence 200 s for it and 100 for
   # the profile, which the bench's inductor cache then speeds up; lm first in part 2 (not measured since
   # the first session), no K sweep (a compile per K): run part 2 alone for it
