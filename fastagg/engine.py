@@ -234,26 +234,24 @@ class StudentGradEngine:
         losses = torch.empty(K, dtype=torch.float64 if students.dtype == torch.float64 else torch.float32,
                              device=students.device)  # the KD op's loss dtype
         streams = self._loop_streams(students.device)
+        main = torch.cuda.current_stream(students.device) if streams else None
+        for st in streams:  # fork: each side stream after what the current one holds so far
+            st.wait_stream(main)
         for k in range(K):
             with torch.cuda.stream(streams[k % len(streams)]) if streams else contextlib.nullcontext():
                 loss, g = self._loop_student(students[k], probs, net, inputs(k), out[k])
                 take(k, g)
                 losses[k:k + 1].copy_(loss)
-        if streams:
-            main = torch.cuda.current_stream(students.device)
-            for st in streams:
-                main.wait_stream(st)
+        for st in streams:  # join
+            main.wait_stream(st)
         return losses
 
     def _loop_streams(self, device):
-        """The loop routes' side streams, forked from the current stream (none on a CPU)."""
+        """The loop routes' side streams, made once (none on a CPU)."""
         if device.type != "cuda" or self.LOOP_STREAMS < 2:
             return []
         if self._streams is None:
             self._streams = [torch.cuda.Stream(device) for _ in range(self.LOOP_STREAMS)]
-        main = torch.cuda.current_stream(device)
-        for st in self._streams:
-            st.wait_stream(main)
         return self._streams
 
     def _loop_student(self, student, probs, net, inputs, row):

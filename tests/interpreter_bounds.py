@@ -16,14 +16,13 @@ import numpy as np
 import torch
 
 _launches: list = []  # per launch in progress: [(first byte, one past the last byte)] of its tensors
+_np_dtype = None  # the interpreter's Triton-to-numpy dtype map, bound by install()
 
 
 def _checked(what, ptrs, mask):
-    from triton.runtime import interpreter as interp
-
     if not _launches:
         return
-    size = np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
+    size = np.dtype(_np_dtype(ptrs.get_element_ty())).itemsize
     addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
     addrs = addrs.astype(np.uint64).ravel()
     inside = np.zeros(addrs.shape, dtype=bool)
@@ -37,11 +36,13 @@ def _checked(what, ptrs, mask):
 def install():
     """Wrap the interpreter's memory operations (idempotent). Fails loudly if this Triton's
     interpreter no longer has the hooks, so that the check cannot silently stop."""
+    global _np_dtype
     from triton.runtime import interpreter as interp
 
     builder, grid = interp.InterpreterBuilder, interp.GridExecutor
     if getattr(grid, "_fastagg_bounds", False):
         return
+    _np_dtype = interp._get_np_dtype
     load, store, rmw, call = (builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw,
                               grid.__call__)
 
