@@ -429,7 +429,7 @@ def test_loop_route_equals_native_and_a_float64_per_client_oracle(net, rng, devi
     model, proxy, students = _net_proxy_students(net, (9, 2, 5, 5), 5, rng, device)
     model.eval()
     if net is BufferedConv:
-        model.bn.running_mean.normal_(generator=torch.Generator().manual_seed(1))
+        model.bn.running_mean.copy_(torch.randn(model.bn.running_mean.shape, generator=rng))
         students = 0.1 * torch.randn(5, sum(t.numel() for t in model.state_dict().values()
                                             if t.is_floating_point()), generator=rng).to(device)
     loss0, g0, _ = _engine_grads(model, proxy, students, conv="native", chunk=5)

@@ -313,7 +313,7 @@ def test_engine_gemm_fused_route_equals_native_and_its_reference_in_bf16(rng, de
                              3.0).shared_chains() == 0
 
 
-def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
+def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch, device):
     """The kernels' 64-bit offset branch (taken when a tensor may pass 2^31 elements, e.g. the codes
     of 1,024 `cnn` students) computes exactly what the 32-bit one does."""
     pytest.importorskip("triton")
@@ -321,7 +321,8 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch):
 
     off64 = kern._off64
     assert not off64(torch.empty(7, 4096, 256, 256, device="meta")) and off64(torch.empty(9, 4096, 256, 256, device="meta"))
-    x, w, b = torch.randn(2, 3, 6, 6, generator=rng), torch.randn(9, 3, 3, 3, generator=rng), torch.randn(9, generator=rng)
+    x, w, b = (t.to(device) for t in (torch.randn(2, 3, 6, 6, generator=rng), torch.randn(9, 3, 3, 3, generator=rng),
+                                       torch.randn(9, generator=rng)))
     out = {}
     for wide in (False, True):
         monkeypatch.setattr(kern, "_off64", lambda *t, wide=wide: wide)
