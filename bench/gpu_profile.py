@@ -240,7 +240,8 @@ def chain(xb, wb, x, w, pad, flops, device):
     (ref_dw,) = torch.autograd.grad(ref_y, (wf,), dp.float())
     torch.backends.cudnn.allow_tf32 = tf32
     (dw_t,) = torch.autograd.grad(yt, (wr,), dp, retain_graph=True)
-    dw, _ = shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1), (pad, pad), bias=False)
+    dw, _ = shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1), (pad, pad), bias=False, method="kernel")
+    dw_u, _ = shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1), (pad, pad), bias=False, method="unpool")
 
     def rel(a, b):
         return float((a.float() - b).norm() / b.norm())
@@ -251,16 +252,23 @@ def chain(xb, wb, x, w, pad, flops, device):
            "shared_fused": {"fwd_ms": _time(lambda: shared_conv_relu_pool_forward(xb, wb, None, (1, 1), (pad, pad)),
                                             device),
                             "wgrad_ms": _time(lambda: shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1),
-                                                                                  (pad, pad), bias=False), device),
+                                                                                  (pad, pad), bias=False, method="kernel"),
+                                              device),
                             "fwd_err": rel(y, ref_y), "wgrad_err": rel(dw, ref_dw)}}
+    # the weight gradient's other method: dz written out channels-last, then cuDNN's dense one
+    out["shared_unpool"] = {**out["shared_fused"], "wgrad_err": rel(dw_u, ref_dw), "wgrad_ms": _time(
+        lambda: shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1), (pad, pad), bias=False, method="unpool"),
+        device)}
     for key, r in out.items():
         r["fwd_TFLOPs"], r["wgrad_TFLOPs"] = flops / r["fwd_ms"] / 1e9, flops / r["wgrad_ms"] / 1e9
         print(f"cnn first chain (conv, relu, pool) {key:14s} fwd {r['fwd_ms']:8.3f} ms ({r['fwd_TFLOPs']:6.1f} TF/s, "
               f"err {r['fwd_err']:.1e})  wgrad {r['wgrad_ms']:8.3f} ms ({r['wgrad_TFLOPs']:6.1f} TF/s, "
               f"err {r['wgrad_err']:.1e})", flush=True)
-    c, f = out["cudnn_chain"], out["shared_fused"]
+    c, f, u = out["cudnn_chain"], out["shared_fused"], out["shared_unpool"]
     out["speedup_vs_cudnn"] = (c["fwd_ms"] + c["wgrad_ms"]) / (f["fwd_ms"] + f["wgrad_ms"])
-    print(f"cnn first chain: shared_fused {out['speedup_vs_cudnn']:.2f}x cuDNN (forward + weight gradient)", flush=True)
+    out["unpool_speedup_vs_cudnn"] = (c["fwd_ms"] + c["wgrad_ms"]) / (u["fwd_ms"] + u["wgrad_ms"])
+    print(f"cnn first chain: shared_fused {out['speedup_vs_cudnn']:.2f}x cuDNN, shared_unpool "
+          f"{out['unpool_speedup_vs_cudnn']:.2f}x (forward + weight gradient)", flush=True)
     return out
 
 

@@ -26,6 +26,14 @@ block is filled whatever C is, and nothing of the convolution's full-size output
 
 The input needs no gradient here (the proxy batch); the op's autograd (fastagg.ops.grouped_conv)
 computes one in plain PyTorch if it is ever asked for.
+
+The weight gradient has a second method, "unpool": dz written out in full (channels-last on a
+GPU) by one elementwise op, then cuDNN's dense weight gradient. On the H200 (fifteenth session,
+`cnn`, K = 128) the kernel above took 12.9 ms, a third of a fused pass, at 12.5 TFLOP/s, while
+cuDNN's channels-last weight gradient of the same layer took 1.6 ms from a full-size dz. The
+unpool writes dz (2.1 GB there) and reads it back once, so it trades memory for cuDNN's tuned
+GEMM. ``WGRAD = "auto"`` times both once per shape on a GPU (outside a graph capture) and keeps
+the faster, as Triton's autotuner keeps a config; ``wgrad_choices`` records what it measured.
 """
 
 from __future__ import annotations
@@ -225,24 +233,95 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding):
     return y, code
 
 
-def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True):
+WGRAD_METHODS = ("kernel", "unpool")
+WGRAD = "auto"  # the method shared_conv_relu_pool_wgrad uses when none is named
+wgrad_choices: dict = {}  # auto's timings per shape: {key: {"kernel": ms, "unpool": ms, "chosen": method}}
+
+
+def _wgrad_unpool(x, dp5, code, w_shape, stride, padding, bias):
+    """The "unpool" method: dz [N, K*Co, Ho, Wo] with each window's pooled gradient at its code's
+    position (zero elsewhere, and where relu zeroed the window), then the dense weight gradient
+    of conv2d (cuDNN on a GPU; channels-last there, the layout its bf16 kernels run in). dw comes
+    back in x's dtype (for bf16 that rounds it once, as the native route's does); the bias gradient
+    is summed from dp itself, in fp32."""
+    N, K, CO, h, w = dp5.shape
+    fmt = torch.channels_last if x.is_cuda else torch.contiguous_format
+    dz = torch.empty(N, K * CO, 2 * h, 2 * w, dtype=dp5.dtype, device=dp5.device, memory_format=fmt)
+    code7 = code.view(N, K, CO, h, 1, w, 1)
+    pos = torch.arange(4, dtype=code.dtype, device=code.device).view(2, 1, 2)  # row-major place in the window
+    torch.where(code7 == pos, dp5[:, :, :, :, None, :, None], dp5.new_zeros(()),
+                out=dz.view(N, K, CO, h, 2, w, 2))
+    dw = torch.nn.grad.conv2d_weight(x.contiguous(memory_format=fmt), w_shape, dz, stride, padding)
+    db = None
+    if bias:
+        db = torch.where(code.view(dp5.shape) >= 0, dp5, dp5.new_zeros(())).sum((0, 3, 4), dtype=torch.float32)
+    return dw.float(), (None if db is None else db.view(K * CO))
+
+
+def _pick_wgrad(key, run):
+    """auto: the kernel on a CPU (the Triton interpreter), and during a CUDA graph capture before
+    any timing (nothing can be timed then); on a GPU each method timed once per shape (a warm-up
+    run, then the median of three, with events) and the faster kept. A method that runs out of
+    device memory (unpool's dz is 4x the pooled gradient) is timed as infinitely slow."""
+    if key in wgrad_choices:
+        return wgrad_choices[key]["chosen"]
+    if key[0].type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return "kernel"
+    ms = {}
+    for method in WGRAD_METHODS:
+        try:
+            run(method)  # autotuning and compilation out of the timing
+        except torch.cuda.OutOfMemoryError:
+            ms[method] = float("inf")
+            continue
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(method)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms[method] = sorted(times)[1]
+    wgrad_choices[key] = {**ms, "chosen": min(ms, key=ms.get)}
+    return wgrad_choices[key]["chosen"]
+
+
+def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True, method=None):
     """(dw [K*Co, C, R, S], db [K*Co] or None), fp32, of the chain above from its pooled gradient
     (x's dtype, any strides) and the forward's codes. dp is [N, K*Co, Ho/2, Wo/2], or [N, K, Co,
-    Ho/2, Wo/2] (e.g. the movedim'd view of what a vmap over the students returns: no copy)."""
+    Ho/2, Wo/2] (e.g. the movedim'd view of what a vmap over the students returns: no copy).
+    ``method``: "kernel", "unpool" or "auto" (see the module's docstring); None: ``WGRAD``."""
     N, C, H, W = x.shape
     KCO, _, R, S = w_shape
     HO, WO = _conv_hw(x, R, S, stride, padding)
     pooled = (N, KCO, HO // 2, WO // 2)
     if dp.dim() == 5:  # [N, K, Co, h, w]
         ok = dp.shape[0] == N and dp.shape[1] * dp.shape[2] == KCO and tuple(dp.shape[3:]) == pooled[2:]
-        CO, (sdn, sdk, sdc, sdh, sdw) = dp.shape[2], dp.stride()
     else:
         ok = tuple(dp.shape) == pooled
-        CO, (sdn, sdc, sdh, sdw), sdk = KCO, (dp.stride() if ok else (0,) * 4), 0
     if not ok or tuple(code.shape) != pooled or not code.is_contiguous():
         raise ValueError(f"shared conv + relu + pool, weight gradient: pooled gradient {tuple(dp.shape)} and "
                          f"codes {tuple(code.shape)} do not fit input {tuple(x.shape)} and weight {tuple(w_shape)}")
-    CRS = C * R * S
+    method = WGRAD if method is None else method
+    if method not in WGRAD_METHODS + ("auto",):
+        raise ValueError(f"shared conv + relu + pool, weight gradient: unknown method {method!r}; choose from "
+                         f"{WGRAD_METHODS + ('auto',)}")
+    dp5 = dp if dp.dim() == 5 else dp.unsqueeze(1)  # [N, K, Co, h, w]; K = 1 for [N, K*Co, h, w]
+    args = (x, dp5, code, tuple(w_shape), tuple(stride), tuple(padding), bias)
+    if method == "auto":
+        key = (x.device, tuple(x.shape), tuple(dp5.shape), x.dtype) + args[3:]
+        method = _pick_wgrad(key, lambda m: _WGRAD_RUN[m](*args))
+    return _WGRAD_RUN[method](*args)
+
+
+def _wgrad_kernel(x, dp5, code, w_shape, stride, padding, bias):
+    """The "kernel" method: _shared_wgrad_relu_pool, the reduction over pixels split over programs
+    where the output tiles alone would not fill the device."""
+    N, C, H, W = x.shape
+    KCO, _, R, S = w_shape
+    HO, WO = _conv_hw(x, R, S, stride, padding)
+    CO, CRS = dp5.shape[2], C * R * S
     split = reduction_split(triton.cdiv(KCO, 64) * triton.cdiv(CRS, 64), N * HO * WO, x.device)
     new = torch.zeros if split > 1 else torch.empty
     dw = new(KCO, CRS, dtype=torch.float32, device=x.device)
@@ -251,7 +330,10 @@ def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True
     def grid(meta):
         return triton.cdiv(KCO, meta["BN"]), triton.cdiv(CRS, meta["BK"]), split
 
-    _shared_wgrad_relu_pool[grid](x, dp, code, dw, db, N, C, H, W, KCO, HO, WO, CO, *x.stride(), sdn, sdk, sdc, sdh, sdw,
+    _shared_wgrad_relu_pool[grid](x, dp5, code, dw, db, N, C, H, W, KCO, HO, WO, CO, *x.stride(), *dp5.stride(),
                                   SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S,
-                                  SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype), OFF64=_off64(x, dp, code))
+                                  SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype), OFF64=_off64(x, dp5, code))
     return dw.view(w_shape), (db if bias else None)
+
+
+_WGRAD_RUN = {"kernel": _wgrad_kernel, "unpool": _wgrad_unpool}
