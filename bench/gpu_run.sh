@@ -5,13 +5,14 @@
 #   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~550 s), then the summary table:
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
-#                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes now
-#                             native, gemm, gemm_fused, triton_cl, loop, loop_cl, loop_fused,
-#                             loop_fused_cl, compiled, compiled_gemm, compiled_fused),
+#                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes since
+#                             the fifteenth session native, gemm, gemm_fused, loop_cl, loop_fused,
+#                             loop_fused_cl, compiled, compiled_gemm, compiled_fused,
+#                             compiled_fused_cl; and the chain weight gradient's two methods),
 #                             bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
-#                             kernels of a pass per route), then resnet18 and lm; 8 files in $OUT
+#                             kernels of a pass per route), then resnet18; 8 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
@@ -32,18 +33,17 @@ if ! python3 -c "import fastagg._cpu" 2>/dev/null; then
 fi
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
-  # the kernel tests all passed on the H100 in the seventh session (71 on 8 workers, 92 s warm,
-  # over 150 s cold): here only the tests of what changed since, then the profile
+  # the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2 test
+  # bugs fixed; 106 s on 8 workers): here only tests/test_shared_conv.py, where what changed since
+  # is tested (the chain weight gradient's two methods, compiled_fused_cl); then
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
-  # routes are timed (and compiled) at one pass size only: eleven routes since the fourteenth
-  # session (the four loop routes: captured, not compiled, a few seconds each), three compiled
-  # (and the compiled baseline), hence 200 s for it and 100 for
-  # the profile, which the bench's inductor cache then speeds up; lm first in part 2 (not measured since
-  # the first session), no K sweep (a compile per K): run part 2 alone for it
-  TESTS="tests/test_shared_conv.py tests/test_correction.py tests/test_staging.py tests/test_staged_path.py tests/test_grouped_conv.py::test_loop_route_equals_native_and_a_float64_per_client_oracle tests/test_random_operations.py::test_random_operations_on_the_gpu_aggregator" \
-      T_TESTS=100 T_CONV=0 T_PROF=100 T_CNN=200 \
-      CNN_ARGS="--chunk none" bash "$0" 1
-  MODELS_REST=lm,resnet18 REST_ARGS=--no-sweep T_REST=150 bash "$0" 2
+  # routes are timed (and compiled) at one pass size only: ten routes since the fifteenth session
+  # (the two loop routes: captured, not compiled, a few seconds each), four compiled (and the
+  # compiled baseline), hence 200 s for it and 80 for the profile, which the bench's inductor
+  # cache then speeds up; resnet18 alone in part 2 (lm measured in the fifteenth session; its
+  # 150 s ended inside resnet18's route timing then), no K sweep (a compile per K): part 2 alone
+  TESTS="tests/test_shared_conv.py" T_TESTS=100 T_CONV=0 T_PROF=80 T_CNN=200 CNN_ARGS="--chunk none" bash "$0" 1
+  MODELS_REST=resnet18 REST_ARGS=--no-sweep T_REST=150 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
   python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
   exit 0
@@ -59,7 +59,8 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   # is Triton compiling each kernel variant, CPU work that the 16 cores share out
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   # the whole pytest output (which test failed, and why) goes to cuda_tests.txt; -rf lists failures
-  FASTAGG_TEST_DEVICE=cuda timeout ${T_TESTS:-240} python3 -m pytest -p no:cacheprovider -p no:warnings \
+  # SIGINT at the limit: pytest still prints its summary of what failed (SIGTERM loses it)
+  FASTAGG_TEST_DEVICE=cuda timeout -s INT ${T_TESTS:-240} python3 -m pytest -p no:cacheprovider -p no:warnings \
       -p no:benchmark -rf --tb=short $XDIST \
       ${TESTS:-tests/test_grouped_conv.py tests/test_correction.py tests/test_simulate_routes.py tests/test_shared_conv.py} \
       > "$OUT/cuda_tests.txt" 2>&1

@@ -32,11 +32,11 @@ a pass of K students is captured as one graph). ``"loop_fused"``: the chains tha
 batch through fastagg.kernels.shared_conv for all K students at once, the rest of the model
 student by student as in loop (in float64 the chains run as the model has them, as on
 gemm_fused: the kernels accumulate in fp32). ``"loop_cl"``, ``"loop_fused_cl"`` (CUDA only): the
-same with the students' activations channels-last. ``"auto"`` (default) times native, gemm, gemm_fused, loop_fused and
-loop_fused_cl (where a chain reads the proxy batch), triton_cl, loop and loop_cl once per pass
-size on a CUDA device and keeps the fastest (triton and triton_fused lost to native by 2-9x at every size
-measured on the H100, so they run only when named); on a CPU it is loop for a model with
-convolutions (one student per pass there, see ``chunk``) and native otherwise.
+same with the students' activations channels-last. ``"auto"`` (default) times native, gemm,
+gemm_fused, loop_fused and loop_fused_cl (where a chain reads the proxy batch) and loop_cl once
+per pass size on a CUDA device and keeps the fastest (triton, triton_fused, triton_cl and loop
+lost to native on the GPUs that timed them, so they run only when named); on a CPU it is loop
+for a model with convolutions (one student per pass there, see ``chunk``) and native otherwise.
 
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
 grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used there), with
@@ -49,7 +49,8 @@ so the eager gemm route's op cannot run there), and, where a conv -> relu -> 2x2
 reads the proxy batch, with that chain cut out of the model (``"compiled_fused"``: the chain runs
 through fastagg.kernels.shared_conv outside vmap, forward before and weight gradient after the
 compiled vmap(grad) of the rest, which also returns the gradient of the chain's pooled output;
-``split_model``). The candidates are timed once per pass size and
+``split_model``; ``"compiled_fused_cl"``, CUDA only: the same with the chains' pooled outputs
+stored channels-last). The candidates are timed once per pass size and
 the fastest kept: ``routes`` says which ran, ``route_timings`` what each measured. Compilation
 takes seconds to a minute at the first pass of each size, so it is opt-in.
 
@@ -279,8 +280,9 @@ class StudentGradEngine:
         fastagg.kernels.shared_conv for all K students at once (as compiled_fused), the rest of
         the model student by student with plain autograd (as loop), each student's gradient of
         its chains' pooled outputs gathered for one weight-gradient launch per chain.
-        ``loop_fused_cl``: each student's pooled outputs handed to the rest channels-last."""
-        fwd = self._chains_forward(students)
+        ``loop_fused_cl``: the chains' pooled outputs stored channels-last, and each student's
+        handed to the rest in that layout."""
+        fwd = self._chains_forward(students, channels_last)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         rest = self.split_model()[0]
         # the pooled outputs' gradients, [K, N, Co, h, w]: student k's is contiguous
@@ -299,9 +301,10 @@ class StudentGradEngine:
             views[name].add_(g.to(out.dtype))
         return losses
 
-    def _chains_forward(self, students):
+    def _chains_forward(self, students, channels_last=False):
         """The forward of the shared chains (split_model) for all K students in one launch each:
-        {"ys": the pooled outputs [N, K, Co, h, w], and what _chains_wgrad needs}."""
+        {"ys": the pooled outputs [N, K, Co, h, w] (views of [N, K*Co, h, w], stored channels-last
+        if ``channels_last``), and what _chains_wgrad needs}."""
         kern = importlib.import_module("fastagg.kernels.shared_conv")
         chains = self.split_model()[1]
         if not chains:
@@ -319,7 +322,7 @@ class StudentGradEngine:
             CO = w.shape[1]
             wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
             y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
-                                                         ch["stride"], ch["padding"])
+                                                         ch["stride"], ch["padding"], channels_last)
             ys.append(y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: no copy
             saved.append((wk.shape, code, w.shape))
         names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
@@ -355,8 +358,8 @@ class StudentGradEngine:
         return parts
 
     def _compiled_step(self, students, probs, out, route="compiled"):
-        if route == "compiled_fused":
-            return self._compiled_fused_step(students, probs, out)
+        if route in ("compiled_fused", "compiled_fused_cl"):
+            return self._compiled_fused_step(students, probs, out, route)
         if route not in self._compiled:
             # one static graph per shape: every engine shares this code object, and dynamo's
             # automatic dynamic shapes (after a second shape) failed inside vmap(grad)
@@ -400,20 +403,22 @@ class StudentGradEngine:
             self._split_net = (rest, chains)
         return self._split_net
 
-    def _compiled_fused_step(self, students, probs, out):
+    def _compiled_fused_step(self, students, probs, out, route="compiled_fused"):
         """The ``compiled_fused`` route: the chains on the proxy batch through
         fastagg.kernels.shared_conv outside vmap (forward: one launch for all K students; weight
         gradient from the pooled gradient that the rest returns), the rest of the model and the
-        KD loss as torch.compile of vmap(grad) over the students, as the compiled route."""
-        fwd = self._chains_forward(students)
+        KD loss as torch.compile of vmap(grad) over the students, as the compiled route.
+        ``compiled_fused_cl`` (CUDA): the chains' pooled outputs stored channels-last, so that the
+        rest's first convolution, vmap's grouped one over [N, K*Co, h, w], reads them in the
+        layout cuDNN's bf16 kernels use (in compiled_fused it transposed them first)."""
+        fwd = self._chains_forward(students, route == "compiled_fused_cl")
         rest = self.split_model()[0]
         rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}
-        if "compiled_fused" not in self._compiled:
-            self._compiled["compiled_fused"] = torch.compile(self._split_grads, dynamic=False)  # as above
+        if route not in self._compiled:
+            self._compiled[route] = torch.compile(self._split_grads, dynamic=False)  # as above
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast else contextlib.nullcontext():
-            loss, grads, gys = self._compiled["compiled_fused"](rest_params, fwd["frozen"], tuple(fwd["ys"]), probs,
-                                                                rest)
+            loss, grads, gys = self._compiled[route](rest_params, fwd["frozen"], tuple(fwd["ys"]), probs, rest)
         grads = dict(grads)
         for name, g in self._chains_wgrad(fwd, gys).items():  # a parameter the rest also reads
             grads[name] = g + grads[name] if name in grads else g       # (tied) adds its share
@@ -556,22 +561,22 @@ class StudentGradEngine:
             return ["loop"] + (["compiled"] if self.compile else [])
         if self.conv != "auto":
             routes = [self.conv]
-            fused = "compiled_fused" if students.dtype != torch.float64 else "compiled"
-            compiled = [{"gemm": "compiled_gemm", "gemm_fused": fused, "loop_fused": fused,
-                         "loop_fused_cl": fused}.get(self.conv, "compiled")]
+            f64 = students.dtype == torch.float64
+            compiled = [{"gemm": "compiled_gemm", "gemm_fused": "compiled_fused", "loop_fused": "compiled_fused",
+                         "loop_fused_cl": "compiled_fused_cl"}.get(self.conv, "compiled") if not f64 else "compiled"]
         else:
-            # On the H100 (bench/NOTES-gpu.md, seventh session) triton and triton_fused were 2-9x
-            # slower than native at every pass size for `cnn` and ResNet-18, triton_cl 1.3-2.3x:
-            # of fastagg's kernel routes only triton_cl stays a candidate (the others can be named)
-            # the loop routes (fourteenth session, untimed on a GPU): each student's convolutions as
-            # cuDNN's dense ones, which may beat vmap's grouped ones; with CUDA graphs a pass of K
-            # students is one replay, so the loop's launches cost the host nothing
+            # Routes measured slower than native on every card that timed them stay out (they can
+            # be named): triton and triton_fused (H100, seventh session: 2-9x native for `cnn` and
+            # ResNet-18), triton_cl (1.3-2.3x there, 1.4x on the H200 in the fifteenth), loop (the
+            # H200: 72 ms a pass of 128 `cnn` students against native's 69 and loop_cl's 60).
+            # The loop routes: each student's convolutions as cuDNN's dense ones; with CUDA graphs
+            # a pass of K students is one replay, so the loop's launches cost the host nothing
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
             chains = convs and self.shared_chains() > 0
             routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if chains else [])
-                      + (["triton_cl", "loop", "loop_cl"] if convs else [])
-                      + (["loop_fused", "loop_fused_cl"] if chains else []))
-            compiled = ["compiled"] + (["compiled_gemm"] if shared else []) + (["compiled_fused"] if chains else [])
+                      + (["loop_cl"] if convs else []) + (["loop_fused", "loop_fused_cl"] if chains else []))
+            compiled = (["compiled"] + (["compiled_gemm"] if shared else [])
+                        + (["compiled_fused", "compiled_fused_cl"] if chains else []))
         return routes + (compiled if self.compile else [])
 
     def _pick_route(self, students, probs, out):

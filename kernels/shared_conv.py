@@ -212,14 +212,16 @@ def _check(x, w, stride, padding):
     return HO, WO
 
 
-def shared_conv_relu_pool_forward(x, w, b, stride, padding):
+def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False):
     """(y, code) for the shared input x [N, C, H, W] and the students' stacked weights
     w [K*Co, C, R, S] (same dtype as x), bias [K*Co] or None: y = max_pool2d(relu(conv2d(x, w, b)), 2)
-    [N, K*Co, Ho/2, Wo/2] in x's dtype, code the int8 window codes of the same shape."""
+    [N, K*Co, Ho/2, Wo/2] in x's dtype (stored channels-last if ``channels_last``), code the int8
+    window codes of the same shape (contiguous)."""
     HO, WO = _check(x, w, stride, padding)
     N, C, H, W = x.shape
     KCO, _, R, S = w.shape
-    y = torch.empty(N, KCO, HO // 2, WO // 2, dtype=x.dtype, device=x.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty(N, KCO, HO // 2, WO // 2, dtype=x.dtype, device=x.device, memory_format=fmt)
     code = torch.empty(y.shape, dtype=torch.int8, device=x.device)
     wt = w.reshape(KCO, C * R * S).t().contiguous()  # [C*R*S, K*Co]
     b = None if b is None else b.contiguous()

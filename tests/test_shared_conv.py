@@ -209,6 +209,10 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, rng, device):
                                                   == windows[..., :1]).long().mul(4 - q).argmax(-1), -1)
         assert bool((code.cpu().long() == argmax)[clear].all()) and float(clear.double().mean()) > 0.9
         assert torch.equal(code.cpu() == -1, y.cpu() == 0)
+        y_cl, code_cl = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
+                                                      stride, padding, channels_last=True)
+        assert y_cl.is_contiguous(memory_format=torch.channels_last) and code_cl.is_contiguous()
+        assert torch.equal(y_cl, y) and torch.equal(code_cl, code)  # the same values, stored channels-last
 
         # the pooled gradient with other strides than the forward's output (channels-last here)
         dp = torch.randn(N, *ref.shape[-2:], KCO, generator=rng).to(dtype).permute(0, 3, 1, 2)
@@ -386,21 +390,22 @@ def test_shared_chain_64_bit_offsets_give_the_same_results(rng, monkeypatch, dev
 
 def _fused_engine(model, spec, proxy, route, K, **kw):
     """An engine that runs passes of K students through ``route`` (compiled_fused, loop_fused or
-    loop_fused_cl: the chains on the proxy batch through the kernels, the rest of the model
+    their _cl forms: the chains on the proxy batch through the kernels, the rest of the model
     compiled under vmap or student by student), untimed."""
     eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
-                            compile=route == "compiled_fused", **kw)
+                            compile=route.startswith("compiled"), **kw)
     eng.routes[K] = route
     return eng
 
 
 @pytest.mark.parametrize("route, wgrad", [("compiled_fused", "auto"), ("loop_fused", "auto"), ("loop_fused", "unpool"),
-                                          ("loop_fused_cl", "auto")])
+                                          ("loop_fused_cl", "auto"), ("compiled_fused_cl", "auto")])
 @pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
 def test_split_routes_equal_native(net, route, wgrad, rng, device, monkeypatch):
     """compiled_fused and loop_fused: the shared chain cut out of the model (torch.fx) and run
     through the kernels for all students at once, the rest through torch.compile of vmap(grad)
-    or student by student with plain autograd (loop_fused_cl: its activations channels-last);
+    or student by student with plain autograd (the _cl forms: the chains' outputs and the
+    students' activations channels-last);
     fp32 KD gradients and losses equal vmap's own convolutions (TF32 off), both kernels ran once
     per pass, and the rest no longer holds the chain (a second chain, on a per-student input,
     stays in it as the model has it). In bf16 (the smooth tail only: see _Net) the route equals
@@ -409,7 +414,7 @@ def test_split_routes_equal_native(net, route, wgrad, rng, device, monkeypatch):
     weight-gradient method (auto: the kernel on a CPU, the faster one timed on a GPU)."""
     pytest.importorskip("triton")
     if route.endswith("_cl") and device.type != "cuda":
-        pytest.skip("the channels-last loop routes run on CUDA only")
+        pytest.skip("the channels-last routes run on CUDA only")
     from fastagg.kernels import shared_conv as kern
 
     monkeypatch.setattr(kern, "WGRAD", wgrad)
@@ -527,8 +532,9 @@ def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
     assert list(eng._graphs) == [(8, tuple(probs.shape), route)]
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
-    assert {"loop", "loop_cl", "loop_fused", "loop_fused_cl"} <= set(
-        StudentGradEngine(model, spec, proxy, 3.0)._candidates(students))
+    candidates = StudentGradEngine(model, spec, proxy, 3.0, compile=True)._candidates(students)
+    assert {"loop_cl", "loop_fused", "loop_fused_cl", "compiled_fused", "compiled_fused_cl"} <= set(candidates)
+    assert not {"loop", "triton_cl"} & set(candidates)  # measured slower than native: named only
 
 
 def test_compiled_routes_recompile_for_each_shape_in_one_process(rng, device):
