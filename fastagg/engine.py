@@ -411,6 +411,9 @@ class StudentGradEngine:
         ``compiled_fused_cl`` (CUDA): the chains' pooled outputs stored channels-last, so that the
         rest's first convolution, vmap's grouped one over [N, K*Co, h, w], reads them in the
         layout cuDNN's bf16 kernels use (in compiled_fused it transposed them first)."""
+        if route == "compiled_fused_cl" and students.device.type != "cuda":  # as loop_cl (see __init__)
+            raise ValueError("the compiled_fused_cl route runs on CUDA only (channels-last for cuDNN); on a CPU "
+                             "use compiled_fused")
         fwd = self._chains_forward(students, route == "compiled_fused_cl")
         rest = self.split_model()[0]
         rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}

@@ -471,14 +471,17 @@ class _TiedNet(_Net):
 @pytest.mark.parametrize("route", ["loop", "loop_cl"])
 def test_loop_routes_on_a_named_route_equal_native(route, rng, device):
     """loop named on any device (the CPU default; on CUDA auto times it), loop_cl on CUDA (a CPU
-    refuses it, and loop_fused_cl, with a clear error): each student through the model's own
-    layers with plain autograd, loop_cl with the proxy batch channels-last; fp32 gradients and
-    losses equal vmap's own convolutions (TF32 off)."""
+    refuses it, and loop_fused_cl, with a clear error, and compiled_fused_cl, which only auto
+    lists, when a pass is sent through it): each student through the model's own layers with
+    plain autograd, loop_cl with the proxy batch channels-last; fp32 gradients and losses equal
+    vmap's own convolutions (TF32 off)."""
     model, spec, proxy, students, probs = _engine_case(_TwoChains, 5, 12, 3, rng, device)
     if route == "loop_cl" and device.type != "cuda":
         for conv in ("loop_cl", "loop_fused_cl"):
             with pytest.raises(ValueError, match=f"conv='{conv}' runs on CUDA only"):
                 StudentGradEngine(model, spec, proxy, 3.0, conv=conv)
+        with pytest.raises(ValueError, match="compiled_fused_cl route runs on CUDA only"):
+            _fused_engine(model, spec, proxy, "compiled_fused_cl", 3)(students, probs)
         return
     with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
