@@ -32,7 +32,10 @@ a pass of K students is captured as one graph). ``"loop_fused"``: the chains tha
 batch through fastagg.kernels.shared_conv for all K students at once, the rest of the model
 student by student as in loop (in float64 the chains run as the model has them, as on
 gemm_fused: the kernels accumulate in fp32). ``"loop_cl"``, ``"loop_fused_cl"`` (CUDA only): the
-same with the students' activations channels-last. ``"auto"`` (default) times native, gemm,
+same with the students' activations channels-last. ``"native_cl"`` (CUDA only): native
+with the proxy batch channels-last, the layout cuDNN's bf16 kernels use (vmap's grouped
+convolutions keep it: two of them on a channels-last input gave [K, N, Co, H, W] stored as
+[N, H, W, K, Co] with torch 2.13 on the CPU). ``"auto"`` (default) times native, native_cl, gemm,
 gemm_fused, loop_fused and loop_fused_cl (where a chain reads the proxy batch) and loop_cl once
 per pass size on a CUDA device and keeps the fastest (triton, triton_fused, triton_cl and loop
 lost to native on the GPUs that timed them, so they run only when named); on a CPU it is loop
@@ -40,7 +43,8 @@ for a model with convolutions (one student per pass there, see ``chunk``) and na
 
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
 grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used there), with
-vmap's convolutions (``"compiled"``) and, for a model with convolutions on CUDA, with the layers
+vmap's convolutions (``"compiled"``; ``"compiled_cl"`` on CUDA: on the channels-last proxy
+batch) and, for a model with convolutions on CUDA, with the layers
 that read the proxy batch as one matrix product per student over its unfolded columns
 (``"compiled_gemm"``, fastagg.ops.shared_conv.conv2d_as_product; plain ops, because dynamo
 traces a vmap'd body with unbatched tensors and cannot trace an autograd.Function's own vmap
@@ -90,8 +94,9 @@ def _product_forward(module, device_type, x, w, b):
     return conv2d_as_product(x, w, b, module.stride, module.padding)
 
 
-CONV_CHOICES = ("auto", "native", "loop", "loop_cl", "loop_fused", "loop_fused_cl", "gemm", "gemm_fused", "triton",
-                "triton_cl", "triton_fused", "torch", "torch_fused")
+CONV_CHOICES = ("auto", "native", "native_cl", "loop", "loop_cl", "loop_fused", "loop_fused_cl", "gemm", "gemm_fused",
+                "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
+CUDA_ONLY = ("native_cl", "loop_cl", "loop_fused_cl")  # channels-last for cuDNN (see StudentGradEngine.__init__)
 
 
 def check_options(precision, conv, chunk):
@@ -128,11 +133,11 @@ class StudentGradEngine:
         self.cuda_graphs = bool(cuda_graphs) and proxy.device.type == "cuda"
         if chunk == "auto" and proxy.device.type == "cpu" and _has_convs(model):
             chunk = 1
-        if conv in ("loop_cl", "loop_fused_cl") and proxy.device.type != "cuda":
+        if conv in CUDA_ONLY and proxy.device.type != "cuda":
             # channels-last is for cuDNN; on a CPU (torch 2.13.0+cpu) a soak of random small models
-            # through these routes crashed the process (a segfault in a later vmap'd convolution)
+            # through the loop ones crashed the process (a segfault in a later vmap'd convolution)
             raise ValueError(f"conv={conv!r} runs on CUDA only (channels-last activations for cuDNN); on a CPU "
-                             "use 'loop' or 'loop_fused'")
+                             f"use {conv.removesuffix('_cl')!r}")
         self.conv, self.compile = conv, bool(compile)
         self.chunk = chunk if chunk in (None, "auto") else int(chunk)
         self.chunks: dict = {}  # buffer size K -> students per pass (chunk="auto")
@@ -187,15 +192,16 @@ class StudentGradEngine:
                 return self._loop_step(students, probs, out, route == "loop_fused_cl")
             return self._loop_fused_step(students, probs, out, route == "loop_fused_cl")
         trainable, frozen = self._split(students)
-        x = self.proxy
+        x = self._proxy_cl() if route == "native_cl" else self.proxy
         net = (self.fused_model()[0] or self.model) if route.endswith("_fused") else self.model
 
         def batched(p):
             return vmap(lambda pp, bb: self._forward({**pp, **bb}, x, net), in_dims=(0, 0))(p, frozen)
 
         with self._autocast():
-            plain = route == "native" and self.precision == "fp32"  # native bf16: the convs' operands cast
-            with (contextlib.nullcontext() if plain else route_convs(self.model, route)) as routed:
+            plain = route in ("native", "native_cl") and self.precision == "fp32"  # bf16: the convs' operands cast
+            with (contextlib.nullcontext() if plain
+                  else route_convs(self.model, "native" if route == "native_cl" else route)) as routed:
                 logits, pullback = vjp(batched, trainable)
             self.routed_convs += getattr(routed, "calls", 0)
             N, C = probs.shape
@@ -365,9 +371,12 @@ class StudentGradEngine:
             # automatic dynamic shapes (after a second shape) failed inside vmap(grad)
             self._compiled[route] = torch.compile(self._plain_flat_grads, dynamic=False)
         net = self.product_model() if route == "compiled_gemm" else None
+        if route == "compiled_cl" and students.device.type != "cuda":  # as native_cl (see __init__)
+            raise ValueError("the compiled_cl route runs on CUDA only (channels-last for cuDNN); on a CPU use compiled")
+        x = self._proxy_cl() if route == "compiled_cl" else self.proxy
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast and net is None else contextlib.nullcontext():
-            loss, flat = self._compiled[route](students, probs, net)
+            loss, flat = self._compiled[route](students, probs, net, x)
         out.copy_(flat)
         return loss
 
@@ -459,10 +468,10 @@ class StudentGradEngine:
             self._product = net
         return self._product
 
-    def _plain_flat_grads(self, students, probs, net=None):
+    def _plain_flat_grads(self, students, probs, net=None, x=None):
         """(loss [K], flat gradients [K, P]) with plain ops only: what torch.compile traces (on
-        ``net`` when given: product_model)."""
-        x, T = self.proxy, self.temperature
+        ``net`` when given: product_model; on ``x`` when given, else the proxy batch)."""
+        x, T = self.proxy if x is None else x, self.temperature
         trainable, frozen = self._split(students)
         acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
 
@@ -566,7 +575,8 @@ class StudentGradEngine:
             routes = [self.conv]
             f64 = students.dtype == torch.float64
             compiled = [{"gemm": "compiled_gemm", "gemm_fused": "compiled_fused", "loop_fused": "compiled_fused",
-                         "loop_fused_cl": "compiled_fused_cl"}.get(self.conv, "compiled") if not f64 else "compiled"]
+                         "loop_fused_cl": "compiled_fused_cl", "native_cl": "compiled_cl"}.get(self.conv, "compiled")
+                        if not f64 else "compiled"]
         else:
             # Routes measured slower than native on every card that timed them stay out (they can
             # be named): triton and triton_fused (H100, seventh session: 2-9x native for `cnn` and
@@ -576,9 +586,13 @@ class StudentGradEngine:
             # a pass of K students is one replay, so the loop's launches cost the host nothing
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
             chains = convs and self.shared_chains() > 0
-            routes = (["native"] + (["gemm"] if shared else []) + (["gemm_fused"] if chains else [])
+            # The _cl routes hand cuDNN channels-last activations: on the H200 (fifteenth session)
+            # a third of a compiled pass's kernels were layout transposes for ResNet-18 (29 of
+            # 178 ms), a fifth for `cnn` (8.6 of 42)
+            routes = (["native"] + (["native_cl"] if convs else []) + (["gemm"] if shared else [])
+                      + (["gemm_fused"] if chains else [])
                       + (["loop_cl"] if convs else []) + (["loop_fused", "loop_fused_cl"] if chains else []))
-            compiled = (["compiled"] + (["compiled_gemm"] if shared else [])
+            compiled = (["compiled"] + (["compiled_cl"] if convs else []) + (["compiled_gemm"] if shared else [])
                         + (["compiled_fused", "compiled_fused_cl"] if chains else []))
         return routes + (compiled if self.compile else [])
 

@@ -471,17 +471,21 @@ class _TiedNet(_Net):
 @pytest.mark.parametrize("route", ["loop", "loop_cl"])
 def test_loop_routes_on_a_named_route_equal_native(route, rng, device):
     """loop named on any device (the CPU default; on CUDA auto times it), loop_cl on CUDA (a CPU
-    refuses it, and loop_fused_cl, with a clear error, and compiled_fused_cl, which only auto
-    lists, when a pass is sent through it): each student through the model's own layers with
+    refuses it, loop_fused_cl and native_cl with a clear error, and compiled_fused_cl and
+    compiled_cl, which only auto lists, when a pass is sent through them): each student through the model's own layers with
     plain autograd, loop_cl with the proxy batch channels-last; fp32 gradients and losses equal
     vmap's own convolutions (TF32 off)."""
     model, spec, proxy, students, probs = _engine_case(_TwoChains, 5, 12, 3, rng, device)
     if route == "loop_cl" and device.type != "cuda":
-        for conv in ("loop_cl", "loop_fused_cl"):
+        for conv in ("loop_cl", "loop_fused_cl", "native_cl"):
             with pytest.raises(ValueError, match=f"conv='{conv}' runs on CUDA only"):
                 StudentGradEngine(model, spec, proxy, 3.0, conv=conv)
         with pytest.raises(ValueError, match="compiled_fused_cl route runs on CUDA only"):
             _fused_engine(model, spec, proxy, "compiled_fused_cl", 3)(students, probs)
+        eng = StudentGradEngine(model, spec, proxy, 3.0, chunk=None, compile=True)
+        eng.routes[3] = "compiled_cl"
+        with pytest.raises(ValueError, match="compiled_cl route runs on CUDA only"):
+            eng(students, probs)
         return
     with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
@@ -493,6 +497,45 @@ def test_loop_routes_on_a_named_route_equal_native(route, rng, device):
     assert (eng._cl_proxy is not None) == (route == "loop_cl")
     if route == "loop_cl":
         assert eng._cl_proxy.is_contiguous(memory_format=torch.channels_last)
+
+
+class _BNNet(torch.nn.Module):
+    """A conv, an eval-mode batch norm and a second conv (smooth activations: bf16 moves no kink)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.c2, self.fc = torch.nn.Conv2d(4, 5, 3, stride=2), torch.nn.Linear(5 * 5 * 5, 7)
+        self.eval()
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c2(torch.tanh(self.bn(self.c1(x))))).flatten(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last vmap routes run on CUDA only")
+@pytest.mark.parametrize("route", ["native_cl", "compiled_cl"])
+@pytest.mark.parametrize("net", [_ChainThenSmooth, _BNNet], ids=["smooth_tail", "batchnorm"])
+def test_channels_last_vmap_routes_equal_native(net, route, rng):
+    """native_cl and compiled_cl (the proxy batch channels-last into vmap's convolutions, so that
+    cuDNN gets its bf16 layout without transposes): fp32 KD gradients and losses equal native's
+    (TF32 off), captured and replayed for native_cl; in bf16 within the bf16 tolerance of fp32."""
+    from test_correction import BF16_TOLERANCE
+
+    model, spec, proxy, students, probs = _engine_case(net, 6, 14 if net is _ChainThenSmooth else 12, 4, rng, "cuda")
+    with _no_tf32():
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+        for precision in ("fp32", "bf16"):
+            eng = StudentGradEngine(model, spec, proxy, 3.0, conv="native_cl", chunk=None, precision=precision,
+                                    cuda_graphs=route == "native_cl", compile=route == "compiled_cl")
+            eng.routes[4] = route
+            eng(students, probs)  # capture (native_cl) or compile
+            loss1, g1 = eng(students, probs)
+            if precision == "fp32":
+                torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+                assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+            else:
+                assert 0 < float((g1 - g0).norm() / g0.norm()) < BF16_TOLERANCE
+    assert eng._cl_proxy.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_loop_fused_in_passes_and_with_a_tied_chain_parameter_equals_native(rng, device):
@@ -536,7 +579,8 @@ def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
     candidates = StudentGradEngine(model, spec, proxy, 3.0, compile=True)._candidates(students)
-    assert {"loop_cl", "loop_fused", "loop_fused_cl", "compiled_fused", "compiled_fused_cl"} <= set(candidates)
+    assert {"native_cl", "loop_cl", "loop_fused", "loop_fused_cl", "compiled_cl", "compiled_fused",
+            "compiled_fused_cl"} <= set(candidates)
     assert not {"loop", "triton_cl"} & set(candidates)  # measured slower than native: named only
 
 
