@@ -284,7 +284,7 @@ def profile_routes(name, K, device, small, routes, passes=3):
     for route in routes:
         compiled = route.startswith("compiled")
         conv = {"compiled": "native", "compiled_gemm": "gemm", "compiled_fused": "gemm_fused",
-                "compiled_fused_cl": "gemm_fused"}.get(route, route)  # the compiled ones: routes[K] set below
+                "compiled_fused_cl": "gemm_fused", "compiled_cl": "native"}.get(route, route)  # routes[K] set below
         eng = StudentGradEngine(model, spec, proxy, 3.0, precision="bf16" if device.type == "cuda" else "fp32",
                                 cuda_graphs=False, conv=conv, chunk=None, compile=compiled)
         if compiled:
@@ -336,7 +336,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="compiled_fused_cl,compiled_fused,compiled,loop_fused_cl,native")
+    ap.add_argument("--routes", default="compiled_fused_cl,compiled_cl,compiled,compiled_fused")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")

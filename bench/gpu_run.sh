@@ -6,9 +6,10 @@
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
 #                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes since
-#                             the fifteenth session native, gemm, gemm_fused, loop_cl, loop_fused,
-#                             loop_fused_cl, compiled, compiled_gemm, compiled_fused,
-#                             compiled_fused_cl; and the chain weight gradient's two methods),
+#                             the fifteenth session native, native_cl, gemm, gemm_fused, loop_cl,
+#                             loop_fused, loop_fused_cl, compiled, compiled_cl, compiled_gemm,
+#                             compiled_fused, compiled_fused_cl; the chain weight gradient's two
+#                             methods; no figures by backend, measured in the fifteenth),
 #                             bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
@@ -35,15 +36,18 @@ part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
   # the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2 test
   # bugs fixed; 106 s on 8 workers): here only tests/test_shared_conv.py, where what changed since
-  # is tested (the chain weight gradient's two methods, compiled_fused_cl); then
+  # is tested (the chain weight gradient's two methods; compiled_fused_cl, native_cl and
+  # compiled_cl against native); then
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
-  # routes are timed (and compiled) at one pass size only: ten routes since the fifteenth session
-  # (the two loop routes: captured, not compiled, a few seconds each), four compiled (and the
-  # compiled baseline), hence 200 s for it and 80 for the profile, which the bench's inductor
-  # cache then speeds up; resnet18 alone in part 2 (lm measured in the fifteenth session; its
-  # 150 s ended inside resnet18's route timing then), no K sweep (a compile per K): part 2 alone
-  TESTS="tests/test_shared_conv.py" T_TESTS=100 T_CONV=0 T_PROF=80 T_CNN=200 CNN_ARGS="--chunk none" bash "$0" 1
-  MODELS_REST=resnet18 REST_ARGS=--no-sweep T_REST=150 bash "$0" 2
+  # routes are timed (and compiled) at one pass size only: twelve routes since the fifteenth
+  # session (the loop routes and native_cl: captured, not compiled, a few seconds each), five
+  # compiled (and the compiled baseline), hence 220 s for it and 60 for the profile, which the
+  # bench's inductor cache then speeds up; resnet18 alone in part 2 (lm measured in the
+  # fifteenth session; its 150 s ended inside resnet18's route timing then), no K sweep (a
+  # compile per K): part 2 alone for it. About 580 s in all with the 31 s start.
+  TESTS="tests/test_shared_conv.py" T_TESTS=80 T_CONV=0 T_PROF=60 T_CNN=220 \
+      CNN_ARGS="--chunk none --no-backends" bash "$0" 1
+  MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends" T_REST=150 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
   python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
   exit 0
@@ -66,7 +70,7 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
       > "$OUT/cuda_tests.txt" 2>&1
   echo "CUDA tests: exit $? ($(tail -1 "$OUT/cuda_tests.txt"))" | tee -a "$OUT/device.txt"
   # where the host waits for the device in the step (sync debug mode; ~20 s), into device.txt
-  timeout 60 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
+  timeout 40 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   fi
