@@ -265,6 +265,17 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
     assert ("cnn routes, passes of 128: compiled_fused 25.0, compiled 41.9, native 71.8 ms; failed: gemm_fused"
             in out.stdout.splitlines())
+    # the chain weight gradient's two methods as the bench saves them (an out-of-memory method: inf)
+    r["shared_wgrad_ms"] = [{"x": [256, 3, 32, 32], "dp": [256, 128, 32, 16, 16], "dtype": "torch.bfloat16",
+                             "kernel": 12.9, "unpool": 3.14, "chosen": "unpool"},
+                            {"x": [256, 3, 32, 32], "dp": [256, 1024, 32, 16, 16], "dtype": "torch.bfloat16",
+                             "kernel": 103.2, "unpool": float("inf"), "chosen": "kernel"}]
+    path.write_text(json.dumps({"device": "test", "models": [r]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert ("cnn chain weight gradient, dp [256, 128, 32, 16, 16] torch.bfloat16: kernel 12.90 ms, unpool 3.14 ms, "
+            "unpool kept" in out.stdout.splitlines())
+    assert ("cnn chain weight gradient, dp [256, 1024, 32, 16, 16] torch.bfloat16: kernel 103.20 ms, unpool inf ms, "
+            "kernel kept" in out.stdout.splitlines())
 
 
 def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
