@@ -60,7 +60,9 @@ def route_lines(res):
     """A line per model and pass size: each route the engine timed, fastest first (ms per pass;
     a route that failed says so), so that the reply shows which route won and by how much."""
     for r in res.get("models", []):
-        for size, timings in (r.get("route_ms") or {}).items():
+        cut = {k: {route: t * 1e3 if isinstance(t, (int, float)) else t for route, t in v.items()}
+               for k, v in (r.get("route_seconds") or {}).items()}  # a run stopped during the route choice
+        for size, timings in (r.get("route_ms") or cut).items():
             timed = sorted((t, name) for name, t in timings.items() if isinstance(t, (int, float)))
             failed = [name for name, t in timings.items() if not isinstance(t, (int, float))]
             yield (f"{r['model']} routes, passes of {size}: " + ", ".join(f"{name} {t:.1f}" for t, name in timed)

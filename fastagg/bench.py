@@ -425,11 +425,14 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     agg = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr, device=device,
                      max_versions=4)
     spec, P = agg.spec, agg.spec.numel
+    # the engine's route timings as they come (seconds; replaced by route_ms at the end): a run
+    # stopped during the route choice, which compiles, keeps the routes timed by then
+    r = {} if r is None else r
+    r["route_seconds"] = corr.engine.route_timings
     g = torch.Generator().manual_seed(1)
     host_deltas = [1e-3 * torch.randn(P, generator=g) for _ in range(K)]
     payloads = [encode_update(spec.unflatten(d), base_version=0, num_samples=10, client_id=i)
                 for i, d in enumerate(host_deltas)]
-    r = {} if r is None else r
     r.update({"model": name, "P": P, "proxy": int(proxy.shape[0]), "K": K, "device": str(device),
               "precision": corr.precision, "cuda_graphs": corr.cuda_graphs})
     flops = flops_per_student(model, proxy)
@@ -543,7 +546,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         k: {c: t * 1e3 if isinstance(t, float) else t for c, t in v.items()} for k, v in eng.chunk_timings.items()}
     r["route"] = dict(eng.routes)  # pass size -> native / triton / compiled
     r["route_ms"] = {k: {route: t * 1e3 if isinstance(t, float) else t for route, t in v.items()}
-                     for k, v in eng.route_timings.items()}
+                     for k, v in r.pop("route_seconds").items()}
     if "fastagg.kernels.shared_conv" in sys.modules:  # the fused routes' chain weight gradient, timed per shape
         r["shared_wgrad_ms"] = [{"x": list(key[1]), "dp": list(key[2]), "dtype": str(key[3]), **timed}
                                 for key, timed in sys.modules["fastagg.kernels.shared_conv"].wgrad_choices.items()]

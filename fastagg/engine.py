@@ -605,7 +605,8 @@ class StudentGradEngine:
         if len(routes) == 1:
             return routes[0]
         sync = torch.cuda.synchronize if students.is_cuda else (lambda: None)
-        times, failed = {}, {}
+        times = {}
+        timings = self.route_timings[K] = {}  # filled route by route: a run stopped midway keeps them
         for route in routes:
             self.routes[K] = route
             try:
@@ -614,12 +615,11 @@ class StudentGradEngine:
             except Exception as exc:  # e.g. a model torch.compile cannot trace: say so, time the others
                 if route == routes[0]:
                     raise
-                failed[route] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                timings[route] = f"failed: {type(exc).__name__}: {exc}"[:300]
                 warnings.warn(f"fastagg engine: the {route} route failed for passes of {K} students and is "
-                              f"left out ({failed[route]})", RuntimeWarning, stacklevel=4)
+                              f"left out ({timings[route]})", RuntimeWarning, stacklevel=4)
                 continue
-            times[route] = _seconds(lambda: self._run(students, probs, out), 3, sync)
-        self.route_timings[K] = {**times, **failed}
+            timings[route] = times[route] = _seconds(lambda: self._run(students, probs, out), 3, sync)
         best = min(times, key=times.get)
         self._graphs = {key: g for key, g in self._graphs.items() if key[0] != K or key[2] == best}
         return best

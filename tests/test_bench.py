@@ -265,6 +265,11 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
     assert ("cnn routes, passes of 128: compiled_fused 25.0, compiled 41.9, native 71.8 ms; failed: gemm_fused"
             in out.stdout.splitlines())
+    cut = {k: v for k, v in r.items() if k != "route_ms"}  # stopped during the route choice: seconds so far
+    cut["route_seconds"] = {"128": {"native": 0.0718, "compiled_cl": "failed: Y"}}
+    path.write_text(json.dumps({"device": "test", "models": [cut]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert "cnn routes, passes of 128: native 71.8 ms; failed: compiled_cl" in out.stdout.splitlines()
     # the chain weight gradient's two methods as the bench saves them (an out-of-memory method: inf)
     r["shared_wgrad_ms"] = [{"x": [256, 3, 32, 32], "dp": [256, 128, 32, 16, 16], "dtype": "torch.bfloat16",
                              "kernel": 12.9, "unpool": 3.14, "chosen": "unpool"},
