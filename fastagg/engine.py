@@ -587,13 +587,14 @@ class StudentGradEngine:
             shared = convs and self.product_model() is not None and self.product_convs > 0  # a layer on the proxy
             chains = convs and self.shared_chains() > 0
             # The _cl routes hand cuDNN channels-last activations: on the H200 (fifteenth session)
-            # a third of a compiled pass's kernels were layout transposes for ResNet-18 (29 of
+            # a sixth of a compiled pass's kernel time was layout transposes for ResNet-18 (29 of
             # 178 ms), a fifth for `cnn` (8.6 of 42)
-            routes = (["native"] + (["native_cl"] if convs else []) + (["gemm"] if shared else [])
-                      + (["gemm_fused"] if chains else [])
-                      + (["loop_cl"] if convs else []) + (["loop_fused", "loop_fused_cl"] if chains else []))
-            compiled = (["compiled"] + (["compiled_cl"] if convs else []) + (["compiled_gemm"] if shared else [])
-                        + (["compiled_fused", "compiled_fused_cl"] if chains else []))
+            # (the order only matters for a run stopped midway: the routes untimed on a GPU first)
+            routes = (["native"] + (["native_cl"] if convs else []) + (["loop_fused_cl"] if chains else [])
+                      + (["loop_cl"] if convs else []) + (["gemm_fused", "loop_fused"] if chains else [])
+                      + (["gemm"] if shared else []))
+            compiled = (["compiled"] + (["compiled_fused_cl"] if chains else []) + (["compiled_cl"] if convs else [])
+                        + (["compiled_fused"] if chains else []) + (["compiled_gemm"] if shared else []))
         return routes + (compiled if self.compile else [])
 
     def _pick_route(self, students, probs, out):
