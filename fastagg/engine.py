@@ -76,6 +76,7 @@ import copy
 import functools
 import importlib
 import time
+import types
 import warnings
 
 import torch
@@ -97,6 +98,18 @@ def _product_forward(module, device_type, x, w, b):
 CONV_CHOICES = ("auto", "native", "native_cl", "loop", "loop_cl", "loop_fused", "loop_fused_cl", "gemm", "gemm_fused",
                 "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 CUDA_ONLY = ("native_cl", "loop_cl", "loop_fused_cl")  # channels-last for cuDNN (see StudentGradEngine.__init__)
+
+
+def _own_code(method):
+    """The bound ``method`` as a new function with its own code object. Dynamo keeps compiled
+    graphs per code object and, past ``recompile_limit`` (8) of them, runs the function eagerly
+    with only a logged warning: engines and routes sharing one code object (one graph per pass
+    size, layout and engine) reached that in one process, so a "compiled" route could run eager
+    unseen. Inductor's graph cache still shares the compiled kernels between the copies."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(own, method.__self__)
 
 
 def check_options(precision, conv, chunk):
@@ -367,9 +380,9 @@ class StudentGradEngine:
         if route in ("compiled_fused", "compiled_fused_cl"):
             return self._compiled_fused_step(students, probs, out, route)
         if route not in self._compiled:
-            # one static graph per shape: every engine shares this code object, and dynamo's
-            # automatic dynamic shapes (after a second shape) failed inside vmap(grad)
-            self._compiled[route] = torch.compile(self._plain_flat_grads, dynamic=False)
+            # one static graph per shape (dynamo's automatic dynamic shapes, after a second shape,
+            # failed inside vmap(grad)), under a code object of this engine and route (_own_code)
+            self._compiled[route] = torch.compile(_own_code(self._plain_flat_grads), dynamic=False)
         net = self.product_model() if route == "compiled_gemm" else None
         if route == "compiled_cl" and students.device.type != "cuda":  # as native_cl (see __init__)
             raise ValueError("the compiled_cl route runs on CUDA only (channels-last for cuDNN); on a CPU use compiled")
@@ -427,7 +440,7 @@ class StudentGradEngine:
         rest = self.split_model()[0]
         rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}
         if route not in self._compiled:
-            self._compiled[route] = torch.compile(self._split_grads, dynamic=False)  # as above
+            self._compiled[route] = torch.compile(_own_code(self._split_grads), dynamic=False)  # as above
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast else contextlib.nullcontext():
             loss, grads, gys = self._compiled[route](rest_params, fwd["frozen"], tuple(fwd["ys"]), probs, rest)

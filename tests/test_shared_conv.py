@@ -584,6 +584,33 @@ def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
     assert not {"loop", "triton_cl"} & set(candidates)  # measured slower than native: named only
 
 
+def test_compiled_routes_stay_compiled_past_dynamo_s_recompile_limit(rng, device):
+    """Each engine and route compiles under its own code object: two engines each compiling
+    passes of two sizes make four graphs, past a recompile limit of 2 per code object, and all four
+    compile (with one shared code object, as until the fifteenth session, dynamo ran the third
+    and fourth eagerly with a logged warning: past its default limit of 8 a "compiled" route of a
+    busy process did so unseen)."""
+    from torch._dynamo.utils import counters
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 7)).to(device)
+    spec = ParamSpec.from_module(model)
+    proxy = torch.randn(5, 6, generator=rng).to(device)
+    probs = torch.softmax(torch.randn(5, 7, generator=rng), -1).to(device)
+    flat = spec.flatten(model.state_dict()).to(device)
+    before = counters["frames"]["ok"]
+    with torch._dynamo.config.patch(**{limit: 2}):
+        for _ in range(2):
+            eng = StudentGradEngine(model, spec, proxy, 3.0, chunk=None, compile=True)
+            for K in (2, 3):
+                eng.routes[K] = "compiled"
+                students = flat + 0.05 * torch.randn(K, spec.numel, generator=rng).to(device)
+                _, g1 = eng(students, probs)
+                _, g0 = StudentGradEngine(model, spec, proxy, 3.0, chunk=None)(students, probs)
+                assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+    assert counters["frames"]["ok"] - before == 4
+
+
 def test_compiled_routes_recompile_for_each_shape_in_one_process(rng, device):
     """Compiled passes of several shapes in one process (a conv net through compiled_gemm, then
     an MLP with a batch norm at two proxy sizes) each equal native: the engine compiles one
