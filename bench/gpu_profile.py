@@ -251,9 +251,8 @@ def chain(xb, wb, x, w, pad, flops, device):
                            "fwd_err": rel(yt, ref_y), "wgrad_err": rel(dw_t, ref_dw)},
            "shared_fused": {"fwd_ms": _time(lambda: shared_conv_relu_pool_forward(xb, wb, None, (1, 1), (pad, pad)),
                                             device),
-                            "wgrad_ms": _time(lambda: shared_conv_relu_pool_wgrad(xb, dp, code, wb.shape, (1, 1),
-                                                                                  (pad, pad), bias=False, method="kernel"),
-                                              device),
+                            "wgrad_ms": _time(lambda: shared_conv_relu_pool_wgrad(
+                                xb, dp, code, wb.shape, (1, 1), (pad, pad), bias=False, method="kernel"), device),
                             "fwd_err": rel(y, ref_y), "wgrad_err": rel(dw, ref_dw)}}
     # the weight gradient's other method: dz written out channels-last, then cuDNN's dense one
     out["shared_unpool"] = {**out["shared_fused"], "wgrad_err": rel(dw_u, ref_dw), "wgrad_ms": _time(
