@@ -43,28 +43,30 @@ if numba is not None:
         if code == 0:
             r = 0
             while r + 4 <= R:  # four rows per pass over the accumulators
-                a, b, c, d = rows_f32[idx[r]], rows_f32[idx[r + 1]], rows_f32[idx[r + 2]], rows_f32[idx[r + 3]]
+                # the block's views: indexing them vectorises, a[i0 + i] did not (as in _stage)
+                a, b = rows_f32[idx[r]][i0:i0 + n], rows_f32[idx[r + 1]][i0:i0 + n]
+                c, d = rows_f32[idx[r + 2]][i0:i0 + n], rows_f32[idx[r + 3]][i0:i0 + n]
                 ca, cb, cc, cd = coefs[r], coefs[r + 1], coefs[r + 2], coefs[r + 3]
                 for i in range(n):
-                    acc[i] += ca * a[i0 + i] + cb * b[i0 + i] + cc * c[i0 + i] + cd * d[i0 + i]
+                    acc[i] += ca * a[i] + cb * b[i] + cc * c[i] + cd * d[i]
                 r += 4
             while r < R:
-                a = rows_f32[idx[r]]
+                a = rows_f32[idx[r]][i0:i0 + n]
                 ca = coefs[r]
                 for i in range(n):
-                    acc[i] += ca * a[i0 + i]
+                    acc[i] += ca * a[i]
                 r += 1
         else:
             bits = np.empty(n, np.uint32)
             vals = bits.view(np.float32)
             for r in range(R):
-                x = rows_u16[idx[r]]
+                x = rows_u16[idx[r]][i0:i0 + n]
                 if code == 1:  # bf16: the high half of an fp32
                     for i in range(n):
-                        bits[i] = np.uint32(x[i0 + i]) << np.uint32(16)
+                        bits[i] = np.uint32(x[i]) << np.uint32(16)
                 else:
                     for i in range(n):
-                        bits[i] = table[x[i0 + i]]
+                        bits[i] = table[x[i]]
                 ca = coefs[r]
                 for i in range(n):
                     acc[i] += ca * vals[i]
@@ -78,13 +80,14 @@ if numba is not None:
             i0 = blk * BLOCK
             n = min(P, i0 + BLOCK) - i0
             acc = np.empty(n, np.float32)
+            th, o = theta[i0:i0 + n], out[i0:i0 + n]
             for i in range(n):
-                acc[i] = c0 * theta[i0 + i]
+                acc[i] = c0 * th[i]
             _accumulate(acc, i0, n, a32, a16, acode, acoef, aidx, table)
             _accumulate(acc, i0, n, b32, b16, bcode, bcoef, bidx, table)
             _accumulate(acc, i0, n, c32, c16, ccode, ccoef, cidx, table)
             for i in range(n):
-                out[i0 + i] = acc[i]
+                o[i] = acc[i]
 
     @njit(parallel=True, cache=True, fastmath=True)
     def _kd(z, p, g, row_loss, plogp, inv_T, grad_scale):
