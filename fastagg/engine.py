@@ -98,6 +98,7 @@ def _product_forward(module, device_type, x, w, b):
 CONV_CHOICES = ("auto", "native", "native_cl", "loop", "loop_cl", "loop_fused", "loop_fused_cl", "gemm", "gemm_fused",
                 "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 CUDA_ONLY = ("native_cl", "loop_cl", "loop_fused_cl")  # channels-last for cuDNN (see StudentGradEngine.__init__)
+CUDA_ONLY_ROUTES = CUDA_ONLY + ("compiled_cl", "compiled_fused_cl")  # the compiled ones: candidates of auto on CUDA
 
 
 def _own_code(method):
@@ -196,6 +197,9 @@ class StudentGradEngine:
     def _step(self, students, probs, out):
         K = students.shape[0]
         route = self.routes[K]
+        if route in CUDA_ONLY_ROUTES and students.device.type != "cuda":  # see __init__
+            raise ValueError(f"the {route} route runs on CUDA only (channels-last for cuDNN); on a CPU use "
+                             f"{route.removesuffix('_cl')}")
         if route.startswith("compiled"):
             return self._compiled_step(students, probs, out, route)
         if route in ("loop", "loop_cl"):
@@ -384,8 +388,6 @@ class StudentGradEngine:
             # failed inside vmap(grad)), under a code object of this engine and route (_own_code)
             self._compiled[route] = torch.compile(_own_code(self._plain_flat_grads), dynamic=False)
         net = self.product_model() if route == "compiled_gemm" else None
-        if route == "compiled_cl" and students.device.type != "cuda":  # as native_cl (see __init__)
-            raise ValueError("the compiled_cl route runs on CUDA only (channels-last for cuDNN); on a CPU use compiled")
         x = self._proxy_cl() if route == "compiled_cl" else self.proxy
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast and net is None else contextlib.nullcontext():
@@ -433,9 +435,6 @@ class StudentGradEngine:
         ``compiled_fused_cl`` (CUDA): the chains' pooled outputs stored channels-last, so that the
         rest's first convolution, vmap's grouped one over [N, K*Co, h, w], reads them in the
         layout cuDNN's bf16 kernels use (in compiled_fused it transposed them first)."""
-        if route == "compiled_fused_cl" and students.device.type != "cuda":  # as loop_cl (see __init__)
-            raise ValueError("the compiled_fused_cl route runs on CUDA only (channels-last for cuDNN); on a CPU "
-                             "use compiled_fused")
         fwd = self._chains_forward(students, route == "compiled_fused_cl")
         rest = self.split_model()[0]
         rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}
