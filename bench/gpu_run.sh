@@ -37,7 +37,7 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2 test
   # bugs fixed; 106 s on 8 workers): here only tests/test_shared_conv.py, where what changed since
   # is tested (the chain weight gradient's two methods; compiled_fused_cl, native_cl and
-  # compiled_cl against native); then
+  # compiled_cl against native), and the compute stream's tests (sixteenth session); then
   # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
   # routes are timed (and compiled) at one pass size only: twelve routes since the fifteenth
   # session (the loop routes and native_cl: captured, not compiled, a few seconds each), five
@@ -45,7 +45,11 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # bench's inductor cache then speeds up; resnet18 alone in part 2 (lm measured in the
   # fifteenth session; its 150 s ended inside resnet18's route timing then), no K sweep (a
   # compile per K): part 2 alone for it. About 580 s in all with the 31 s start.
-  TESTS="tests/test_shared_conv.py" T_TESTS=80 T_CONV=0 T_PROF=60 T_CNN=220 \
+  # the sixteenth session's compute stream (no GPU that session): its three CUDA tests in test_correction.py
+  C=tests/test_correction.py
+  TESTS="tests/test_shared_conv.py $C::test_every_reader_sees_the_merge_the_device_is_still_running
+      $C::test_device_updates_are_taken_while_the_previous_merge_runs $C::test_compute_stream_corrects_as_one_stream_does
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge" T_TESTS=90 T_CONV=0 T_PROF=60 T_CNN=220 \
       CNN_ARGS="--chunk none --no-backends" bash "$0" 1
   MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends" T_REST=150 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all

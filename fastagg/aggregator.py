@@ -16,11 +16,22 @@ memory and the merge's reads and, on a GPU, half the bytes of each host update's
 device (PCIe bounds how many host updates per second a GPU server can take). An update is
 rounded to it at ingest (nothing is lost when the client sent that dtype:
 ``encode_update(..., dtype=torch.bfloat16)``); models, students and accumulation stay fp32.
+
+``compute_stream=True`` (CUDA only) runs each buffer's correction and merge on a CUDA stream of
+the aggregator's own. Updates already on the device are then written and norm-checked on the
+caller's stream while the previous buffer's correction still runs, instead of after it (the norm
+check reads back to the host, so on one stream the first submit after a merge waits for the whole
+correction). Every read of the global model through the aggregator (``params``, ``pull``,
+``pull_bytes``, ``state_dict``, ``load_into``) and every write (``set_global``,
+``load_state_dict``) orders the caller's current stream after the merges enqueued so far; a
+reference to ``agg.params`` kept across later submits is not re-ordered: read ``agg.params``
+again. Host updates are not affected (they go to the device on an ingest stream of their own).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 from dataclasses import asdict, dataclass
@@ -138,7 +149,7 @@ class Aggregator:
     def __init__(self, model: torch.nn.Module, rule=None, staleness="polynomial", correction=None, *,
                  max_staleness: int | None = None, max_update_norm: float | None = None,
                  max_versions: int = 16, max_store_bytes: int = 2 << 30, on_evicted: str = "applied",
-                 device=None, backend: str = "auto", delta_dtype=None):
+                 device=None, backend: str = "auto", delta_dtype=None, compute_stream: bool = False):
         if on_evicted not in ("applied", "reject"):
             raise ValueError(f"on_evicted must be 'applied' or 'reject', got {on_evicted!r}")
         self.model = model
@@ -156,8 +167,15 @@ class Aggregator:
         self.delta_dtype = _delta_dtype(delta_dtype, self.dtype)
         self.backend = backends.resolve(backend, self.device, self.dtype)
         backends.get("fused_merge", self.backend, self.device)  # an unavailable backend fails here, not mid-merge
+        if not isinstance(compute_stream, bool):
+            raise ValueError(f"compute_stream must be True or False, got {compute_stream!r}")
+        if compute_stream and self.device.type != "cuda":
+            raise ValueError(f"compute_stream=True runs correction and merge on a CUDA stream: it needs a CUDA "
+                             f"device, got device={self.device}")
+        # the stream that corrections and merges run on (None: the caller's current stream)
+        self._compute = torch.cuda.Stream(self.device) if compute_stream else None
         P = self.spec.numel
-        self.params = self.spec.flatten({n: state[n] for n in self.spec.names},
+        self._params = self.spec.flatten({n: state[n] for n in self.spec.names},
                                         out=torch.empty(P, dtype=self.dtype, device=self.device))
         self.version = 0
         self._capacity = self._buffer_capacity()
@@ -199,7 +217,7 @@ class Aggregator:
         self._params_committed()
         if correction is not None:
             correction.bind(model, self.spec, self.device, self.dtype, self.backend)
-            correction.check_fits(self.params)
+            correction.check_fits(self._params)
         self._lock = threading.RLock()
         self._rows_freed = threading.Condition(self._lock)
         self._seq = 0
@@ -214,13 +232,36 @@ class Aggregator:
     def _buffer_capacity(self):
         return self.rule.capacity
 
+    @property
+    def params(self) -> torch.Tensor:
+        """The global model as one flat [P] tensor: the aggregator's own buffer, not a copy (write
+        it through ``set_global``). With ``compute_stream``, reading it orders the current CUDA
+        stream after the merges enqueued so far."""
+        self._after_compute()
+        return self._params
+
+    def _after_compute(self):
+        """Order the caller's current stream after the corrections and merges enqueued so far, before
+        it reads or writes what they read or write (no-op without a compute stream)."""
+        if self._compute is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._compute)
+
+    def _on_compute(self):
+        """The context a merge runs in: the compute stream (when there is one), ordered after what
+        the caller's current stream holds so far (device updates written into their delta rows)."""
+        if self._compute is None:
+            return contextlib.nullcontext()
+        self._compute.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._compute)
+
     # -- clients' side -----------------------------------------------------------------------
     def pull(self, flat: bool = False):
         """(version, parameters): a copy, as {name: tensor} or as the flat [P] vector."""
         with self._lock:
+            self._after_compute()
             if flat:
-                return self.version, self.params.clone()
-            state = {k: v.clone() for k, v in self.spec.unflatten(self.params).items()}
+                return self.version, self._params.clone()
+            state = {k: v.clone() for k, v in self.spec.unflatten(self._params).items()}
             return self.version, self.spec.with_aliases(state)
 
     def pull_bytes(self) -> bytes:
@@ -236,7 +277,8 @@ class Aggregator:
             generation, cached = self._model_bytes or (None, None)
             if generation == self._generation:
                 return cached
-            generation, version, params = self._generation, self.version, self.params.clone()
+            self._after_compute()
+            generation, version, params = self._generation, self.version, self._params.clone()
         payload = wire.encode_model(self.spec.with_aliases(self.spec.unflatten(params)), version)
         with self._lock:
             if generation == self._generation:  # nothing merged meanwhile
@@ -246,7 +288,7 @@ class Aggregator:
     def _params_committed(self):
         """The parameters changed (merge, set_global, broadcast): store them as this version and
         drop what was derived from the old ones."""
-        self.store.push(self.version, self.params)
+        self.store.push(self.version, self._params)
         self._generation += 1
 
     def submit(self, update, base_version: int | None = None, num_samples: int | None = None,
@@ -354,6 +396,10 @@ class Aggregator:
         s = self._admit(base_version, client_id)
         slot = len(self._pending)
         row = self._deltas[slot]  # scratch until committed
+        if self._compute is not None and self._set_merged[self._set] is not None:
+            # the row is rewritten on the caller's stream: after the merge that last read this
+            # delta buffer (the one before the last: the last merge, perhaps still running, read the other)
+            torch.cuda.current_stream(self.device).wait_event(self._set_merged[self._set])
         self._write_row(update, row)
         norm = _finite_norm(row)
         if self.max_update_norm is not None and norm > self.max_update_norm:
@@ -489,6 +535,10 @@ class Aggregator:
         return self._deltas, rows
 
     def _merge_pending(self):
+        with self._on_compute():
+            self._merge_buffer()
+
+    def _merge_buffer(self):
         self._wait_ingest()
         pend = self._pending
         K = len(pend)
@@ -507,7 +557,7 @@ class Aggregator:
                 groups = [(D, coefs, idx), (self.store.rows, base_coef, base_idx)]
                 if corr_idx:
                     groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
-                fused_merge(self.params, c0, groups, out=self.params, backend=self.backend)
+                fused_merge(self._params, c0, groups, out=self._params, backend=self.backend)
             else:
                 a = self.rule.coefficients(w, [p.num_samples for p in pend])
                 self._apply_buffered(self._delta_groups(D, idx, a, corr_idx, corr_rows, corr_scale))
@@ -530,7 +580,7 @@ class Aggregator:
         if self.correction is None:
             return [], None, None
         corr, K, t0 = self.correction, len(pend), self.version
-        teacher = corr.teacher(self.params, t0)
+        teacher = corr.teacher(self._params, t0)
         self._last_lambda = float(corr.schedule(t0, teacher))
         lam = [corr.weight(t0, teacher, p.staleness) for p in pend]
         corr_idx = [k for k in range(K) if lam[k] > 0]
@@ -544,7 +594,7 @@ class Aggregator:
             torch.index_select(self.store.rows, 0, to_device(src, torch.int64, self.device), out=students)
         else:  # an evicted base (or student="applied"): the current model stands in
             for j, s in enumerate(src):
-                students[j].copy_(self.store.rows[s] if s is not None else self.params)
+                students[j].copy_(self.store.rows[s] if s is not None else self._params)
         norms = [pend[k].norm for k in corr_idx]
         if sel == list(range(n)):
             deltas = D[:n]
@@ -574,18 +624,18 @@ class Aggregator:
         rule = self.rule
         if rule.momentum > 0:
             if self._momentum is None:
-                self._momentum = torch.zeros_like(self.params)
+                self._momentum = torch.zeros_like(self._params)
             if self._momentum_next is None:
-                self._momentum_next = torch.empty_like(self.params)
+                self._momentum_next = torch.empty_like(self._params)
             # the new momentum goes to a second buffer, swapped in once the parameters took it:
             # a failure before the last write leaves the momentum as it was (see _commit)
             m = self._momentum_next
             fused_merge(self._momentum, rule.momentum, groups, out=m, backend=self.backend)
-            fused_merge(self.params, 1.0, [(m[None], [rule.server_lr], None)], out=self.params, backend=self.backend)
+            fused_merge(self._params, 1.0, [(m[None], [rule.server_lr], None)], out=self._params, backend=self.backend)
             self._momentum, self._momentum_next = m, self._momentum
         else:
             groups = [(rows, _times(rule.server_lr, coefs), idx) for rows, coefs, idx in groups]
-            fused_merge(self.params, 1.0, groups, out=self.params, backend=self.backend)
+            fused_merge(self._params, 1.0, groups, out=self._params, backend=self.backend)
 
     def _finish_merge(self, pend, slots):
         """After the parameters moved: store the new version, swap the delta buffers, count."""
@@ -637,10 +687,11 @@ class Aggregator:
         version store, duplicate-detection set and counters."""
         with self._lock:
             self._wait_ingest()  # the buffered rows may still be on their way to the device
+            self._after_compute()  # and the last merge may still be writing the model and the store
             return {
                 "format": "fastagg-aggregator-1",
                 "version": self.version,
-                "params": self.params.clone(),
+                "params": self._params.clone(),
                 "pending_deltas": self._pending_deltas(),
                 "pending": [asdict(p) for p in self._pending],
                 "momentum": None if self._momentum is None else self._momentum.clone(),
@@ -673,7 +724,8 @@ class Aggregator:
         with self._lock:
             while self._staging_now:  # submits staging into rows now: let them end first (the wait
                 self._rows_freed.wait()  # lets go of the lock, so before anything is changed)
-            self.params.copy_(state["params"])
+            self._after_compute()  # a merge still running must not write over what is restored
+            self._params.copy_(state["params"])
             self.version = int(state["version"])
             n = len(state["pending"])
             self._wait_ingest()  # copies still on their way must not land over the restored rows
@@ -681,7 +733,7 @@ class Aggregator:
             self._pending = [_Pending(**{**p, "row": k}) for k, p in enumerate(state["pending"])]
             if self._staging is None:
                 self._free_rows = list(range(n, self._capacity))[::-1]
-            self._momentum = None if state["momentum"] is None else state["momentum"].to(self.params).clone()
+            self._momentum = None if state["momentum"] is None else state["momentum"].to(self._params).clone()
             self.store.load_state_dict(state["store"])
             self._generation += 1
             self._seq = int(state["seq"])
@@ -701,12 +753,13 @@ class Aggregator:
         with the initial model a framework hands over. The version number stays; the version
         store and the teacher cache follow."""
         with self._lock:
+            self._after_compute()
             if isinstance(params, torch.Tensor):
                 if params.numel() != self.spec.numel:
                     raise ValueError(f"expected {self.spec.numel} parameters, got {params.numel()}")
-                self.params.copy_(params.reshape(-1))
+                self._params.copy_(params.reshape(-1))
             else:
-                self.spec.flatten(params, out=self.params)
+                self.spec.flatten(params, out=self._params)
             self._params_committed()
             if self.correction is not None:
                 self.correction.invalidate()
@@ -715,8 +768,9 @@ class Aggregator:
         """Copy the global parameters into ``model`` (default: the model given at construction)."""
         model = model or self.model
         with self._lock, torch.no_grad():
+            self._after_compute()
             state = model.state_dict()
-            for name, view in self.spec.unflatten(self.params).items():
+            for name, view in self.spec.unflatten(self._params).items():
                 state[name].copy_(view)
         return model
 

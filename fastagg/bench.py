@@ -470,6 +470,18 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     t_dev = timeit(lambda: step(agg, dev_deltas), device, reps=2, warmup=1)
     r["step_device_updates_per_s"] = STEP_BUFFERS * K / t_dev  # updates already on the device
     log(f"{name}: step {r['step_device_updates_per_s']:.0f} upd/s (device updates)")
+    if device.type == "cuda":  # the same with Aggregator(compute_stream=True), the engine shared (as below)
+        corr_cs = KDCorrection(proxy, precision=corr.precision, steps=1, min_staleness=1, cuda_graphs=corr.cuda_graphs,
+                               staleness_factor="none", schedule=1.0, compile=compile_baseline)
+        agg_cs = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr_cs,
+                            device=device, max_versions=4, compute_stream=True)
+        corr_cs.engine = corr.engine
+        agg_cs.submit(dev_deltas[0], base_version=0)
+        agg_cs.flush()
+        t_cs = timeit(lambda: step(agg_cs, dev_deltas), device, reps=2, warmup=1)
+        r["step_device_updates_compute_stream_per_s"] = STEP_BUFFERS * K / t_cs
+        log(f"{name}: step {STEP_BUFFERS * K / t_cs:.0f} upd/s (device updates, compute_stream=True)")
+        del agg_cs, corr_cs
     # host updates sent and buffered in bf16 (Aggregator(delta_dtype=bf16)): half the bytes to
     # stage, copy to the device and merge. Its correction shares the engine: same model, proxy
     # and device, so the routes and pass sizes chosen above (and their CUDA graphs) hold.

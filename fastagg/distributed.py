@@ -63,6 +63,10 @@ class DistributedAggregator(Aggregator):
             raise ValueError(f"DistributedAggregator merges with FedBuff only, got {type(rule).__name__}: FedAsync "
                              "orders every arrival after the one before, which ranks cannot do without a round "
                              "trip per update")
+        if kwargs.get("compute_stream"):
+            raise ValueError("DistributedAggregator does not take compute_stream=True: its step() reads the ranks' "
+                             "counts back to the host between collectives, so the merge would not overlap the next "
+                             "submits anyway")
         local_capacity = rule.buffer_size if local_capacity is None else local_capacity
         if isinstance(local_capacity, bool) or not isinstance(local_capacity, int) or local_capacity < 1:
             raise ValueError(f"local_capacity must be a positive int, got {local_capacity!r}")

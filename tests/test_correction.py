@@ -294,13 +294,8 @@ def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(delta_dtype, r
     assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU aggregator's streams need a CUDA device")
-def test_every_reader_sees_the_merge_the_device_is_still_running(rng, monkeypatch):
-    """Each merge is held back ~50 ms on the device (a sleep queued before it). Right after the
-    submit that starts one, every reader of the global model — pull (flat and as a state_dict),
-    pull_bytes, state_dict, load_into — must return the merged model, the CPU aggregator's: a
-    reader not ordered after the device's work (say, the merge moved to a stream of its own)
-    would read the model before it."""
+def _slow_merges(monkeypatch):
+    """Hold each merge back ~50 ms on the device: a sleep queued on the merge's stream before it."""
     import fastagg.aggregator as A
 
     merge = A.fused_merge
@@ -310,28 +305,185 @@ def test_every_reader_sees_the_merge_the_device_is_still_running(rng, monkeypatc
         return merge(*args, **kw)
 
     monkeypatch.setattr(A, "fused_merge", slow_merge)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU aggregator's streams need a CUDA device")
+@pytest.mark.parametrize("updates", ["host", "device"])
+@pytest.mark.parametrize("compute_stream", [False, True], ids=["one_stream", "compute_stream"])
+def test_every_reader_sees_the_merge_the_device_is_still_running(compute_stream, updates, rng, monkeypatch):
+    """Each merge is held back ~50 ms on the device. Right after the submit that starts one,
+    every reader of the global model — ``params``, pull (flat and as a state_dict), pull_bytes,
+    state_dict, load_into — must return the merged model, the CPU aggregator's; and a write
+    (set_global, load_state_dict) must land after it, not under it. With ``compute_stream`` the
+    merge runs on a stream of its own, so a reader or writer not ordered after it would see the
+    model before the merge, or have its write overwritten by it."""
+    _slow_merges(monkeypatch)
     model = mlp(d_in=6, hidden=64, classes=5)
-    gpu = fastagg.Aggregator(model, fastagg.FedBuff(2), device="cuda")
+    gpu = fastagg.Aggregator(model, fastagg.FedBuff(2), device="cuda", compute_stream=compute_stream)
     cpu = fastagg.Aggregator(model, fastagg.FedBuff(2), backend="torch")
+    assert (gpu._compute is not None) == compute_stream
 
     def flat(state):
         return torch.cat([state[n].reshape(-1).cpu() for n in cpu.spec.names])
 
     readers = {
+        "params": lambda: gpu.params.cpu(),
         "pull flat": lambda: gpu.pull(flat=True)[1].cpu(),
         "pull": lambda: flat(gpu.pull()[1]),
         "pull_bytes": lambda: flat(fastagg.wire.decode_model(gpu.pull_bytes())[1]),
         "state_dict": lambda: gpu.state_dict()["params"].cpu(),
         "load_into": lambda: flat(gpu.load_into(mlp(d_in=6, hidden=64, classes=5, seed=1)).state_dict()),
     }
-    for name, read in readers.items():
-        for _ in range(2):  # the second submit starts a merge
+
+    def merge_one():  # two submits: the second starts a merge, still running when this returns
+        for _ in range(2):
             d = torch.randn(gpu.spec.numel, generator=rng)
-            gpu.submit(d, base_version=gpu.version)
+            gpu.submit(d.cuda() if updates == "device" else d, base_version=gpu.version)
             cpu.submit(d, base_version=cpu.version)
+
+    for name, read in readers.items():
+        merge_one()
         got = read()
         assert torch.allclose(got, cpu.params, rtol=1e-5, atol=1e-6), (name, float((got - cpu.params).abs().max()))
     assert gpu.version == cpu.version == len(readers)
+
+    new = torch.randn(gpu.spec.numel, generator=rng)
+    merge_one()
+    gpu.set_global(new.cuda())  # while the merge runs: lands after it
+    cpu.set_global(new)
+    assert torch.equal(gpu.params.cpu(), new) and torch.equal(gpu.store.get(gpu.version).cpu(), new)
+    saved, saved_cpu = gpu.state_dict(), cpu.state_dict()
+    merge_one()
+    gpu.load_state_dict(saved)  # while the merge runs: the merge must not write over the restored model
+    cpu.load_state_dict(saved_cpu)
+    assert torch.equal(gpu.params.cpu(), new) and gpu.version == saved["version"]
+    merge_one()  # and the restored aggregator merges on as the CPU one does
+    assert gpu.version == cpu.version == saved["version"] + 1
+    assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compute stream needs a CUDA device")
+@pytest.mark.parametrize("compute_stream", [False, True], ids=["one_stream", "compute_stream"])
+def test_device_updates_are_taken_while_the_previous_merge_runs(compute_stream, rng, monkeypatch):
+    """Device-resident updates, merges held back ~50 ms each. With ``compute_stream`` the submit
+    after the one that started a merge returns while that merge still runs (its norm check read
+    back without waiting for it); on one stream it waits for it. Over six buffers in a row the
+    model equals the CPU aggregator's: a device update written into a delta buffer must wait for
+    the merge that still reads that buffer (two buffers alternate), or it changes what is merged."""
+    _slow_merges(monkeypatch)
+    model = mlp(d_in=6, hidden=64, classes=5)
+    gpu = fastagg.Aggregator(model, fastagg.FedBuff(3), device="cuda", compute_stream=compute_stream)
+    cpu = fastagg.Aggregator(model, fastagg.FedBuff(3), backend="torch")
+    host = [torch.randn(gpu.spec.numel, generator=rng) for _ in range(18)]
+    dev = [d.cuda() for d in host]
+    torch.cuda.synchronize()  # the updates are on the device before the first submit
+    still_running = []
+    for b in range(6):
+        for i in range(3):
+            gpu.submit(dev[3 * b + i], base_version=max(0, gpu.version - 1))
+            cpu.submit(host[3 * b + i], base_version=max(0, cpu.version - 1))
+            if b and i == 0:  # the first submit after a merge started: is that merge still running?
+                merging = gpu._compute if compute_stream else torch.cuda.current_stream()
+                still_running.append(not merging.query())
+    assert still_running == [compute_stream] * 5
+    assert gpu.version == cpu.version == 6
+    assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compute stream needs a CUDA device")
+def test_compute_stream_corrects_as_one_stream_does(rng):
+    """FedADT on device updates, fp32: the corrections and merges run on the compute stream (the
+    teacher, the engine's passes, the store) and give the one-stream aggregator's model."""
+    model = mlp(d_in=6, hidden=32, classes=5)
+    proxy = torch.randn(40, 6, generator=rng)
+    aggs = [fastagg.Aggregator(model, fastagg.FedBuff(4), staleness=staleness.polynomial(0.5), device="cuda",
+                               compute_stream=cs, correction=fastagg.KDCorrection(proxy.cuda(), steps=2, conv="native", chunk=None))
+            for cs in (False, True)]
+    for b in range(5):
+        bases = [max(0, aggs[0].version - s) for s in (0, 1, 2, 1)]
+        for base in bases:
+            d = 0.05 * torch.randn(aggs[0].spec.numel, generator=rng).cuda()
+            for agg in aggs:
+                agg.submit(d, base_version=base)
+    assert aggs[0].version == aggs[1].version == 5
+    assert aggs[1].stats()["corrected"] == aggs[0].stats()["corrected"] > 0
+    torch.testing.assert_close(aggs[1].params, aggs[0].params, rtol=1e-5, atol=1e-6)
+
+
+def test_with_a_compute_stream_merges_run_on_it_and_every_reader_and_writer_waits_for_it(rng, monkeypatch):
+    """The ordering protocol on the CPU, with stand-ins for CUDA's streams that log what waits for
+    what (the CUDA tests above check that it is enough on a device): each merge runs inside the
+    compute stream's context, after it waited for the caller's stream; each reader and writer of
+    the model makes the caller's stream wait for the compute stream before touching the model. A
+    reader left out, or a merge outside the context, fails here."""
+    import fastagg.aggregator as A
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    current, compute = Stream("current"), Stream("compute")
+    inside = []
+
+    class Context:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            inside.append(self.s.name)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", Context)
+    merge = A.fused_merge
+
+    def checked_merge(*args, **kw):
+        log.append(f"merge on {inside[-1] if inside else 'current'}")
+        return merge(*args, **kw)
+
+    monkeypatch.setattr(A, "fused_merge", checked_merge)
+    model = mlp(d_in=6, hidden=8, classes=5)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(2), backend="torch")
+    agg._compute = compute  # what compute_stream=True sets up on a GPU
+    for _ in range(2):
+        agg.submit(torch.randn(agg.spec.numel, generator=rng), base_version=0)
+    assert log == ["compute waits for current", "merge on compute"] and agg.version == 1
+    saved = agg.state_dict()
+    uses = {
+        "params": lambda: agg.params,
+        "pull": lambda: agg.pull(),
+        "pull flat": lambda: agg.pull(flat=True),
+        "pull_bytes": lambda: agg.pull_bytes(),
+        "state_dict": lambda: agg.state_dict(),
+        "load_into": lambda: agg.load_into(),
+        "set_global": lambda: agg.set_global(torch.zeros(agg.spec.numel)),
+        "load_state_dict": lambda: agg.load_state_dict(saved),
+    }
+    for name, use in uses.items():
+        log.clear()
+        use()
+        assert log[:1] == ["current waits for compute"], (name, log)
+    agg._compute = None  # without one: no stream is touched
+    log.clear()
+    for name, use in uses.items():
+        use()
+    for _ in range(2):
+        agg.submit(torch.randn(agg.spec.numel, generator=rng), base_version=agg.version)
+    assert log == ["merge on current"]
+
+
+def test_compute_stream_is_refused_off_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        fastagg.Aggregator(mlp(), fastagg.FedBuff(2), device="cpu", compute_stream=True)
+    with pytest.raises(ValueError, match="True or False"):
+        fastagg.Aggregator(mlp(), fastagg.FedBuff(2), compute_stream="yes")
 
 
 @pytest.mark.parametrize("student", ["client", "applied"])

@@ -264,6 +264,8 @@ def test_needs_a_process_group_and_fedbuff(tmp_path):
             DistributedAggregator(mlp(), FedAsync())
         with pytest.raises(ValueError, match="local_capacity"):
             DistributedAggregator(mlp(), FedBuff(), local_capacity=0)
+        with pytest.raises(ValueError, match="compute_stream"):
+            DistributedAggregator(mlp(), FedBuff(), compute_stream=True)
     finally:
         dist.destroy_process_group()
 
