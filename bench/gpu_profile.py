@@ -20,7 +20,8 @@ be a GEMM.
    (what vmap runs) against each student's dense convolution in a loop captured as a CUDA graph,
    on one stream and round four (what the loop routes run), and round four with every operand
    channels-last (the _cl loop routes): the loop routes' premise.
-2. ``torch.profiler`` over engine passes per route (compiled_fused, compiled, loop_fused, gemm_fused,
+2. ``torch.profiler`` over engine passes per route (by default compiled_fused_dense, compiled_dense,
+   compiled_fused_cl and compiled; others by --routes, e.g. compiled_fused, loop_fused, gemm_fused,
    native, gemm, compiled_gemm): the kernels
    that take the time, summed by name, as a share of the pass (without CUDA graphs, so that the
    profiler sees each launch; the kernels are the same).
@@ -283,7 +284,8 @@ def profile_routes(name, K, device, small, routes, passes=3):
     for route in routes:
         compiled = route.startswith("compiled")
         conv = {"compiled": "native", "compiled_gemm": "gemm", "compiled_fused": "gemm_fused",
-                "compiled_fused_cl": "gemm_fused", "compiled_cl": "native"}.get(route, route)  # routes[K] set below
+                "compiled_fused_cl": "gemm_fused", "compiled_cl": "native", "compiled_dense": "native",
+                "compiled_fused_dense": "gemm_fused"}.get(route, route)  # routes[K] set below
         eng = StudentGradEngine(model, spec, proxy, 3.0, precision="bf16" if device.type == "cuda" else "fp32",
                                 cuda_graphs=False, conv=conv, chunk=None, compile=compiled)
         if compiled:
@@ -335,7 +337,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="compiled_fused_cl,compiled_cl,compiled,compiled_fused")
+    ap.add_argument("--routes", default="compiled_fused_dense,compiled_dense,compiled_fused_cl,compiled")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")

@@ -5,11 +5,11 @@
 #   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~550 s), then the summary table:
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
-#                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (its routes since
-#                             the fifteenth session native, native_cl, gemm, gemm_fused, loop_cl,
-#                             loop_fused, loop_fused_cl, compiled, compiled_cl, compiled_gemm,
-#                             compiled_fused, compiled_fused_cl; the chain weight gradient's two
-#                             methods; no figures by backend, measured in the fifteenth),
+#                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (routes native,
+#                             native_cl, loop_fused_cl, compiled, compiled_fused_dense,
+#                             compiled_dense, compiled_fused_cl, compiled_cl; the chain weight
+#                             gradient's two methods; the device-update step with the compute
+#                             stream; no figures by backend, measured in the fifteenth),
 #                             bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
@@ -34,24 +34,25 @@ if ! python3 -c "import fastagg._cpu" 2>/dev/null; then
 fi
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
-  # the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2 test
-  # bugs fixed; 106 s on 8 workers): here only tests/test_shared_conv.py, where what changed since
-  # is tested (the chain weight gradient's two methods; compiled_fused_cl, native_cl and
-  # compiled_cl against native), and the compute stream's tests (sixteenth session); then
-  # cnn in one pass of 128 students (the seventh session's chunk timing: 128 best), so that the
-  # routes are timed (and compiled) at one pass size only: twelve routes since the fifteenth
-  # session (the loop routes and native_cl: captured, not compiled, a few seconds each), five
-  # compiled (and the compiled baseline), hence 220 s for it and 60 for the profile, which the
-  # bench's inductor cache then speeds up; resnet18 alone in part 2 (lm measured in the
-  # fifteenth session; its 150 s ended inside resnet18's route timing then), no K sweep (a
-  # compile per K): part 2 alone for it. About 580 s in all with the 31 s start.
-  # the sixteenth session's compute stream (no GPU that session): its three CUDA tests in test_correction.py
+  # Tests: the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2
+  # test bugs fixed); here tests/test_shared_conv.py (the chain weight gradient's two methods, the
+  # channels-last routes against native), the sixteenth session's compute-stream tests (three in
+  # test_correction.py, and the pinned-ingest one they touch) and tests/test_dense_conv.py (the dense
+  # ops on CUDA's side streams, the dense routes against native). Then cnn in one pass of 128 students
+  # (the seventh session's chunk timing: 128 best), routes limited by --routes to the fifteenth run's
+  # best (compiled) and native, and those it has not timed (the six it timed slower than compiled, and
+  # loop_cl, stay out); the profile of the dense and compiled routes (inductor's cache from the bench
+  # speeds it); resnet18 alone in part 2 (its first route timing: the fifteenth's 150 s ended inside
+  # it), no K sweep (a compile per K: part 2 alone). About 580 s in all with the 31 s start.
   C=tests/test_correction.py
+  CNN_ROUTES=native,native_cl,loop_fused_cl,compiled,compiled_fused_dense,compiled_dense,compiled_fused_cl,compiled_cl
+  RESNET_ROUTES=native,native_cl,loop_cl,compiled,compiled_dense,compiled_cl
   TESTS="tests/test_shared_conv.py $C::test_every_reader_sees_the_merge_the_device_is_still_running
       $C::test_device_updates_are_taken_while_the_previous_merge_runs $C::test_compute_stream_corrects_as_one_stream_does
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge" T_TESTS=90 T_CONV=0 T_PROF=60 T_CNN=220 \
-      CNN_ARGS="--chunk none --no-backends" bash "$0" 1
-  MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends" T_REST=150 bash "$0" 2
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge tests/test_dense_conv.py" T_TESTS=120 \
+      T_CONV=0 T_PROF=60 T_CNN=210 T_SYNCS=30 \
+      CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1
+  MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends --routes $RESNET_ROUTES" T_REST=140 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
   python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
   exit 0
@@ -74,7 +75,7 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
       > "$OUT/cuda_tests.txt" 2>&1
   echo "CUDA tests: exit $? ($(tail -1 "$OUT/cuda_tests.txt"))" | tee -a "$OUT/device.txt"
   # where the host waits for the device in the step (sync debug mode; ~20 s), into device.txt
-  timeout 40 python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
+  timeout ${T_SYNCS:-40} python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   fi

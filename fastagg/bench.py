@@ -412,9 +412,9 @@ def by_backend(model, corr, agg, host_deltas, step, students, grads, probs, devi
 
 
 def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small=False, cuda_graphs=True,
-                eager_clients=8, log=print, r=None, chunk="auto", backend_rows=True):
+                eager_clients=8, log=print, r=None, chunk="auto", backend_rows=True, routes=None):
     """One model's row; ``r``: a dict to fill as the figures come (a run stopped midway keeps
-    what it measured), returned."""
+    what it measured), returned. ``routes``: the engine times only these of its candidates."""
     device = torch.device(device)
     model, proxy = make(name, device, small)
     model.eval()
@@ -425,6 +425,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     agg = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr, device=device,
                      max_versions=4)
     spec, P = agg.spec, agg.spec.numel
+    if routes:
+        corr.engine.only_routes = set(routes)
+        r["routes_allowed"] = sorted(routes)
     # the engine's route timings as they come (seconds; replaced by route_ms at the end): a run
     # stopped during the route choice, which compiles, keeps the routes timed by then
     r = {} if r is None else r
@@ -716,7 +719,7 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
 
 def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, small=None, out=None, log=print,
         compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024), chunk="auto",
-        backend_rows=True):
+        backend_rows=True, routes=None):
     device = torch.device(device)
     small = (device.type == "cpu") if small is None else small
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
@@ -747,7 +750,7 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
             res["models"].append(row)
             try:
                 bench_model(name, device, K or default_k[name], small=small, log=log, chunk=chunk,
-                            compile_baseline=compile_baseline, r=row, backend_rows=backend_rows)
+                            compile_baseline=compile_baseline, r=row, backend_rows=backend_rows, routes=routes)
                 row["complete"] = True
             except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the next ones run
                 row["error"] = f"{type(exc).__name__}: {exc}"

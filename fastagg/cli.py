@@ -42,7 +42,8 @@ def _bench(args):
                     sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
                     sweep_models=tuple(args.sweep_models.split(",")),
                     sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")),
-                    chunk=args.chunk, backend_rows=not args.no_backends)
+                    chunk=args.chunk, backend_rows=not args.no_backends,
+                    routes=tuple(r for r in args.routes.split(",") if r) if args.routes else None)
     if args.out:
         print(f"results: {args.out}")
     failed = [r["model"] for r in res["models"] if "error" in r]
@@ -104,6 +105,9 @@ def main(argv=None):
     b.add_argument("--no-backends", action="store_true",
                    help="skip the rows by backend (the step, staging, merge and KD loss per backend)")
     b.add_argument("--chunk", default="auto", type=_chunk, help="students per pass of the engine: auto | none | an int")
+    b.add_argument("--routes", default=None,
+                   help="comma-separated: the engine's route choice times only these of its candidates "
+                        "(a device run's time is short); default all")
     b.add_argument("--out", default="fastagg-bench.json")
     b.set_defaults(fn=_bench)
     i = sub.add_parser("info", help="which kernel backends are available here, and why not")

@@ -54,7 +54,11 @@ reads the proxy batch, with that chain cut out of the model (``"compiled_fused"`
 through fastagg.kernels.shared_conv outside vmap, forward before and weight gradient after the
 compiled vmap(grad) of the rest, which also returns the gradient of the chain's pooled output;
 ``split_model``; ``"compiled_fused_cl"``, CUDA only: the same with the chains' pooled outputs
-stored channels-last). The candidates are timed once per pass size and
+stored channels-last), and, where a convolution reads a per-student input, with that layer as K
+dense convolutions (``"compiled_dense"``, and after the shared chains ``"compiled_fused_dense"``:
+fastagg.ops.dense_conv's torch.library ops, the students round side streams on CUDA; the
+gradient by torch.autograd of the compiled forward, which those ops need: _dense_step). The
+candidates are timed once per pass size and
 the fastest kept: ``routes`` says which ran, ``route_timings`` what each measured. Compilation
 takes seconds to a minute at the first pass of each size, so it is opt-in.
 
@@ -99,6 +103,9 @@ CONV_CHOICES = ("auto", "native", "native_cl", "loop", "loop_cl", "loop_fused", 
                 "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 CUDA_ONLY = ("native_cl", "loop_cl", "loop_fused_cl")  # channels-last for cuDNN (see StudentGradEngine.__init__)
 CUDA_ONLY_ROUTES = CUDA_ONLY + ("compiled_cl", "compiled_fused_cl")  # the compiled ones: candidates of auto on CUDA
+# compiled routes with K dense convolutions per layer on a per-student input (_dense_step): any
+# device, candidates of auto on CUDA with compile=True
+DENSE_ROUTES = ("compiled_dense", "compiled_fused_dense")
 
 
 def _own_code(method):
@@ -166,6 +173,7 @@ class StudentGradEngine:
         self._zeros: dict = {}
         self._streams = None  # the loop routes' side streams (CUDA), made at first use
         self._cl_proxy = None  # the proxy batch channels-last (loop_cl), made at first use
+        self.only_routes = None  # a set: auto times only these of its candidates (fastagg bench --routes)
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -381,8 +389,10 @@ class StudentGradEngine:
         return parts
 
     def _compiled_step(self, students, probs, out, route="compiled"):
-        if route in ("compiled_fused", "compiled_fused_cl"):
+        if route in ("compiled_fused", "compiled_fused_cl", "compiled_fused_dense"):
             return self._compiled_fused_step(students, probs, out, route)
+        if route == "compiled_dense":
+            return self._dense_step(students, probs, out, route)
         if route not in self._compiled:
             # one static graph per shape (dynamo's automatic dynamic shapes, after a second shape,
             # failed inside vmap(grad)), under a code object of this engine and route (_own_code)
@@ -435,6 +445,8 @@ class StudentGradEngine:
         ``compiled_fused_cl`` (CUDA): the chains' pooled outputs stored channels-last, so that the
         rest's first convolution, vmap's grouped one over [N, K*Co, h, w], reads them in the
         layout cuDNN's bf16 kernels use (in compiled_fused it transposed them first)."""
+        if route == "compiled_fused_dense":
+            return self._dense_step(students, probs, out, route)
         fwd = self._chains_forward(students, route == "compiled_fused_cl")
         rest = self.split_model()[0]
         rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}
@@ -448,6 +460,55 @@ class StudentGradEngine:
             grads[name] = g + grads[name] if name in grads else g       # (tied) adds its share
         torch.cat(self._flat_parts(grads, students.shape[0], out.dtype, out.device), dim=1, out=out)
         return loss
+
+    def _dense_step(self, students, probs, out, route):
+        """The ``compiled_dense`` route: compiled's vmap over the students, except that each
+        convolution whose input differs per student runs as K dense convolutions
+        (fastagg.ops.dense_conv: torch.library ops, opaque to inductor, the students spread over
+        side streams on CUDA), and the gradient is ``torch.autograd.grad`` of the compiled
+        forward's losses (inductor's compiled backward) instead of vmap(grad), which those ops
+        cannot run under. ``compiled_fused_dense``: the same for the rest of the model after its
+        shared chains, which run through fastagg.kernels.shared_conv as on compiled_fused (their
+        pooled outputs stored channels-last on CUDA, as cuDNN's dense kernels then read them)."""
+        K = students.shape[0]
+        fused = route == "compiled_fused_dense"
+        fwd = self._chains_forward(students, students.is_cuda) if fused else None
+        if route not in self._compiled:
+            self._compiled[route] = torch.compile(_own_code(self._dense_losses), dynamic=False)  # as above
+        s = students.detach().requires_grad_()
+        ys = tuple(y.detach().requires_grad_() for y in fwd["ys"]) if fused else ()
+        x = self.proxy
+        with route_convs(self.model, "dense"):
+            loss = self._compiled[route](s, probs, x, tuple(sorted(fwd["names"])) if fused else (), ys)
+        grads = torch.autograd.grad(loss.sum(), (s, *ys))
+        out.copy_(grads[0])
+        if fused:
+            views = self.spec.unflatten(out)
+            gys = [g.movedim(1, 0) for g in grads[1:]]  # [K, N, Co, h, w] views
+            for name, g in self._chains_wgrad(fwd, gys).items():  # + what a tied use in the rest gave
+                views[name].add_(g.to(out.dtype))
+        return loss.detach()
+
+    def _dense_losses(self, s, probs, x, chain_names, ys):
+        """The students' KD losses [K] from their parameters ``s`` [K, P] (requires grad), with plain
+        ops and the dense convolutions' ops: what torch.compile traces on the dense routes. With
+        ``ys`` (the shared chains' pooled outputs, [N, K, Co, h, w]), the rest of the model after
+        them (split_model), without the chains' parameters ``chain_names``."""
+        T = self.temperature
+        trainable, frozen = self._split(s)
+        trainable = {n: v for n, v in trainable.items() if n not in chain_names}
+        frozen = {n: v.detach() for n, v in frozen.items() if n not in chain_names}  # buffers: no KD gradient
+        net = self.split_model()[0] if ys else self.model
+        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+
+        def loss_k(p, b, *yy):
+            with self._autocast():
+                z = functional_call(net, {**p, **b}, (x, *yy))
+            logq = torch.log_softmax(z.to(acc) / T, dim=-1)
+            pt = probs.to(acc)
+            return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
+
+        return vmap(loss_k, in_dims=(0, 0) + (1,) * len(ys))(trainable, frozen, *ys)
 
     def _split_grads(self, params, frozen, ys, probs, rest):
         """(loss [K], {name: grad [K, ...]}, the pooled outputs' gradients [K, N, Co, h, w]) of the
@@ -576,6 +637,12 @@ class StudentGradEngine:
         return self._step(students, probs, out)
 
     def _candidates(self, students):
+        routes = self._all_candidates(students)
+        if self.only_routes is not None:  # fastagg bench --routes: a device run's time is short
+            routes = [r for r in routes if r in self.only_routes] or routes[:1]
+        return routes
+
+    def _all_candidates(self, students):
         cuda = self.proxy.device.type == "cuda" and students.dtype != torch.float64
         convs = cuda and bool(routable_convs(self.model))
         if self.conv == "auto" and self.proxy.device.type == "cpu" and _has_convs(self.model):
@@ -605,9 +672,19 @@ class StudentGradEngine:
             routes = (["native"] + (["native_cl"] if convs else []) + (["loop_fused_cl"] if chains else [])
                       + (["loop_cl"] if convs else []) + (["gemm_fused", "loop_fused"] if chains else [])
                       + (["gemm"] if shared else []))
-            compiled = (["compiled"] + (["compiled_fused_cl"] if chains else []) + (["compiled_cl"] if convs else [])
+            # dense: a convolution on a per-student input (the second layer on): K dense ones
+            dense = convs and self.per_student_convs() > 0
+            compiled = (["compiled"] + (["compiled_fused_dense"] if chains and dense else [])
+                        + (["compiled_dense"] if dense else [])
+                        + (["compiled_fused_cl"] if chains else []) + (["compiled_cl"] if convs else [])
                         + (["compiled_fused"] if chains else []) + (["compiled_gemm"] if shared else []))
         return routes + (compiled if self.compile else [])
+
+    def per_student_convs(self):
+        """How many of the model's plain Conv2d layers read a per-student input (not the proxy
+        batch itself): what the dense routes run as K dense convolutions each."""
+        shared = {id(m) for m in shared_input_convs(self.model, self.proxy)}
+        return sum(1 for m in routable_convs(self.model) if id(m) not in shared)
 
     def _pick_route(self, students, probs, out):
         """The route for passes of this size: the only candidate, or the fastest of them measured

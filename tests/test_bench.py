@@ -52,9 +52,10 @@ def test_backends_here_lists_the_available_ones_for_each_device(monkeypatch):
 def test_bench_cli_chunk_sets_the_students_per_pass(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "--device", "cpu", "--models", "lm", "--k", "4", "--no-sweep", "--no-compile",
-                 "--chunk", "3", "--out", str(out)]) == 0
+                 "--chunk", "3", "--routes", "native,compiled_dense", "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())["models"]
     assert r["chunk"] == 3 and r["students_per_pass"] == 3  # passes of 3 and 1 for K = 4
+    assert r["routes_allowed"] == ["compiled_dense", "native"] and r["route"] == {"3": "native", "1": "native"}
 
 
 def test_sweep_reports_one_pass_and_chunked_passes():

@@ -145,8 +145,11 @@ def _triton_status():
 # same, and a chain on that shared input runs as one op through fastagg.kernels.shared_conv.
 ROUTES = {"native": (None, False), "torch": ("torch", False), "triton": ("triton", False),
           "triton_cl": ("triton", True), "torch_fused": ("torch", False), "triton_fused": ("triton", False),
-          "gemm": (None, False), "gemm_fused": (None, False)}
+          "gemm": (None, False), "gemm_fused": (None, False), "dense": ("dense", False)}
 SHARED_CONV_ROUTES = ("gemm", "gemm_fused")  # routes whose plain shared-input layer runs as products
+# "dense": a layer whose input differs per student runs as K dense convolutions through the
+# torch.library ops of fastagg.ops.dense_conv (for torch.compile; gradients by torch.autograd of
+# the vmap'd forward, not torch.func's grad: see there); the shared-input layer as native.
 
 
 class _StudentConv(torch.autograd.Function):
@@ -236,6 +239,11 @@ def _routed_forward(module, route, counter, x, weight, bias):
         x, weight, bias = cast_operands(dtype, x, weight, bias)
         counter.calls += 1
         return shared_conv2d(x, weight, bias, list(module.stride), list(module.padding))
+    if route == "dense" and x.dim() == 4 and batched(weight) and batched(x):
+        from .dense_conv import dense_conv2d
+        x, weight, bias = cast_operands(dtype, x, weight, bias)
+        counter.calls += 1
+        return dense_conv2d(x, weight, bias, module.stride, module.padding)
     if (ROUTES[route][0] is None or x.dim() != 4 or not batched(weight) or not batched(x)
             or x.dtype == torch.float64):
         if batched(weight) and x.dtype != torch.float64 and dtype != weight.dtype:
@@ -469,7 +477,7 @@ def conv_relu_pool(x, weight, bias, stride, padding):
     HO = (x.shape[-2] + 2 * padding[0] - weight.shape[-2]) // stride[0] + 1
     WO = (x.shape[-1] + 2 * padding[1] - weight.shape[-1]) // stride[1] + 1
     batched = torch._C._functorch.is_batchedtensor
-    kernels = active is not None and (ROUTES[active[0]][0] is not None
+    kernels = active is not None and (ROUTES[active[0]][0] not in (None, "dense")
                                       or (active[0] == "gemm_fused" and not batched(x)))
     if (not kernels or x.dim() != 4 or not batched(weight) or x.dtype == torch.float64 or HO % 2 or WO % 2):
         if active is not None and batched(weight) and x.dtype != torch.float64:  # as native: operands cast

@@ -1,0 +1,216 @@
+"""The K students' convolutions as K dense ones, for torch.compile: torch.library custom ops.
+
+Under vmap over students, a convolution whose input differs per student is one grouped
+convolution (vmap's own rule). On the H200 (fifteenth session, `cnn`'s second layer, K = 128,
+bf16, forward and both gradients) cuDNN ran that in 17.6 ms inside an eager pass, and the
+compiled route's profile showed it as 128 per-group forward calls with a layout transpose on
+each side of each; the same layer as 128 dense convolutions, channels-last, spread over four
+streams, took 10.0 ms (257 TFLOP/s). The loop routes got that speed for this layer and lost it
+on everything else, done one student at a time. Here only the convolutions are done per
+student; the rest of the model stays batched under vmap, and compiled.
+
+    dense_student_conv(x [N, C, H, W], w [Co, C, R, S], b [Co] | None, stride, padding)
+
+is one student's ``F.conv2d``; its vmap rule calls ``dense_grouped_conv`` on all K students
+([K, N, C, H, W] x [K, Co, C, R, S] -> [K, N, Co, Ho, Wo]), whose autograd formula calls
+``dense_grouped_conv_backward``. Each runs the students round ``STREAMS`` side streams on CUDA
+(forked from the current stream and joined back, so it can be captured in a CUDA graph), with
+the operands and the results stored [K, N, H, W, C] (each student's slice a contiguous
+channels-last tensor, the layout cuDNN's bf16 kernels use: one copy for all students on the
+way in, each student's result copied into its slice on the way out). torch.compile sees three
+opaque ops (their fake implementations give the shapes and strides), so inductor still fuses
+everything around them.
+
+These ops have no torch.func autograd: torch.func's ``grad`` over a custom op's generated
+autograd fails ("it must override the setup_context staticmethod", torch 2.13), as the
+shared-input convolution's docstring says of the first try there. The routes that use them
+(the engine's ``compiled_dense`` and ``compiled_fused_dense``) take the gradient with
+``torch.autograd.grad`` of a vmap'd forward instead, which composes with vmap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+STREAMS = 4  # side streams on CUDA (the fifteenth session's second-layer probe: 4 beat 1 by 1.3x)
+_streams: dict = {}  # device -> its side streams, made at first use
+
+
+def _side_streams(device):
+    if device.type != "cuda" or STREAMS < 2:
+        return []
+    if device not in _streams:
+        _streams[device] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
+    return _streams[device]
+
+
+def _out_hw(H, W, R, S, stride, padding):
+    return (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+
+
+def _students_last(t):
+    """[K, N, C, H, W] as a view of a [K, N, H, W, C] tensor (no copy when it is one already):
+    each t[k] a contiguous channels-last tensor (a weight [K, Co, C, R, S] likewise)."""
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _empty_students_last(K, N, C, H, W, like):
+    return like.new_empty(K, N, H, W, C).permute(0, 1, 4, 2, 3)
+
+
+def _each_student(K, device, body):
+    """``body(k)`` for k < K, round the side streams on CUDA (forked from the current stream and
+    joined back: what body writes into tensors made before the call is ordered before what the
+    current stream does next; body's own temporaries live and die on its stream)."""
+    streams = _side_streams(device)
+    if not streams:
+        for k in range(K):
+            body(k)
+        return
+    main = torch.cuda.current_stream(device)
+    for st in streams:
+        st.wait_stream(main)
+    for k in range(K):
+        with torch.cuda.stream(streams[k % len(streams)]):
+            body(k)
+    for st in streams:
+        main.wait_stream(st)
+
+
+@torch.library.custom_op("fastagg::dense_grouped_conv", mutates_args=())
+def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
+                       padding: list[int]) -> torch.Tensor:
+    """K students' convolutions, one dense ``F.conv2d`` each: [K, N, C, H, W] x [K, Co, C, R, S]
+    (+ [K, Co]) -> [K, N, Co, Ho, Wo], stored [K, N, Ho, Wo, Co]."""
+    K, N, C, H, W = x.shape
+    CO, _, R, S = w.shape[1:]
+    HO, WO = _out_hw(H, W, R, S, stride, padding)
+    xs = _students_last(x)
+    ws = _students_last(w)  # each student's [Co, C, R, S] channels-last
+    out = _empty_students_last(K, N, CO, HO, WO, x)
+
+    def one(k):
+        out[k].copy_(F.conv2d(xs[k], ws[k], None if b is None else b[k], stride, padding))
+
+    _each_student(K, x.device, one)
+    return out
+
+
+@dense_grouped_conv.register_fake
+def _(x, w, b, stride, padding):
+    K, N, C, H, W = x.shape
+    CO, _, R, S = w.shape[1:]
+    return _empty_students_last(K, N, CO, *_out_hw(H, W, R, S, stride, padding), x)
+
+
+@torch.library.custom_op("fastagg::dense_grouped_conv_backward", mutates_args=())
+def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: list[int],
+                                padding: list[int], need_x: bool, need_w: bool,
+                                need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx [K, N, C, H, W] stored [K, N, H, W, C], dw [K, Co, C, R, S] in x's dtype, db [K, Co]
+    summed in fp32); a gradient not needed comes back empty."""
+    K = x.shape[0]
+    xs, dys = _students_last(x), _students_last(dy)
+    ws = _students_last(w)
+    dx = _empty_students_last(*x.shape, x) if need_x else x.new_empty(0)
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0)
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    db = dy.sum(dim=(1, 3, 4), dtype=acc) if need_b else dy.new_empty(0, dtype=acc)
+
+    def one(k):
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            dys[k], xs[k], ws[k], None, stride, padding, [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+        if need_x:
+            dx[k].copy_(gx)
+        if need_w:
+            dw[k].copy_(gw)
+
+    if need_x or need_w:
+        _each_student(K, x.device, one)
+    return dx, dw, db
+
+
+@dense_grouped_conv_backward.register_fake
+def _(x, w, dy, stride, padding, need_x, need_w, need_b):
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return (_empty_students_last(*x.shape, x) if need_x else x.new_empty(0),
+            torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0),
+            dy.new_empty(w.shape[:2], dtype=acc) if need_b else dy.new_empty(0, dtype=acc))
+
+
+def _setup(ctx, inputs, output):
+    x, w, b, stride, padding = inputs
+    ctx.save_for_backward(x, w)
+    ctx.stride, ctx.padding, ctx.bias_dtype = stride, padding, None if b is None else b.dtype
+
+
+def _backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    dx, dw, db = dense_grouped_conv_backward(x, w, dy.to(x.dtype), ctx.stride, ctx.padding, need_x, need_w, need_b)
+    return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None, None, None)
+
+
+dense_grouped_conv.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fastagg::dense_student_conv", mutates_args=())
+def dense_student_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
+                       padding: list[int]) -> torch.Tensor:
+    """One student's convolution (``F.conv2d``); under vmap over students, ``dense_grouped_conv``."""
+    return F.conv2d(x, w, b, stride, padding)
+
+
+@dense_student_conv.register_fake
+def _(x, w, b, stride, padding):
+    N, C, H, W = x.shape
+    return x.new_empty(N, w.shape[0], *_out_hw(H, W, w.shape[2], w.shape[3], stride, padding))
+
+
+def _student_backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    dx, dw, db = dense_grouped_conv_backward(x[None], w[None], dy[None].to(x.dtype), ctx.stride, ctx.padding,
+                                             need_x, need_w, need_b)
+    return (dx[0] if need_x else None, dw[0] if need_w else None, db[0].to(ctx.bias_dtype) if need_b else None,
+            None, None)
+
+
+dense_student_conv.register_autograd(_student_backward, setup_context=_setup)
+
+
+def _student_vmap(info, in_dims, x, w, b, stride, padding):
+    K = info.batch_size
+
+    def first(t, d):
+        if t is None:
+            return None
+        return t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(K, *t.shape)
+
+    return dense_grouped_conv(first(x, in_dims[0]), first(w, in_dims[1]), first(b, in_dims[2]), stride, padding), 0
+
+
+dense_student_conv.register_vmap(_student_vmap)
+
+
+def dense_conv2d(x, w, b, stride, padding):
+    """A student's convolution through the ops above (call it under vmap over students, with
+    ``torch.autograd`` for gradients: see the module docstring)."""
+    return dense_student_conv(x, w, b, list(stride), list(padding))
+
+
+@contextlib.contextmanager
+def streams(n):
+    """Within the block, the ops use ``n`` side streams (tests)."""
+    global STREAMS
+    old, STREAMS = STREAMS, n
+    try:
+        yield
+    finally:
+        STREAMS = old

@@ -1,0 +1,149 @@
+"""The dense routes: K students' convolutions as K dense ones (fastagg.ops.dense_conv), inside
+torch.compile's vmap, gradients by torch.autograd; against float64 references and native."""
+
+import pytest
+import torch
+from torch.func import vmap
+
+from fastagg.engine import StudentGradEngine
+from fastagg.ops import dense_conv
+from fastagg.ops.grouped_conv import grouped_conv2d_reference
+
+from test_shared_conv import _ChainThenSmooth, _TwoChains, _engine_case, _no_tf32
+
+GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding, bias)
+    (3, 2, 5, 9, 7, 4, 3, 3, (1, 1), (1, 1), True),
+    (2, 3, 3, 10, 11, 6, 5, 3, (2, 1), (2, 0), False),
+    (5, 1, 1, 4, 6, 2, 1, 2, (1, 3), (0, 1), True),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:8])))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geometry, dtype, rng, device):
+    """Forward, and the gradients of input, weight and bias, against float64 autograd of the
+    grouped convolution (F.conv2d with groups=K), the batched op and the per-student op under
+    vmap; the output stored students-last ([K, N, Ho, Wo, Co]: each student's slice a contiguous
+    channels-last tensor). On CUDA the students go round the side streams."""
+    K, N, C, H, W, CO, R, S, stride, padding, bias = geometry
+    x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
+    w = torch.randn(K, CO, C, R, S, generator=rng, dtype=torch.float64)
+    b = torch.randn(K, CO, generator=rng, dtype=torch.float64) if bias else None
+    ins = [t for t in (x, w, b) if t is not None]
+    ref_in = [t.clone().requires_grad_() for t in ins]
+    y_ref = grouped_conv2d_reference(ref_in[0], ref_in[1], ref_in[2] if bias else None, stride, padding)
+    dy = torch.randn(y_ref.shape, generator=rng, dtype=torch.float64)
+    g_ref = torch.autograd.grad(y_ref, ref_in, dy)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for how in ("batched", "vmap"):
+        got_in = [t.to(device, dtype).requires_grad_() for t in ins]
+        xg, wg = got_in[0], got_in[1]
+        bg = got_in[2] if bias else None
+        with _no_tf32():
+            if how == "batched":
+                y = dense_conv.dense_grouped_conv(xg, wg, bg, list(stride), list(padding))
+            else:
+                y = vmap(lambda a, c, d: dense_conv.dense_conv2d(a, c, d, stride, padding),
+                         in_dims=(0, 0, 0 if bias else None))(xg, wg, bg)
+            g = torch.autograd.grad(y, got_in, dy.to(device, dtype))
+        torch.testing.assert_close(y.double().cpu(), y_ref.detach(), **tol)
+        for name, a, r in zip("xwb", g, g_ref):
+            torch.testing.assert_close(a.double().cpu(), r, **tol, msg=lambda m: f"{how} d{name}: {m}")
+        if how == "batched":
+            assert y.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
+def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monkeypatch):
+    """A frozen input (no gradient wanted) is not computed: convolution_backward is asked for
+    the weight's gradient only, and autograd gets None for the input."""
+    x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
+    w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
+    masks = []
+    real = torch.ops.aten.convolution_backward
+
+    class Spy:
+        def __call__(self, *a):
+            masks.append(tuple(a[-1]))
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", Spy())
+    y = dense_conv.dense_grouped_conv(x, w, None, [1, 1], [1, 1])
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    assert masks == [(False, True, False)] * 2
+    ref = torch.autograd.grad(grouped_conv2d_reference(x, w, None, (1, 1), (1, 1)).sum(), [w])[0]
+    torch.testing.assert_close(gw, ref, rtol=1e-4, atol=1e-4)
+
+
+def _dense_engine(model, spec, proxy, route, K, **kw):
+    eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True, **kw)
+    eng.routes[K] = route
+    return eng
+
+
+@pytest.mark.parametrize("route", ["compiled_dense", "compiled_fused_dense"])
+@pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
+def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
+    """The dense routes (compiled vmap, each convolution on a per-student input as K dense ones,
+    gradients by torch.autograd; compiled_fused_dense with the shared chain through the kernels):
+    fp32 KD losses and gradients equal native's (TF32 off) over three passes of new students,
+    with one compiled graph for all three (no recompilation per pass) and the dense op called
+    once per pass for each per-student convolution (one in smooth_tail, one in two_chains, the
+    second chain's, which stays in the model). In bf16 (smooth tail only, as test_shared_conv's
+    split routes) within 1e-2 of the same compiled route without the dense ops (compiled,
+    compiled_fused; draws on the CPU: 0.28-0.39% over 5 each; both routes were up to 1.5% from
+    the eager bf16 routes, which round after every op where inductor does not)."""
+    pytest.importorskip("triton")
+    from torch._dynamo.utils import counters
+
+    calls = []
+    each = dense_conv._each_student
+    monkeypatch.setattr(dense_conv, "_each_student", lambda K, dev, body: calls.append(K) or each(K, dev, body))
+    smooth = net is _ChainThenSmooth
+    model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
+    eng = _dense_engine(model, spec, proxy, route, 3)
+    assert eng.per_student_convs() == 1
+    graphs = counters["stats"]["unique_graphs"]
+    with _no_tf32():
+        for i in range(3):
+            s = students + 0.02 * i * torch.randn(students.shape, generator=rng).to(device)
+            loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(s, probs)
+            loss1, g1 = eng(s, probs)
+            torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+            assert float((g1 - g0).norm() / g0.norm()) < 1e-5, i
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert calls == [3, 3] * 3  # forward and backward of the one per-student convolution, each pass
+    if smooth:  # bf16, on the last pass's students, against the same route without the dense ops
+        plain = {"compiled_dense": "compiled", "compiled_fused_dense": "compiled_fused"}[route]
+        _, g_plain = _dense_engine(model, spec, proxy, plain, 3, precision="bf16")(s, probs)
+        _, g_bf = _dense_engine(model, spec, proxy, route, 3, precision="bf16")(s, probs)
+        assert float((g_bf - g_plain).norm() / g_plain.norm()) < 1e-2
+        assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
+
+
+def test_per_student_convs_and_the_bench_s_route_filter(rng):
+    """per_student_convs counts the convolutions that read a per-student input (what the dense
+    routes run as K dense ones; auto on CUDA times them only where there is one), not one that
+    reads the proxy batch. ``only_routes`` (fastagg bench --routes) keeps the candidates named,
+    in their order, or the first candidate when none is named."""
+    from fastagg.flat import ParamSpec
+
+    model, spec, proxy, students, _ = _engine_case(_ChainThenSmooth, 4, 14, 2, rng, "cpu")
+    assert StudentGradEngine(model, spec, proxy, 3.0).per_student_convs() == 1
+    only_first = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 12 * 12, 7))
+    assert StudentGradEngine(only_first, ParamSpec.from_module(only_first), proxy, 3.0).per_student_convs() == 0
+    eng = StudentGradEngine(model, spec, proxy, 3.0, compile=True)
+    assert eng._candidates(students) == ["loop", "compiled"]  # a CPU's, for a model with convolutions
+    eng.only_routes = {"compiled", "native", "nonsense"}
+    assert eng._candidates(students) == ["compiled"]
+    eng.only_routes = {"nonsense"}
+    assert eng._candidates(students) == ["loop"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto's GPU candidates")
+def test_dense_routes_are_auto_candidates_on_cuda(rng):
+    model, spec, proxy, students, _ = _engine_case(_ChainThenSmooth, 4, 12, 2, rng, "cuda")
+    cands = StudentGradEngine(model, spec, proxy, 3.0, compile=True)._candidates(students)
+    assert {"compiled_dense", "compiled_fused_dense"} <= set(cands)
+    eng = StudentGradEngine(model, spec, proxy, 3.0, compile=True)
+    eng.only_routes = {"compiled_dense", "native"}
+    assert eng._candidates(students) == ["native", "compiled_dense"]
