@@ -68,6 +68,8 @@ def route_lines(res):
             failed = [name for name, t in timings.items() if not isinstance(t, (int, float))]
             yield (f"{r['model']} routes, passes of {size}: " + ", ".join(f"{name} {t:.1f}" for t, name in timed)
                    + " ms" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        for route, why in (r.get("uncaptured") or {}).items():
+            yield f"{r['model']} {route} ran uncaptured (its CUDA-graph capture failed): {why}"
         for w in r.get("shared_wgrad_ms") or []:  # the fused routes' chain weight gradient, both methods
             yield (f"{r['model']} chain weight gradient, dp {w['dp']} {w['dtype']}: kernel {w['kernel']:.2f} ms, "
                    f"unpool {w['unpool']:.2f} ms, {w['chosen']} kept")

@@ -425,13 +425,14 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     agg = Aggregator(model, FedBuff(K), staleness=staleness.polynomial(0.5), correction=corr, device=device,
                      max_versions=4)
     spec, P = agg.spec, agg.spec.numel
-    if routes:
-        corr.engine.only_routes = set(routes)
-        r["routes_allowed"] = sorted(routes)
     # the engine's route timings as they come (seconds; replaced by route_ms at the end): a run
     # stopped during the route choice, which compiles, keeps the routes timed by then
     r = {} if r is None else r
+    if routes:
+        corr.engine.only_routes = set(routes)
+        r["routes_allowed"] = sorted(routes)
     r["route_seconds"] = corr.engine.route_timings
+    r["uncaptured"] = corr.engine.uncaptured  # a dense route whose CUDA-graph capture failed, and why
     g = torch.Generator().manual_seed(1)
     host_deltas = [1e-3 * torch.randn(P, generator=g) for _ in range(K)]
     payloads = [encode_update(spec.unflatten(d), base_version=0, num_samples=10, client_id=i)

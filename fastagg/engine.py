@@ -165,6 +165,7 @@ class StudentGradEngine:
         self.chunk_timings: dict = {}  # K -> {students per pass: seconds per student, or why not}
         self.routes: dict = {}  # pass size -> the route that runs it (a CONV_CHOICES route or "compiled")
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
+        self.uncaptured: dict = {}  # a dense route whose CUDA-graph capture failed -> why (see _run)
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._compiled: dict = {}  # route -> its torch.compile'd pass
         self._fused = self._product = self._split_net = None
@@ -630,11 +631,27 @@ class StudentGradEngine:
 
     def _run(self, students, probs, out):
         """One pass through the route set in ``routes``, the way passes of this size run: captured
-        once and replayed with CUDA graphs on (not the compiled route: it runs as inductor made it)."""
+        once and replayed with CUDA graphs on (not the compiled routes: they run as inductor made
+        them; except the dense ones, whose K dense convolutions per layer and their copies are
+        launches from Python that a graph replays without the host). A dense route whose capture
+        fails runs uncaptured from then on, with a warning, and ``uncaptured`` says why."""
         route = self.routes[students.shape[0]]
-        if self.cuda_graphs and not route.startswith("compiled"):
+        graphed = not route.startswith("compiled") or route in DENSE_ROUTES
+        if not (self.cuda_graphs and graphed and route not in self.uncaptured):
+            return self._step(students, probs, out)
+        if route not in DENSE_ROUTES:
             return self._replay(students, probs, out)
-        return self._step(students, probs, out)
+        try:
+            return self._replay(students, probs, out)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - said, recorded, and the route still runs
+            self.uncaptured[route] = f"{type(exc).__name__}: {exc}"[:300]
+            warnings.warn(f"fastagg engine: the {route} route could not be captured as a CUDA graph and runs "
+                          f"uncaptured ({self.uncaptured[route]})", RuntimeWarning, stacklevel=3)
+            if students.is_cuda:
+                torch.cuda.synchronize()
+            return self._step(students, probs, out)
 
     def _candidates(self, students):
         routes = self._all_candidates(students)

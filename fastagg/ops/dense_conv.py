@@ -14,7 +14,8 @@ student; the rest of the model stays batched under vmap, and compiled.
 is one student's ``F.conv2d``; its vmap rule calls ``dense_grouped_conv`` on all K students
 ([K, N, C, H, W] x [K, Co, C, R, S] -> [K, N, Co, Ho, Wo]), whose autograd formula calls
 ``dense_grouped_conv_backward``. Each runs the students round ``STREAMS`` side streams on CUDA
-(forked from the current stream and joined back, so it can be captured in a CUDA graph), with
+(forked from the current stream and joined back, so it can be captured in a CUDA graph: the
+engine captures the dense routes, whose launches from Python would otherwise cost the host), with
 the operands and the results stored [K, N, H, W, C] (each student's slice a contiguous
 channels-last tensor, the layout cuDNN's bf16 kernels use: one copy for all students on the
 way in, each student's result copied into its slice on the way out). torch.compile sees three
