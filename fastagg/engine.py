@@ -390,10 +390,10 @@ class StudentGradEngine:
         return parts
 
     def _compiled_step(self, students, probs, out, route="compiled"):
-        if route in ("compiled_fused", "compiled_fused_cl", "compiled_fused_dense"):
-            return self._compiled_fused_step(students, probs, out, route)
-        if route == "compiled_dense":
+        if route in DENSE_ROUTES:
             return self._dense_step(students, probs, out, route)
+        if route in ("compiled_fused", "compiled_fused_cl"):
+            return self._compiled_fused_step(students, probs, out, route)
         if route not in self._compiled:
             # one static graph per shape (dynamo's automatic dynamic shapes, after a second shape,
             # failed inside vmap(grad)), under a code object of this engine and route (_own_code)
@@ -446,8 +446,6 @@ class StudentGradEngine:
         ``compiled_fused_cl`` (CUDA): the chains' pooled outputs stored channels-last, so that the
         rest's first convolution, vmap's grouped one over [N, K*Co, h, w], reads them in the
         layout cuDNN's bf16 kernels use (in compiled_fused it transposed them first)."""
-        if route == "compiled_fused_dense":
-            return self._dense_step(students, probs, out, route)
         fwd = self._chains_forward(students, route == "compiled_fused_cl")
         rest = self.split_model()[0]
         rest_params = {n: v for n, v in fwd["trainable"].items() if n not in fwd["names"]}
@@ -471,7 +469,6 @@ class StudentGradEngine:
         cannot run under. ``compiled_fused_dense``: the same for the rest of the model after its
         shared chains, which run through fastagg.kernels.shared_conv as on compiled_fused (their
         pooled outputs stored channels-last on CUDA, as cuDNN's dense kernels then read them)."""
-        K = students.shape[0]
         fused = route == "compiled_fused_dense"
         fwd = self._chains_forward(students, students.is_cuda) if fused else None
         if route not in self._compiled:

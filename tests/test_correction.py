@@ -272,16 +272,7 @@ def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(delta_dtype, r
     buffers are submitted back to back: a copy into the buffer must wait for the merge that reads
     it, and a staging row must not be rewritten before its last copy has left it. The result
     equals the same submits merged on the CPU (bf16: staged, copied and merged in bf16)."""
-    import fastagg.aggregator as A
-
-    merge = A.fused_merge
-
-    def slow_merge(*args, **kw):
-        if torch.cuda.is_available():
-            torch.cuda._sleep(50_000_000)
-        return merge(*args, **kw)
-
-    monkeypatch.setattr(A, "fused_merge", slow_merge)
+    _slow_merges(monkeypatch)
     model = mlp(d_in=6, hidden=64, classes=5)
     gpu = fastagg.Aggregator(model, fastagg.FedBuff(4), device="cuda", delta_dtype=delta_dtype)
     cpu = fastagg.Aggregator(model, fastagg.FedBuff(4), backend="torch", delta_dtype=delta_dtype)
