@@ -89,6 +89,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 from .ops.grouped_conv import (cast_operands, conv_relu_pool_chains, fuse_conv_relu_pool, routable_convs,
                                route_convs)
 from .ops.shared_conv import _out_hw, conv2d_as_product, shared_input_convs
+from .ops.streams import round_streams
 from .ops.kd_loss import kd_loss_grad
 
 
@@ -266,17 +267,13 @@ class StudentGradEngine:
         K = students.shape[0]
         losses = torch.empty(K, dtype=torch.float64 if students.dtype == torch.float64 else torch.float32,
                              device=students.device)  # the KD op's loss dtype
-        streams = self._loop_streams(students.device)
-        main = torch.cuda.current_stream(students.device) if streams else None
-        for st in streams:  # fork: each side stream after what the current one holds so far
-            st.wait_stream(main)
-        for k in range(K):
-            with torch.cuda.stream(streams[k % len(streams)]) if streams else contextlib.nullcontext():
-                loss, g = self._loop_student(students[k], probs, net, inputs(k), out[k])
-                take(k, g)
-                losses[k:k + 1].copy_(loss)
-        for st in streams:  # join
-            main.wait_stream(st)
+
+        def one(k):
+            loss, g = self._loop_student(students[k], probs, net, inputs(k), out[k])
+            take(k, g)
+            losses[k:k + 1].copy_(loss)
+
+        round_streams(K, self._loop_streams(students.device), one, students.device)
         return losses
 
     def _loop_streams(self, device):

@@ -37,6 +37,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .shared_conv import _out_hw
+from .streams import round_streams
+
 STREAMS = 4  # side streams on CUDA (the fifteenth session's second-layer probe: 4 beat 1 by 1.3x)
 _streams: dict = {}  # device -> its side streams, made at first use
 
@@ -47,10 +50,6 @@ def _side_streams(device):
     if device not in _streams:
         _streams[device] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
     return _streams[device]
-
-
-def _out_hw(H, W, R, S, stride, padding):
-    return (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
 
 
 def _students_last(t):
@@ -64,22 +63,8 @@ def _empty_students_last(K, N, C, H, W, like):
 
 
 def _each_student(K, device, body):
-    """``body(k)`` for k < K, round the side streams on CUDA (forked from the current stream and
-    joined back: what body writes into tensors made before the call is ordered before what the
-    current stream does next; body's own temporaries live and die on its stream)."""
-    streams = _side_streams(device)
-    if not streams:
-        for k in range(K):
-            body(k)
-        return
-    main = torch.cuda.current_stream(device)
-    for st in streams:
-        st.wait_stream(main)
-    for k in range(K):
-        with torch.cuda.stream(streams[k % len(streams)]):
-            body(k)
-    for st in streams:
-        main.wait_stream(st)
+    """``body(k)`` for k < K, round the side streams on CUDA (fastagg.ops.streams)."""
+    round_streams(K, _side_streams(device), body, device)
 
 
 @torch.library.custom_op("fastagg::dense_grouped_conv", mutates_args=())
@@ -87,9 +72,9 @@ def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
                        padding: list[int]) -> torch.Tensor:
     """K students' convolutions, one dense ``F.conv2d`` each: [K, N, C, H, W] x [K, Co, C, R, S]
     (+ [K, Co]) -> [K, N, Co, Ho, Wo], stored [K, N, Ho, Wo, Co]."""
-    K, N, C, H, W = x.shape
+    K, N = x.shape[:2]
     CO, _, R, S = w.shape[1:]
-    HO, WO = _out_hw(H, W, R, S, stride, padding)
+    HO, WO = _out_hw(x, R, S, stride, padding)
     xs = _students_last(x)
     ws = _students_last(w)  # each student's [Co, C, R, S] channels-last
     out = _empty_students_last(K, N, CO, HO, WO, x)
@@ -103,9 +88,8 @@ def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
 
 @dense_grouped_conv.register_fake
 def _(x, w, b, stride, padding):
-    K, N, C, H, W = x.shape
     CO, _, R, S = w.shape[1:]
-    return _empty_students_last(K, N, CO, *_out_hw(H, W, R, S, stride, padding), x)
+    return _empty_students_last(*x.shape[:2], CO, *_out_hw(x, R, S, stride, padding), x)
 
 
 @torch.library.custom_op("fastagg::dense_grouped_conv_backward", mutates_args=())
@@ -169,8 +153,7 @@ def dense_student_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
 
 @dense_student_conv.register_fake
 def _(x, w, b, stride, padding):
-    N, C, H, W = x.shape
-    return x.new_empty(N, w.shape[0], *_out_hw(H, W, w.shape[2], w.shape[3], stride, padding))
+    return x.new_empty(x.shape[0], w.shape[0], *_out_hw(x, w.shape[2], w.shape[3], stride, padding))
 
 
 def _student_backward(ctx, dy):
