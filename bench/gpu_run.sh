@@ -37,8 +37,9 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # Tests: the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2
   # test bugs fixed); here tests/test_shared_conv.py (the chain weight gradient's two methods, the
   # channels-last routes against native), the sixteenth session's compute-stream tests (three in
-  # test_correction.py, and the pinned-ingest one they touch) and tests/test_dense_conv.py (the dense
-  # ops on CUDA's side streams, the dense routes against native). Then cnn in one pass of 128 students
+  # test_correction.py, and the pinned-ingest one they touch), tests/test_dense_conv.py (the dense
+  # ops on CUDA's side streams, the dense routes against native) and tests/test_submit_many.py (batches of
+  # device updates). Then cnn in one pass of 128 students
   # (the seventh session's chunk timing: 128 best), routes limited by --routes to the fifteenth run's
   # best (compiled) and native, and those it has not timed (the six it timed slower than compiled, and
   # loop_cl, stay out); the profile of the dense and compiled routes (inductor's cache from the bench
@@ -49,7 +50,8 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   RESNET_ROUTES=native,compiled,compiled_dense  # a compile of resnet18 takes tens of seconds: the three that matter most
   TESTS="tests/test_shared_conv.py $C::test_every_reader_sees_the_merge_the_device_is_still_running
       $C::test_device_updates_are_taken_while_the_previous_merge_runs $C::test_compute_stream_corrects_as_one_stream_does
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge tests/test_dense_conv.py" T_TESTS=120 \
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge tests/test_dense_conv.py
+      tests/test_submit_many.py" T_TESTS=120 \
       T_CONV=0 T_PROF=60 T_CNN=210 T_SYNCS=30 \
       CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1
   MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends --routes $RESNET_ROUTES" T_REST=140 bash "$0" 2

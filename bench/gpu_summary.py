@@ -32,13 +32,15 @@ def rows(res):
         compiled, vmap32 = base.get("compiled_vmap_bf16"), base.get("vmap_fp32")
         target = TARGETS.get(r["model"], (None, None, None))
         steps = ("step_updates_per_s", "step_updates_per_s_4_threads", "step_bf16_updates_per_s",
-                 "step_device_updates_per_s", "step_device_updates_compute_stream_per_s")
+                 "step_device_updates_per_s", "step_device_updates_compute_stream_per_s",
+                 "step_device_batched_per_s", "step_device_batched_compute_stream_per_s")
         best_step = max((r[k] for k in steps if isinstance(r.get(k), float)), default=None)
         state = " (failed)" if "error" in r else "" if r.get("complete", True) else " (cut short)"
         yield [r["model"] + state, r.get("K"),
                _f(r.get("step_updates_per_s")), _f(r.get("step_updates_per_s_4_threads")),
                _f(r.get("step_bf16_updates_per_s")),
                _f(r.get("step_device_updates_per_s")), _f(r.get("step_device_updates_compute_stream_per_s")),
+               _f(r.get("step_device_batched_per_s")), _f(r.get("step_device_batched_compute_stream_per_s")),
                _f(corr),
                _f(corr / compiled if isinstance(corr, float) and isinstance(compiled, float) else None, "{:.2f}x"),
                _f(corr / vmap32 if isinstance(corr, float) and isinstance(vmap32, float) else None, "{:.2f}x"),
@@ -77,7 +79,7 @@ def route_lines(res):
 
 def main(paths):
     head = ["model", "K", "step host", "4 threads", "step bf16 host", "step device", "device, compute stream",
-            "correction", "vs compiled bf16",
+            "device, submit_many", "submit_many, compute stream", "correction", "vs compiled bf16",
             "vs vmap fp32", "target", "met", "routes"]
     table, errors, notes = [head], [], []
     device = None

@@ -31,6 +31,7 @@ again. Host updates are not affected (they go to the device on an ingest stream 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import math
 import threading
@@ -83,8 +84,13 @@ def _add_rows(dst, src):
 
 def _finite_norm(row) -> float:
     """L2 norm of a device row, raising NonFiniteUpdateError when it holds NaN or Inf."""
-    return _norm_of(float(torch.linalg.vector_norm(row, dtype=torch.float32)) ** 2 if row.is_cuda
+    return _norm_of(float(torch.linalg.vector_norm(row, dtype=_norm_dtype(row))) ** 2 if row.is_cuda
                     else sum_squares(row), row)
+
+
+def _norm_dtype(rows):
+    """The dtype a device norm of ``rows`` accumulates in: float32, float64 for float64 rows."""
+    return torch.float64 if rows.dtype == torch.float64 else torch.float32
 
 
 def _norm_of(sq, row) -> float:
@@ -321,6 +327,103 @@ class Aggregator:
             with self._lock:
                 self._rejected[exc.reason] += 1
             raise
+
+    def submit_many(self, updates, base_versions=None, num_samples=None, client_ids=None) -> list:
+        """Submit several updates as that many ``submit`` calls in order would, except that an
+        invalid update's error is returned in its place instead of raised (it is counted as
+        rejected and changes nothing; the updates around it are taken as usual). Returns a list
+        with a ``Receipt`` or an ``errors.InvalidUpdate`` per update.
+
+        ``updates``: a [n, P] tensor (a flat update per row) or a sequence of anything ``submit``
+        takes. ``base_versions``, ``num_samples``: one int for every update or a sequence of n;
+        ``client_ids``: a sequence of n (one id for several updates on one version would make all
+        but the first duplicates). None: as ``submit`` (from each payload's metadata where it has
+        some; num_samples 1).
+
+        A [n, P] tensor on the aggregator's GPU takes the batched path: each buffer's share of it
+        is written into its delta rows by one copy, and their norms are read back to the host
+        once, instead of once per update (each such read waits for the device's work queued
+        before it). A batch malformed as a whole raises before anything is taken: a tensor of
+        rows that are not P floats (counted as n rejected updates, as n submits would be), or
+        argument sequences of another length (ValueError). An error that is not an
+        update's fault (a merge that fails) is raised as ``submit`` raises it: the updates before
+        it stay taken, that one and those after it are not.
+        """
+        if isinstance(updates, torch.Tensor):
+            if updates.dim() != 2:
+                raise ValueError(f"submit_many takes a [n, P] tensor (a flat update per row) or a sequence of "
+                                 f"updates, got a tensor of shape {tuple(updates.shape)}")
+            n = updates.shape[0]
+        elif isinstance(updates, (dict, bytes, bytearray, memoryview, str)) or \
+                not isinstance(updates, collections.abc.Sequence):
+            raise ValueError(f"submit_many takes a [n, P] tensor or a sequence of updates, got "
+                             f"{type(updates).__name__} (submit takes one update)")
+        else:
+            n = len(updates)
+        args = [_per_update(base_versions, n, "base_versions", scalar=True),
+                _per_update(num_samples, n, "num_samples", scalar=True),
+                _per_update(client_ids, n, "client_ids", scalar=False)]
+        if isinstance(updates, torch.Tensor):
+            try:  # every row has the batch's shape and dtype: all n updates are rejected at once
+                if updates.shape[1] != self.spec.numel:
+                    raise errors.UpdateShapeError(f"a batch of flat updates must have shape (n, {self.spec.numel}), "
+                                                  f"got {tuple(updates.shape)}")
+                check_float("batch of updates", updates.dtype)
+            except errors.InvalidUpdate as exc:
+                with self._lock:
+                    self._rejected[exc.reason] += n
+                raise
+            if self._staging is not None and self._merges_when_full and updates.device.type == self.device.type:
+                results = [None] * n
+                for k in range(n):  # the arguments' checks, as submit makes them first
+                    try:
+                        base, samples = _check_args(args[0][k], args[1][k], args[2][k])
+                        args[0][k], args[1][k] = base, samples
+                    except errors.InvalidUpdate as exc:
+                        results[k] = exc
+                with self._lock:
+                    for k, exc in enumerate(results):
+                        if exc is not None:
+                            self._rejected[exc.reason] += 1
+                    self._accept_many_on_device(updates, *args, results)
+                return results
+        results = []
+        for k in range(n):
+            try:
+                results.append(self.submit(updates[k], args[0][k], args[1][k], args[2][k]))
+            except errors.InvalidUpdate as exc:  # counted by submit
+                results.append(exc)
+        return results
+
+    def _accept_many_on_device(self, updates, bases, samples, cids, results):
+        """submit_many's batched path (under the lock): the updates not yet rejected (``results[k]``
+        None), a buffer's share at a time: written into the free delta rows by one copy, their
+        norms read back once, then admitted and committed one by one in order, as submit would."""
+        todo = [k for k in range(len(results)) if results[k] is None]
+        while todo:
+            slot = len(self._pending)
+            take, todo = todo[:self._capacity - slot], todo[self._capacity - slot:]
+            rows = self._deltas[slot:slot + len(take)]  # scratch until committed
+            if self._compute is not None and self._set_merged[self._set] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._set_merged[self._set])  # see _accept_on_device
+            src = updates[take[0]:take[-1] + 1] if take[-1] - take[0] == len(take) - 1 else updates[take]
+            rows.copy_(src)
+            norms = torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(rows)).tolist()  # the one read-back
+            for j, k in enumerate(take):
+                try:
+                    s = self._admit(bases[k], cids[k])
+                    norm = _norm_of(norms[j] ** 2, rows[j])
+                    if self.max_update_norm is not None and norm > self.max_update_norm:
+                        raise errors.UpdateNormError(
+                            f"update norm {norm:.4g} exceeds max_update_norm={self.max_update_norm}")
+                except errors.InvalidUpdate as exc:
+                    self._rejected[exc.reason] += 1
+                    results[k] = exc
+                    continue
+                row = self._deltas[len(self._pending)]
+                if len(self._pending) != slot + j:  # an update rejected before it left its row empty
+                    row.copy_(rows[j])
+                results[k] = self._commit(None, row, bases[k], samples[k], cids[k], s, norm)
 
     def _admit(self, base_version, client_id) -> int:
         """The checks against the server's state (under the lock): the update's staleness, or
@@ -795,6 +898,24 @@ def _delta_dtype(value, dtype):
         raise ValueError(f"delta_dtype must be float32, bfloat16 or float16 (or the parameters' {dtype}), "
                          f"got {value!r}")
     return resolved
+
+
+def _per_update(value, n, name, scalar):
+    """submit_many's argument ``name`` as a list of n values: None, one value for every update
+    (``scalar``), or a sequence of n."""
+    if value is None:
+        return [None] * n
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    elif isinstance(value, np.ndarray):
+        value = value.tolist()
+    if scalar and not isinstance(value, (list, tuple)):
+        return [value] * n
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be None or a list of {n} (one per update), got {type(value).__name__}")
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} values for {n} updates")
+    return list(value)
 
 
 def _check_args(base_version, num_samples, client_id=None):

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends, staleness
-from .aggregator import Aggregator, _norm_of
+from .aggregator import Aggregator, Receipt, _norm_of
 from .correction import KDCorrection
 from .engine import StudentGradEngine
 from .ops.kd_loss import kd_loss_grad
@@ -459,6 +459,16 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                 a.submit(p, base_version=base, num_samples=10, client_id=counter[0])
         assert a.stats()["buffered"] == 0
 
+    def step_batched(a, batch):
+        # the same buffers, each one submit_many of its K device updates: one copy and one norm
+        # read-back per buffer instead of K
+        for _ in range(STEP_BUFFERS):
+            ids = list(range(counter[0] + 1, counter[0] + 1 + K))
+            counter[0] += K
+            got = a.submit_many(batch, base_versions=a.version - 1, num_samples=10, client_ids=ids)
+            assert all(isinstance(g, Receipt) for g in got), got
+        assert a.stats()["buffered"] == 0
+
     t_step = timeit(lambda: step(agg, host_deltas), device, reps=2, warmup=1)
     r["step_buffers"] = STEP_BUFFERS
     r["step_updates_per_s"] = STEP_BUFFERS * K / t_step  # host updates: decode-free submit, validation, staging
@@ -474,6 +484,11 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     t_dev = timeit(lambda: step(agg, dev_deltas), device, reps=2, warmup=1)
     r["step_device_updates_per_s"] = STEP_BUFFERS * K / t_dev  # updates already on the device
     log(f"{name}: step {r['step_device_updates_per_s']:.0f} upd/s (device updates)")
+    if device.type == "cuda":  # the buffer's device updates in one submit_many
+        dev_batch = torch.stack(dev_deltas)
+        t_b = timeit(lambda: step_batched(agg, dev_batch), device, reps=2, warmup=1)
+        r["step_device_batched_per_s"] = STEP_BUFFERS * K / t_b
+        log(f"{name}: step {STEP_BUFFERS * K / t_b:.0f} upd/s (device updates, a submit_many per buffer)")
     if device.type == "cuda":  # the same with Aggregator(compute_stream=True), the engine shared (as below)
         corr_cs = KDCorrection(proxy, precision=corr.precision, steps=1, min_staleness=1, cuda_graphs=corr.cuda_graphs,
                                staleness_factor="none", schedule=1.0, compile=compile_baseline)
@@ -485,6 +500,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         t_cs = timeit(lambda: step(agg_cs, dev_deltas), device, reps=2, warmup=1)
         r["step_device_updates_compute_stream_per_s"] = STEP_BUFFERS * K / t_cs
         log(f"{name}: step {STEP_BUFFERS * K / t_cs:.0f} upd/s (device updates, compute_stream=True)")
+        t_csb = timeit(lambda: step_batched(agg_cs, dev_batch), device, reps=2, warmup=1)
+        r["step_device_batched_compute_stream_per_s"] = STEP_BUFFERS * K / t_csb
+        log(f"{name}: step {STEP_BUFFERS * K / t_csb:.0f} upd/s (device updates, submit_many, compute_stream=True)")
         del agg_cs, corr_cs
     # host updates sent and buffered in bf16 (Aggregator(delta_dtype=bf16)): half the bytes to
     # stage, copy to the device and merge. Its correction shares the engine: same model, proxy

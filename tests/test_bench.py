@@ -246,14 +246,16 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
              "ratios met, slow step": (row(14000, 11000, 3500, 1200), "no"),
              "ratios met, the threaded step fast": (row(14000, 11000, 3500, 1200, threads=15500), "yes"),
              "ratios met, the compute-stream step fast": (
-                 {**row(14000, 11000, 3500, 1200), "step_device_updates_compute_stream_per_s": 15500.0}, "yes")}
+                 {**row(14000, 11000, 3500, 1200), "step_device_updates_compute_stream_per_s": 15500.0}, "yes"),
+             "ratios met, the submit_many step fast": (
+                 {**row(14000, 11000, 3500, 1200), "step_device_batched_compute_stream_per_s": 15500.0}, "yes")}
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_summary.py"
     for name, (r, want) in cases.items():
         path = tmp_path / "s.json"
         path.write_text(json.dumps({"device": "test", "models": [r]}))
         out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn "))
-        assert line.split()[11] == want, (name, line)  # the columns: bench/gpu_summary.py's head
+        assert line.split()[13] == want, (name, line)  # the columns: bench/gpu_summary.py's head
     r = row(1455, 2979, 3024, 1046)
     r["by_backend"] = {"triton": {"step_updates_per_s": 1455.0, "stage_ms_per_update": 0.1, "merge_ms": 0.85,
                                   "kd_loss_grad_ms": 0.31, "max_rel_diff": 0.0},

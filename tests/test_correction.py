@@ -354,22 +354,32 @@ def test_every_reader_sees_the_merge_the_device_is_still_running(compute_stream,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compute stream needs a CUDA device")
+@pytest.mark.parametrize("batched", [False, True], ids=["submit", "submit_many"])
 @pytest.mark.parametrize("compute_stream", [False, True], ids=["one_stream", "compute_stream"])
-def test_device_updates_are_taken_while_the_previous_merge_runs(compute_stream, rng, monkeypatch):
+def test_device_updates_are_taken_while_the_previous_merge_runs(compute_stream, batched, rng, monkeypatch):
     """Device-resident updates, merges held back ~50 ms each. With ``compute_stream`` the submit
     after the one that started a merge returns while that merge still runs (its norm check read
-    back without waiting for it); on one stream it waits for it. Over six buffers in a row the
-    model equals the CPU aggregator's: a device update written into a delta buffer must wait for
-    the merge that still reads that buffer (two buffers alternate), or it changes what is merged."""
+    back without waiting for it); on one stream it waits for it. The same for a buffer's updates
+    as one ``submit_many``: it returns while the merge before its own still runs. Over six
+    buffers in a row the model equals the CPU aggregator's: a device update written into a delta
+    buffer must wait for the merge that still reads that buffer (two buffers alternate), or it
+    changes what is merged."""
     _slow_merges(monkeypatch)
     model = mlp(d_in=6, hidden=64, classes=5)
     gpu = fastagg.Aggregator(model, fastagg.FedBuff(3), device="cuda", compute_stream=compute_stream)
     cpu = fastagg.Aggregator(model, fastagg.FedBuff(3), backend="torch")
     host = [torch.randn(gpu.spec.numel, generator=rng) for _ in range(18)]
     dev = [d.cuda() for d in host]
+    batches = [torch.stack(dev[3 * b:3 * b + 3]) for b in range(6)]
     torch.cuda.synchronize()  # the updates are on the device before the first submit
     still_running = []
-    for b in range(6):
+    for b in range(6) if batched else ():
+        base = max(0, gpu.version - 1)
+        assert all(isinstance(r, fastagg.Receipt) for r in gpu.submit_many(batches[b], base_versions=base))
+        cpu.submit_many(torch.stack(host[3 * b:3 * b + 3]), base_versions=base)
+        if b:  # the merge before this batch's own: still running? (its event: _set_merged of the set now filling)
+            still_running.append(not gpu._set_merged[gpu._set].query())
+    for b in range(6) if not batched else ():
         for i in range(3):
             gpu.submit(dev[3 * b + i], base_version=max(0, gpu.version - 1))
             cpu.submit(host[3 * b + i], base_version=max(0, cpu.version - 1))
