@@ -50,7 +50,8 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   RESNET_ROUTES=native,compiled,compiled_dense  # a compile of resnet18 takes tens of seconds: the three that matter most
   TESTS="tests/test_shared_conv.py $C::test_every_reader_sees_the_merge_the_device_is_still_running
       $C::test_device_updates_are_taken_while_the_previous_merge_runs $C::test_compute_stream_corrects_as_one_stream_does
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge tests/test_dense_conv.py
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge
+      $C::test_a_graph_captured_while_another_thread_waits_for_its_staging_row tests/test_dense_conv.py
       tests/test_submit_many.py" T_TESTS=120 \
       T_CONV=0 T_PROF=60 T_CNN=210 T_SYNCS=30 \
       CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1

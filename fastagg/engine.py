@@ -739,7 +739,11 @@ class StudentGradEngine:
                     self._step(s_static, p_static, g_static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the capture forbids unsafe CUDA calls on this thread only. In the
+            # default global mode a server thread staging a host update meanwhile (outside the
+            # aggregator's lock, which this merge holds) would have its Event.synchronize on the
+            # staging row's last copy refused, and that call would also invalidate this capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss_static = self._step(s_static, p_static, g_static)
             self._graphs[key] = (graph, s_static, p_static, g_static, loss_static)
         graph, s_static, p_static, g_static, loss_static = self._graphs[key]

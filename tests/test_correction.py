@@ -285,6 +285,55 @@ def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(delta_dtype, r
     assert torch.allclose(gpu.params.cpu(), cpu.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graph capture needs a CUDA device")
+def test_a_graph_captured_while_another_thread_waits_for_its_staging_row(rng, monkeypatch):
+    """The engine captures its first CUDA graph inside a merge, under the aggregator's lock, while
+    a server thread may be staging a host update outside the lock; before staging, that thread
+    waits for its row's last copy to the device (``Event.synchronize``). Here that wait is made
+    from another thread in the middle of the capture, on purpose: it must not be refused (CUDA's
+    default global capture mode refuses it and the capture is then invalid), and the graphed
+    FedADT aggregator must end where an uncaptured one ends."""
+    import threading
+
+    from fastagg.engine import StudentGradEngine
+
+    model = mlp(d_in=6, hidden=32, classes=5)
+    proxy = torch.randn(40, 6, generator=rng).cuda()
+    graphed, plain = (fastagg.Aggregator(model, fastagg.FedBuff(2), staleness=staleness.polynomial(0.5), device="cuda",
+                                         correction=fastagg.KDCorrection(proxy, steps=1, conv="native", chunk=None,
+                                                                         cuda_graphs=graphs))
+                      for graphs in (True, False))
+    step, seen = StudentGradEngine._step, []
+
+    def step_while_a_thread_waits(self, *args, **kw):
+        if torch.cuda.is_current_stream_capturing():
+            copied = next(e for e in graphed._row_copied if e is not None)
+
+            def stage():  # what _accept_host does before it stages into a row
+                try:
+                    copied.synchronize()
+                    seen.append("waited")
+                except Exception as exc:  # noqa: BLE001 - reported by the assert below
+                    seen.append(exc)
+
+            t = threading.Thread(target=stage)
+            t.start()
+            t.join()
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(StudentGradEngine, "_step", step_while_a_thread_waits)
+    for _ in range(3):
+        bases = (max(0, graphed.version - 1), graphed.version)
+        for base in bases:
+            d = 0.05 * torch.randn(graphed.spec.numel, generator=rng)
+            graphed.submit(d, base_version=base)
+            plain.submit(d, base_version=base)
+    assert seen and all(s == "waited" for s in seen), seen  # each capture: the other thread's wait went through
+    assert graphed.version == plain.version == 3
+    assert graphed.stats()["corrected"] == plain.stats()["corrected"] > 0
+    torch.testing.assert_close(graphed.params, plain.params, rtol=1e-5, atol=1e-6)
+
+
 def _slow_merges(monkeypatch):
     """Hold each merge back ~50 ms on the device: a sleep queued on the merge's stream before it."""
     import fastagg.aggregator as A
