@@ -218,7 +218,7 @@ class Aggregator:
         self._students = self._grads = None
         self._needs_base = isinstance(self.rule, _rules.FedAsync) or (
             correction is not None and correction.student == "client")
-        self.store = VersionStore(P, self.dtype, self.device, max_versions, max_store_bytes)
+        self._store = VersionStore(P, self.dtype, self.device, max_versions, max_store_bytes)
         self._generation, self._model_bytes = 0, None  # pull_bytes' cache: (generation, payload)
         self._params_committed()
         if correction is not None:
@@ -245,6 +245,14 @@ class Aggregator:
         stream after the merges enqueued so far."""
         self._after_compute()
         return self._params
+
+    @property
+    def store(self) -> VersionStore:
+        """The version store (recent global versions, for the client students and FedAsync's base
+        rows). Like ``params``, reading it orders the current CUDA stream after the merges enqueued
+        so far when there is a compute stream."""
+        self._after_compute()
+        return self._store
 
     def _after_compute(self):
         """Order the caller's current stream after the corrections and merges enqueued so far, before
@@ -294,7 +302,7 @@ class Aggregator:
     def _params_committed(self):
         """The parameters changed (merge, set_global, broadcast): store them as this version and
         drop what was derived from the old ones."""
-        self.store.push(self.version, self._params)
+        self._store.push(self.version, self._params)
         self._generation += 1
 
     def submit(self, update, base_version: int | None = None, num_samples: int | None = None,
@@ -437,10 +445,10 @@ class Aggregator:
         s = self.version + offset - base_version
         if self.max_staleness is not None and s > self.max_staleness:
             raise errors.StaleUpdateError(f"staleness {s} exceeds max_staleness={self.max_staleness}")
-        if self._needs_base and base_version not in self.store and self.on_evicted == "reject":
+        if self._needs_base and base_version not in self._store and self.on_evicted == "reject":
             raise errors.EvictedVersionError(
-                f"base version {base_version} is not in the version store (holds {self.store.versions[:1]}.."
-                f"{self.store.versions[-1:]}) and on_evicted='reject'")
+                f"base version {base_version} is not in the version store (holds {self._store.versions[:1]}.."
+                f"{self._store.versions[-1:]}) and on_evicted='reject'")
         return s
 
     def _accept_host(self, update, base_version, num_samples, client_id):
@@ -657,7 +665,7 @@ class Aggregator:
                 base_idx = [s for s in slots if s is not None]
                 base_coef = [coefs[k] for k in range(K) if slots[k] is not None]
                 c0 += sum(coefs[k] for k in range(K) if slots[k] is None)  # evicted base: theta_t0 stands in
-                groups = [(D, coefs, idx), (self.store.rows, base_coef, base_idx)]
+                groups = [(D, coefs, idx), (self._store.rows, base_coef, base_idx)]
                 if corr_idx:
                     groups.append((corr_rows, _scaled(coefs, corr_idx, corr_scale, self.device), None))
                 fused_merge(self._params, c0, groups, out=self._params, backend=self.backend)
@@ -675,7 +683,7 @@ class Aggregator:
 
     def _base_slots(self, pend):
         """Each buffered update's base version's row in the store (None: evicted or not needed)."""
-        return [self.store.slot(p.base_version) if self._needs_base else None for p in pend]
+        return [self._store.slot(p.base_version) if self._needs_base else None for p in pend]
 
     def _correct(self, D, idx, pend, slots):
         """KD-correct the buffered deltas (D, idx: see _buffered) against the current model:
@@ -694,10 +702,10 @@ class Aggregator:
         students = self._work_rows(n)
         src = [slots[k] for k in corr_idx] if corr.student == "client" else [None] * n
         if all(s is not None for s in src):  # students = their base versions + their deltas
-            torch.index_select(self.store.rows, 0, to_device(src, torch.int64, self.device), out=students)
+            torch.index_select(self._store.rows, 0, to_device(src, torch.int64, self.device), out=students)
         else:  # an evicted base (or student="applied"): the current model stands in
             for j, s in enumerate(src):
-                students[j].copy_(self.store.rows[s] if s is not None else self._params)
+                students[j].copy_(self._store.rows[s] if s is not None else self._params)
         norms = [pend[k].norm for k in corr_idx]
         if sel == list(range(n)):
             deltas = D[:n]
@@ -780,9 +788,9 @@ class Aggregator:
                 "teacher_forwards": self.correction.teacher_forwards if self.correction else 0,
                 "backend": self.backend,
                 "delta_dtype": str(self.delta_dtype).replace("torch.", ""),
-                "store": {"versions": len(self.store.versions), "capacity": self.store.capacity,
-                          "bytes_reserved": self.store.nbytes, "bytes_used": self.store.used_bytes(),
-                          "evictions": self.store.evictions},
+                "store": {"versions": len(self._store.versions), "capacity": self._store.capacity,
+                          "bytes_reserved": self._store.nbytes, "bytes_used": self._store.used_bytes(),
+                          "evictions": self._store.evictions},
             }
 
     def state_dict(self) -> dict:
@@ -798,7 +806,7 @@ class Aggregator:
                 "pending_deltas": self._pending_deltas(),
                 "pending": [asdict(p) for p in self._pending],
                 "momentum": None if self._momentum is None else self._momentum.clone(),
-                "store": self.store.state_dict(),
+                "store": self._store.state_dict(),
                 "seq": self._seq,
                 "seen": sorted(((c, v) for v, cs in self._seen.items() for c in cs), key=repr),
                 "counters": dict(self._counters),
@@ -837,7 +845,7 @@ class Aggregator:
             if self._staging is None:
                 self._free_rows = list(range(n, self._capacity))[::-1]
             self._momentum = None if state["momentum"] is None else state["momentum"].to(self._params).clone()
-            self.store.load_state_dict(state["store"])
+            self._store.load_state_dict(state["store"])
             self._generation += 1
             self._seq = int(state["seq"])
             self._seen = collections.defaultdict(set)

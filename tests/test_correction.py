@@ -508,6 +508,7 @@ def test_with_a_compute_stream_merges_run_on_it_and_every_reader_and_writer_wait
     saved = agg.state_dict()
     uses = {
         "params": lambda: agg.params,
+        "store": lambda: agg.store.get(agg.version),
         "pull": lambda: agg.pull(),
         "pull flat": lambda: agg.pull(flat=True),
         "pull_bytes": lambda: agg.pull_bytes(),
