@@ -91,7 +91,7 @@ def main():
         dist.destroy_process_group()
     # gloo's group is left to the process's exit: with torch 2.13 on this project's 2-core machine,
     # destroying it aborted a rank now and then as it exited (SIGABRT, "terminate called without an
-    # active exception": 2 of 12 runs under load with a barrier before it, 1 of 5 without; none of
+    # active exception": 2 of 22 runs under load with a barrier before it, 1 of 5 without; none of
     # 12 without the destroy), which torchrun then reports as a failed job
 
 
