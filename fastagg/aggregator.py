@@ -415,7 +415,7 @@ class Aggregator:
             if self._compute is not None and self._set_merged[self._set] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._set_merged[self._set])  # see _accept_on_device
             src = updates[take[0]:take[-1] + 1] if take[-1] - take[0] == len(take) - 1 else updates[take]
-            rows.copy_(src)
+            rows.copy_(src.detach())  # an update that requires grad must not make the buffer part of its graph
             norms = torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(rows)).tolist()  # the one read-back
             for j, k in enumerate(take):
                 try:
@@ -599,7 +599,7 @@ class Aggregator:
                 "a list of arrays or safetensors bytes")
         if row.is_cuda:
             for src, dst in pieces:
-                dst.copy_(src)
+                dst.copy_(src.detach())  # an update that requires grad must not make the row part of its graph
             return None
         return math.fsum(self._stage(src, dst, threads) for src, dst in pieces)
 
@@ -610,7 +610,7 @@ class Aggregator:
             return stage_row(src, dst, self._host_backend, src_dtype=dtype, threads=threads)
         if isinstance(src, np.ndarray):  # a float8 payload, say: torch reads it, from a copy
             src = torch.from_numpy(src.copy()).view(dtype)
-        dst.copy_(src)  # a device tensor into a host row, a strided or exotic one
+        dst.copy_(src.detach())  # a device tensor into a host row, a strided or exotic one
         return sum_squares(dst)
 
     # -- merging -----------------------------------------------------------------------------

@@ -262,3 +262,33 @@ def test_device_batches_on_a_gpu_match_one_submit_at_a_time(rule, compute_stream
         got = agg.submit_many(rows.cuda(), bases, samples, clients)
         _same(got, _one_by_one(ref, rows, bases, samples, clients))
         _check_equal(agg, ref, 1e-5)
+
+
+@pytest.mark.parametrize("where", ["cpu", "stand_in", pytest.param("cuda", marks=CUDA)])
+def test_updates_that_require_grad_leave_no_graph_behind(where, rng, late, monkeypatch):
+    """A client's delta still attached to its autograd graph (requires_grad) is taken as its
+    values: written into a delta row it must not make the aggregator's buffers part of that graph
+    (they would then track every later write and keep the client's graph alive). Flat, as a
+    state_dict and as a batch; the model equals one fed the detached updates."""
+    model = mlp(d_in=6, hidden=9, classes=5)
+    if where != "stand_in":
+        monkeypatch.setattr(fa, "_Ingest", GPU_INGEST)
+    kw = {"device": "cuda"} if where == "cuda" else {}
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(3), **kw)
+    monkeypatch.setattr(fa, "_Ingest", GPU_INGEST)
+    ref = fastagg.Aggregator(model, fastagg.FedBuff(3))
+    P = agg.spec.numel
+    dev = "cuda" if where == "cuda" else "cpu"
+    leaves = [0.1 * torch.randn(P, generator=rng) for _ in range(7)]
+    graphed = [(2 * d.to(dev).requires_grad_()) for d in leaves]  # non-leaf: a grad_fn behind each
+    agg.submit(graphed[0], base_version=0)
+    agg.submit(agg.spec.unflatten(graphed[1]), base_version=0)
+    got = agg.submit_many(torch.stack(graphed[2:]), base_versions=agg.version)
+    assert all(isinstance(g, fastagg.Receipt) for g in got)
+    ref.submit(2 * leaves[0], base_version=0)
+    ref.submit(2 * leaves[1], base_version=0)
+    ref.submit_many(torch.stack([2 * d for d in leaves[2:]]), base_versions=ref.version)
+    for t in [agg.params, *([agg._deltas] + getattr(agg, "_delta_sets", [])), agg._stage_rows]:
+        assert not t.requires_grad and t.grad_fn is None
+    assert agg.version == ref.version == 2 and agg.stats()["buffered"] == 1
+    torch.testing.assert_close(agg.params.cpu(), ref.params, rtol=1e-5, atol=1e-6)
