@@ -862,18 +862,34 @@ class Aggregator:
     def set_global(self, params) -> None:
         """Replace the current version's parameters (a state_dict, or a flat [P] tensor), e.g.
         with the initial model a framework hands over. The version number stays; the version
-        store and the teacher cache follow."""
+        store and the teacher cache follow. Parameters of the wrong keys, shape or dtype, or
+        holding NaN or Inf, raise and change nothing; tensors that require grad are taken as
+        their values."""
+        new = self._checked_global(params)
         with self._lock:
-            self._after_compute()
-            if isinstance(params, torch.Tensor):
-                if params.numel() != self.spec.numel:
-                    raise ValueError(f"expected {self.spec.numel} parameters, got {params.numel()}")
-                self._params.copy_(params.reshape(-1))
-            else:
-                self.spec.flatten(params, out=self._params)
-            self._params_committed()
-            if self.correction is not None:
-                self.correction.invalidate()
+            self._write_global(new)
+
+    def _checked_global(self, params) -> torch.Tensor:
+        """set_global's ``params`` as a new flat tensor on the device, or the error that refuses them."""
+        if isinstance(params, torch.Tensor):
+            if params.numel() != self.spec.numel:
+                raise ValueError(f"expected {self.spec.numel} parameters, got {params.numel()}")
+            check_float("parameters", params.dtype)
+            new = params.detach().reshape(-1).to(self.device, self.dtype, copy=True)
+        else:  # into a new tensor first: a bad tensor after good ones must not leave the model half-written
+            with torch.no_grad():
+                new = self.spec.flatten(params, out=torch.empty_like(self._params))
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError("set_global: the parameters hold NaN or Inf")
+        return new
+
+    def _write_global(self, new):
+        """The checked parameters in place of the current version's (under the lock)."""
+        self._after_compute()
+        self._params.copy_(new)
+        self._params_committed()
+        if self.correction is not None:
+            self.correction.invalidate()
 
     def load_into(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
         """Copy the global parameters into ``model`` (default: the model given at construction)."""

@@ -164,9 +164,22 @@ class DistributedAggregator(Aggregator):
         self._finish_merge(pend, slots)
 
     def set_global(self, params) -> None:
-        """Collective: every rank calls it; rank 0's ``params`` become every rank's."""
+        """Collective: every rank calls it; rank 0's ``params`` become every rank's. Parameters that
+        one rank refuses (see Aggregator.set_global) raise on every rank and change nothing."""
+        failure, new = None, None
+        try:
+            new = self._checked_global(params)
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            failure = exc
         with self._lock:
-            super().set_global(params)
+            ok = torch.tensor([0.0 if failure else 1.0], device=self._comm_device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+            if failure is not None or float(ok) < 1.0:
+                msg = f"this rank's parameters were refused: {failure}" if failure is not None \
+                    else "another rank's parameters were refused"
+                raise ValueError(f"set_global abandoned on every rank: {msg} (parameters and version unchanged)") \
+                    from failure
+            self._write_global(new)
             self._broadcast_params()
 
     def stats(self) -> dict:

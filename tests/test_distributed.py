@@ -101,6 +101,7 @@ def _worker(rank, init, seed, out):
         fa._Ingest = GPU_INGEST
         result["limits"] = _limits(rank, seed)
         result["failure"] = _failure(rank, seed)
+        result["set_global"] = _set_global(rank, seed)
         result["checkpoint"] = _checkpoint(rank, seed)
         result["http"] = _http(rank, seed)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -165,6 +166,26 @@ def _failure(rank, seed):
     agg.correction.correct = correct
     seen["retry"] = agg.step()
     seen["corrected"] = agg.stats()["corrected"]
+    return seen
+
+
+def _set_global(rank, seed):
+    """Rank 1's set_global parameters hold a NaN: both ranks raise, neither changes; then rank 0's
+    parameters become both ranks' (rank 1 passes zeros)."""
+    agg = make(DistributedAggregator, "kd", seed, buffer_size=2)
+    before = agg.params.clone()
+    bad = before + 1.0
+    if rank == 1:
+        bad[3] = float("nan")
+    seen = {}
+    try:
+        agg.set_global(bad)
+    except ValueError as exc:
+        seen["error"] = str(exc)
+    seen["unchanged"] = (torch.equal(before, agg.params) and torch.equal(agg.store.get(0), before)
+                         and agg.version == 0)
+    agg.set_global(before + 1.0 if rank == 0 else torch.zeros_like(before))
+    seen["params"], seen["want"] = agg.params.clone(), before + 1.0
     return seen
 
 
@@ -299,6 +320,15 @@ def test_torchrun_example_learns_and_keeps_the_ranks_identical():
     assert sorted(ranks) == ["0", "1"] and ranks["0"] == ranks["1"], run.stdout
     acc = [float(a) for a in re.findall(r"test accuracy (\d\.\d+)", run.stdout)]  # passes 40, 80, 120, final
     assert len(acc) == 4 and acc[-1] >= 0.75 and acc[-1] > acc[0] + 0.3, run.stdout
+
+
+def test_a_set_global_one_rank_refuses_raises_on_every_rank_and_changes_nothing(runs):
+    _, ranks = runs
+    seen = [ranks[r]["set_global"] for r in range(WORLD)]
+    assert "another rank's parameters were refused" in seen[0]["error"]
+    assert "this rank's parameters were refused" in seen[1]["error"] and "NaN" in seen[1]["error"]
+    assert all(s["unchanged"] for s in seen)
+    assert all(torch.equal(s["params"], seen[0]["want"]) for s in seen)  # then rank 0's everywhere
 
 
 def test_ranks_served_over_http_equal_the_direct_run(runs):

@@ -284,3 +284,36 @@ def test_a_proxy_that_does_not_fit_the_model_fails_at_construction():
 
     with pytest.raises(ValueError, match=r"logits of shape \[N, classes\].*\(4, 3, 5\)"):
         fastagg.Aggregator(Sequences(), fastagg.FedBuff(2), correction=fastagg.KDCorrection(torch.randn(4, 6)))
+
+
+def test_set_global_refuses_bad_parameters_and_changes_nothing(rng):
+    """set_global with parameters of a wrong shape (as the last tensor of a state_dict, after
+    good ones), a wrong size, an integer dtype, or a NaN / Inf: a clear error, and the model, its
+    stored version and the teacher cache unchanged. Tensors that require grad are taken as their
+    values (the model does not join their autograd graph)."""
+    agg = _agg()
+    agg.correction.teacher(agg.params, agg.version)  # this version's teacher cached
+    snap = _snapshot(agg)
+    stored = agg.store.get(agg.version).clone()
+    forwards = agg.stats()["teacher_forwards"]
+    good = {k: torch.randn(v.shape, generator=rng) for k, v in agg.spec.unflatten(agg.params).items()}
+    last = agg.spec.names[-1]
+    nan_flat = torch.randn(agg.spec.numel, generator=rng)
+    nan_flat[agg.spec.numel // 2] = float("nan")
+    cases = [({**good, last: torch.zeros(good[last].numel() + 1)}, errors.UpdateShapeError, "has shape"),
+             (torch.zeros(agg.spec.numel + 1), ValueError, "expected"),
+             (torch.zeros(agg.spec.numel, dtype=torch.int32), errors.UpdateDTypeError, "floating point"),
+             (nan_flat, ValueError, "NaN or Inf"),
+             ({**good, last: torch.full_like(good[last], float("inf"))}, ValueError, "NaN or Inf")]
+    for params, error, words in cases:
+        with pytest.raises(error, match=words):
+            agg.set_global(params)
+        now = _snapshot(agg)
+        assert torch.equal(now[0], snap[0]) and now[1:2] + now[3:] == snap[1:2] + snap[3:]
+        assert torch.equal(agg.store.get(agg.version), stored)
+    agg.correction.teacher(agg.params, agg.version)  # the cached teacher still serves: no new forward
+    assert agg.stats()["teacher_forwards"] == forwards
+    w = {k: (2 * v.requires_grad_()) for k, v in good.items()}
+    agg.set_global(w)
+    assert not agg.params.requires_grad and agg.params.grad_fn is None and not agg.store.rows.requires_grad
+    assert torch.equal(agg.params, agg.spec.flatten({k: 2 * v.detach() for k, v in good.items()}))
