@@ -821,10 +821,10 @@ class Aggregator:
         return D.clone() if idx is None else D.index_select(0, torch.tensor(idx, device=D.device))
 
     def load_state_dict(self, state: dict):
-        if state.get("format") != "fastagg-aggregator-1":
-            raise ValueError("not a fastagg aggregator checkpoint")
-        if state["params"].numel() != self.spec.numel:
-            raise ValueError(f"checkpoint has {state['params'].numel()} parameters, the model {self.spec.numel}")
+        """Restore a ``state_dict()``. A checkpoint that does not fit this aggregator (another
+        model's, another rule's full buffer, a field missing or of the wrong shape) raises a
+        ValueError before anything is restored."""
+        _check_state(state, self.spec.numel)
         # a full buffer merges in the submit that fills it, so this aggregator never holds one: a
         # checkpoint with one (another rule's, a distributed rank's) would leave no row for the
         # next submit, which would wait for a merge that never comes
@@ -922,6 +922,42 @@ def _delta_dtype(value, dtype):
         raise ValueError(f"delta_dtype must be float32, bfloat16 or float16 (or the parameters' {dtype}), "
                          f"got {value!r}")
     return resolved
+
+
+_STATE_KEYS = ("params", "version", "pending_deltas", "pending", "momentum", "store", "seq", "seen", "counters",
+               "rejected", "staleness_histogram", "last_lambda")
+_PENDING_FIELDS = {"seq", "client_id", "base_version", "num_samples", "staleness", "norm", "row"}
+
+
+def _check_state(state, P):
+    """What load_state_dict reads of a checkpoint, checked before it changes anything."""
+    if not isinstance(state, dict) or state.get("format") != "fastagg-aggregator-1":
+        raise ValueError("not a fastagg aggregator checkpoint")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}")
+
+    def rows(name, t, n):  # a float tensor of n rows of P (n None: one flat [P])
+        shape = (P,) if n is None else (n, P)
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or tuple(t.shape) != shape:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"checkpoint {name} must be a float tensor of shape {shape}, got {got}")
+
+    if isinstance(state["params"], torch.Tensor) and state["params"].numel() != P:
+        raise ValueError(f"checkpoint has {state['params'].numel()} parameters, the model {P}")
+    rows("params", state["params"], None)
+    pending = state["pending"]
+    if not isinstance(pending, (list, tuple)) or not all(
+            isinstance(p, dict) and set(p) <= _PENDING_FIELDS and _PENDING_FIELDS - {"norm", "row"} <= set(p)
+            for p in pending):
+        raise ValueError(f"checkpoint pending must be a list of buffered updates' records ({sorted(_PENDING_FIELDS)})")
+    rows("pending_deltas", state["pending_deltas"], len(pending))
+    if state["momentum"] is not None:
+        rows("momentum", state["momentum"], None)
+    store = state["store"]
+    if not isinstance(store, dict) or {"versions", "rows", "evictions"} - set(store):
+        raise ValueError("checkpoint store must hold versions, rows and evictions")
+    rows("store rows", store["rows"], len(store["versions"]))
 
 
 def _per_update(value, n, name, scalar):

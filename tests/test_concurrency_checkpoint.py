@@ -175,3 +175,51 @@ def test_a_checkpoint_whose_buffer_does_not_fit_the_rule_is_refused_and_changes_
     t.start()
     t.join(30)  # in a thread: a submit that waits forever fails the test instead of hanging the suite
     assert not t.is_alive() and agg.version == 1 and agg.stats()["buffered"] == 0
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_restored(rng):
+    """Checkpoints damaged one field at a time (a buffer, momentum or version-store rows of the
+    wrong shape, a buffered update's record with an unknown field, a missing field, another
+    model's parameters, not a checkpoint at all): a ValueError that names the field, and the
+    aggregator exactly as it was (before the check, some were half restored: the parameters and
+    version overwritten, then a shape error), still taking updates; the intact checkpoint loads."""
+    import copy
+
+    def make():
+        return fastagg.Aggregator(mlp(), fastagg.FedBuff(3, momentum=0.5))
+
+    src = make()
+    P = src.spec.numel
+    for _ in range(4):  # one merge (momentum set), one update buffered
+        src.submit(0.1 * torch.randn(P, generator=rng), base_version=0)
+    good = src.state_dict()
+    agg = make()
+    agg.submit(0.1 * torch.randn(P, generator=rng), base_version=0)
+
+    def damaged(edit):
+        state = copy.deepcopy(good)
+        edit(state)
+        return state
+
+    n_store = len(good["store"]["versions"])
+    cases = {
+        "pending_deltas": damaged(lambda s: s.update(pending_deltas=torch.zeros(2, P))),
+        "momentum": damaged(lambda s: s.update(momentum=torch.zeros(P + 1))),
+        "store rows": damaged(lambda s: s["store"].update(rows=torch.zeros(n_store, P - 1))),
+        "records": damaged(lambda s: s["pending"][0].update(bogus=1)),
+        "lacks \\['seen'\\]": damaged(lambda s: s.pop("seen")),
+        "parameters, the model": damaged(lambda s: s.update(params=torch.zeros(P + 2))),
+        "params must be a float tensor": damaged(lambda s: s.update(params=torch.zeros(P, dtype=torch.int64))),
+        "not a fastagg aggregator checkpoint": {"params": good["params"]},
+    }
+    for words, state in cases.items():
+        before = (agg.params.clone(), agg.version, agg.stats(), agg._deltas[:1].clone())
+        with pytest.raises(ValueError, match=words):
+            agg.load_state_dict(state)
+        assert torch.equal(agg.params, before[0]) and agg.version == before[1] and agg.stats() == before[2]
+        assert torch.equal(agg._deltas[:1], before[3]), words
+    for _ in range(2):  # goes on: the buffer of 1 fills and merges
+        agg.submit(0.1 * torch.randn(P, generator=rng), base_version=0)
+    assert agg.version == 1 and agg.stats()["buffered"] == 0
+    agg.load_state_dict(good)
+    assert torch.equal(agg.params, src.params) and agg.version == 1 and agg.stats()["buffered"] == 1
