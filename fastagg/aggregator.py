@@ -158,6 +158,12 @@ class Aggregator:
                  device=None, backend: str = "auto", delta_dtype=None, compute_stream: bool = False):
         if on_evicted not in ("applied", "reject"):
             raise ValueError(f"on_evicted must be 'applied' or 'reject', got {on_evicted!r}")
+        if max_update_norm is not None and not (isinstance(max_update_norm, (int, float)) and
+                                                math.isfinite(max_update_norm) and max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be None or a finite number > 0, got {max_update_norm!r}")
+        if max_staleness is not None and (isinstance(max_staleness, bool) or
+                                          not isinstance(max_staleness, (int, np.integer)) or max_staleness < 0):
+            raise ValueError(f"max_staleness must be None or an int >= 0, got {max_staleness!r}")
         self.model = model
         self.rule = _rules.resolve(rule or _rules.FedAsync())
         self.staleness = _staleness.resolve(staleness)

@@ -21,6 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+
+def _positive_int(n) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+
 
 @dataclass(frozen=True)
 class FedAsync:
@@ -30,8 +36,8 @@ class FedAsync:
     def __post_init__(self):
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"FedAsync alpha must be in (0, 1], got {self.alpha}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not _positive_int(self.batch_size):
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
     @property
     def capacity(self):
@@ -57,8 +63,10 @@ class FedBuff:
     momentum: float = 0.0
 
     def __post_init__(self):
-        if self.buffer_size < 1:
-            raise ValueError(f"buffer_size must be >= 1, got {self.buffer_size}")
+        if not _positive_int(self.buffer_size):
+            raise ValueError(f"buffer_size must be an int >= 1, got {self.buffer_size!r}")
+        if not (isinstance(self.server_lr, (int, float)) and math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError(f"server_lr must be a finite number > 0, got {self.server_lr!r}")
         if self.normalize not in ("weights", "count"):
             raise ValueError(f"normalize must be 'weights' or 'count', got {self.normalize!r}")
         if not 0.0 <= self.momentum < 1.0:

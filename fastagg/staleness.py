@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 
 
@@ -28,8 +29,8 @@ class polynomial(Staleness):
     a: float = 0.5
 
     def __post_init__(self):
-        if self.a < 0:
-            raise ValueError(f"polynomial staleness needs a >= 0, got {self.a}")
+        if not (math.isfinite(self.a) and self.a >= 0):
+            raise ValueError(f"polynomial staleness needs a finite a >= 0, got {self.a}")
 
     def __call__(self, s: int) -> float:
         return float((1.0 + s) ** (-self.a))
@@ -41,8 +42,8 @@ class hinge(Staleness):
     b: int = 4
 
     def __post_init__(self):
-        if self.a < 0 or self.b < 0:
-            raise ValueError(f"hinge staleness needs a, b >= 0, got a={self.a}, b={self.b}")
+        if not (math.isfinite(self.a) and math.isfinite(self.b) and self.a >= 0 and self.b >= 0):
+            raise ValueError(f"hinge staleness needs finite a, b >= 0, got a={self.a}, b={self.b}")
 
     def __call__(self, s: int) -> float:
         return 1.0 if s <= self.b else 1.0 / (self.a * (s - self.b) + 1.0)

@@ -317,3 +317,25 @@ def test_set_global_refuses_bad_parameters_and_changes_nothing(rng):
     agg.set_global(w)
     assert not agg.params.requires_grad and agg.params.grad_fn is None and not agg.store.rows.requires_grad
     assert torch.equal(agg.params, agg.spec.flatten({k: 2 * v.detach() for k, v in good.items()}))
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: fastagg.Aggregator(mlp(), max_update_norm=-1.0), "max_update_norm"),
+    (lambda: fastagg.Aggregator(mlp(), max_update_norm=float("nan")), "max_update_norm"),  # would check nothing
+    (lambda: fastagg.Aggregator(mlp(), max_update_norm=0), "max_update_norm"),
+    (lambda: fastagg.Aggregator(mlp(), max_staleness=-1), "max_staleness"),
+    (lambda: fastagg.Aggregator(mlp(), max_staleness=2.5), "max_staleness"),
+    (lambda: fastagg.FedBuff(2.5), "buffer_size"),
+    (lambda: fastagg.FedBuff(True), "buffer_size"),
+    (lambda: fastagg.FedBuff(4, server_lr=-0.5), "server_lr"),
+    (lambda: fastagg.FedBuff(4, server_lr=float("inf")), "server_lr"),
+    (lambda: fastagg.FedAsync(0.5, batch_size=2.0), "batch_size"),
+    (lambda: fastagg.staleness.polynomial(float("nan")), "finite"),
+    (lambda: fastagg.staleness.hinge(float("inf"), 2), "finite"),
+], ids=["norm<0", "norm nan", "norm 0", "staleness<0", "staleness float", "buffer float", "buffer bool", "lr<0",
+        "lr inf", "batch float", "poly nan", "hinge inf"])
+def test_settings_that_would_reject_everything_or_check_nothing_are_refused(make, words):
+    """A negative bound rejected every update, a NaN one checked none (every comparison with NaN
+    is false), a float buffer size failed at the first allocation: refused where they are given."""
+    with pytest.raises(ValueError, match=words):
+        make()
