@@ -156,3 +156,98 @@ def test_a_batchnorm_or_tied_model_travels_both_ways(make):
     assert list(record.keys()) == list(client.state_dict().keys())
     reply = flwr.app.ArrayRecord(client.state_dict())
     assert torch.equal(flat_from_arrays(agg, reply), flat)
+
+
+def _task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # normally set by the Flower runtime
+        if hasattr(TaskIdentity, attr):
+            monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class _MisbehavingGrid(_BatchGrid):
+    """Every second reply is broken in the way ``kind`` says; the others are good."""
+
+    def __init__(self, nodes, agg, kind):
+        super().__init__(nodes, agg)
+        self.kind, self.served = kind, 0
+
+    def pull_messages(self, message_ids):
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+        out, self.pending = self.pending, []
+        replies = []
+        for msg in out:
+            self.served += 1
+            sd = {k: v + 0.01 for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+            metrics = {"num-examples": 5}
+            if self.served % 2 == 0:
+                if self.kind == "no_arrays":
+                    replies.append(Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
+                    continue
+                if self.kind == "wrong_shape":
+                    name = next(iter(sd))
+                    sd[name] = torch.zeros(sd[name].numel() + 1)
+                elif self.kind == "nan":
+                    sd = {k: torch.full_like(v, float("nan")) for k, v in sd.items()}
+                else:
+                    metrics = {"num-examples": {"nan_examples": float("nan"), "negative_examples": -3,
+                                                "fractional_examples": 2.5}[self.kind]}
+            replies.append(Message(content=RecordDict({"arrays": ArrayRecord(sd), "metrics": MetricRecord(metrics)}),
+                                   reply_to=msg))
+        return replies
+
+
+@pytest.mark.parametrize("kind, reason", [("no_arrays", None), ("wrong_shape", None), ("nan", "non_finite"),
+                                          ("nan_examples", "bad_argument"), ("negative_examples", "bad_argument"),
+                                          ("fractional_examples", "bad_argument")])
+def test_async_strategy_goes_on_past_a_misbehaving_client(kind, reason, monkeypatch):
+    """A reply with no arrays, arrays that do not fit the model, NaN, or a sample count that is
+    NaN, negative or fractional: counted in ``failures`` (and by the aggregator under its reason
+    where it reached submit), nothing merged from it, and the run goes on to num_updates (two of
+    these crashed the whole run before: StopIteration, and int(NaN)). The model equals a replay of
+    the submitted updates."""
+    _task_identity(monkeypatch)
+    agg = fastagg.Aggregator(ex.make_model(), fastagg.FedAsync(0.5), staleness="constant")
+    strategy = AsyncStrategy(agg, num_updates=6, min_nodes=3, fraction_evaluate=0.0, record_submissions=True)
+    start = agg.params.clone()
+    strategy.start(_MisbehavingGrid([1, 2, 3], agg, kind))
+    assert agg.stats()["accepted"] == 6 and strategy.failures >= 5  # one bad reply per good one, about
+    assert agg.stats()["rejected"].get(reason, 0) == (strategy.failures if reason else 0)
+    replay = fastagg.Aggregator(ex.make_model(), fastagg.FedAsync(0.5), staleness="constant")
+    replay.set_global(start)
+    for node, base, num, delta, seq in strategy.submitted:
+        replay.submit(delta, base_version=base, num_samples=num, client_id=(node, seq))
+    assert len(strategy.submitted) == 6 and torch.allclose(replay.params, agg.params, rtol=0, atol=1e-6)
+
+
+def test_round_strategy_merges_a_round_without_the_replies_it_refuses(monkeypatch):
+    """Five replies to one round, two bad (NaN arrays; arrays of the wrong shape) and one with a
+    NaN sample count: the round merges the two good ones exactly as FedAvg of those two
+    (sample-weighted mean of their arrays), ``refused`` names the three with their errors, and the
+    metrics are the good ones' (FedAvg would fail the round)."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+    _task_identity(monkeypatch)
+    model = ex.make_model()
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(8, sample_weighted=True), staleness="constant")
+    strategy = RoundStrategy(agg, fraction_evaluate=0.0)
+    g = torch.Generator().manual_seed(0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    out = Message(content=RecordDict({"arrays": ArrayRecord(start)}), dst_node_id=1, message_type="train")
+    trained = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in start.items()} for _ in range(5)]
+    nums = [3, 7, 4, 2, 6]
+    trained[1] = {k: torch.full_like(v, float("nan")) for k, v in trained[1].items()}
+    name = next(iter(start))
+    trained[3][name] = torch.zeros(start[name].numel() + 2)
+    nums[4] = float("nan")
+    replies = [Message(content=RecordDict({"arrays": ArrayRecord(sd), "metrics": MetricRecord(
+        {"num-examples": n, "loss": float(i)})}), reply_to=out) for i, (sd, n) in enumerate(zip(trained, nums))]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert [k for k, _ in strategy.refused] == [1, 3, 4]
+    assert "NaN" in str(strategy.refused[0][1]) and "num_samples" in str(strategy.refused[2][1])
+    for k in start:
+        want = (3 * trained[0][k].double() + 4 * trained[2][k].double()) / 7
+        torch.testing.assert_close(torch.as_tensor(arrays[k].numpy()).double(), want, rtol=1e-5, atol=1e-6)
+    assert metrics["loss"] == pytest.approx((3 * 0.0 + 4 * 2.0) / 7)

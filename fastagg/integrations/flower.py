@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 
 from ..aggregator import Aggregator
-from ..errors import InvalidUpdate
+from ..errors import InvalidUpdate, MalformedUpdateError
 
 VERSION_KEY = "fastagg-version"
 
@@ -229,23 +231,34 @@ class AsyncStrategy(Strategy):
 
     def _submit(self, reply, node, base, bases, scratch) -> bool:
         content = reply.content
-        record = content.array_records[self.arrayrecord_key] if self.arrayrecord_key in content.array_records \
-            else next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()), {})
-        num = int(metrics.get(self.weighted_by_key, 1)) if metrics else 1
+        num = _num_samples(metrics.get(self.weighted_by_key, 1) if metrics else 1)
         try:
+            records = content.array_records
+            if not records:  # a client app that replied with metrics only: the client's fault, not the run's
+                raise MalformedUpdateError("the reply carries no ArrayRecord")
+            record = records[self.arrayrecord_key] if self.arrayrecord_key in records else next(iter(records.values()))
             if self.clients_send == "weights":
                 delta = flat_from_arrays(self.agg, record, out=scratch, subtract=bases[base][0])
             else:
                 delta = flat_from_arrays(self.agg, record, out=scratch)
-            receipt = self.agg.submit(delta, base_version=base, num_samples=max(num, 1),
+            receipt = self.agg.submit(delta, base_version=base, num_samples=num,
                                       client_id=(node, reply.metadata.reply_to_message_id))
         except InvalidUpdate:
-            self.failures += 1  # counted by the aggregator under its reason, too
+            self.failures += 1  # those that reached submit are counted by the aggregator under their reason, too
             return False
         if self.record_submissions:
-            self.submitted.append((node, base, max(num, 1), delta.clone(), receipt.seq))
+            self.submitted.append((node, base, num, delta.clone(), receipt.seq))
         return True
+
+
+def _num_samples(value):
+    """A reply's sample count for submit: an int (an integral float taken as one; 0 as 1, a client
+    that reports no examples still sent an update), or the value as it came, which submit refuses
+    (a negative, NaN or fractional count)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return 1 if isinstance(value, int) and not isinstance(value, bool) and value == 0 else value
 
 
 class RoundStrategy(FedAvg):
@@ -256,11 +269,15 @@ class RoundStrategy(FedAvg):
     flushes, so the round is the buffer. With ``FedBuff(sample_weighted=True)``, constant
     staleness, no correction and server_lr = 1 this is exactly FedAvg; with a ``KDCorrection``
     (``min_staleness=0``, since a synchronous round has no staleness) it is FedADT per round.
+    A reply the aggregator refuses (arrays that do not fit the model, NaN, a norm over the bound,
+    a bad sample count) is logged, left out of the round and of its metrics, and kept in
+    ``refused``; the round merges the others (FedAvg would fail the round).
     """
 
     def __init__(self, aggregator: Aggregator, **fedavg_kwargs):
         super().__init__(**fedavg_kwargs)
         self.agg = aggregator
+        self.refused: list = []  # the last round's refused replies: (index among its valid replies, error)
 
     def configure_train(self, server_round, arrays, config, grid):
         if server_round == 1:  # start() hands the initial model here: it becomes the current version
@@ -273,10 +290,26 @@ class RoundStrategy(FedAvg):
             return None, None
         agg = self.agg
         base_version, base = agg.pull(flat=True)
-        for reply in valid:
+        # one bad reply does not sink the round: each refused one is logged and kept in
+        # ``self.refused`` (those that reach the aggregator are counted there under their reason); the others merge
+        self.refused, kept, deltas, nums = [], [], [], []
+        for k, reply in enumerate(valid):
             record = reply.content.array_records[self.arrayrecord_key]
-            num = int(reply.content.metric_records[next(iter(reply.content.metric_records))][self.weighted_by_key])
-            agg.submit(flat_from_arrays(agg, record, subtract=base), base_version=base_version, num_samples=num)
+            try:
+                deltas.append(flat_from_arrays(agg, record, subtract=base))
+            except InvalidUpdate as exc:  # arrays that do not fit the model
+                self.refused.append((k, exc))
+                continue
+            kept.append(k)
+            nums.append(_num_samples(reply.content.metric_records[next(iter(reply.content.metric_records))]
+                                     [self.weighted_by_key]))
+        results = agg.submit_many(deltas, base_versions=base_version, num_samples=nums) if deltas else []
+        self.refused += [(k, r) for k, r in zip(kept, results) if isinstance(r, InvalidUpdate)]
+        self.refused.sort(key=lambda kr: kr[0])
+        for k, exc in self.refused:
+            log(WARNING, "fastagg RoundStrategy: round %s, reply %d of %d refused: %s", server_round, k + 1,
+                len(valid), exc)
         agg.flush()
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        merged = [valid[k].content for k, r in zip(kept, results) if not isinstance(r, InvalidUpdate)]
+        metrics = self.train_metrics_aggr_fn(merged, self.weighted_by_key) if merged else None
         return arrays_from_flat(agg, agg.params), metrics
