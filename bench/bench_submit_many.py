@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
 
 import fastagg
 import fastagg.aggregator as fa
+from fastagg import bench as fb
 
 
 class _Done:
@@ -89,16 +88,11 @@ def main(out, K=128, buffers=8, rounds=7):
                                   client_ids=[next(ids) for _ in range(K)])
             assert all(isinstance(g, fastagg.Receipt) for g in got)
 
-    paths = {"cpu_submit": lambda: one_by_one(cpu), "staged_submit": lambda: one_by_one(staged),
-             "batched_submit_many": lambda: many(batched)}
-    times = {k: [] for k in paths}
-    for r in range(rounds + 1):
-        for k, f in paths.items():
-            t = time.perf_counter()
-            f()
-            if r:  # the first round warms up
-                times[k].append(time.perf_counter() - t)
-    us = {k: 1e6 * statistics.median(v) / (buffers * K) for k, v in times.items()}
+    n = buffers * K
+    paths = {"cpu_submit": (lambda: one_by_one(cpu), n), "staged_submit": (lambda: one_by_one(staged), n),
+             "batched_submit_many": (lambda: many(batched), n)}
+    rates = fb.interleaved(paths, "cpu", rounds=rounds, warmup=1)  # alternating rounds, medians
+    us = {k: 1e6 / rate for k, rate in rates.items()}
     assert cpu.version == staged.version == batched.version
     torch.testing.assert_close(staged.params, cpu.params)  # the same updates, the same model
     torch.testing.assert_close(batched.params, cpu.params)
