@@ -34,6 +34,7 @@ import collections
 import collections.abc
 import contextlib
 import math
+import numbers
 import threading
 from dataclasses import asdict, dataclass
 
@@ -158,7 +159,7 @@ class Aggregator:
                  device=None, backend: str = "auto", delta_dtype=None, compute_stream: bool = False):
         if on_evicted not in ("applied", "reject"):
             raise ValueError(f"on_evicted must be 'applied' or 'reject', got {on_evicted!r}")
-        if max_update_norm is not None and not (isinstance(max_update_norm, (int, float)) and
+        if max_update_norm is not None and not (isinstance(max_update_norm, numbers.Real) and
                                                 math.isfinite(max_update_norm) and max_update_norm > 0):
             raise ValueError(f"max_update_norm must be None or a finite number > 0, got {max_update_norm!r}")
         if max_staleness is not None and (isinstance(max_staleness, bool) or

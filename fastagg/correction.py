@@ -21,6 +21,9 @@ op on the [K*N, C] logits, and one vjp back into a flat [K, P] gradient buffer.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch.func import functional_call
 
@@ -76,8 +79,13 @@ class KDCorrection:
             raise ValueError(f"student must be 'client' or 'applied', got {student!r}")
         if staleness_factor not in ("none", "grows"):
             raise ValueError(f"staleness_factor must be 'none' or 'grows', got {staleness_factor!r}")
-        if temperature <= 0 or steps < 1:
-            raise ValueError("temperature must be > 0 and steps >= 1")
+        for name, value, low in (("temperature", temperature, "> 0"), ("eta", eta, ">= 0"), ("rho", rho, ">= 0")):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and
+                    (value > 0 if low == "> 0" else value >= 0)):
+                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+        for name, value, least in (("steps", steps, 1), ("min_staleness", min_staleness, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         check_options(precision, conv, chunk)
         self.proxy = proxy
         self.proxy_labels = None if proxy_labels is None else torch.as_tensor(proxy_labels)
@@ -153,7 +161,11 @@ class KDCorrection:
         if staleness < self.min_staleness:
             return 0.0
         c = 1.0 if self.staleness_factor == "none" else 1.0 - float(self.factor_staleness(staleness))
-        return float(self.schedule(version, teacher)) * c
+        lam = float(self.schedule(version, teacher))
+        if not (math.isfinite(lam) and lam >= 0):  # a user's schedule: refused here, the merge changes nothing
+            raise ValueError(f"the lambda schedule {self.schedule!r} gave {lam} at version {version}: it must be "
+                             "a finite number >= 0")
+        return lam * c
 
     # -- gradients -------------------------------------------------------------------------
     def student_grads(self, students: torch.Tensor, teacher: Teacher, out=None):

@@ -19,6 +19,7 @@ and bumps the version by one.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,7 @@ class FedBuff:
     def __post_init__(self):
         if not _positive_int(self.buffer_size):
             raise ValueError(f"buffer_size must be an int >= 1, got {self.buffer_size!r}")
-        if not (isinstance(self.server_lr, (int, float)) and math.isfinite(self.server_lr) and self.server_lr > 0):
+        if not (isinstance(self.server_lr, numbers.Real) and math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ValueError(f"server_lr must be a finite number > 0, got {self.server_lr!r}")
         if self.normalize not in ("weights", "count"):
             raise ValueError(f"normalize must be 'weights' or 'count', got {self.normalize!r}")

@@ -8,8 +8,9 @@ A schedule is called as ``schedule(version, teacher)`` where ``teacher`` is the
 
 from __future__ import annotations
 
-import math
 import abc
+import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -19,9 +20,21 @@ class Schedule(abc.ABC):
         """The weight."""
 
 
+def _check(name, **values):
+    """Each value a finite number >= 0 (``versions`` and ``kappa`` > 0)."""
+    for key, v in values.items():
+        positive = key in ("versions", "kappa")
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > 0 if positive else v >= 0)):
+            raise ValueError(f"{name}: {key} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+
+
 @dataclass(frozen=True)
 class constant(Schedule):
     value: float = 1.0
+
+    def __post_init__(self):
+        _check("constant", value=self.value)
 
     def __call__(self, version, teacher=None):
         return float(self.value)
@@ -34,6 +47,9 @@ class linear_warmup(Schedule):
     lam_max: float = 1.0
     versions: int = 100
 
+    def __post_init__(self):
+        _check("linear_warmup", lam_max=self.lam_max, versions=self.versions)
+
     def __call__(self, version, teacher=None):
         return float(self.lam_max * min(1.0, version / max(self.versions, 1)))
 
@@ -44,6 +60,9 @@ class exp_saturation(Schedule):
 
     lam_max: float = 1.0
     kappa: float = 50.0
+
+    def __post_init__(self):
+        _check("exp_saturation", lam_max=self.lam_max, kappa=self.kappa)
 
     def __call__(self, version, teacher=None):
         return float(self.lam_max * (1.0 - math.exp(-version / self.kappa)))
@@ -57,8 +76,13 @@ class sigmoid(Schedule):
     center: float = 100.0
     k: float = 0.05
 
+    def __post_init__(self):
+        _check("sigmoid", lam_max=self.lam_max, k=self.k, center=abs(self.center) if isinstance(self.center, numbers.Real)
+               else self.center)
+
     def __call__(self, version, teacher=None):
-        return float(self.lam_max / (1.0 + math.exp(-self.k * (version - self.center))))
+        x = -self.k * (version - self.center)  # far from the center exp(x) overflows a float: 1 / (1 + e^x) by its sign
+        return float(self.lam_max / (1.0 + math.exp(x)) if x <= 0 else self.lam_max * math.exp(-x) / (1.0 + math.exp(-x)))
 
 
 @dataclass(frozen=True)
@@ -67,6 +91,9 @@ class teacher_confidence(Schedule):
     one-hot one. Needs no labels."""
 
     lam_max: float = 1.0
+
+    def __post_init__(self):
+        _check("teacher_confidence", lam_max=self.lam_max)
 
     def __call__(self, version, teacher):
         return float(self.lam_max * teacher.confidence)
@@ -78,6 +105,9 @@ class teacher_accuracy(Schedule):
 
     lam_max: float = 1.0
     needs_labels = True
+
+    def __post_init__(self):
+        _check("teacher_accuracy", lam_max=self.lam_max)
 
     def __call__(self, version, teacher):
         if teacher.accuracy is None:

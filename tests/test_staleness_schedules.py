@@ -66,3 +66,63 @@ def test_teacher_accuracy_needs_labels():
     assert schedules.teacher_accuracy(2.0)(0, t) == 1.5
     with pytest.raises(ValueError, match="proxy labels"):
         schedules.teacher_accuracy()(0, Teacher(0, t.probs, 0.0, None))
+
+
+def test_sigmoid_far_from_its_center_does_not_overflow():
+    """exp(-k (t - center)) overflows a float a long way before the center (k = 1, center 1000:
+    exp(1000)), which raised OverflowError in every merge before it; the two-sided form equals
+    the plain formula in float64 wherever that does not overflow."""
+    sg = schedules.sigmoid(2.0, center=1000, k=1.0)
+    assert sg(0, None) == 0.0 and sg(1000, None) == 1.0 and sg(10**6, None) == 2.0
+    for k, center in ((0.05, 100.0), (0.7, 3.0)):
+        s = schedules.sigmoid(1.5, center=center, k=k)
+        for t in range(0, 300, 7):
+            assert s(t, None) == pytest.approx(1.5 / (1 + math.exp(-k * (t - center))), rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: schedules.constant(-0.5), lambda: schedules.constant(float("nan")),
+    lambda: schedules.linear_warmup(1.0, 0), lambda: schedules.exp_saturation(1.0, 0.0),
+    lambda: schedules.sigmoid(1.0, 10, float("inf")), lambda: schedules.teacher_confidence(-1.0),
+    lambda: schedules.teacher_accuracy(float("nan")), lambda: staleness.polynomial(float("nan"))],
+    ids=["constant<0", "constant nan", "warmup 0", "kappa 0", "k inf", "confidence<0", "accuracy nan", "poly nan"])
+def test_schedule_settings_that_give_nan_or_a_negative_weight_are_refused(make):
+    with pytest.raises(ValueError, match="finite"):
+        make()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(rho=float("nan")), dict(rho=-1.0),
+                                dict(eta=-0.1), dict(eta=float("inf")), dict(steps=1.5), dict(min_staleness=-1),
+                                dict(min_staleness=0.5)],
+                         ids=["T nan", "rho nan", "rho<0", "eta<0", "eta inf", "steps float", "min_s<0", "min_s float"])
+def test_correction_settings_refused_where_given(kw):
+    """rho = NaN made every corrected model NaN; a negative rho or eta stepped up the KD loss."""
+    import fastagg
+
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        fastagg.KDCorrection(torch.randn(4, 3), **kw)
+
+
+def test_a_user_schedule_that_gives_nan_fails_the_merge_and_changes_nothing():
+    """A callable schedule is the user's code: a NaN (or negative) lambda from it is refused in the
+    merge, which then changes nothing (the submit that set it off is undone); fixed, the retry merges."""
+    import fastagg
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    bad = [True]
+    corr = fastagg.KDCorrection(torch.randn(8, 4), schedule=lambda v, t: float("nan") if bad[0] else 0.5, steps=1)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(2), correction=corr)
+    P = agg.spec.numel
+    g = torch.Generator().manual_seed(1)
+    d = [0.1 * torch.randn(P, generator=g) for _ in range(4)]
+    agg.submit(d[0], base_version=0)
+    agg.submit(d[1], base_version=0)  # version 1
+    agg.submit(d[2], base_version=0)  # stale: corrected at the next merge
+    before = (agg.params.clone(), agg.version, agg.stats()["buffered"])
+    with pytest.raises(ValueError, match="lambda schedule"):
+        agg.submit(d[3], base_version=0)
+    assert torch.equal(agg.params, before[0]) and agg.version == 1 and agg.stats()["buffered"] == 1
+    bad[0] = False
+    assert agg.submit(d[3], base_version=0).status == "merged" and bool(torch.isfinite(agg.params).all())
+    assert agg.stats()["corrected"] == 2
