@@ -686,7 +686,12 @@ class Aggregator:
         self._finish_merge(pend, slots)
 
     def _staleness_weights(self, pend):
-        return [float(self.staleness(p.staleness)) for p in pend]
+        w = [float(self.staleness(p.staleness)) for p in pend]
+        bad = next((x for x in w if not (math.isfinite(x) and 0 <= x <= 1)), None)
+        if bad is not None:  # a user's function: refused here, so that the merge changes nothing
+            raise ValueError(f"the staleness function {self.staleness!r} gave the weight {bad}: it must be "
+                             "a number in [0, 1]")
+        return w
 
     def _base_slots(self, pend):
         """Each buffered update's base version's row in the store (None: evicted or not needed)."""

@@ -165,6 +165,9 @@ class KDCorrection:
         if not (math.isfinite(lam) and lam >= 0):  # a user's schedule: refused here, the merge changes nothing
             raise ValueError(f"the lambda schedule {self.schedule!r} gave {lam} at version {version}: it must be "
                              "a finite number >= 0")
+        if not 0 <= c <= 1:  # NaN fails this too
+            raise ValueError(f"the staleness factor's function {self.factor_staleness!r} gave the weight {1 - c} at "
+                             f"staleness {staleness}: it must be a number in [0, 1]")
         return lam * c
 
     # -- gradients -------------------------------------------------------------------------

@@ -50,12 +50,14 @@ def test_schedule_values_at_chosen_versions():
     assert sg(60, None) == pytest.approx(2.0 / (1 + math.exp(-2)))
 
 
-def test_teacher_confidence_zero_for_uniform_and_grows_with_sharpness():
+def test_teacher_confidence_zero_for_uniform_and_grows_with_sharpness(rng):
     sched = schedules.teacher_confidence(1.0)
     C = 7
     uniform = torch.full((11, C), 1.0 / C)
     assert sched(5, _teacher(uniform)) == pytest.approx(0.0, abs=1e-7)
-    logits = torch.randn(11, C)
+    # each row's top logit 0.5 above the next (a near tie would keep the sharpest teacher unsure)
+    logits = torch.randn(11, C, generator=rng)
+    logits[torch.arange(11), logits.argmax(-1)] += 0.5
     values = [sched(5, _teacher(torch.softmax(logits * sharp, -1))) for sharp in (0.5, 2.0, 8.0, 100.0)]
     assert all(a < b for a, b in zip(values, values[1:]))
     assert values[-1] > 0.95
@@ -126,3 +128,34 @@ def test_a_user_schedule_that_gives_nan_fails_the_merge_and_changes_nothing():
     bad[0] = False
     assert agg.submit(d[3], base_version=0).status == "merged" and bool(torch.isfinite(agg.params).all())
     assert agg.stats()["corrected"] == 2
+
+
+@pytest.mark.parametrize("where", ["merge weights", "correction factor"])
+@pytest.mark.parametrize("value", [float("nan"), -0.5, 1.5])
+def test_a_user_staleness_function_out_of_range_fails_the_merge_and_changes_nothing(where, value):
+    """A callable staleness function that gives NaN, a negative weight or one over 1 (as the merge
+    weight w(s), or as the correction's c(s) = 1 - w(s)): the merge raises and changes nothing;
+    with the function fixed, the retry merges."""
+    import fastagg
+
+    torch.manual_seed(0)
+    bad = [True]
+
+    def w(s):
+        return value if bad[0] and s > 0 else 1.0 / (1 + s)
+
+    corr = fastagg.KDCorrection(torch.randn(8, 4), schedule=0.5, steps=1, staleness_factor="grows",
+                                factor_staleness=w if where == "correction factor" else None)
+    agg = fastagg.Aggregator(torch.nn.Linear(4, 3), fastagg.FedBuff(2), correction=corr,
+                             staleness=w if where == "merge weights" else "polynomial")
+    g = torch.Generator().manual_seed(1)
+    d = [0.1 * torch.randn(agg.spec.numel, generator=g) for _ in range(4)]
+    agg.submit(d[0], base_version=0)
+    agg.submit(d[1], base_version=0)  # version 1, both fresh (s = 0)
+    agg.submit(d[2], base_version=0)  # s = 1
+    before = agg.params.clone()
+    with pytest.raises(ValueError, match="staleness"):
+        agg.submit(d[3], base_version=1)
+    assert torch.equal(agg.params, before) and agg.version == 1 and agg.stats()["buffered"] == 1
+    bad[0] = False
+    assert agg.submit(d[3], base_version=1).status == "merged" and bool(torch.isfinite(agg.params).all())
