@@ -316,7 +316,7 @@ class Aggregator:
                client_id=None) -> Receipt:
         """Validate and accept one update (a delta against ``base_version``).
 
-        ``update``: {name: tensor} with exactly the model's floating keys, a flat [P] tensor, a
+        ``update``: {name: tensor} with exactly the model's floating keys, a flat [P] tensor (or 1-D numpy array), a
         list of arrays in state_dict order, or safetensors bytes (see fastagg.wire), whose
         metadata may carry base_version / num_samples / client_id.
 
@@ -565,6 +565,8 @@ class Aggregator:
         every part is checked. Returns the sum of the stored values' squares for a host row (the
         norm check's), None for a device row."""
         spec = self.spec
+        if isinstance(update, np.ndarray) and update.ndim == 1:  # a flat update as numpy
+            update = _as_tensor("flat update", update)
         if isinstance(update, torch.Tensor):
             if update.dim() != 1 or update.numel() != spec.numel:
                 raise errors.UpdateShapeError(
@@ -576,7 +578,7 @@ class Aggregator:
             pieces = []
             for name, shape, off, n in spec.items():
                 t = update[name]
-                t = t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t))
+                t = t if isinstance(t, torch.Tensor) else _as_tensor(repr(name), t)
                 if tuple(t.shape) != shape:
                     raise errors.UpdateShapeError(f"{name!r} has shape {tuple(t.shape)}, expected {shape}")
                 check_float(name, t.dtype)
@@ -595,7 +597,7 @@ class Aggregator:
                 raise errors.UpdateKeysError(f"got {len(update)} arrays, the model has {len(spec)} tensors")
             pieces = []
             for (name, shape, off, n), arr in zip(spec.items(), update):
-                t = torch.as_tensor(np.asarray(arr))
+                t = _as_tensor(f"array {name!r}", arr)
                 if tuple(t.shape) != shape:
                     raise errors.UpdateShapeError(f"array {name!r} has shape {tuple(t.shape)}, expected {shape}")
                 check_float(name, t.dtype)
@@ -972,6 +974,15 @@ def _check_state(state, P):
     rows("store rows", store["rows"], len(store["versions"]))
 
 
+def _as_tensor(name, value) -> torch.Tensor:
+    """An update's array (numpy or anything numpy reads) as a tensor, or UpdateDTypeError (an
+    object or string array, say) instead of torch's TypeError."""
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as exc:
+        raise errors.UpdateDTypeError(f"{name} is not an array of numbers ({exc})") from None
+
+
 def _per_update(value, n, name, scalar):
     """submit_many's argument ``name`` as a list of n values: None, one value for every update
     (``scalar``), or a sequence of n."""
@@ -1003,6 +1014,6 @@ def _check_args(base_version, num_samples, client_id=None):
         raise errors.BadArgumentError(f"base_version must be a non-negative int, got {base_version!r}")
     if num_samples is None:
         num_samples = 1
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise errors.BadArgumentError(f"num_samples must be a positive int, got {num_samples!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or not 1 <= num_samples <= 2**53:
+        raise errors.BadArgumentError(f"num_samples must be a positive int (at most 2**53), got {num_samples!r}")
     return int(base_version), int(num_samples)

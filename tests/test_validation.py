@@ -70,6 +70,10 @@ BAD = {
     "bad_samples": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"num_samples": 0})),
     "no_base": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"base_version": None})),
     "unhashable_client": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"client_id": ["w1"]})),
+    # an object array (a TypeError from torch before) and a sample count past float64's integers
+    "object_array": (errors.UpdateDTypeError,
+                     lambda a: ({**_good_state(a), "0.bias": np.array(["x"] * 9, dtype=object)}, {})),
+    "huge_samples": (errors.BadArgumentError, lambda a: (torch.zeros(a.spec.numel), {"num_samples": 10**30})),
 }
 
 
@@ -136,6 +140,14 @@ def test_all_input_forms_give_the_same_model():
         results.append(agg.params)
     for r in results[1:]:
         assert torch.equal(results[0], r)
+
+
+def test_a_flat_numpy_update_is_taken_as_the_flat_tensor(rng):
+    a, b = _agg(), _agg()
+    d = 0.01 * torch.randn(a.spec.numel, generator=rng)
+    assert a.submit(d.numpy(), base_version=a.version) == b.submit(d, base_version=b.version)
+    a.flush(), b.flush()
+    assert torch.equal(a.params, b.params)
 
 
 def test_bytes_metadata_supplies_arguments():
