@@ -9,7 +9,8 @@
 #                             native_cl, loop_fused_cl, compiled, compiled_fused_dense,
 #                             compiled_dense, compiled_fused_cl, compiled_cl; the chain weight
 #                             gradient's two methods; the device-update step with the compute
-#                             stream; no figures by backend, measured in the fifteenth),
+#                             stream and with submit_many; no figures by backend, measured in the
+#                             fifteenth),
 #                             bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
@@ -37,9 +38,10 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # Tests: the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2
   # test bugs fixed); here tests/test_shared_conv.py (the chain weight gradient's two methods, the
   # channels-last routes against native), the sixteenth session's compute-stream tests (three in
-  # test_correction.py, and the pinned-ingest one they touch), tests/test_dense_conv.py (the dense
-  # ops on CUDA's side streams, the dense routes against native) and tests/test_submit_many.py (batches of
-  # device updates). Then cnn in one pass of 128 students
+  # test_correction.py, and the pinned-ingest one they touch), the seventeenth's graph capture with a
+  # staging thread waiting meanwhile, tests/test_dense_conv.py (the dense ops on CUDA's side streams,
+  # the dense routes against native) and tests/test_submit_many.py (batches of device updates). Then
+  # cnn in one pass of 128 students
   # (the seventh session's chunk timing: 128 best), routes limited by --routes to the fifteenth run's
   # best (compiled) and native, and those it has not timed (the six it timed slower than compiled, and
   # loop_cl, stay out); the profile of the dense and compiled routes (inductor's cache from the bench

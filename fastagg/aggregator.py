@@ -163,7 +163,7 @@ class Aggregator:
                                                 math.isfinite(max_update_norm) and max_update_norm > 0):
             raise ValueError(f"max_update_norm must be None or a finite number > 0, got {max_update_norm!r}")
         if max_staleness is not None and (isinstance(max_staleness, bool) or
-                                          not isinstance(max_staleness, (int, np.integer)) or max_staleness < 0):
+                                          not isinstance(max_staleness, numbers.Integral) or max_staleness < 0):
             raise ValueError(f"max_staleness must be None or an int >= 0, got {max_staleness!r}")
         self.model = model
         self.rule = _rules.resolve(rule or _rules.FedAsync())

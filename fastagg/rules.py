@@ -22,11 +22,9 @@ import math
 import numbers
 from dataclasses import dataclass
 
-import numpy as np
-
 
 def _positive_int(n) -> bool:
-    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,9 @@ class sigmoid(Schedule):
     k: float = 0.05
 
     def __post_init__(self):
-        _check("sigmoid", lam_max=self.lam_max, k=self.k, center=abs(self.center) if isinstance(self.center, numbers.Real)
-               else self.center)
+        _check("sigmoid", lam_max=self.lam_max, k=self.k)
+        if not (isinstance(self.center, numbers.Real) and math.isfinite(self.center)):
+            raise ValueError(f"sigmoid: center must be a finite number, got {self.center!r}")
 
     def __call__(self, version, teacher=None):
         x = -self.k * (version - self.center)  # far from the center exp(x) overflows a float: 1 / (1 + e^x) by its sign

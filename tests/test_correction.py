@@ -422,13 +422,14 @@ def test_device_updates_are_taken_while_the_previous_merge_runs(compute_stream, 
     batches = [torch.stack(dev[3 * b:3 * b + 3]) for b in range(6)]
     torch.cuda.synchronize()  # the updates are on the device before the first submit
     still_running = []
-    for b in range(6) if batched else ():
-        base = max(0, gpu.version - 1)
-        assert all(isinstance(r, fastagg.Receipt) for r in gpu.submit_many(batches[b], base_versions=base))
-        cpu.submit_many(torch.stack(host[3 * b:3 * b + 3]), base_versions=base)
-        if b:  # the merge before this batch's own: still running? (its event: _set_merged of the set now filling)
-            still_running.append(not gpu._set_merged[gpu._set].query())
-    for b in range(6) if not batched else ():
+    for b in range(6):
+        if batched:
+            base = max(0, gpu.version - 1)
+            assert all(isinstance(r, fastagg.Receipt) for r in gpu.submit_many(batches[b], base_versions=base))
+            cpu.submit_many(torch.stack(host[3 * b:3 * b + 3]), base_versions=base)
+            if b:  # the merge before this batch's own still running? (its event: _set_merged of the set now filling)
+                still_running.append(not gpu._set_merged[gpu._set].query())
+            continue
         for i in range(3):
             gpu.submit(dev[3 * b + i], base_version=max(0, gpu.version - 1))
             cpu.submit(host[3 * b + i], base_version=max(0, cpu.version - 1))
