@@ -9,12 +9,15 @@ import sys
 def _simulate(args):
     from .simulate import SimConfig, format_table, run
 
-    cfg = SimConfig(dataset=args.dataset, clients=args.clients, concurrency=args.concurrency,
-                    arrivals=args.arrivals, dirichlet=args.dirichlet, sigma=args.sigma, proxy=args.proxy,
-                    local_steps=args.local_steps, target=args.target, alpha=args.alpha, buffer=args.buffer,
-                    weights=args.weights, dropout=args.dropout, partition=args.partition,
-                    algorithms=tuple(a.replace(";", ",") for a in args.algorithms.split(",")), device=args.device)
     try:
+        cfg = SimConfig(dataset=args.dataset, clients=args.clients, concurrency=args.concurrency,
+                        arrivals=args.arrivals, dirichlet=args.dirichlet, sigma=args.sigma, proxy=args.proxy,
+                        local_steps=args.local_steps, target=args.target, alpha=args.alpha, buffer=args.buffer,
+                        weights=args.weights, dropout=args.dropout, partition=args.partition,
+                        algorithms=tuple(a.replace(";", ",") for a in args.algorithms.split(",")),
+                        device=args.device)
+        if args.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {args.seeds}")
         results = run(cfg, seeds=tuple(range(args.seed, args.seed + args.seeds)), out_dir=args.out,
                       show_progress=not args.quiet)
     except (FileNotFoundError, ValueError) as exc:

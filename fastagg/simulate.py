@@ -173,6 +173,20 @@ class SimConfig:
     algorithms: tuple = ("fedasync", "fedbuff", "fedadt-async", "fedadt-buff")
     device: str = "cpu"  # where the models, the data and the aggregator live ("cuda": fastagg's GPU kernels)
 
+    def __post_init__(self):
+        for name in ("clients", "concurrency", "arrivals", "local_steps", "batch_size", "eval_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name, lo, hi in (("dropout", 0.0, 1.0), ("jitter", 0.0, 1.0)):  # [lo, hi)
+            v = getattr(self, name)
+            if not lo <= v < hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}), got {v!r}")
+        if not 0.0 <= self.target <= 1.0:
+            raise ValueError(f"target must be an accuracy in [0, 1], got {self.target!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+
 
 def parse_algorithm(name: str):
     """'fedasync' | 'fedbuff' | 'fedadt-async' | 'fedadt-buff', optionally followed by

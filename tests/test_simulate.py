@@ -1,5 +1,7 @@
 """The simulator: split, determinism, and the missing-data message."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,19 @@ def test_updates_option_sends_and_holds_16_bit_deltas():
     cfg = SimConfig(dataset="digits", clients=20, concurrency=5, arrivals=120, eval_every=60, proxy=50)
     acc = {a: run_one(a, cfg).accuracy[-1] for a in ("fedbuff", "fedbuff/updates=bf16")}
     assert acc["fedbuff/updates=bf16"] > 0.4 and abs(acc["fedbuff/updates=bf16"] - acc["fedbuff"]) < 0.05, acc
+
+
+@pytest.mark.parametrize("args, words", [(["--clients", "0"], "clients must be an int >= 1"),
+                                         (["--concurrency", "0"], "concurrency must be an int >= 1"),
+                                         (["--arrivals", "-5"], "arrivals must be an int >= 1"),
+                                         (["--dropout", "1.5"], r"dropout must be in \[0.0, 1.0\)"),
+                                         (["--seeds", "0"], "seeds must be >= 1"),
+                                         (["--target", "2"], "target must be an accuracy")])
+def test_simulate_refuses_settings_that_cannot_run_with_a_one_line_error(args, words, capsys):
+    """Zero clients, a concurrency of 0 or negative arrivals ended in an IndexError traceback;
+    a dropout of 1.5 or no seeds ran nothing. Now: exit 2 and what was wrong, before any work."""
+    from fastagg import cli
+
+    assert cli.main(["simulate", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err) and "Traceback" not in err
