@@ -503,3 +503,10 @@ def test_garbage_on_the_wire_changes_nothing(rng):
                     pass
         assert Client(server.url).version() == 0
     assert torch.equal(agg.params, before) and agg.stats()["accepted"] == 0
+
+
+@pytest.mark.parametrize("kw, words", [(dict(max_connections=0), "max_connections"), (dict(timeout=0), "timeout"),
+                                       (dict(timeout=float("nan")), "timeout"), (dict(max_body=0), "max_body")])
+def test_server_settings_that_would_refuse_every_request_are_refused(kw, words):
+    with pytest.raises(ValueError, match=words):
+        Server(_agg(), **kw)

@@ -80,6 +80,10 @@ class Server:
         self._in_flight, self._closing = 0, False
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not timeout > 0:  # 0 would make every socket non-blocking, NaN every wait undefined
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if self.max_body < 1:
+            raise ValueError(f"max_body must be >= 1 byte, got {max_body}")
         handler = type("Handler", (_Handler,), {"state": self, "timeout": float(timeout)})
         self.httpd = _ThreadingServer((host, port), handler, self, int(max_connections))
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="fastagg-http",
