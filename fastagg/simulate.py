@@ -14,6 +14,7 @@ import gzip
 import heapq
 import json
 import math
+import numbers
 import os
 import struct
 import time
@@ -176,7 +177,7 @@ class SimConfig:
     def __post_init__(self):
         for name in ("clients", "concurrency", "arrivals", "local_steps", "batch_size", "eval_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         for name, lo, hi in (("dropout", 0.0, 1.0), ("jitter", 0.0, 1.0)):  # [lo, hi)
             v = getattr(self, name)
