@@ -292,3 +292,24 @@ def test_updates_that_require_grad_leave_no_graph_behind(where, rng, late, monke
         assert not t.requires_grad and t.grad_fn is None
     assert agg.version == ref.version == 2 and agg.stats()["buffered"] == 1
     torch.testing.assert_close(agg.params.cpu(), ref.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("delta_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_batches_into_16_bit_rows_are_rounded_and_checked_as_one_submit_at_a_time(delta_dtype, rng, late, monkeypatch):
+    """A float32 batch into 16-bit delta rows: each row rounded once on the way in, its norm bound
+    and NaN check applied to the rounded values (in fp16 a value beyond 65504 overflows and is
+    refused as non-finite), the model equal to one submit at a time into the same rows."""
+    model = mlp(d_in=6, hidden=9, classes=5)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), delta_dtype=delta_dtype, max_update_norm=50.0)
+    monkeypatch.setattr(fa, "_Ingest", GPU_INGEST)
+    ref = fastagg.Aggregator(model, fastagg.FedBuff(4), delta_dtype=delta_dtype, max_update_norm=50.0)
+    P = agg.spec.numel
+    for _ in range(4):
+        rows = 0.1 * torch.randn(7, P, generator=rng)
+        rows[2, 0] = 7e4  # beyond fp16's range; in bf16 a norm over the bound
+        rows[5, 1] = float("nan")
+        got = agg.submit_many(rows, base_versions=agg.version)
+        want = _one_by_one(ref, rows, [ref.version] * 7, [None] * 7, [None] * 7)
+        _same(got, want)
+        assert type(got[2]) is (errors.NonFiniteUpdateError if delta_dtype == torch.float16 else errors.UpdateNormError)
+        _check_equal(agg, ref, 1e-6)
