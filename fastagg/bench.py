@@ -139,6 +139,9 @@ class TinyLM(nn.Module):
         return self.out(self.norm(x)).flatten(0, -2)  # [B * S, vocab]
 
 
+MODELS = ("cnn", "cnn4", "resnet18", "lm")
+
+
 def make(name: str, device, small=False):
     """(model, proxy inputs) for 'cnn', 'cnn4', 'resnet18' or 'lm' (``small``: tiny sizes for CPU runs)."""
     g = torch.Generator().manual_seed(0)

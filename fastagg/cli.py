@@ -40,7 +40,15 @@ def _chunk(value):
 
 def _bench(args):
     from . import bench
+    from .engine import ROUTE_NAMES
 
+    models = [m for m in args.models.split(",") if m] + [m for m in args.sweep_models.split(",") if m]
+    unknown = [m for m in models if m not in bench.MODELS] + [
+        r for r in (args.routes or "").split(",") if r and r not in ROUTE_NAMES]
+    if unknown:  # before any model is built or timed
+        print(f"fastagg bench: unknown model or route {unknown}; models: {', '.join(bench.MODELS)}; "
+              f"routes: {', '.join(ROUTE_NAMES)}", file=sys.stderr)
+        return 2
     res = bench.run(device=args.device, models=tuple(m for m in args.models.split(",") if m), K=args.k,
                     sweep=not args.no_sweep, small=args.small, out=args.out, compile_baseline=not args.no_compile,
                     sweep_models=tuple(args.sweep_models.split(",")),

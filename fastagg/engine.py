@@ -107,6 +107,9 @@ CUDA_ONLY_ROUTES = CUDA_ONLY + ("compiled_cl", "compiled_fused_cl")  # the compi
 # compiled routes with K dense convolutions per layer on a per-student input (_dense_step): any
 # device, candidates of auto on CUDA with compile=True
 DENSE_ROUTES = ("compiled_dense", "compiled_fused_dense")
+# every route a pass can take: the conv choices, and the compiled routes (compile=True)
+ROUTE_NAMES = tuple(c for c in CONV_CHOICES if c != "auto") + (
+    "compiled", "compiled_cl", "compiled_gemm", "compiled_fused", "compiled_fused_cl") + DENSE_ROUTES
 
 
 def _own_code(method):

@@ -361,3 +361,15 @@ def test_bf16_regime_script_measures_the_gradients_against_the_distance():
     far, at = _bench_script("bf16_regime").regime("lm", "cpu", K=2, distances=(1e-1, 0.0))
     assert far["distance"] == 0.1 and far["cos_mean"] > 0.99 and far["rel_err"] < 0.05
     assert at["g32"] < 1e-5 * far["g32"] and at["g16"] > 100 * at["g32"]
+
+
+@pytest.mark.parametrize("args", [["--models", "cnn,resnet"], ["--routes", "compiled,compiled_dence"],
+                                  ["--sweep-models", "lm2"]])
+def test_bench_refuses_an_unknown_model_or_route_before_it_runs(args, capsys):
+    """A typo in --models raised from inside the run, and one in --routes was dropped in silence
+    (the engine then timed its first candidate only): both refused with the names it knows, exit 2."""
+    from fastagg import cli
+
+    assert cli.main(["bench", "--device", "cpu", "--no-sweep", *args, "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model or route" in err and "compiled_dense" in err and "resnet18" in err
