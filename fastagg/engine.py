@@ -40,6 +40,9 @@ gemm_fused, loop_fused and loop_fused_cl (where a chain reads the proxy batch) a
 per pass size on a CUDA device and keeps the fastest (triton, triton_fused, triton_cl and loop
 lost to native on the GPUs that timed them, so they run only when named); on a CPU it is loop
 for a model with convolutions (one student per pass there, see ``chunk``) and native otherwise.
+native_cl, compiled_cl and compiled_fused_cl run the model under vmap on channels-last
+activations, which functorch cannot do for some layers (a batch norm on CUDA): for such a
+model auto leaves them out and ``conv="native_cl"`` is refused (``channels_last_vmap``).
 
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
 grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used there), with
@@ -104,6 +107,9 @@ CONV_CHOICES = ("auto", "native", "native_cl", "loop", "loop_cl", "loop_fused", 
                 "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
 CUDA_ONLY = ("native_cl", "loop_cl", "loop_fused_cl")  # channels-last for cuDNN (see StudentGradEngine.__init__)
 CUDA_ONLY_ROUTES = CUDA_ONLY + ("compiled_cl", "compiled_fused_cl")  # the compiled ones: candidates of auto on CUDA
+# the routes that run the model (or its rest after the chains) under vmap on channels-last activations:
+# only for a model that vmap can run so (see StudentGradEngine.channels_last_vmap)
+VMAP_CL_ROUTES = ("native_cl", "compiled_cl", "compiled_fused_cl")
 # compiled routes with K dense convolutions per layer on a per-student input (_dense_step): any
 # device, candidates of auto on CUDA with compile=True
 DENSE_ROUTES = ("compiled_dense", "compiled_fused_dense")
@@ -164,6 +170,11 @@ class StudentGradEngine:
             raise ValueError(f"conv={conv!r} runs on CUDA only (channels-last activations for cuDNN); on a CPU "
                              f"use {conv.removesuffix('_cl')!r}")
         self.conv, self.compile = conv, bool(compile)
+        self._cl_vmap = ()  # channels_last_vmap's answer, once asked
+        self._cl_proxy = None  # the proxy batch channels-last (loop_cl), made at first use
+        if conv == "native_cl" and proxy.device.type == "cuda" and self.channels_last_vmap() is not None:
+            raise ValueError(f"conv='native_cl' cannot run this model: {self.channels_last_vmap()}; use 'native' "
+                             "(or 'loop_cl', which runs each student without vmap)")
         self.chunk = chunk if chunk in (None, "auto") else int(chunk)
         self.chunks: dict = {}  # buffer size K -> students per pass (chunk="auto")
         self.chunk_timings: dict = {}  # K -> {students per pass: seconds per student, or why not}
@@ -177,7 +188,6 @@ class StudentGradEngine:
         self._graphs: dict = {}
         self._zeros: dict = {}
         self._streams = None  # the loop routes' side streams (CUDA), made at first use
-        self._cl_proxy = None  # the proxy batch channels-last (loop_cl), made at first use
         self.only_routes = None  # a set: auto times only these of its candidates (fastagg bench --routes)
 
     def _autocast(self):
@@ -252,6 +262,34 @@ class StudentGradEngine:
         bf16 kernels work in that layout; NCHW operands may cost it transposes)."""
         x = self._proxy_cl() if channels_last else self.proxy
         return self._loop(students, probs, self.model, lambda k: (x,), out, lambda k, g: None)
+
+    def channels_last_vmap(self):
+        """None when vmap runs the model on the channels-last proxy batch, as the VMAP_CL_ROUTES do;
+        else why not. functorch does not batch some layout queries: on CUDA a batch norm after a
+        convolution asks whether its channels-last input is channels-last contiguous, and vmap
+        raises NYI (torch 2.11 on an H100). Found by running the model so on one proxy sample (once;
+        a model that fails on the plain proxy too is not the layout's fault: None, and the route's
+        own error says what is wrong)."""
+        if self._cl_vmap == ():
+            named = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            one = {n: t.detach()[None] for n, t in named.items()}
+
+            def run(x):
+                with torch.no_grad():
+                    vmap(lambda p: self._forward(p, x), in_dims=(0,))(one)
+
+            self._cl_vmap = None
+            if self.proxy.dim() == 4:
+                try:
+                    run(self._proxy_cl()[:1])
+                except RuntimeError as exc:
+                    try:
+                        run(self.proxy[:1])
+                    except Exception:  # noqa: BLE001 - not the layout's fault (see above)
+                        pass
+                    else:
+                        self._cl_vmap = f"vmap cannot run it on channels-last activations ({exc})"[:300]
+        return self._cl_vmap
 
     def _proxy_cl(self):
         """The proxy batch channels-last (4-D; other inputs as they are), made once."""
@@ -692,7 +730,10 @@ class StudentGradEngine:
                         + (["compiled_dense"] if dense else [])
                         + (["compiled_fused_cl"] if chains else []) + (["compiled_cl"] if convs else [])
                         + (["compiled_fused"] if chains else []) + (["compiled_gemm"] if shared else []))
-        return routes + (compiled if self.compile else [])
+        routes = routes + (compiled if self.compile else [])
+        if any(r in VMAP_CL_ROUTES for r in routes) and self.channels_last_vmap() is not None:
+            routes = [r for r in routes if r not in VMAP_CL_ROUTES]  # never empty: native_cl is refused in __init__
+        return routes
 
     def per_student_convs(self):
         """How many of the model's plain Conv2d layers read a per-student input (not the proxy

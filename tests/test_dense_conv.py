@@ -141,7 +141,7 @@ def test_per_student_convs_and_the_bench_s_route_filter(rng):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto's GPU candidates")
 def test_dense_routes_are_auto_candidates_on_cuda(rng):
-    model, spec, proxy, students, _ = _engine_case(_ChainThenSmooth, 4, 12, 2, rng, "cuda")
+    model, spec, proxy, students, _ = _engine_case(_ChainThenSmooth, 4, 14, 2, rng, "cuda")
     cands = StudentGradEngine(model, spec, proxy, 3.0, compile=True)._candidates(students)
     assert {"compiled_dense", "compiled_fused_dense"} <= set(cands)
     eng = StudentGradEngine(model, spec, proxy, 3.0, compile=True)

@@ -515,14 +515,13 @@ class _BNNet(torch.nn.Module):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last vmap routes run on CUDA only")
 @pytest.mark.parametrize("route", ["native_cl", "compiled_cl"])
-@pytest.mark.parametrize("net", [_ChainThenSmooth, _BNNet], ids=["smooth_tail", "batchnorm"])
-def test_channels_last_vmap_routes_equal_native(net, route, rng):
+def test_channels_last_vmap_routes_equal_native(route, rng):
     """native_cl and compiled_cl (the proxy batch channels-last into vmap's convolutions, so that
     cuDNN gets its bf16 layout without transposes): fp32 KD gradients and losses equal native's
     (TF32 off), captured and replayed for native_cl; in bf16 within the bf16 tolerance of fp32."""
     from test_correction import BF16_TOLERANCE
 
-    model, spec, proxy, students, probs = _engine_case(net, 6, 14 if net is _ChainThenSmooth else 12, 4, rng, "cuda")
+    model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 6, 14, 4, rng, "cuda")
     with _no_tf32():
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
         for precision in ("fp32", "bf16"):
@@ -537,6 +536,55 @@ def test_channels_last_vmap_routes_equal_native(net, route, rng):
             else:
                 assert 0 < float((g1 - g0).norm() / g0.norm()) < BF16_TOLERANCE
     assert eng._cl_proxy.is_contiguous(memory_format=torch.channels_last)
+    assert eng.channels_last_vmap() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last vmap routes run on CUDA only")
+def test_a_batchnorm_model_is_kept_off_the_channels_last_vmap_routes(rng):
+    """vmap cannot run a CUDA batch norm on channels-last activations (torch 2.11: NYI, seen on an
+    H100): auto leaves native_cl, compiled_cl and compiled_fused_cl out for such a model and picks
+    among the rest, whose gradients equal native's; conv="native_cl" is refused with the reason."""
+    model, spec, proxy, students, probs = _engine_case(_BNNet, 6, 12, 4, rng, "cuda")
+    with pytest.raises(ValueError, match="conv='native_cl' cannot run this model: vmap cannot run it on channels-last"):
+        StudentGradEngine(model, spec, proxy, 3.0, conv="native_cl")
+    eng = StudentGradEngine(model, spec, proxy, 3.0, compile=True, chunk=None)
+    assert "NYI" in eng.channels_last_vmap()
+    cands = eng._candidates(students)
+    assert "native" in cands and "loop_cl" in cands and not set(cands) & {"native_cl", "compiled_cl", "compiled_fused_cl"}
+    eng.only_routes = {"native", "loop_cl", "compiled"}  # a few, to keep the compile time down
+    with _no_tf32():
+        loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
+        loss1, g1 = eng(students, probs)
+    assert eng.routes[4] in ("native", "loop_cl", "compiled") and set(eng.route_timings[4]) == eng.only_routes
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert float((g1 - g0).norm() / g0.norm()) < 1e-5
+
+
+class _LayoutQuery(torch.nn.Module):
+    """Asks for its convolution's output channels-last when its input is: as a CUDA batch norm's
+    kernel choice does, so that vmap refuses it (NYI) on a channels-last proxy only (any device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4 * 6 * 6, 7)
+
+    def forward(self, x):
+        y = self.c(x)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        return self.fc(torch.tanh(y).flatten(1))
+
+
+def test_channels_last_vmap_says_why_a_model_cannot_take_the_vmap_channels_last_routes(rng):
+    """channels_last_vmap runs the model under vmap on one channels-last proxy sample: the reason for
+    one that fails only there (vmap's NYI), None for one that runs, and None for one that fails on
+    the plain proxy too (not the layout's fault: the route's own error says what is wrong)."""
+    for net, expect in ((_LayoutQuery, "NYI"), (_ChainThenSmooth, None)):
+        model, spec, proxy, *_ = _engine_case(net, 3, 8 if net is _LayoutQuery else 14, 2, rng, "cpu")
+        why = StudentGradEngine(model, spec, proxy, 3.0).channels_last_vmap()
+        assert (why is None) if expect is None else (expect in why and "channels-last" in why), why
+    model, spec, proxy, *_ = _engine_case(_LayoutQuery, 3, 9, 2, rng, "cpu")  # 9x9: the head does not fit
+    assert StudentGradEngine(model, spec, proxy, 3.0).channels_last_vmap() is None
 
 
 def test_loop_fused_in_passes_and_with_a_tied_chain_parameter_equals_native(rng, device):
