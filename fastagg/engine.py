@@ -264,31 +264,40 @@ class StudentGradEngine:
         return self._loop(students, probs, self.model, lambda k: (x,), out, lambda k, g: None)
 
     def channels_last_vmap(self):
-        """None when vmap runs the model on the channels-last proxy batch, as the VMAP_CL_ROUTES do;
-        else why not. functorch does not batch some layout queries: on CUDA a batch norm after a
-        convolution asks whether its channels-last input is channels-last contiguous, and vmap
-        raises NYI (torch 2.11 on an H100). Found by running the model so on one proxy sample (once;
-        a model that fails on the plain proxy too is not the layout's fault: None, and the route's
-        own error says what is wrong)."""
-        if self._cl_vmap == ():
-            named = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-            one = {n: t.detach()[None] for n, t in named.items()}
+        """None when vmap can run the model on channels-last activations, as the VMAP_CL_ROUTES do;
+        else why not. functorch does not batch some layout queries: a CUDA batch norm asks whether
+        its input is channels-last contiguous, and vmap(vjp) raises NYI there (torch 2.11, an H100;
+        the CPU's batch norm does not ask). So a model with a batch norm layer is refused outright,
+        and any other is run once, forward and backward as the routes run it, on one or two
+        channels-last proxy samples; one that fails on the plain proxy too is not the layout's
+        fault (None: the route's own error says what is wrong)."""
+        if self._cl_vmap != ():
+            return self._cl_vmap
+        self._cl_vmap = None
+        norm = next((m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
+        if norm is not None:
+            self._cl_vmap = (f"it has a {type(norm).__name__}, and vmap cannot run a CUDA batch norm on channels-last "
+                             "activations (NYI)")
+        elif self.proxy.dim() == 4:
+            trainable = {n: p.detach()[None] for n, p in self.model.named_parameters() if p.requires_grad}
+            frozen = {n: t.detach()[None] for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+                      if n not in trainable}
 
             def run(x):
-                with torch.no_grad():
-                    vmap(lambda p: self._forward(p, x), in_dims=(0,))(one)
+                def batched(p):
+                    return vmap(lambda pp, bb: self._forward({**pp, **bb}, x), in_dims=(0, 0))(p, frozen)
+                logits, pullback = vjp(batched, trainable)
+                pullback(torch.ones_like(logits))
 
-            self._cl_vmap = None
-            if self.proxy.dim() == 4:
+            try:
+                run(self._proxy_cl()[:2])
+            except RuntimeError as exc:
                 try:
-                    run(self._proxy_cl()[:1])
-                except RuntimeError as exc:
-                    try:
-                        run(self.proxy[:1])
-                    except Exception:  # noqa: BLE001 - not the layout's fault (see above)
-                        pass
-                    else:
-                        self._cl_vmap = f"vmap cannot run it on channels-last activations ({exc})"[:300]
+                    run(self.proxy[:2])
+                except Exception:  # noqa: BLE001 - not the layout's fault (see above)
+                    pass
+                else:
+                    self._cl_vmap = f"vmap cannot run it on channels-last activations ({exc})"[:300]
         return self._cl_vmap
 
     def _proxy_cl(self):

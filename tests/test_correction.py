@@ -335,14 +335,19 @@ def test_a_graph_captured_while_another_thread_waits_for_its_staging_row(rng, mo
 
 
 def _slow_merges(monkeypatch):
-    """Hold each merge back ~50 ms on the device: a sleep queued on the merge's stream before it."""
+    """Hold each GPU merge back ~25-50 ms: a sleep queued on the merge's stream before it (50M
+    cycles). A CPU aggregator's merge (the tests' reference) is not held: a sleep queued on the
+    current CUDA stream for it would make the GPU aggregator's next read-back on that stream wait
+    ~25 ms, long enough for its own merge on the compute stream to end (the eighteenth session's
+    H100 run: every "still running" read False for that reason)."""
     import fastagg.aggregator as A
 
     merge = A.fused_merge
 
-    def slow_merge(*args, **kw):
-        torch.cuda._sleep(50_000_000)
-        return merge(*args, **kw)
+    def slow_merge(theta, *args, **kw):
+        if theta.is_cuda:
+            torch.cuda._sleep(50_000_000)
+        return merge(theta, *args, **kw)
 
     monkeypatch.setattr(A, "fused_merge", slow_merge)
 
@@ -420,6 +425,9 @@ def test_device_updates_are_taken_while_the_previous_merge_runs(compute_stream, 
     host = [torch.randn(gpu.spec.numel, generator=rng) for _ in range(18)]
     dev = [d.cuda() for d in host]
     batches = [torch.stack(dev[3 * b:3 * b + 3]) for b in range(6)]
+    warm = fastagg.Aggregator(model, fastagg.FedBuff(3), device="cuda")
+    for d in dev[:3]:  # the merge kernel compiled (a first merge waits seconds for Triton: long done by the check)
+        warm.submit(d, base_version=0)
     torch.cuda.synchronize()  # the updates are on the device before the first submit
     still_running = []
     for b in range(6):
