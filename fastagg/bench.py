@@ -527,11 +527,15 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     row = rows[0]
     # what submit does to a host update: stage it, check its norm — each of the K updates into its
     # own row, as in the step (one row and a few updates stay in the caches: on this project's CPU
-    # that measured half the time of K distinct ones for `cnn`)
-    t_ingest = timeit(lambda: [_norm_of(agg._write_row(p, rows[i]), rows[i]) for i, p in enumerate(host_deltas)],
+    # that measured half the time of K distinct ones for `cnn`), with the staging threads a lone
+    # submitter gets (until the eighteenth session one thread: the H100 host staged a `cnn` update
+    # in 0.81 ms so, while its whole step took 0.37 ms per update with 16)
+    th = agg._stage_threads
+    t_ingest = timeit(lambda: [_norm_of(agg._write_row(p, rows[i], th), rows[i]) for i, p in enumerate(host_deltas)],
                       device, reps=3) / K
     from .wire import parse_update  # what submit does to bytes: parse the header, copy into the row
-    t_decode = timeit(lambda: [agg._write_row(parse_update(p)[0], row) for p in payloads[:8]], device, reps=3) / 8
+    t_decode = timeit(lambda: [agg._write_row(parse_update(p)[0], row, th) for p in payloads[:8]], device, reps=3) / 8
+    r["stage_threads"] = th
     teacher = corr.teacher(agg.params, agg.version)
     students = agg.params + torch.stack([d.to(device) for d in host_deltas])
     out = torch.empty_like(students)

@@ -74,6 +74,46 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
     torch.testing.assert_close(gw, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_the_routes_bias_is_added_outside_the_per_student_op(rng, monkeypatch):
+    """Under vmap, dense_conv2d hands the op no bias and adds it itself (inductor fuses that add
+    with its neighbours; inside the op it was one add kernel per student): same values and
+    gradients as the op with the bias."""
+    seen = []
+    real = dense_conv.dense_grouped_conv
+    monkeypatch.setattr(dense_conv, "dense_grouped_conv", lambda x, w, b, *a: seen.append(b) or real(x, w, b, *a))
+    x = torch.randn(3, 2, 4, 7, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 4, 3, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, generator=rng, dtype=torch.float64, requires_grad=True)
+    y = vmap(lambda a, c, d: dense_conv.dense_conv2d(a, c, d, (1, 2), (1, 0)))(x, w, b)
+    assert seen == [None]
+    ref = grouped_conv2d_reference(x, w, b, (1, 2), (1, 0))
+    dy = torch.randn(ref.shape, generator=rng, dtype=torch.float64)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(ref, (x, w, b), dy)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's out= form runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cudnn_writes_each_students_output_in_place(dtype, rng):
+    """On CUDA each student's forward is cuDNN's out= form into its channels-last slice of the
+    [K, N, Ho, Wo, Co] output (no copy): every element written (the output poisoned first), and
+    equal to F.conv2d's (TF32 off; bf16 within a rounding)."""
+    K, N, C, H, W, CO = 3, 2, 5, 9, 8, 6
+    x = torch.randn(K, N, C, H, W, generator=rng).to("cuda", dtype)
+    w = torch.randn(K, CO, C, 3, 3, generator=rng).to("cuda", dtype)
+    xs, ws = dense_conv._students_last(x), dense_conv._students_last(w)
+    out = dense_conv._empty_students_last(K, N, CO, 4, 8, x)
+    out.fill_(float("nan"))
+    with _no_tf32():
+        for k in range(K):
+            dense_conv._conv_into(out[k], xs[k], ws[k], [2, 1], [1, 1])
+            ref = torch.nn.functional.conv2d(x[k], w[k], None, (2, 1), (1, 1))
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(out[k].float(), ref.float(), **tol)
+    assert not out.isnan().any() and out.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
 def _dense_engine(model, spec, proxy, route, K, **kw):
     eng = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None, compile=True, **kw)
     eng.routes[K] = route
