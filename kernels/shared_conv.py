@@ -28,11 +28,13 @@ The input needs no gradient here (the proxy batch); the op's autograd (fastagg.o
 computes one in plain PyTorch if it is ever asked for.
 
 The weight gradient has a second method, "unpool": dz written out in full (channels-last on a
-GPU) by one elementwise op, then cuDNN's dense weight gradient. On the H200 (fifteenth session,
-`cnn`, K = 128) the kernel above took 12.9 ms, a third of a fused pass, at 12.5 TFLOP/s, while
-cuDNN's channels-last weight gradient of the same layer took 1.6 ms from a full-size dz. The
-unpool writes dz (2.1 GB there) and reads it back once, so it trades memory for cuDNN's tuned
-GEMM. ``WGRAD = "auto"`` times both once per shape on a GPU (outside a graph capture) and keeps
+GPU) by one kernel (unpool_chain), then cuDNN's dense weight gradient. On the H200 (fifteenth
+session, `cnn`, K = 128) the kernel above took 12.9 ms, a third of a fused pass, at 12.5
+TFLOP/s, while cuDNN's channels-last weight gradient of the same layer took 1.6 ms from a
+full-size dz. The unpool writes dz (2.1 GB there) and reads it back once, so it trades memory
+for cuDNN's tuned GEMM. (On the H100 in the eighteenth session it lost, 21.3 ms against the
+kernel's 12.8, because dz was then written by a torch.where over a 7-D view at ~150 GB/s; the
+kernel that writes it now reads each window once and writes its four pixels.) ``WGRAD = "auto"`` times both once per shape on a GPU (outside a graph capture) and keeps
 the faster, as Triton's autotuner keeps a config; ``wgrad_choices`` records what it measured.
 """
 
@@ -42,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_conv import _configs, _downcast, _mma, _out_size, _tf32, reduction_split
+from .grouped_conv import _INTERPRET, _configs, _downcast, _mma, _out_size, _tf32, reduction_split
 
 # BM: pixels (a multiple of 4: whole windows), BN: output channels, BK: the (c, r, s) block
 _FWD = _configs([(128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 2)])
@@ -240,24 +242,65 @@ WGRAD = "auto"  # the method shared_conv_relu_pool_wgrad uses when none is named
 wgrad_choices: dict = {}  # auto's timings per shape: {key: {"kernel": ms, "unpool": ms, "chosen": method}}
 
 
+@triton.jit
+def _unpool_chain(dp_ptr, code_ptr, dz_ptr, db_ptr, NP, KCO, CO, PHO, PWO,
+                  sdn, sdk, sdc, sdh, sdw, szn, szc, szh, szw,
+                  HAS_BIAS: tl.constexpr, OFF64: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr):
+    """dz [N, K*Co, 2*PHO, 2*PWO] (strides sz*) from the pooled gradient dp [N, K, Co, PHO, PWO]
+    (strides sd*) and the contiguous codes [N, K*Co, PHO, PWO]: a tile of (windows, channels)
+    loads each window's gradient and code once and writes its four pixels, dp at the code's
+    position and 0 elsewhere (everywhere where relu zeroed the window). With HAS_BIAS it adds the
+    tile's sum of the kept dp per channel into db [K*Co] (fp32 atomics into zeros)."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    j_ok = j < KCO
+    ok = (p < NP)[:, None] & j_ok[None, :]
+    n = _idx(p // (PHO * PWO), OFF64)
+    ph = _idx((p // PWO) % PHO, OFF64)
+    pw = _idx(p % PWO, OFF64)
+    jj = _idx(j, OFF64)
+    g = tl.load(dp_ptr + (n * sdn + ph * sdh + pw * sdw)[:, None] + ((jj // CO) * sdk + (jj % CO) * sdc)[None, :],
+                mask=ok, other=0.0)
+    code = tl.load(code_ptr + (n * (KCO * PHO * PWO) + ph * PWO + pw)[:, None] + (jj * (PHO * PWO))[None, :],
+                   mask=ok, other=-1)
+    top_left = dz_ptr + (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + (jj * szc)[None, :]
+    zero = tl.zeros_like(g)
+    tl.store(top_left, tl.where(code == 0, g, zero), mask=ok)  # position q = 2 * row + column
+    tl.store(top_left + szw, tl.where(code == 1, g, zero), mask=ok)
+    tl.store(top_left + szh, tl.where(code == 2, g, zero), mask=ok)
+    tl.store(top_left + szh + szw, tl.where(code == 3, g, zero), mask=ok)
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + j, tl.sum(tl.where(code >= 0, g.to(tl.float32), 0.0), axis=0), mask=j_ok)
+
+
+def unpool_chain(dp5, code, channels_last, bias):
+    """(dz [N, K*Co, 2h, 2w] in dp's dtype, channels-last when asked, and db [K*Co] fp32 or None):
+    the gradient at the chain's convolution output, by _unpool_chain, from dp5 [N, K, Co, h, w]
+    (any strides) and the contiguous codes [N, K*Co, h, w]."""
+    N, K, CO, h, w = dp5.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dz = torch.empty(N, K * CO, 2 * h, 2 * w, dtype=dp5.dtype, device=dp5.device, memory_format=fmt)
+    db = torch.zeros(K * CO, dtype=torch.float32, device=dp5.device) if bias else dz
+    BP, BJ = (16, 16) if _INTERPRET else (32, 64)
+    grid = (triton.cdiv(N * h * w, BP), triton.cdiv(K * CO, BJ))
+    _unpool_chain[grid](dp5, code, dz, db, N * h * w, K * CO, CO, h, w, *dp5.stride(), *dz.stride(),
+                        HAS_BIAS=bias, OFF64=_off64(dp5, code, dz), BP=BP, BJ=BJ, num_warps=4)
+    return dz, (db if bias else None)
+
+
 def _wgrad_unpool(x, dp5, code, w_shape, stride, padding, bias):
     """The "unpool" method: dz [N, K*Co, Ho, Wo] with each window's pooled gradient at its code's
-    position (zero elsewhere, and where relu zeroed the window), then the dense weight gradient
-    of conv2d (cuDNN on a GPU; channels-last there, the layout its bf16 kernels run in). dw comes
-    back in x's dtype (for bf16 that rounds it once, as the native route's does); the bias gradient
-    is summed from dp itself, in fp32."""
-    N, K, CO, h, w = dp5.shape
-    fmt = torch.channels_last if x.is_cuda else torch.contiguous_format
-    dz = torch.empty(N, K * CO, 2 * h, 2 * w, dtype=dp5.dtype, device=dp5.device, memory_format=fmt)
-    code7 = code.view(N, K, CO, h, 1, w, 1)
-    pos = torch.arange(4, dtype=code.dtype, device=code.device).view(2, 1, 2)  # row-major place in the window
-    torch.where(code7 == pos, dp5[:, :, :, :, None, :, None], dp5.new_zeros(()),
-                out=dz.view(N, K, CO, h, 2, w, 2))
+    position (zero elsewhere, and where relu zeroed the window), written by one kernel that reads
+    dp and the codes once (unpool_chain; until the eighteenth session a torch.where over a 7-D
+    view, 19.7 ms for `cnn`'s 2.1 GB on the H100, ~150 GB/s), then the dense weight gradient of
+    conv2d (cuDNN on a GPU; channels-last there, the layout its bf16 kernels run in). dw comes
+    back in x's dtype (for bf16 that rounds it once, as the native route's does); the bias
+    gradient is the kernel's fp32 sum of the kept dp."""
+    cl = x.is_cuda
+    dz, db = unpool_chain(dp5, code, cl, bias)
+    fmt = torch.channels_last if cl else torch.contiguous_format
     dw = torch.nn.grad.conv2d_weight(x.contiguous(memory_format=fmt), w_shape, dz, stride, padding)
-    db = None
-    if bias:
-        db = torch.where(code.view(dp5.shape) >= 0, dp5, dp5.new_zeros(())).sum((0, 3, 4), dtype=torch.float32)
-    return dw.float(), (None if db is None else db.view(K * CO))
+    return dw.float(), db
 
 
 def _pick_wgrad(key, run):

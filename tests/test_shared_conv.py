@@ -176,6 +176,41 @@ def _chain_ref(x, w, b, stride, padding):
     return F.max_pool2d(F.relu(z), 2), z
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unpool_chain_writes_each_windows_gradient_at_its_code(channels_last, dtype, rng, device, monkeypatch):
+    """The unpool method's kernel: every element of dz written (poisoned first), dp at each
+    window's code and 0 elsewhere (-1: relu zeroed the window), exactly as the reference; the
+    pooled gradient a [N, K, Co, h, w] view of a [K, N, Co, h, w] tensor (the students' layout
+    under vmap); tails in windows (N*h*w = 3*3*5, blocks of 16) and channels (K*Co = 21); the bias
+    gradient the fp32 sum of the kept dp per channel."""
+    pytest.importorskip("triton")
+    from fastagg.kernels.shared_conv import unpool_chain
+    from fastagg.ops.grouped_conv import unpool_relu_reference
+
+    N, K, CO, h, w = 3, 3, 7, 3, 5
+    dpk = torch.randn(K, N, CO, h, w, generator=rng).to(dtype)
+    code = torch.randint(-1, 4, (N, K * CO, h, w), generator=rng, dtype=torch.int8)
+    dp5 = dpk.to(device).movedim(0, 1)
+    empty = torch.empty
+
+    def poisoned(*a, **k):  # dz is allocated uninitialised: NaN instead, so that a skipped element shows
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    dz, db = unpool_chain(dp5, code.to(device), channels_last, bias=True)
+    monkeypatch.setattr(torch, "empty", empty)
+    ref = unpool_relu_reference(dpk.movedim(0, 1).reshape(N, K * CO, h, w).double(), code, 2 * h, 2 * w)
+    assert dz.dtype == dtype and dz.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                    else torch.contiguous_format)
+    assert torch.equal(dz.double().cpu(), ref)
+    kept = torch.where(code >= 0, dpk.movedim(0, 1).reshape(N, K * CO, h, w).double(), 0.0)
+    torch.testing.assert_close(db.double().cpu(), kept.sum((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    dz2, none = unpool_chain(dp5, code.to(device), channels_last, bias=False)
+    assert none is None and torch.equal(dz2, dz)
+
+
 @pytest.mark.parametrize("method", ["kernel", "unpool"])
 @pytest.mark.parametrize("geo", CHAIN_GEOMETRIES, ids=lambda g: f"C{g[1]}-{g[5]}x{g[6]}-s{g[7][0]}-KCo{g[4]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
