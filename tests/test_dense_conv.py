@@ -15,6 +15,8 @@ GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding, bias)
     (3, 2, 5, 9, 7, 4, 3, 3, (1, 1), (1, 1), True),
     (2, 3, 3, 10, 11, 6, 5, 3, (2, 1), (2, 0), False),
     (5, 1, 1, 4, 6, 2, 1, 2, (1, 3), (0, 1), True),
+    (2, 2, 3, 7, 6, 5, 5, 3, (1, 1), (2, 0), True),  # stride 1: the data gradient as a forward conv
+    (2, 2, 2, 5, 5, 3, 1, 2, (1, 1), (1, 1), False),  # stride 1, padding past R - 1: convolution_backward's
 ]
 
 
@@ -55,7 +57,9 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
 
 def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monkeypatch):
     """A frozen input (no gradient wanted) is not computed: convolution_backward is asked for
-    the weight's gradient only, and autograd gets None for the input."""
+    the weight's gradient only, and autograd gets None for the input. With stride 1 the input's
+    gradient, when wanted, comes from a forward convolution instead (convolution_backward still
+    only for the weight's); with stride 2 from convolution_backward."""
     x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
     w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
     masks = []
@@ -72,6 +76,16 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
     assert masks == [(False, True, False)] * 2
     ref = torch.autograd.grad(grouped_conv2d_reference(x, w, None, (1, 1), (1, 1)).sum(), [w])[0]
     torch.testing.assert_close(gw, ref, rtol=1e-4, atol=1e-4)
+    # the input's gradient with stride 1: a forward convolution (not convolution_backward's); stride 2: its
+    for stride, want in (((1, 1), (False, True, False)), ((2, 1), (True, True, False))):
+        masks.clear()
+        xg = x.clone().requires_grad_()
+        y = dense_conv.dense_grouped_conv(xg, w, None, list(stride), [1, 1])
+        gx, gw = torch.autograd.grad(y.square().sum(), [xg, w])
+        assert masks == [want] * 2
+        refs = torch.autograd.grad(grouped_conv2d_reference(xg, w, None, stride, (1, 1)).square().sum(), [xg, w])
+        for got, r in zip((gx, gw), refs):
+            torch.testing.assert_close(got, r, rtol=1e-4, atol=1e-4)
 
 
 def test_the_routes_bias_is_added_outside_the_per_student_op(rng, monkeypatch):

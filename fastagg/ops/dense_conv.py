@@ -18,7 +18,9 @@ is one student's ``F.conv2d``; its vmap rule calls ``dense_grouped_conv`` on all
 engine captures the dense routes, whose launches from Python would otherwise cost the host), with
 the operands and the results stored [K, N, H, W, C] (each student's slice a contiguous
 channels-last tensor, the layout cuDNN's bf16 kernels use: one copy for all students on the
-way in, each student's result copied into its slice on the way out). torch.compile sees three
+way in; on CUDA cuDNN writes each forward, and each data gradient of a stride-1 layer, computed
+as a forward convolution, straight into the student's slice; the weight gradients and a strided
+layer's data gradients are copied in). Biases are added once for all students. torch.compile sees three
 opaque ops (their fake implementations give the shapes and strides), so inductor still fuses
 everything around them.
 
@@ -111,17 +113,32 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
     """(dx [K, N, C, H, W] stored [K, N, H, W, C], dw [K, Co, C, R, S] in x's dtype, db [K, Co]
     summed in fp32); a gradient not needed comes back empty."""
     K = x.shape[0]
+    R, S = w.shape[-2:]
     xs, dys = _students_last(x), _students_last(dy)
     ws = _students_last(w)
     dx = _empty_students_last(*x.shape, x) if need_x else x.new_empty(0)
     dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0)
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
     db = dy.sum(dim=(1, 3, 4), dtype=acc) if need_b else dy.new_empty(0, dtype=acc)
+    # With stride 1 the data gradient is a forward convolution of dy with each student's weight
+    # flipped and its channels swapped (padding R-1-P): cuDNN's forward kernels then write it into
+    # dx[k] itself (_conv_into). On the H100 (eighteenth session, `cnn`'s second layer, bf16, K =
+    # 128) cuDNN's dgrad kernels took 5.9 ms against its forward kernels' 3.3 for the same FLOPs,
+    # and each student's dx was copied into place (part of 257 copies, 2.2 ms).
+    as_forward = need_x and list(stride) == [1, 1] and padding[0] <= R - 1 and padding[1] <= S - 1
+    if as_forward:
+        wt = _students_last(w.flip(3, 4).transpose(1, 2))  # [K, C, Co, R, S]
+        pad_t = [R - 1 - padding[0], S - 1 - padding[1]]
+    mask = [need_x and not as_forward, need_w, False]
 
     def one(k):
+        if as_forward:
+            _conv_into(dx[k], dys[k], wt[k], [1, 1], pad_t)
+        if not (mask[0] or mask[1]):
+            return
         gx, gw, _ = torch.ops.aten.convolution_backward(
-            dys[k], xs[k], ws[k], None, stride, padding, [1, 1], False, [0, 0], 1, [need_x, need_w, False])
-        if need_x:
+            dys[k], xs[k], ws[k], None, stride, padding, [1, 1], False, [0, 0], 1, mask)
+        if mask[0]:
             dx[k].copy_(gx)
         if need_w:
             dw[k].copy_(gw)
