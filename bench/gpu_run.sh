@@ -2,15 +2,14 @@
 # The device script. Results land in $OUT; copy them to bench/results/. The session has 15
 # minutes of device time in all, start-up included, one call at most 10, and the machine goes
 # back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 3 at once if time is left.
-#   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~550 s), then the summary table:
+#   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~530 s), then the summary table:
 #                             device/versions, the CUDA tests of what changed since the last run
 #                             (full log in cuda_tests.txt), where the host syncs in the step
 #                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (routes native,
-#                             native_cl, loop_fused_cl, compiled, compiled_fused_dense,
-#                             compiled_dense, compiled_fused_cl, compiled_cl; the chain weight
-#                             gradient's two methods; the device-update step with the compute
-#                             stream and with submit_many; no figures by backend, measured in the
-#                             fifteenth),
+#                             compiled, compiled_fused_dense, compiled_dense, compiled_fused_cl;
+#                             the chain weight gradient's two methods; the device-update step with
+#                             the compute stream and with submit_many; no figures by backend,
+#                             measured in the fifteenth),
 #                             bench/gpu_profile.py (the first layer as cuDNN vs
 #                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
 #                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
@@ -35,27 +34,25 @@ if ! python3 -c "import fastagg._cpu" 2>/dev/null; then
 fi
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
-  # Tests: the fifteenth session's H200 run passed every CUDA test of the routes and kernels (118, 2
-  # test bugs fixed); here tests/test_shared_conv.py (the chain weight gradient's two methods, the
-  # channels-last routes against native), the sixteenth session's compute-stream tests (three in
-  # test_correction.py, and the pinned-ingest one they touch), the seventeenth's graph capture with a
-  # staging thread waiting meanwhile, tests/test_dense_conv.py (the dense ops on CUDA's side streams,
-  # the dense routes against native) and tests/test_submit_many.py (batches of device updates). Then
-  # cnn in one pass of 128 students
-  # (the seventh session's chunk timing: 128 best), routes limited by --routes to the fifteenth run's
-  # best (compiled) and native, and those it has not timed (the six it timed slower than compiled, and
-  # loop_cl, stay out); the profile of the dense and compiled routes (inductor's cache from the bench
-  # speeds it); resnet18 alone in part 2 (its first route timing: the fifteenth's 150 s ended inside
-  # it), no K sweep (a compile per K: part 2 alone). About 580 s in all with the 31 s start.
+  # Tests: the eighteenth session's H100 run passed 105 of the 110 CUDA tests it ran (submit_many,
+  # the capture with a waiting thread, the compute stream's ordering, the dense routes); here the
+  # files changed after it: tests/test_shared_conv.py (the batch-norm model kept off the
+  # channels-last vmap routes, the channels-last bf16 check, unpool_chain), tests/test_dense_conv.py
+  # (cuDNN's out= form, the stride-1 data gradient as a forward convolution, the bias outside the
+  # op, the auto-candidates test's proxy), and the compute-stream tests of test_correction.py
+  # (_slow_merges no longer holds the CPU reference's merges). Then cnn in one pass of 128
+  # students, routes limited by --routes to those changed since (the dense and fused ones: the
+  # unpool weight gradient, the dense ops) and compiled and native to compare (the three the
+  # eighteenth timed slower and unchanged stay out); the profile; resnet18 alone in part 2 (its
+  # dense route changed). About 560 s in all with the start.
   C=tests/test_correction.py
-  CNN_ROUTES=native,native_cl,loop_fused_cl,compiled,compiled_fused_dense,compiled_dense,compiled_fused_cl,compiled_cl
+  CNN_ROUTES=native,compiled,compiled_fused_dense,compiled_dense,compiled_fused_cl
   RESNET_ROUTES=native,compiled,compiled_dense  # a compile of resnet18 takes tens of seconds: the three that matter most
-  TESTS="tests/test_shared_conv.py $C::test_every_reader_sees_the_merge_the_device_is_still_running
-      $C::test_device_updates_are_taken_while_the_previous_merge_runs $C::test_compute_stream_corrects_as_one_stream_does
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge
-      $C::test_a_graph_captured_while_another_thread_waits_for_its_staging_row tests/test_dense_conv.py
-      tests/test_submit_many.py" T_TESTS=120 \
-      T_CONV=0 T_PROF=60 T_CNN=210 T_SYNCS=30 \
+  TESTS="tests/test_shared_conv.py tests/test_dense_conv.py
+      $C::test_every_reader_sees_the_merge_the_device_is_still_running
+      $C::test_device_updates_are_taken_while_the_previous_merge_runs
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge" T_TESTS=120 \
+      T_CONV=0 T_PROF=60 T_CNN=200 T_SYNCS=30 \
       CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1
   MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends --routes $RESNET_ROUTES" T_REST=140 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
