@@ -75,6 +75,9 @@ def route_lines(res):
         for w in r.get("shared_wgrad_ms") or []:  # the fused routes' chain weight gradient, both methods
             yield (f"{r['model']} chain weight gradient, dp {w['dp']} {w['dtype']}: kernel {w['kernel']:.2f} ms, "
                    f"unpool {w['unpool']:.2f} ms, {w['chosen']} kept")
+        for f in r.get("shared_fwd_ms") or []:  # and its forward, both kernels
+            yield (f"{r['model']} chain forward, w {f['w']} {f['dtype']}: tile {f['tile']:.2f} ms, "
+                   f"resident {f['resident']:.2f} ms, {f['chosen']} kept")
 
 
 def main(paths):

@@ -588,9 +588,12 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     r["route"] = dict(eng.routes)  # pass size -> native / triton / compiled
     r["route_ms"] = {k: {route: t * 1e3 if isinstance(t, float) else t for route, t in v.items()}
                      for k, v in r.pop("route_seconds").items()}
-    if "fastagg.kernels.shared_conv" in sys.modules:  # the fused routes' chain weight gradient, timed per shape
+    if "fastagg.kernels.shared_conv" in sys.modules:  # the fused routes' chain kernels, timed per shape
+        kern = sys.modules["fastagg.kernels.shared_conv"]
         r["shared_wgrad_ms"] = [{"x": list(key[1]), "dp": list(key[2]), "dtype": str(key[3]), **timed}
-                                for key, timed in sys.modules["fastagg.kernels.shared_conv"].wgrad_choices.items()]
+                                for key, timed in kern.wgrad_choices.items()]
+        r["shared_fwd_ms"] = [{"x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]), **timed}
+                              for key, timed in kern.fwd_choices.items()]
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_bf16_updates_per_s']:.0f} (bf16 host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "

@@ -24,6 +24,12 @@ block is filled whatever C is, and nothing of the convolution's full-size output
               stored; db[j] = sum of the same dz. The reduction over pixels can be split over
               programs (fp32 atomics into zeroed outputs).
 
+The forward has a second kernel, "resident" (eighteenth session): a program gathers its pixels'
+im2col block once, in two power-of-two chunks (64 + 16 for C*R*S = 75), keeps it in registers
+and loops over JT channel tiles, where the first gathers it again for every tile (4096 / BN
+times for 128 `cnn` students). ``FWD = "auto"`` times both once per shape on a GPU; on a CPU it
+runs resident where C*R*S fits (RESIDENT_MAX_CRS).
+
 The input needs no gradient here (the proxy batch); the op's autograd (fastagg.ops.grouped_conv)
 computes one in plain PyTorch if it is ever asked for.
 
@@ -136,6 +142,71 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
     tl.store(code_ptr + flat, code.to(tl.int8), mask=p_ok)
 
 
+# BM: pixels (whole windows), BN: output channels per tile, JT: channel tiles per program. The
+# im2col block stays in registers across the JT tiles (KA + KB wide: the reduction in two
+# power-of-two chunks, 64 + 16 for C*R*S = 75)
+_FWD_RES = [triton.Config({"BM": 32, "BN": 16, "JT": 2}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BM": bm, "BN": bn, "JT": jt}, num_warps=w, num_stages=st)
+    for bm, bn, jt, w, st in [(128, 64, 8, 4, 2), (128, 128, 4, 8, 2), (64, 128, 8, 4, 2), (128, 64, 32, 4, 2),
+                              (256, 64, 8, 8, 2)]]
+RESIDENT_MAX_CRS = 160  # C*R*S up to this: the im2col block fits the registers (7x7 taps on 3 channels: 147)
+
+
+def resident_chunks(crs):
+    """(KA, KB): the reduction's two power-of-two chunks (each >= 16, tl.dot's least) covering crs."""
+    ka = max(16, 1 << (crs.bit_length() - 1))
+    return ka, max(16, triton.next_power_of_2(max(1, crs - ka)))
+
+
+@triton.autotune(_FWD_RES, key=_KEY)
+@triton.jit(do_not_specialize=["N", "C", "H", "W", "KCO", "HO", "WO"])
+def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO, HO, WO,
+                                   sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                                   SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                                   R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+                                   OFF64: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
+                                   BM: tl.constexpr, BN: tl.constexpr, JT: tl.constexpr):
+    """As _shared_fwd_relu_pool, but a program gathers its pixels' im2col block once and runs JT
+    channel tiles over it (there every channel tile gathers it again: 4096 / BN times for 128
+    `cnn` students, each element an index computation and a masked load)."""
+    PHO, PWO = HO // 2, WO // 2
+    offs = tl.program_id(0) * BM + tl.arange(0, BM)
+    n, _, _, _, ih0, iw0 = _windows(offs, PHO, PWO, SH, SW, PH, PW)
+    m_ok = offs < N * HO * WO
+    pix_off = _idx(n, OFF64) * sxn + ih0 * sxh + iw0 * sxw
+    CRS = C * R * S
+    ka = tl.arange(0, KA)
+    kb = KA + tl.arange(0, KB)
+    a0 = _im2col(x_ptr, pix_off, ih0, iw0, m_ok, ka, CRS, H, W, sxc, sxh, sxw, R, S, OFF64)
+    a1 = _im2col(x_ptr, pix_off, ih0, iw0, m_ok, kb, CRS, H, W, sxc, sxh, sxw, R, S, OFF64)
+    w0_row = (_idx(ka, OFF64) * KCO)[:, None]
+    w1_row = (_idx(kb, OFF64) * KCO)[:, None]
+    pp = tl.program_id(0) * (BM // 4) + tl.arange(0, BM // 4)
+    pp_ok = pp < N * PHO * PWO
+    pn = _idx(pp // (PHO * PWO), OFF64)
+    ph, pw = (pp // PWO) % PHO, pp % PWO
+    y_row = (pn * syn + ph * syh + pw * syw)[:, None]
+    code_row = (pn * (KCO * PHO * PWO) + ph * PWO + pw)[:, None]
+    j_lo = tl.program_id(1) * (JT * BN)
+    j_hi = tl.minimum(j_lo + JT * BN, KCO)
+    for j0 in range(j_lo, j_hi, BN):
+        offs_o = j0 + tl.arange(0, BN)
+        o_ok = offs_o < KCO
+        b0 = tl.load(w_ptr + w0_row + offs_o[None, :], mask=(ka < CRS)[:, None] & o_ok[None, :], other=0.0)
+        b1 = tl.load(w_ptr + w1_row + offs_o[None, :], mask=(kb < CRS)[:, None] & o_ok[None, :], other=0.0)
+        acc = _mma(a0, b0, tl.zeros((BM, BN), tl.float32), TF32)
+        acc = _mma(a1, b1, acc, TF32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
+                             return_indices_tie_break_left=True)
+        code = tl.where(pooled > 0, pos, -1)
+        p_ok = pp_ok[:, None] & o_ok[None, :]
+        ch = _idx(offs_o, OFF64)
+        tl.store(y_ptr + y_row + (ch * syc)[None, :], _downcast(pooled, y_ptr.dtype.element_ty), mask=p_ok)
+        tl.store(code_ptr + code_row + (ch * (PHO * PWO))[None, :], code.to(tl.int8), mask=p_ok)
+
+
 # restore_value: autotuning runs the kernel once per config; dw and db must still hold the
 # launcher's zeros when the chosen config runs (the split path accumulates with atomics)
 @triton.autotune(_WGRAD, key=_KEY + ["SPLIT"], restore_value=["dw_ptr", "db_ptr"])
@@ -214,27 +285,58 @@ def _check(x, w, stride, padding):
     return HO, WO
 
 
-def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False):
+FWD_METHODS = ("tile", "resident")
+FWD = "auto"  # the forward shared_conv_relu_pool_forward runs when none is named
+fwd_choices: dict = {}  # auto's timings per shape, as wgrad_choices
+
+
+def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False, method=None):
     """(y, code) for the shared input x [N, C, H, W] and the students' stacked weights
     w [K*Co, C, R, S] (same dtype as x), bias [K*Co] or None: y = max_pool2d(relu(conv2d(x, w, b)), 2)
     [N, K*Co, Ho/2, Wo/2] in x's dtype (stored channels-last if ``channels_last``), code the int8
-    window codes of the same shape (contiguous)."""
+    window codes of the same shape (contiguous). ``method``: "tile" (_shared_fwd_relu_pool),
+    "resident" (_shared_fwd_relu_pool_resident, for C*R*S up to RESIDENT_MAX_CRS) or "auto": on a
+    GPU both timed once per shape and the faster kept (fwd_choices), elsewhere resident where it
+    applies; None: ``FWD``."""
     HO, WO = _check(x, w, stride, padding)
     N, C, H, W = x.shape
     KCO, _, R, S = w.shape
+    method = FWD if method is None else method
+    if method not in FWD_METHODS + ("auto",):
+        raise ValueError(f"shared conv + relu + pool, forward: unknown method {method!r}; choose from "
+                         f"{FWD_METHODS + ('auto',)}")
+    resident_ok = C * R * S <= RESIDENT_MAX_CRS
+    if method == "resident" and not resident_ok:
+        raise ValueError(f"shared conv + relu + pool, forward: the resident method takes C*R*S up to "
+                         f"{RESIDENT_MAX_CRS}, got {C * R * S}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.empty(N, KCO, HO // 2, WO // 2, dtype=x.dtype, device=x.device, memory_format=fmt)
-    code = torch.empty(y.shape, dtype=torch.int8, device=x.device)
     wt = w.reshape(KCO, C * R * S).t().contiguous()  # [C*R*S, K*Co]
     b = None if b is None else b.contiguous()
 
-    def grid(meta):
-        return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(KCO, meta["BN"])
+    def run(m):
+        y = torch.empty(N, KCO, HO // 2, WO // 2, dtype=x.dtype, device=x.device, memory_format=fmt)
+        code = torch.empty(y.shape, dtype=torch.int8, device=x.device)
+        args = (x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO, *x.stride(), *y.stride())
+        kw = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S, HAS_BIAS=b is not None,
+                  TF32=_tf32(x.dtype), OFF64=_off64(x, wt, y, code))
+        if m == "tile":
+            _shared_fwd_relu_pool[lambda meta: (triton.cdiv(N * HO * WO, meta["BM"]),
+                                                triton.cdiv(KCO, meta["BN"]))](*args, **kw)
+        else:
+            ka, kb = resident_chunks(C * R * S)
+            _shared_fwd_relu_pool_resident[lambda meta: (triton.cdiv(N * HO * WO, meta["BM"]),
+                                                         triton.cdiv(KCO, meta["BN"] * meta["JT"]))](
+                *args, KA=ka, KB=kb, **kw)
+        return y, code
 
-    _shared_fwd_relu_pool[grid](x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO,
-                                *x.stride(), *y.stride(), SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
-                                R=R, S=S, HAS_BIAS=b is not None, TF32=_tf32(x.dtype), OFF64=_off64(x, wt, y, code))
-    return y, code
+    if method == "auto":
+        if not resident_ok:
+            method = "tile"
+        else:
+            key = (x.device, tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), b is not None,
+                   channels_last)
+            method = _pick(fwd_choices, key, FWD_METHODS, run, default="resident")
+    return run(method)
 
 
 WGRAD_METHODS = ("kernel", "unpool")
@@ -303,17 +405,18 @@ def _wgrad_unpool(x, dp5, code, w_shape, stride, padding, bias):
     return dw.float(), db
 
 
-def _pick_wgrad(key, run):
-    """auto: the kernel on a CPU (the Triton interpreter), and during a CUDA graph capture before
+def _pick(choices, key, methods, run, default):
+    """auto: ``default`` on a CPU (the Triton interpreter), and during a CUDA graph capture before
     any timing (nothing can be timed then); on a GPU each method timed once per shape (a warm-up
-    run, then the median of three, with events) and the faster kept. A method that runs out of
-    device memory (unpool's dz is 4x the pooled gradient) is timed as infinitely slow."""
-    if key in wgrad_choices:
-        return wgrad_choices[key]["chosen"]
+    run, then the median of three, with events) and the faster kept in ``choices[key]``. A method
+    that runs out of device memory (unpool's dz is 4x the pooled gradient) is timed as
+    infinitely slow."""
+    if key in choices:
+        return choices[key]["chosen"]
     if key[0].type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return "kernel"
+        return default
     ms = {}
-    for method in WGRAD_METHODS:
+    for method in methods:
         try:
             run(method)  # autotuning and compilation out of the timing
         except torch.cuda.OutOfMemoryError:
@@ -328,8 +431,13 @@ def _pick_wgrad(key, run):
             end.synchronize()
             times.append(start.elapsed_time(end))
         ms[method] = sorted(times)[1]
-    wgrad_choices[key] = {**ms, "chosen": min(ms, key=ms.get)}
-    return wgrad_choices[key]["chosen"]
+    choices[key] = {**ms, "chosen": min(ms, key=ms.get)}
+    return choices[key]["chosen"]
+
+
+def _pick_wgrad(key, run):
+    """The weight gradient's method for ``key`` (see _pick; the kernel on a CPU)."""
+    return _pick(wgrad_choices, key, WGRAD_METHODS, run, default="kernel")
 
 
 def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True, method=None):

@@ -280,10 +280,14 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
                              "kernel": 12.9, "unpool": 3.14, "chosen": "unpool"},
                             {"x": [256, 3, 32, 32], "dp": [256, 1024, 32, 16, 16], "dtype": "torch.bfloat16",
                              "kernel": 103.2, "unpool": float("inf"), "chosen": "kernel"}]
+    r["shared_fwd_ms"] = [{"x": [256, 3, 32, 32], "w": [4096, 3, 5, 5], "dtype": "torch.bfloat16",
+                           "tile": 3.14, "resident": 0.97, "chosen": "resident"}]
     path.write_text(json.dumps({"device": "test", "models": [r]}))
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
     assert ("cnn chain weight gradient, dp [256, 128, 32, 16, 16] torch.bfloat16: kernel 12.90 ms, unpool 3.14 ms, "
             "unpool kept" in out.stdout.splitlines())
+    assert ("cnn chain forward, w [4096, 3, 5, 5] torch.bfloat16: tile 3.14 ms, resident 0.97 ms, resident kept"
+            in out.stdout.splitlines())
     assert ("cnn chain weight gradient, dp [256, 1024, 32, 16, 16] torch.bfloat16: kernel 103.20 ms, unpool inf ms, "
             "kernel kept" in out.stdout.splitlines())
 

@@ -176,6 +176,19 @@ def _chain_ref(x, w, b, stride, padding):
     return F.max_pool2d(F.relu(z), 2), z
 
 
+def _poison_empty(monkeypatch):
+    """torch.empty fills what it allocates (NaN, int8 7: no window code) until undone, so that an
+    output element a kernel skips shows."""
+    empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(7) if t.dtype == torch.int8 else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    return lambda: monkeypatch.setattr(torch, "empty", empty)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_unpool_chain_writes_each_windows_gradient_at_its_code(channels_last, dtype, rng, device, monkeypatch):
@@ -192,15 +205,9 @@ def test_unpool_chain_writes_each_windows_gradient_at_its_code(channels_last, dt
     dpk = torch.randn(K, N, CO, h, w, generator=rng).to(dtype)
     code = torch.randint(-1, 4, (N, K * CO, h, w), generator=rng, dtype=torch.int8)
     dp5 = dpk.to(device).movedim(0, 1)
-    empty = torch.empty
-
-    def poisoned(*a, **k):  # dz is allocated uninitialised: NaN instead, so that a skipped element shows
-        t = empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+    undo = _poison_empty(monkeypatch)
     dz, db = unpool_chain(dp5, code.to(device), channels_last, bias=True)
-    monkeypatch.setattr(torch, "empty", empty)
+    undo()
     ref = unpool_relu_reference(dpk.movedim(0, 1).reshape(N, K * CO, h, w).double(), code, 2 * h, 2 * w)
     assert dz.dtype == dtype and dz.is_contiguous(memory_format=torch.channels_last if channels_last
                                                     else torch.contiguous_format)
@@ -211,11 +218,14 @@ def test_unpool_chain_writes_each_windows_gradient_at_its_code(channels_last, dt
     assert none is None and torch.equal(dz2, dz)
 
 
-@pytest.mark.parametrize("method", ["kernel", "unpool"])
+# the forward's two kernels ride along with the weight gradient's two methods (each pair on every
+# geometry and dtype; the engine's tests run the forward's CPU default, resident, on many more)
+@pytest.mark.parametrize("method,fwd", [("kernel", "tile"), ("unpool", "resident")], ids=["kernel", "unpool"])
 @pytest.mark.parametrize("geo", CHAIN_GEOMETRIES, ids=lambda g: f"C{g[1]}-{g[5]}x{g[6]}-s{g[7][0]}-KCo{g[4]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_shared_chain_kernels_match_float64(geo, dtype, method, rng, device):
-    """Forward: pooled values against float64 conv, relu and pool of the same (rounded) operands,
+def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device, monkeypatch):
+    """Forward (by the ``fwd`` kernel, its outputs poisoned first): pooled values against float64
+    conv, relu and pool of the same (rounded) operands,
     window codes where the window's two largest values differ by more than rounding. Weight and
     bias gradients, by either method, from a pooled gradient with other strides than the
     forward's output (a view, here channels-last) against float64 autograd through relu and pool
@@ -232,8 +242,12 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, rng, device):
     w = torch.randn(KCO, C, R, S, generator=rng).to(dtype)
     b = torch.randn(KCO, generator=rng) if bias else None
     with _no_tf32():
+        undo = _poison_empty(monkeypatch)
         y, code = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
-                                                stride, padding)
+                                                stride, padding, method=fwd)
+        y_cl, code_cl = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
+                                                      stride, padding, channels_last=True, method=fwd)
+        undo()
         ref, z = _chain_ref(x, w, b, stride, padding)
         tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the stored pooled value's rounding
         assert y.dtype == dtype and code.dtype == torch.int8 and y.shape == ref.shape
@@ -245,8 +259,6 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, rng, device):
                                                   == windows[..., :1]).long().mul(4 - q).argmax(-1), -1)
         assert bool((code.cpu().long() == argmax)[clear].all()) and float(clear.double().mean()) > 0.9
         assert torch.equal(code.cpu() == -1, y.cpu() == 0)
-        y_cl, code_cl = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
-                                                      stride, padding, channels_last=True)
         assert y_cl.is_contiguous(memory_format=torch.channels_last) and code_cl.is_contiguous()
         assert torch.equal(y_cl, y) and torch.equal(code_cl, code)  # the same values, stored channels-last
 
@@ -317,6 +329,39 @@ def test_shared_chain_weight_gradient_auto_times_both_methods_once_on_a_gpu(rng,
     assert kern.wgrad_choices == new  # timed once
     with pytest.raises(ValueError, match="unknown method 'cudnn'"):
         kern.shared_conv_relu_pool_wgrad(x, dp, code, w.shape, (1, 1), (1, 1), method="cudnn")
+
+
+def test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu(rng, device, monkeypatch):
+    """Forward method auto: on a CPU the resident kernel where C*R*S fits (nothing timed), the tile
+    one where it does not (7x7 taps on 7 channels); on CUDA both timed once per shape and the faster
+    kept. Either way the outputs are the named method's, bit for bit."""
+    pytest.importorskip("triton")
+    from fastagg.kernels import shared_conv as kern
+
+    monkeypatch.setattr(kern, "fwd_choices", {})
+    x = torch.randn(3, 2, 10, 6, generator=rng).to(device)
+    w = torch.randn(10, 2, 3, 3, generator=rng).to(device)
+    y, code = kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method="auto")
+    new = dict(kern.fwd_choices)
+    if device.type != "cuda":
+        assert not new
+        chosen = "resident"
+    else:
+        ((key, timed),) = new.items()
+        chosen = timed["chosen"]
+        assert timed[chosen] == min(timed["tile"], timed["resident"]) > 0
+    y1, code1 = kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method=chosen)
+    assert torch.equal(y, y1) and torch.equal(code, code1)
+    kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method="auto")
+    assert kern.fwd_choices == new  # timed once
+    big_x, big_w = torch.randn(1, 7, 8, 8, generator=rng).to(device), torch.randn(2, 7, 7, 7, generator=rng).to(device)
+    with pytest.raises(ValueError, match="resident method takes C\\*R\\*S up to 160, got 343"):
+        kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method="resident")
+    y2, code2 = kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method="auto")
+    y3, code3 = kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method="tile")
+    assert torch.equal(y2, y3) and torch.equal(code2, code3) and kern.fwd_choices == new
+    with pytest.raises(ValueError, match="unknown method 'cudnn'"):
+        kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method="cudnn")
 
 
 def test_shared_chain_rejects_what_it_cannot_run():
