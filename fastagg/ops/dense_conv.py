@@ -44,15 +44,16 @@ from .streams import round_streams
 
 _CUDNN_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STREAMS = 4  # side streams on CUDA (the fifteenth session's second-layer probe: 4 beat 1 by 1.3x)
-_streams: dict = {}  # device -> its side streams, made at first use
+_streams: dict = {}  # (device, how many) -> the side streams, made at first use
 
 
 def _side_streams(device):
     if device.type != "cuda" or STREAMS < 2:
         return []
-    if device not in _streams:
-        _streams[device] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
-    return _streams[device]
+    key = (device, STREAMS)  # keyed by the count too: ``streams(n)`` changes it after a first use
+    if key not in _streams:
+        _streams[key] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
+    return _streams[key]
 
 
 def _students_last(t):
