@@ -40,8 +40,9 @@ TFLOP/s, while cuDNN's channels-last weight gradient of the same layer took 1.6 
 full-size dz. The unpool writes dz (2.1 GB there) and reads it back once, so it trades memory
 for cuDNN's tuned GEMM. (On the H100 in the eighteenth session it lost, 21.3 ms against the
 kernel's 12.8, because dz was then written by a torch.where over a 7-D view at ~150 GB/s; the
-kernel that writes it now reads each window once and writes its four pixels.) ``WGRAD = "auto"`` times both once per shape on a GPU (outside a graph capture) and keeps
-the faster, as Triton's autotuner keeps a config; ``wgrad_choices`` records what it measured.
+kernel that writes it now reads each window once and writes its four pixels.) ``WGRAD = "auto"``
+times both once per shape on a GPU (outside a graph capture) and keeps the faster, as Triton's
+autotuner keeps a config; ``wgrad_choices`` records what it measured.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ the operands and the results stored [K, N, H, W, C] (each student's slice a cont
 channels-last tensor, the layout cuDNN's bf16 kernels use: one copy for all students on the
 way in; on CUDA cuDNN writes each forward, and each data gradient of a stride-1 layer, computed
 as a forward convolution, straight into the student's slice; the weight gradients and a strided
-layer's data gradients are copied in). Biases are added once for all students. torch.compile sees three
-opaque ops (their fake implementations give the shapes and strides), so inductor still fuses
-everything around them.
+layer's data gradients are copied in). Biases are added once for all students. torch.compile
+sees three opaque ops (their fake implementations give the shapes and strides), so inductor
+still fuses everything around them.
 
 These ops have no torch.func autograd: torch.func's ``grad`` over a custom op's generated
 autograd fails ("it must override the setup_context staticmethod", torch 2.13), as the
@@ -93,8 +93,8 @@ def _conv_into(out, x, w, stride, padding):
     under the cudnn flags F.conv2d would use), elsewhere a copy. (The H100 profile of the
     eighteenth session: a copy kernel per student after each dense forward, 1.9 ms of a
     compiled_fused_dense pass's 38.8 ms of kernels for `cnn`, K = 128.)"""
-    if out.is_cuda and x.dtype in _CUDNN_OUT_DTYPES and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
-        cudnn = torch.backends.cudnn
+    cudnn = torch.backends.cudnn
+    if out.is_cuda and x.dtype in _CUDNN_OUT_DTYPES and cudnn.is_available() and cudnn.enabled:
         torch.ops.aten.cudnn_convolution.out(x, w, list(padding), list(stride), [1, 1], 1, cudnn.benchmark,
                                              cudnn.deterministic, cudnn.allow_tf32, out=out)
     else:
