@@ -51,8 +51,8 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   TESTS="tests/test_shared_conv.py tests/test_dense_conv.py
       $C::test_every_reader_sees_the_merge_the_device_is_still_running
       $C::test_device_updates_are_taken_while_the_previous_merge_runs
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge" T_TESTS=120 \
-      T_CONV=0 T_PROF=60 T_CNN=200 T_SYNCS=30 \
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge" T_TESTS=150 \
+      T_CONV=0 T_PROF=60 T_CNN=180 T_SYNCS=30 \
       CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1
   MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends --routes $RESNET_ROUTES" T_REST=140 bash "$0" 2
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
