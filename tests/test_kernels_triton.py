@@ -47,6 +47,19 @@ def test_fused_merge_matches_reference(K, dtype, rng, device):
     assert _rel(out, ref) < 1e-6
 
 
+def test_merge_block_keeps_eight_programs_per_multiprocessor():
+    """merge_block: 4096 elements per program where that fills the device 8 programs deep, smaller
+    powers of two where it does not (`cnn`'s 1.1M parameters on an H100's 132 multiprocessors), 512
+    at least."""
+    pytest.importorskip("triton")
+    from fastagg.kernels.merge import merge_block
+
+    assert merge_block(11_700_000, 132) == 4096
+    assert merge_block(1_105_098, 132) == 1024 and 1_105_098 / 1024 >= 8 * 132 > 1_105_098 / 2048
+    assert merge_block(4096 * 8 * 132, 132) == 4096 and merge_block(4096 * (8 * 132 - 1), 132) == 2048
+    assert merge_block(1000, 132) == 512
+
+
 def test_fused_merge_in_place_and_empty_groups(rng, device):
     P = 777
     theta = torch.randn(P, generator=rng).to(device)
