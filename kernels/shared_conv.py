@@ -352,30 +352,36 @@ def _unpool_chain(dp_ptr, code_ptr, dz_ptr, db_ptr, NP, KCO, CO, PHO, PWO,
                   sdn, sdk, sdc, sdh, sdw, szn, szc, szh, szw,
                   HAS_BIAS: tl.constexpr, OFF64: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr):
     """dz [N, K*Co, 2*PHO, 2*PWO] (strides sz*) from the pooled gradient dp [N, K, Co, PHO, PWO]
-    (strides sd*) and the contiguous codes [N, K*Co, PHO, PWO]: a tile of (windows, channels)
+    (strides sd*) and the contiguous codes [N, K*Co, PHO, PWO]: a tile of (channels, windows)
     loads each window's gradient and code once and writes its four pixels, dp at the code's
     position and 0 elsewhere (everywhere where relu zeroed the window). With HAS_BIAS it adds the
-    tile's sum of the kept dp per channel into db [K*Co] (fp32 atomics into zeros)."""
+    tile's sum of the kept dp per channel into db [K*Co] (fp32 atomics into zeros).
+
+    The tile is [channels, windows]: the loads, contiguous along windows (a row of pooled pixels),
+    get the default layout, windows fastest; the stores into a channels-last dz are contiguous
+    along channels, which the compiler sees (szc = 1) and gives them a layout of their own, the
+    tile transposed through shared memory between. (Windows along the last axis and channels
+    first, both ran channels fastest: each load a separate sector, h*w elements apart.)"""
     p = tl.program_id(0) * BP + tl.arange(0, BP)
     j = tl.program_id(1) * BJ + tl.arange(0, BJ)
     j_ok = j < KCO
-    ok = (p < NP)[:, None] & j_ok[None, :]
+    ok = j_ok[:, None] & (p < NP)[None, :]
     n = _idx(p // (PHO * PWO), OFF64)
     ph = _idx((p // PWO) % PHO, OFF64)
     pw = _idx(p % PWO, OFF64)
     jj = _idx(j, OFF64)
-    g = tl.load(dp_ptr + (n * sdn + ph * sdh + pw * sdw)[:, None] + ((jj // CO) * sdk + (jj % CO) * sdc)[None, :],
+    g = tl.load(dp_ptr + ((jj // CO) * sdk + (jj % CO) * sdc)[:, None] + (n * sdn + ph * sdh + pw * sdw)[None, :],
                 mask=ok, other=0.0)
-    code = tl.load(code_ptr + (n * (KCO * PHO * PWO) + ph * PWO + pw)[:, None] + (jj * (PHO * PWO))[None, :],
+    code = tl.load(code_ptr + (jj * (PHO * PWO))[:, None] + (n * (KCO * PHO * PWO) + ph * PWO + pw)[None, :],
                    mask=ok, other=-1)
-    top_left = dz_ptr + (n * szn + 2 * ph * szh + 2 * pw * szw)[:, None] + (jj * szc)[None, :]
+    top_left = dz_ptr + (jj * szc)[:, None] + (n * szn + 2 * ph * szh + 2 * pw * szw)[None, :]
     zero = tl.zeros_like(g)
     tl.store(top_left, tl.where(code == 0, g, zero), mask=ok)  # position q = 2 * row + column
     tl.store(top_left + szw, tl.where(code == 1, g, zero), mask=ok)
     tl.store(top_left + szh, tl.where(code == 2, g, zero), mask=ok)
     tl.store(top_left + szh + szw, tl.where(code == 3, g, zero), mask=ok)
     if HAS_BIAS:
-        tl.atomic_add(db_ptr + j, tl.sum(tl.where(code >= 0, g.to(tl.float32), 0.0), axis=0), mask=j_ok)
+        tl.atomic_add(db_ptr + j, tl.sum(tl.where(code >= 0, g.to(tl.float32), 0.0), axis=1), mask=j_ok)
 
 
 def unpool_chain(dp5, code, channels_last, bias):
