@@ -183,7 +183,7 @@ class StudentGradEngine:
         self.uncaptured: dict = {}  # a dense route whose CUDA-graph capture failed -> why (see _run)
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._compiled: dict = {}  # route -> its torch.compile'd pass
-        self._fused = self._product = self._split_net = None
+        self._fused = self._product = self._split_net = self._per_student = None
         self.product_convs = 0  # layers the compiled_gemm route runs as products
         self._graphs: dict = {}
         self._zeros: dict = {}
@@ -746,9 +746,12 @@ class StudentGradEngine:
 
     def per_student_convs(self):
         """How many of the model's plain Conv2d layers read a per-student input (not the proxy
-        batch itself): what the dense routes run as K dense convolutions each."""
-        shared = {id(m) for m in shared_input_convs(self.model, self.proxy)}
-        return sum(1 for m in routable_convs(self.model) if id(m) not in shared)
+        batch itself): what the dense routes run as K dense convolutions each. Counted once (a
+        forward of the model on the proxy batch finds the shared ones)."""
+        if self._per_student is None:
+            shared = {id(m) for m in shared_input_convs(self.model, self.proxy)}
+            self._per_student = sum(1 for m in routable_convs(self.model) if id(m) not in shared)
+        return self._per_student
 
     def _pick_route(self, students, probs, out):
         """The route for passes of this size: the only candidate, or the fastest of them measured

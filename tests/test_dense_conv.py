@@ -174,7 +174,7 @@ def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
         assert 0 < float((g_bf - g0).norm() / g0.norm()) < 0.2  # bf16 ran, and is no garbage
 
 
-def test_per_student_convs_and_the_bench_s_route_filter(rng):
+def test_per_student_convs_and_the_bench_s_route_filter(rng, monkeypatch):
     """per_student_convs counts the convolutions that read a per-student input (what the dense
     routes run as K dense ones; auto on CUDA times them only where there is one), not one that
     reads the proxy batch. ``only_routes`` (fastagg bench --routes) keeps the candidates named,
@@ -182,7 +182,13 @@ def test_per_student_convs_and_the_bench_s_route_filter(rng):
     from fastagg.flat import ParamSpec
 
     model, spec, proxy, students, _ = _engine_case(_ChainThenSmooth, 4, 14, 2, rng, "cpu")
-    assert StudentGradEngine(model, spec, proxy, 3.0).per_student_convs() == 1
+    import fastagg.engine as engine_mod
+
+    forwards = []  # counted once per engine: the forward that finds the shared layers runs once
+    real = engine_mod.shared_input_convs
+    monkeypatch.setattr(engine_mod, "shared_input_convs", lambda *a: forwards.append(1) or real(*a))
+    counted = StudentGradEngine(model, spec, proxy, 3.0)
+    assert counted.per_student_convs() == 1 and counted.per_student_convs() == 1 and forwards == [1]
     only_first = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 12 * 12, 7))
     assert StudentGradEngine(only_first, ParamSpec.from_module(only_first), proxy, 3.0).per_student_convs() == 0
     eng = StudentGradEngine(model, spec, proxy, 3.0, compile=True)
