@@ -127,6 +127,18 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
         b = tl.load(w_ptr + (_idx(crs, OFF64) * KCO)[:, None] + offs_o[None, :],
                     mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, TF32)
+    _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
+                          HAS_BIAS, OFF64, BM, BN)
+
+
+@triton.jit
+def _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
+                          HAS_BIAS: tl.constexpr, OFF64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The epilogue of a [BM conv output pixels (window by window), BN channels] tile: bias, relu,
+    each window's max stored into y and its position (0..3, row-major; -1 where relu zeroed the
+    window) into the contiguous codes. (Its offsets are formed here, after the max: formed before
+    it, as the resident kernel first did for its whole loop, they cost the tile kernel 8-192
+    bytes a thread of spills on sm_90.)"""
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
@@ -184,12 +196,6 @@ def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H
     a1 = _im2col(x_ptr, pix_off, ih0, iw0, m_ok, kb, CRS, H, W, sxc, sxh, sxw, R, S, OFF64)
     w0_row = (_idx(ka, OFF64) * KCO)[:, None]
     w1_row = (_idx(kb, OFF64) * KCO)[:, None]
-    pp = tl.program_id(0) * (BM // 4) + tl.arange(0, BM // 4)
-    pp_ok = pp < N * PHO * PWO
-    pn = _idx(pp // (PHO * PWO), OFF64)
-    ph, pw = (pp // PWO) % PHO, pp % PWO
-    y_row = (pn * syn + ph * syh + pw * syw)[:, None]
-    code_row = (pn * (KCO * PHO * PWO) + ph * PWO + pw)[:, None]
     j_lo = tl.program_id(1) * (JT * BN)
     j_hi = tl.minimum(j_lo + JT * BN, KCO)
     for j0 in range(j_lo, j_hi, BN):
@@ -199,15 +205,8 @@ def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H
         b1 = tl.load(w_ptr + w1_row + offs_o[None, :], mask=(kb < CRS)[:, None] & o_ok[None, :], other=0.0)
         acc = _mma(a0, b0, tl.zeros((BM, BN), tl.float32), TF32)
         acc = _mma(a1, b1, acc, TF32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-        pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
-                             return_indices_tie_break_left=True)
-        code = tl.where(pooled > 0, pos, -1)
-        p_ok = pp_ok[:, None] & o_ok[None, :]
-        ch = _idx(offs_o, OFF64)
-        tl.store(y_ptr + y_row + (ch * syc)[None, :], _downcast(pooled, y_ptr.dtype.element_ty), mask=p_ok)
-        tl.store(code_ptr + code_row + (ch * (PHO * PWO))[None, :], code.to(tl.int8), mask=p_ok)
+        _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
+                              HAS_BIAS, OFF64, BM, BN)
 
 
 # restore_value: autotuning runs the kernel once per config; dw and db must still hold the
