@@ -37,10 +37,12 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # Tests: the eighteenth session's H100 run passed 105 of the 110 CUDA tests it ran (submit_many,
   # the capture with a waiting thread, the compute stream's ordering, the dense routes); here the
   # files changed after it: tests/test_shared_conv.py (the batch-norm model kept off the
-  # channels-last vmap routes, the channels-last bf16 check, unpool_chain), tests/test_dense_conv.py
+  # channels-last vmap routes, the channels-last bf16 check, unpool_chain, the resident forward,
+  # both forwards on every chain geometry), tests/test_dense_conv.py
   # (cuDNN's out= form, the stride-1 data gradient as a forward convolution, the bias outside the
   # op, the auto-candidates test's proxy), and the compute-stream tests of test_correction.py
-  # (_slow_merges no longer holds the CPU reference's merges). Then cnn in one pass of 128
+  # (_slow_merges no longer holds the CPU reference's merges), the merge kernel's tests (its
+  # elements per program now follow the device's multiprocessors). Then cnn in one pass of 128
   # students, routes limited by --routes to those changed since (the dense and fused ones: the
   # unpool weight gradient, the dense ops) and compiled and native to compare (the three the
   # eighteenth timed slower and unchanged stay out); the profile; resnet18 alone in part 2 (its
@@ -51,7 +53,8 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   TESTS="tests/test_shared_conv.py tests/test_dense_conv.py
       $C::test_every_reader_sees_the_merge_the_device_is_still_running
       $C::test_device_updates_are_taken_while_the_previous_merge_runs
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge" T_TESTS=150 \
+      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge
+      tests/test_kernels_triton.py::test_fused_merge_matches_reference" T_TESTS=150 \
       T_CONV=0 T_PROF=60 T_CNN=180 T_SYNCS=30 \
       CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1
   MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends --routes $RESNET_ROUTES" T_REST=140 bash "$0" 2

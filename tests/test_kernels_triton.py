@@ -45,6 +45,9 @@ def test_fused_merge_matches_reference(K, dtype, rng, device):
     ref = fused_merge_reference(theta.double(), 0.37, [(r.double(), c, i) for r, c, i in groups])
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-6
+    out = torch.full_like(theta, float("nan"))  # the default elements per program (merge_block on CUDA)
+    mk.fused_merge(theta, 0.37, groups, out=out)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 1e-6
 
 
 def test_merge_block_keeps_eight_programs_per_multiprocessor():
