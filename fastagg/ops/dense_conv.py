@@ -94,7 +94,12 @@ def _conv_into(out, x, w, stride, padding):
     eighteenth session: a copy kernel per student after each dense forward, 1.9 ms of a
     compiled_fused_dense pass's 38.8 ms of kernels for `cnn`, K = 128.)"""
     cudnn = torch.backends.cudnn
-    if out.is_cuda and x.dtype in _CUDNN_OUT_DTYPES and cudnn.is_available() and cudnn.enabled:
+    # cuDNN describes ``out`` in the layout it picks from x and w (channels-last when either reads
+    # as such), not by out's strides: so only where x is channels-last beyond doubt (more than one
+    # channel and one pixel) and out is channels-last too (a slice of _empty_students_last is)
+    in_place = (x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+                and out.is_contiguous(memory_format=torch.channels_last))
+    if out.is_cuda and in_place and x.dtype in _CUDNN_OUT_DTYPES and cudnn.is_available() and cudnn.enabled:
         torch.ops.aten.cudnn_convolution.out(x, w, list(padding), list(stride), [1, 1], 1, cudnn.benchmark,
                                              cudnn.deterministic, cudnn.allow_tf32, out=out)
     else:
