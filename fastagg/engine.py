@@ -283,21 +283,19 @@ class StudentGradEngine:
             frozen = {n: t.detach()[None] for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
                       if n not in trainable}
 
-            def run(x):
+            def failure(x):  # what running the model so on x raises, or None
                 def batched(p):
                     return vmap(lambda pp, bb: self._forward({**pp, **bb}, x), in_dims=(0, 0))(p, frozen)
-                logits, pullback = vjp(batched, trainable)
-                pullback(torch.ones_like(logits))
-
-            try:
-                run(self._proxy_cl()[:2])
-            except RuntimeError as exc:
                 try:
-                    run(self.proxy[:2])
-                except Exception:  # noqa: BLE001 - not the layout's fault (see above)
-                    pass
-                else:
-                    self._cl_vmap = f"vmap cannot run it on channels-last activations ({exc})"[:300]
+                    logits, pullback = vjp(batched, trainable)
+                    pullback(torch.ones_like(logits))
+                except Exception as exc:  # noqa: BLE001 - returned, and judged below
+                    return exc
+                return None
+
+            exc = failure(self._proxy_cl()[:2])
+            if isinstance(exc, RuntimeError) and failure(self.proxy[:2]) is None:  # the layout's fault only
+                self._cl_vmap = f"vmap cannot run it on channels-last activations ({exc})"[:300]
         return self._cl_vmap
 
     def _proxy_cl(self):
