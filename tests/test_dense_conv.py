@@ -119,7 +119,7 @@ def test_cudnn_writes_each_students_output_in_place(dtype, rng):
         x = torch.randn(K, N, C, H, W, generator=rng).to("cuda", dtype)
         w = torch.randn(K, CO, C, 3, 3, generator=rng).to("cuda", dtype)
         xs, ws = dense_conv._students_last(x), dense_conv._students_last(w)
-        out = dense_conv._empty_students_last(K, N, CO, 4, 8, x)
+        out = dense_conv._empty_students_last(K, N, CO, 5, 8, x)  # (9 + 2 - 3) // 2 + 1 rows, 8 columns
         out.fill_(float("nan"))
         with _no_tf32():
             for k in range(K):

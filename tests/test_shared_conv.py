@@ -632,7 +632,7 @@ def test_a_batchnorm_model_is_kept_off_the_channels_last_vmap_routes(rng):
     H100): auto leaves native_cl, compiled_cl and compiled_fused_cl out for such a model and picks
     among the rest, whose gradients equal native's; conv="native_cl" is refused with the reason."""
     model, spec, proxy, students, probs = _engine_case(_BNNet, 6, 12, 4, rng, "cuda")
-    with pytest.raises(ValueError, match="conv='native_cl' cannot run this model: vmap cannot run it on channels-last"):
+    with pytest.raises(ValueError, match="conv='native_cl' cannot run this model: it has a BatchNorm2d, and vmap cannot"):
         StudentGradEngine(model, spec, proxy, 3.0, conv="native_cl")
     eng = StudentGradEngine(model, spec, proxy, 3.0, compile=True, chunk=None)
     assert "NYI" in eng.channels_last_vmap()
