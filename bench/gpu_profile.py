@@ -156,8 +156,9 @@ def second_layer(K, N, C, H, W, CO, R, pad, device):
     routes), on one stream, round four, and round four channels-last (the _cl loop routes), each
     loop captured as a CUDA graph. Each student's input is a strided slice of all K students'
     (one copy per student, as in loop_fused). The premise of the loop routes: cuDNN's dense
-    kernels beat its grouped ones on this layer. Then the dense routes' op as the engine runs it,
-    round 4 and round 8 streams."""
+    kernels beat its grouped ones on this layer. Then the dense routes' op round 4 streams, each
+    of its variants fixed: the data gradient as a forward convolution or by convolution_backward,
+    with cuDNN's heuristics or its search (benchmark mode)."""
     bf = torch.bfloat16 if device.type == "cuda" else torch.float32
     x = torch.randn(N, K * C, H, W, device=device, dtype=bf)
     w = (torch.randn(K * CO, C, R, R, device=device) / (C * R * R) ** 0.5).to(bf)
@@ -215,16 +216,24 @@ def second_layer(K, N, C, H, W, CO, R, pad, device):
         wk = w.view(K, CO, C, R, R).detach().requires_grad_()
         dyk = dense_conv._students_last(dy.view(N, K, CO, H, W).movedim(1, 0))
 
-        def dense_op(n):
-            with dense_conv.streams(n):
-                y = dense_conv.dense_grouped_conv(xk, wk, None, [1, 1], [pad, pad])
-                return torch.autograd.grad(y, (xk, wk), dyk)
+        def dense_op(n, dgrad="auto", search="auto"):
+            old = dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK
+            dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK = dgrad, search
+            try:
+                with dense_conv.streams(n):
+                    y = dense_conv.dense_grouped_conv(xk, wk, None, [1, 1], [pad, pad])
+                    return torch.autograd.grad(y, (xk, wk), dyk)
+            finally:
+                dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK = old
 
-        gxk, gwk = dense_op(4)
-        row["dense_op_vs_grouped_rel_err"] = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in (
-            (gxk.movedim(0, 1).reshape(N, K * C, H, W), gx), (gwk.reshape(K * CO, C, R, R), gw)))
-        for n in (4, 8):
-            variants[f"dense_op_{n}_streams_graphed"] = functools.partial(dense_op, n)
+        for dgrad in ("forward", "backward"):  # the op's variants, each fixed (the engine times them per shape)
+            for search in (False, True):
+                gxk, gwk = dense_op(4, dgrad, search)
+                row[f"dense_op_{dgrad}_{search}_vs_grouped_rel_err"] = max(
+                    float((a.float() - b.float()).norm() / b.float().norm()) for a, b in (
+                        (gxk.movedim(0, 1).reshape(N, K * C, H, W), gx), (gwk.reshape(K * CO, C, R, R), gw)))
+                name = f"dense_op_4_streams_dgrad_{dgrad}_{'cudnn_search' if search else 'heuristics'}_graphed"
+                variants[name] = functools.partial(dense_op, 4, dgrad, search)
     for key, fn in variants.items():
         try:
             ms = _time(_graphed(fn, device) if key != "grouped_cudnn" else fn, device)

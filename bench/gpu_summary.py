@@ -78,6 +78,9 @@ def route_lines(res):
         for f in r.get("shared_fwd_ms") or []:  # and its forward, both kernels
             yield (f"{r['model']} chain forward, w {f['w']} {f['dtype']}: tile {f['tile']:.2f} ms, "
                    f"resident {f['resident']:.2f} ms, {f['chosen']} kept")
+        for d in r.get("dense_conv_ms") or []:  # the dense ops' variants (data-gradient method, cuDNN search)
+            yield (f"{r['model']} dense {d['op']}, x {d['x']} w {d['w']}: "
+                   + ", ".join(f"{v} {ms:.2f}" for v, ms in d["ms"].items()) + f" ms; {d['chosen']} kept")
 
 
 def main(paths):

@@ -422,6 +422,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     model, proxy = make(name, device, small)
     model.eval()
     T = 3.0
+    dense_seen = set(getattr(sys.modules.get("fastagg.ops.dense_conv"), "choices", {}))  # an earlier model's
     corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", steps=1, min_staleness=1,
                         cuda_graphs=cuda_graphs and device.type == "cuda", staleness_factor="none",
                         schedule=1.0, compile=compile_baseline, chunk=chunk)
@@ -594,6 +595,11 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                                 for key, timed in kern.wgrad_choices.items()]
         r["shared_fwd_ms"] = [{"x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]), **timed}
                               for key, timed in kern.fwd_choices.items()]
+    if "fastagg.ops.dense_conv" in sys.modules:  # the dense routes' ops: their variants, timed per shape
+        dense = sys.modules["fastagg.ops.dense_conv"].choices
+        r["dense_conv_ms"] = [{"op": key[0], "x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]),
+                               "ms": rec["ms"], "chosen": rec["chosen"]} for key, rec in dense.items()
+                              if key not in dense_seen]
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_bf16_updates_per_s']:.0f} (bf16 host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "
@@ -691,10 +697,13 @@ def _available_memory():
     return next((int(l.split()[1]) * 1024 for l in lines if l.startswith("MemAvailable:")), None)
 
 
-def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64, rows=None):
-    """Correction throughput and memory against the buffer size K, for three settings of the
-    engine: ``chunk="auto"`` (its own choice of students per pass), one pass of all K
-    (``None``), and passes of ``chunk`` students (for K above it). Memory: ``buffer_bytes`` for
+def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chunk=64, rows=None,
+            settings=None, compile=False, routes=None):
+    """Correction throughput and memory against the buffer size K, for the engine's settings of
+    students per pass in ``settings``: ``"auto"`` (its own choice), ``None`` (one pass of all K),
+    an int (passes of that many, run only for K above it); by default ``("auto", None, chunk)``.
+    The engine is the bench's: bf16 with CUDA graphs on a GPU, ``compile`` (its compiled
+    routes), its route choice limited to ``routes`` when given. Memory: ``buffer_bytes`` for
     the students and their gradients [K, P], ``peak_bytes`` for what the passes allocate on top
     of them at their peak (activations, the vmap'd weights). A GPU reports a pass that does not
     fit as out of memory; on a CPU, where running out of memory kills the process, a one-pass
@@ -703,8 +712,9 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
     device = torch.device(device)
     model, proxy = make(name, device, small)
     rows, last_one_pass = [] if rows is None else rows, None
+    settings = ("auto", None, chunk) if settings is None else settings
     for K in ks:
-        for c in ("auto", None) + ((chunk,) if K > chunk else ()):
+        for c in (c for c in settings if not isinstance(c, int) or K > c):
             row = {"K": K, "chunk": c}
             rows.append(row)
             need = None if c is not None or last_one_pass is None else (
@@ -716,8 +726,11 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                                                      f"{avail / 1e9:.0f} GB available")
                 log(f"  K={K} chunk={c}: {row['error']}")
                 continue
-            corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", schedule=1.0, chunk=c)
+            corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", schedule=1.0, chunk=c,
+                                cuda_graphs=device.type == "cuda", compile=compile)
             agg = Aggregator(model, FedBuff(1), correction=corr, device=device)
+            if routes:  # the aggregator made the engine
+                corr.engine.only_routes = set(routes)
             teacher = corr.teacher(agg.params, 0)
             try:
                 students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
@@ -748,7 +761,7 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
 
 def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, small=None, out=None, log=print,
         compile_baseline=True, sweep_models=("cnn",), sweep_ks=(1, 16, 64, 256, 1024), chunk="auto",
-        backend_rows=True, routes=None):
+        backend_rows=True, routes=None, sweep_settings=("auto", None, 64)):
     device = torch.device(device)
     small = (device.type == "cpu") if small is None else small
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores",
@@ -790,7 +803,8 @@ def run(device="cpu", models=("cnn", "resnet18", "lm"), K=None, sweep=True, smal
         for name in sweep_models if sweep else ():
             log(f"K sweep ({name} correction):")
             rows = res["sweep"][name] = []
-            sweep_k(name, device, ks=sweep_ks, small=small, log=log, chunk=64, rows=rows)
+            sweep_k(name, device, ks=sweep_ks, small=small, log=log, rows=rows, settings=sweep_settings,
+                    compile=compile_baseline, routes=routes)
             res.setdefault("flush_k", {})[name] = k = flush_k(rows)
             log(f"  flush at K = {k}: the smallest K within 90% of the best rate in this sweep")
             save()

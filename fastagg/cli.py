@@ -54,7 +54,8 @@ def _bench(args):
                     sweep_models=tuple(args.sweep_models.split(",")),
                     sweep_ks=tuple(int(k) for k in args.sweep_k.split(",")),
                     chunk=args.chunk, backend_rows=not args.no_backends,
-                    routes=tuple(r for r in args.routes.split(",") if r) if args.routes else None)
+                    routes=tuple(r for r in args.routes.split(",") if r) if args.routes else None,
+                    sweep_settings=tuple(_chunk(c) for c in args.sweep_chunks.split(",")))
     if args.out:
         print(f"results: {args.out}")
     failed = [r["model"] for r in res["models"] if "error" in r]
@@ -112,7 +113,10 @@ def main(argv=None):
     b.add_argument("--no-sweep", action="store_true")
     b.add_argument("--sweep-models", default="cnn", help="models of the K sweep (comma-separated)")
     b.add_argument("--sweep-k", default="1,16,64,256,1024", help="buffer sizes of the K sweep")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--sweep-chunks", default="auto,none,64",
+                   help="the engine's students per pass in the K sweep: auto | none | an int, comma-separated")
+    b.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile baseline (and the engine's compiled routes in the K sweep)")
     b.add_argument("--no-backends", action="store_true",
                    help="skip the rows by backend (the step, staging, merge and KD loss per backend)")
     b.add_argument("--chunk", default="auto", type=_chunk, help="students per pass of the engine: auto | none | an int")

@@ -70,6 +70,23 @@ def test_sweep_reports_one_pass_and_chunked_passes():
     assert rows[2]["route"] == {1: "loop"} and rows[4]["route"] == {2: "loop"}  # convolutions on a CPU
 
 
+def test_the_sweep_takes_its_settings_and_routes(tmp_path):
+    """`fastagg bench --sweep-chunks none,2`: only those settings are swept (2 only for K above
+    it), and the flush K is saved; ``routes`` limits each sweep engine's route choice (a CPU's
+    engine, compiling, would otherwise pick the loop route: the test above)."""
+    out = tmp_path / "sweep.json"
+    assert main(["bench", "--device", "cpu", "--models", "", "--sweep-models", "cnn", "--sweep-k", "1,3",
+                 "--sweep-chunks", "none,2", "--no-compile", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = res["sweep"]["cnn"]
+    assert [(r["K"], r["chunk"]) for r in rows] == [(1, None), (3, None), (3, 2)]
+    assert [r["students_per_pass"] for r in rows] == [1, 3, 2] and all(r["updates_per_s"] > 0 for r in rows)
+    assert res["flush_k"]["cnn"] in (1, 3)
+    (row,) = bench.sweep_k("cnn", "cpu", ks=(2,), small=True, log=lambda *a: None, settings=(None,),
+                           compile=True, routes=("compiled",))
+    assert row["route"] == {2: "compiled"} and row["updates_per_s"] > 0
+
+
 def test_sweep_skips_a_one_pass_row_that_would_not_fit_in_memory(monkeypatch):
     monkeypatch.setattr(bench, "_available_memory", lambda: 10 ** 6)  # 1 MB left
     rows = bench.sweep_k("lm", "cpu", ks=(1, 2), small=True, log=lambda *a: None, chunk=4)

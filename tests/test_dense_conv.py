@@ -1,6 +1,8 @@
 """The dense routes: K students' convolutions as K dense ones (fastagg.ops.dense_conv), inside
 torch.compile's vmap, gradients by torch.autograd; against float64 references and native."""
 
+import importlib
+
 import pytest
 import torch
 from torch.func import vmap
@@ -60,6 +62,8 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
     the weight's gradient only, and autograd gets None for the input. With stride 1 the input's
     gradient, when wanted, comes from a forward convolution instead (convolution_backward still
     only for the weight's); with stride 2 from convolution_backward."""
+    monkeypatch.setattr(dense_conv, "DGRAD", "forward")  # the method fixed (test_auto_... times both)
+    monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", False)
     x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
     w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
     masks = []
@@ -86,6 +90,96 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
         refs = torch.autograd.grad(grouped_conv2d_reference(xg, w, None, stride, (1, 1)).square().sum(), [xg, w])
         for got, r in zip((gx, gw), refs):
             torch.testing.assert_close(got, r, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device, monkeypatch):
+    """DGRAD = "auto" (and on CUDA CUDNN_BENCHMARK = "auto"): the first backward of a stride-1
+    shape times every (data-gradient method, cuDNN search) pair, records them in ``choices`` and
+    keeps the fastest; the forward likewise times the search on CUDA only (one variant on a CPU:
+    nothing timed, nothing recorded). Every timed run writes the same gradients (float64 against
+    the grouped reference), later calls of the shape time nothing and run the recorded variant
+    (the data gradient by convolution_backward only when "backward" was kept), and a new shape is
+    timed anew."""
+    monkeypatch.setattr(dense_conv, "choices", {})
+    monkeypatch.setattr(dense_conv, "DGRAD", "auto")
+    monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", "auto")
+    cuda = device.type == "cuda"
+    runs, masks = [], []
+    each = dense_conv._each_student
+    monkeypatch.setattr(dense_conv, "_each_student", lambda K, dev, body: runs.append(K) or each(K, dev, body))
+    cases = []  # inputs and float64 references first: the spy below stands in for the aten op
+    for K, H in ((3, 7), (3, 7), (2, 5)):
+        x = torch.randn(K, 2, 4, H, 6, generator=rng, dtype=torch.float64).requires_grad_()
+        w = torch.randn(K, 5, 4, 3, 3, generator=rng, dtype=torch.float64).requires_grad_()
+        dy = torch.randn(K, 2, 5, H, 6, generator=rng, dtype=torch.float64)
+        cases.append((K, H, x, w, dy,
+                      torch.autograd.grad(grouped_conv2d_reference(x, w, None, (1, 1), (1, 1)), (x, w), dy)))
+    importlib.import_module("torch._dynamo")  # the op's first call imports it; its imports walk the aten ops
+
+    real = torch.ops.aten.convolution_backward
+
+    class Spy:
+        def __call__(self, *a):
+            masks.append(tuple(a[-1]))
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", Spy())
+    n_bwd = 4 if cuda else 2
+    timed_runs = ((2 * 3 + 1) if cuda else 1) + n_bwd * 3 + 1  # each variant once + twice timed, then the kept
+    for i, (K, H, x, w, dy, refs) in enumerate(cases):
+        runs.clear(), masks.clear()
+        before = len(dense_conv.choices)
+        xd, wd = x.detach().to(device).requires_grad_(), w.detach().to(device).requires_grad_()
+        y = dense_conv.dense_grouped_conv(xd, wd, None, [1, 1], [1, 1])
+        got = torch.autograd.grad(y, (xd, wd), dy.to(device))
+        for g, r in zip(got, refs):
+            torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
+        if i == 1:  # the shape seen before: nothing timed, each op run once
+            assert (len(dense_conv.choices) - before, len(runs)) == (0, 2)
+        else:
+            assert (len(dense_conv.choices) - before, len(runs)) == ((2 if cuda else 1), timed_runs)
+        key = ("backward", (K, 2, 4, H, 6), (K, 5, 4, 3, 3), torch.float64, (1, 1), (1, 1), device,
+               dense_conv.STREAMS, True, True)
+        rec = dense_conv.choices[key]
+        assert len(rec["ms"]) == n_bwd and rec["chosen"] == min(rec["ms"], key=rec["ms"].get)
+        assert ("forward", *key[1:7], dense_conv.STREAMS) in dense_conv.choices or not cuda
+        kept_forward = rec["variant"][0] == "forward"
+        assert masks[-K:] == [(False, True, False) if kept_forward else (True, True, False)] * K
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture")
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(rng, monkeypatch):
+    """A shape first met inside a capture (its choice forgotten after the eager warm-up that
+    made cuDNN's plans) runs the first variant, times and records nothing (no synchronisation
+    inside the capture), and the replay equals the reference."""
+    monkeypatch.setattr(dense_conv, "DGRAD", "auto")
+    monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", "auto")
+    x = torch.randn(2, 2, 4, 7, 6, generator=rng).cuda().requires_grad_()
+    w = torch.randn(2, 5, 4, 3, 3, generator=rng).cuda().requires_grad_()
+    dy = torch.randn(2, 2, 5, 7, 6, generator=rng).cuda()
+    got = []
+
+    def step():
+        y = dense_conv.dense_grouped_conv(x, w, None, [1, 1], [1, 1])
+        got[:] = [y, *torch.autograd.grad(y, (x, w), dy)]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), _no_tf32():
+        step()  # eager: timed and recorded
+    torch.cuda.current_stream().wait_stream(side)
+    monkeypatch.setattr(dense_conv, "choices", {})
+    graph = torch.cuda.CUDAGraph()
+    with _no_tf32(), torch.cuda.graph(graph):
+        step()
+    assert dense_conv.choices == {}
+    graph.replay()
+    torch.cuda.synchronize()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = grouped_conv2d_reference(xr, wr, None, (1, 1), (1, 1))
+    refs = [y_ref, *torch.autograd.grad(y_ref, (xr, wr), dy.double())]
+    for a, r in zip(got, refs):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
 
 
 def test_the_routes_bias_is_added_outside_the_per_student_op(rng, monkeypatch):
@@ -154,6 +248,8 @@ def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
     calls = []
     each = dense_conv._each_student
     monkeypatch.setattr(dense_conv, "_each_student", lambda K, dev, body: calls.append(K) or each(K, dev, body))
+    monkeypatch.setattr(dense_conv, "DGRAD", "forward")  # nothing timed: each call of the op runs once
+    monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", False)
     smooth = net is _ChainThenSmooth
     model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
     eng = _dense_engine(model, spec, proxy, route, 3)

@@ -34,6 +34,7 @@ shared-input convolution's docstring says of the first try there. The routes tha
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Optional
 
 import torch
@@ -45,6 +46,19 @@ from .streams import round_streams
 _CUDNN_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STREAMS = 4  # side streams on CUDA (the fifteenth session's second-layer probe: 4 beat 1 by 1.3x)
 _streams: dict = {}  # (device, how many) -> the side streams, made at first use
+# How a stride-1 layer's data gradient is computed: "forward" (a forward convolution of dy with
+# the flipped, channel-swapped weights, written in place), "backward" (convolution_backward, then
+# a copy into place), or "auto": both timed per shape at first use, the faster kept. On the H100
+# (nineteenth session, `cnn`'s second layer, K = 128) cuDNN ran "forward" with a 64x64-tile kernel
+# for the layer's 32 output channels, 6.02 ms against 5.86 for its dgrad kernel: the copies went,
+# the kernel time did not; and the op took 13.1 ms against 10.4 for a plain loop of F.conv2d and
+# autograd. Which wins depends on the layer.
+DGRAD = "auto"
+# cuDNN's algorithm search (benchmark mode) for the ops' convolutions on CUDA: True, False, or
+# "auto" (both timed per shape at first use). Its heuristics gave this layer 64x64 tiles for the
+# gradients (143-149 TFLOP/s) where its forward ran at 270.
+CUDNN_BENCHMARK = "auto"
+choices: dict = {}  # (op, shapes, dtype, stride, padding, ...) -> {variant: ms, ..., "chosen": variant}
 
 
 def _side_streams(device):
@@ -54,6 +68,70 @@ def _side_streams(device):
     if key not in _streams:
         _streams[key] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
     return _streams[key]
+
+
+def _key(x, w, stride, padding):
+    return tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), x.device, STREAMS
+
+
+def _variants(device, can_forward):
+    """The (data-gradient method, cuDNN search) pairs to choose from: the data gradient's two
+    methods only where the forward form applies, the search only where cuDNN runs."""
+    dgrads = (["forward", "backward"] if DGRAD == "auto" else [DGRAD]) if can_forward else ["backward"]
+    cudnn_here = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    searches = ([False, True] if CUDNN_BENCHMARK == "auto" else [bool(CUDNN_BENCHMARK)]) if cudnn_here else [None]
+    return [(d, b) for d in dgrads for b in searches]
+
+
+def _name(variant):
+    dgrad, search = variant
+    return dgrad + ("" if search is None else ", cudnn search" if search else ", cudnn heuristics")
+
+
+def _choose(key, variants, run, device, reps=2):
+    """The variant to run for this shape: the only one, the one timed fastest before, or, at the
+    first call, each timed now (``run(variant)`` once to warm up (cuDNN's search runs then), then
+    ``reps`` times; on CUDA with events on the current stream, which ``run`` joins back to).
+    While a CUDA graph is being captured nothing can be timed: the first variant runs, and is
+    not recorded (the engine warms a route up before it captures it, so it has chosen by then)."""
+    if len(variants) == 1:
+        return variants[0]
+    got = choices.get(key)
+    if got is not None:
+        return got["variant"]
+    cuda = device.type == "cuda"
+    if cuda and torch.cuda.is_current_stream_capturing():
+        return variants[0]
+    timed = {}
+    for v in variants:
+        run(v)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                run(v)
+            end.record()
+            end.synchronize()
+            timed[v] = start.elapsed_time(end) / reps
+        else:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                run(v)
+            timed[v] = (time.perf_counter() - t0) * 1e3 / reps
+    best = min(timed, key=timed.get)
+    choices[key] = {"ms": {_name(v): ms for v, ms in timed.items()}, "chosen": _name(best), "variant": best}
+    return best
+
+
+@contextlib.contextmanager
+def _cudnn_search(on):
+    """cuDNN's benchmark flag set to ``on`` within the block (``None``: left as it is)."""
+    if on is None:
+        yield
+        return
+    c = torch.backends.cudnn
+    with c.flags(enabled=c.enabled, benchmark=bool(on), deterministic=c.deterministic, allow_tf32=c.allow_tf32):
+        yield
 
 
 def _students_last(t):
@@ -82,7 +160,12 @@ def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     xs = _students_last(x)
     ws = _students_last(w)  # each student's [Co, C, R, S] channels-last
     out = _empty_students_last(K, N, CO, HO, WO, x)
-    _each_student(K, x.device, lambda k: _conv_into(out[k], xs[k], ws[k], stride, padding))
+
+    def run(variant):
+        with _cudnn_search(variant[1]):
+            _each_student(K, x.device, lambda k: _conv_into(out[k], xs[k], ws[k], stride, padding))
+
+    run(_choose(("forward", *_key(x, w, stride, padding)), _variants(x.device, False), run, x.device))
     if b is not None:  # one add for all K (F.conv2d adds a bias by a kernel of its own: K of them)
         out.add_(b.view(K, 1, CO, 1, 1))
     return out
@@ -131,26 +214,33 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
     # dx[k] itself (_conv_into). On the H100 (eighteenth session, `cnn`'s second layer, bf16, K =
     # 128) cuDNN's dgrad kernels took 5.9 ms against its forward kernels' 3.3 for the same FLOPs,
     # and each student's dx was copied into place (part of 257 copies, 2.2 ms).
-    as_forward = need_x and list(stride) == [1, 1] and padding[0] <= R - 1 and padding[1] <= S - 1
-    if as_forward:
+    can_forward = need_x and list(stride) == [1, 1] and padding[0] <= R - 1 and padding[1] <= S - 1
+    if can_forward:
         wt = _students_last(w.flip(3, 4).transpose(1, 2))  # [K, C, Co, R, S]
         pad_t = [R - 1 - padding[0], S - 1 - padding[1]]
-    mask = [need_x and not as_forward, need_w, False]
 
-    def one(k):
-        if as_forward:
-            _conv_into(dx[k], dys[k], wt[k], [1, 1], pad_t)
-        if not (mask[0] or mask[1]):
-            return
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            dys[k], xs[k], ws[k], None, stride, padding, [1, 1], False, [0, 0], 1, mask)
-        if mask[0]:
-            dx[k].copy_(gx)
-        if need_w:
-            dw[k].copy_(gw)
+    def run(variant):
+        as_forward = variant[0] == "forward"
+        mask = [need_x and not as_forward, need_w, False]
+
+        def one(k):
+            if as_forward:
+                _conv_into(dx[k], dys[k], wt[k], [1, 1], pad_t)
+            if not (mask[0] or mask[1]):
+                return
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                dys[k], xs[k], ws[k], None, stride, padding, [1, 1], False, [0, 0], 1, mask)
+            if mask[0]:
+                dx[k].copy_(gx)
+            if need_w:
+                dw[k].copy_(gw)
+
+        with _cudnn_search(variant[1]):
+            _each_student(K, x.device, one)
 
     if need_x or need_w:
-        _each_student(K, x.device, one)
+        key = ("backward", *_key(x, w, stride, padding), need_x, need_w)
+        run(_choose(key, _variants(x.device, can_forward), run, x.device))
     return dx, dw, db
 
 
