@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
 # The device script. Results land in $OUT; copy them to bench/results/. The session has 15
 # minutes of device time in all, start-up included, one call at most 10, and the machine goes
-# back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 3 at once if time is left.
-#   bash bench/gpu_run.sh all parts 1 and 2 with tighter limits (~530 s), then the summary table:
-#                             device/versions, the CUDA tests of what changed since the last run
-#                             (full log in cuda_tests.txt), where the host syncs in the step
-#                             (bench/gpu_syncs.py), `fastagg bench` on `cnn` (routes native,
-#                             compiled, compiled_fused_dense, compiled_dense, compiled_fused_cl;
-#                             the chain weight gradient's two methods; the device-update step with
-#                             the compute stream and with submit_many; no figures by backend,
-#                             measured in the fifteenth),
-#                             bench/gpu_profile.py (the first layer as cuDNN vs
-#                             cuBLAS products, its chain as cuDNN vs the shared-chain kernels; the
-#                             second layer as cuDNN's grouped vs dense-per-student convolutions; the
-#                             kernels of a pass per route), then resnet18; 8 files in $OUT
+# back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 2 (or 3) at once if time is left.
+#   bash bench/gpu_run.sh all part 1 with tighter limits, then the K sweep (~560 s), then the
+#                             summary table: device/versions, the CUDA tests of what changed since
+#                             the last run (full log in cuda_tests.txt), `fastagg bench` on `cnn`
+#                             (the fastest routes of the last run; the chain's and the dense ops'
+#                             variants timed per shape; the device-update step with the compute
+#                             stream and with submit_many; no figures by backend, measured in the
+#                             fifteenth), bench/gpu_profile.py (the first layer as cuDNN vs cuBLAS
+#                             products, its chain as cuDNN vs the shared-chain kernels; the second
+#                             layer as cuDNN's grouped vs dense-per-student convolutions and the
+#                             dense op's variants; the kernels of a pass per route), the K sweep of
+#                             `cnn` (one pass, compiled_fused_dense); 8 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
-#   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm, and the K sweep
+#   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm (the routes that won or came close)
 #   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests and HTTP clients
 #                             feeding a CUDA aggregator from threads (~40 s), bench/bf16_regime.py
 #                             (bf16 vs fp32 KD gradients by student-teacher distance, ~20 s), then
@@ -34,32 +33,22 @@ if ! python3 -c "import fastagg._cpu" 2>/dev/null; then
 fi
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
-  # Tests: the eighteenth session's H100 run passed 105 of the 110 CUDA tests it ran (submit_many,
-  # the capture with a waiting thread, the compute stream's ordering, the dense routes); here the
-  # files changed after it: tests/test_shared_conv.py (the batch-norm model kept off the
-  # channels-last vmap routes, the channels-last bf16 check, unpool_chain, the resident forward,
-  # both forwards on every chain geometry), tests/test_dense_conv.py
-  # (cuDNN's out= form, the stride-1 data gradient as a forward convolution, the bias outside the
-  # op, the auto-candidates test's proxy), and the compute-stream tests of test_correction.py
-  # (_slow_merges no longer holds the CPU reference's merges), the merge kernel's tests (its
-  # elements per program now follow the device's multiprocessors). Then cnn in one pass of 128
-  # students, routes limited by --routes to those changed since (the dense and fused ones: the
-  # unpool weight gradient, the dense ops) and compiled and native to compare (the three the
-  # eighteenth timed slower and unchanged stay out); the profile; resnet18 alone in part 2 (its
-  # dense route changed). About 560 s in all with the start.
-  C=tests/test_correction.py
-  CNN_ROUTES=native,compiled,compiled_fused_dense,compiled_dense,compiled_fused_cl
-  RESNET_ROUTES=native,compiled,compiled_dense  # a compile of resnet18 takes tens of seconds: the three that matter most
-  TESTS="tests/test_shared_conv.py tests/test_dense_conv.py
-      $C::test_every_reader_sees_the_merge_the_device_is_still_running
-      $C::test_device_updates_are_taken_while_the_previous_merge_runs
-      $C::test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge
-      tests/test_kernels_triton.py::test_fused_merge_matches_reference" T_TESTS=150 \
-      T_CONV=0 T_PROF=60 T_CNN=180 T_SYNCS=30 \
-      CNN_ARGS="--chunk none --no-backends --routes $CNN_ROUTES" bash "$0" 1
-  MODELS_REST=resnet18 REST_ARGS="--no-sweep --no-backends --routes $RESNET_ROUTES" T_REST=140 bash "$0" 2
+  # Tests: the nineteenth session's H100 run passed all 109 CUDA tests of the files changed
+  # before it; here the one changed since, tests/test_dense_conv.py (the dense ops' variants timed
+  # per shape, nothing timed inside a capture). Then cnn in one pass of 128 students, the routes
+  # limited to the four fastest of the nineteenth (the dense ops now choose their data gradient
+  # and cuDNN's search per shape: `dense_conv_ms` in the JSON); the profile (the second layer as
+  # the op with each variant fixed); then the K sweep, owed since the first session: cnn at K =
+  # 1..1024, one pass, through compiled_fused_dense (each K compiles it once), with the memory of
+  # each K and the K to flush at. About 560 s in all with the start; resnet18 and lm in part 2.
+  TESTS="tests/test_dense_conv.py" T_TESTS=90 T_CONV=0 T_PROF=70 T_CNN=170 T_SYNCS=0 \
+      CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
+      bash "$0" 1
+  timeout 170 python3 -m fastagg.cli bench --device cuda --models "" --sweep-models cnn \
+      --sweep-k 1,16,64,256,1024 --sweep-chunks none --routes compiled_fused_dense \
+      --out "$OUT/gpu_bench_sweep.json" 2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_sweep_log.txt" | tail -12
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
-  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_rest.json"
+  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_sweep.json"
   exit 0
 fi
 if [ "$part" = 1 ]; then
@@ -80,7 +69,9 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
       > "$OUT/cuda_tests.txt" 2>&1
   echo "CUDA tests: exit $? ($(tail -1 "$OUT/cuda_tests.txt"))" | tee -a "$OUT/device.txt"
   # where the host waits for the device in the step (sync debug mode; ~20 s), into device.txt
-  timeout ${T_SYNCS:-40} python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
+  if [ "${T_SYNCS:-40}" != 0 ]; then
+    timeout ${T_SYNCS:-40} python3 bench/gpu_syncs.py 2>&1 | grep -v -i "userwarning" | tail -30 | tee -a "$OUT/device.txt"
+  fi
   if [ "${T_CONV:-120}" != 0 ]; then
     OUT=$OUT timeout ${T_CONV:-120} python3 bench/gpu_conv.py 2>&1 | grep -v -i warn | tee "$OUT/gpu_conv_log.txt"
   fi
@@ -92,8 +83,9 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
     OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py 2>&1 \
         | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
   fi
-elif [ "$part" = 2 ]; then
-  timeout ${T_REST:-290} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} ${REST_ARGS:-} \
+elif [ "$part" = 2 ]; then  # after `all`: ~280 s; the routes that won or came close before
+  timeout ${T_REST:-280} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} \
+      ${REST_ARGS:---no-sweep --no-backends --routes compiled_dense,compiled,native} \
       --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
 else

@@ -100,8 +100,13 @@ def main(paths):
         table += list(rows(res))
         notes += list(route_lines(res)) + list(backend_lines(res))
         errors += [f"{r['model']}: {r['error']}" for r in res.get("models", []) if "error" in r]
+        for name, sweep in (res.get("sweep") or {}).items():  # the K sweep: rate and memory per K
+            notes += [f"sweep {name} K={r['K']} chunk={r['chunk']}: " + (
+                f"{r['updates_per_s']:.0f} upd/s, {r['ms']:.2f} ms, pass peak {(r.get('peak_bytes') or 0) / 1e6:.0f} MB"
+                f" + buffer {r['buffer_bytes'] / 1e6:.0f} MB, route {r.get('route')}" if r.get("updates_per_s")
+                else str(r.get("error"))) for r in sweep]
         for name, k in (res.get("flush_k") or {}).items():
-            print(f"flush K ({name}): {k}")
+            notes.append(f"flush K ({name}): {k}")
     print(f"updates/s ({device}):")
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
