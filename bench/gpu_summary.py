@@ -81,6 +81,9 @@ def route_lines(res):
         for d in r.get("dense_conv_ms") or []:  # the dense ops' variants (data-gradient method, cuDNN search)
             yield (f"{r['model']} dense {d['op']}, x {d['x']} w {d['w']}: "
                    + ", ".join(f"{v} {ms:.2f}" for v, ms in d["ms"].items()) + f" ms; {d['chosen']} kept")
+        if r.get("dense_conv_relayouts"):  # which activations reached the dense ops in another layout
+            yield f"{r['model']} dense ops, copied into the students-last layout (calls, copies): " + ", ".join(
+                f"{k} {v['calls']}/{v['copied']}" for k, v in r["dense_conv_relayouts"].items())
 
 
 def main(paths):

@@ -600,6 +600,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         r["dense_conv_ms"] = [{"op": key[0], "x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]),
                                "ms": rec["ms"], "chosen": rec["chosen"]} for key, rec in dense.items()
                               if key not in dense_seen]
+        r["dense_conv_relayouts"] = {k: {"calls": n, "copied": c}
+                                     for k, (n, c) in sys.modules["fastagg.ops.dense_conv"].relayouts.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_bf16_updates_per_s']:.0f} (bf16 host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "

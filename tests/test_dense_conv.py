@@ -182,6 +182,23 @@ def test_nothing_is_timed_while_a_cuda_graph_is_captured(rng, monkeypatch):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
 
 
+def test_relayouts_counts_the_activations_that_came_in_another_layout(rng, device, monkeypatch):
+    """``relayouts`` (the bench's diagnosis of copies a pass makes): an input stored [K, N, C, H,
+    W] is copied into the students-last layout, in the forward and again in the backward; one
+    already stored [K, N, H, W, C] is not; the op's own output, as dy, is not either."""
+    monkeypatch.setattr(dense_conv, "relayouts", {})
+    w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
+    x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
+    for xin, copied in ((x.clone(), 1), (dense_conv._students_last(x), 0)):
+        xin.requires_grad_()
+        y = dense_conv.dense_grouped_conv(xin, w, None, [1, 1], [1, 1])
+        dy = dense_conv._students_last(torch.randn(y.shape, generator=rng).to(device))
+        torch.autograd.grad(y, (xin, w), dy)
+        assert {k: v[1] for k, v in dense_conv.relayouts.items()} == {
+            "forward x": copied, "backward x": copied, "backward dy": 0}
+        dense_conv.relayouts.clear()
+
+
 def test_the_routes_bias_is_added_outside_the_per_student_op(rng, monkeypatch):
     """Under vmap, dense_conv2d hands the op no bias and adds it itself (inductor fuses that add
     with its neighbours; inside the op it was one add kernel per student): same values and

@@ -59,6 +59,10 @@ DGRAD = "auto"
 # gradients (143-149 TFLOP/s) where its forward ran at 270.
 CUDNN_BENCHMARK = "auto"
 choices: dict = {}  # (op, shapes, dtype, stride, padding, ...) -> {variant: ms, ..., "chosen": variant}
+# "forward x", "backward x", "backward dy" -> [calls, calls that copied it into the students-last
+# layout]: a diagnosis for the bench JSON (each copy of `cnn`'s second-layer input moves 1.1 GB a
+# pass of 128 students; the H100 profile showed 7 copy kernels a pass besides the weights')
+relayouts: dict = {}
 
 
 def _side_streams(device):
@@ -134,10 +138,16 @@ def _cudnn_search(on):
         yield
 
 
-def _students_last(t):
+def _students_last(t, what=None):
     """[K, N, C, H, W] as a view of a [K, N, H, W, C] tensor (no copy when it is one already):
-    each t[k] a contiguous channels-last tensor (a weight [K, Co, C, R, S] likewise)."""
-    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    each t[k] a contiguous channels-last tensor (a weight [K, Co, C, R, S] likewise). ``what``
+    names an activation in ``relayouts``: how often it came in another layout and was copied."""
+    out = t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    if what is not None:
+        seen = relayouts.setdefault(what, [0, 0])
+        seen[0] += 1
+        seen[1] += out.data_ptr() != t.data_ptr() and t.numel() > 0
+    return out
 
 
 def _empty_students_last(K, N, C, H, W, like):
@@ -157,7 +167,7 @@ def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     K, N = x.shape[:2]
     CO, _, R, S = w.shape[1:]
     HO, WO = _out_hw(x, R, S, stride, padding)
-    xs = _students_last(x)
+    xs = _students_last(x, "forward x")
     ws = _students_last(w)  # each student's [Co, C, R, S] channels-last
     out = _empty_students_last(K, N, CO, HO, WO, x)
 
@@ -203,7 +213,7 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
     summed in fp32); a gradient not needed comes back empty."""
     K = x.shape[0]
     R, S = w.shape[-2:]
-    xs, dys = _students_last(x), _students_last(dy)
+    xs, dys = _students_last(x, "backward x"), _students_last(dy, "backward dy")
     ws = _students_last(w)
     dx = _empty_students_last(*x.shape, x) if need_x else x.new_empty(0)
     dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0)
