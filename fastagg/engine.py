@@ -81,10 +81,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib
 import time
 import types
 import warnings
+from pathlib import Path
 
 import torch
 from torch.func import functional_call, grad_and_value, vjp, vmap
@@ -128,6 +130,29 @@ def _own_code(method):
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     own.__kwdefaults__ = fn.__kwdefaults__
     return types.MethodType(own, method.__self__)
+
+
+@functools.lru_cache(maxsize=None)
+def _source_tag():
+    """A hash of fastagg's Python sources (the package, its ops and kernels)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha1()
+    for f in sorted([*root.glob("*.py"), *root.glob("ops/*.py"), *root.glob("kernels/*.py")], key=lambda p: p.name):
+        h.update(f.read_bytes())
+    return "fastagg-" + h.hexdigest()[:16]
+
+
+def _cache_tag():
+    """Within the block, torch.compile's cache keys carry _source_tag() (added to any tag the user
+    set). Inductor's caches on disk key a compiled graph by what dynamo traced, and the ops' vmap
+    rules and autograd formulas called from it are not in that: after fastagg's ops changed (the
+    nineteenth session gave the dense op a second output), a cache filled by the older version
+    handed back code that called an op no longer there. A torch without the setting: no tag."""
+    cfg = getattr(torch.compiler, "config", None)
+    old = getattr(cfg, "cache_key_tag", None)
+    if old is None or _source_tag() in old:
+        return contextlib.nullcontext()
+    return cfg.patch(cache_key_tag=f"{old}|{_source_tag()}" if old else _source_tag())
 
 
 def check_options(precision, conv, chunk):
@@ -435,6 +460,10 @@ class StudentGradEngine:
         return parts
 
     def _compiled_step(self, students, probs, out, route="compiled"):
+        with _cache_tag():  # compiles (forward and backward) happen inside the calls below
+            return self._compiled_route_step(students, probs, out, route)
+
+    def _compiled_route_step(self, students, probs, out, route):
         if route in DENSE_ROUTES:
             return self._dense_step(students, probs, out, route)
         if route in ("compiled_fused", "compiled_fused_cl"):

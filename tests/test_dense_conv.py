@@ -2,6 +2,7 @@
 torch.compile's vmap, gradients by torch.autograd; against float64 references and native."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,19 +185,60 @@ def test_nothing_is_timed_while_a_cuda_graph_is_captured(rng, monkeypatch):
 
 def test_relayouts_counts_the_activations_that_came_in_another_layout(rng, device, monkeypatch):
     """``relayouts`` (the bench's diagnosis of copies a pass makes): an input stored [K, N, C, H,
-    W] is copied into the students-last layout, in the forward and again in the backward; one
-    already stored [K, N, H, W, C] is not; the op's own output, as dy, is not either."""
+    W] is copied into the students-last layout once, in the forward, whose copy the backward
+    reads (it used to make its own); one already stored [K, N, H, W, C] is not copied; the op's
+    own output, as dy, is not either. The gradients equal float64 autograd of the grouped
+    reference either way."""
     monkeypatch.setattr(dense_conv, "relayouts", {})
-    w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
-    x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
+    w = torch.randn(2, 5, 4, 3, 3, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+    x = torch.randn(2, 3, 4, 6, 6, generator=rng, dtype=torch.float64).to(device)
     for xin, copied in ((x.clone(), 1), (dense_conv._students_last(x), 0)):
         xin.requires_grad_()
         y = dense_conv.dense_grouped_conv(xin, w, None, [1, 1], [1, 1])
-        dy = dense_conv._students_last(torch.randn(y.shape, generator=rng).to(device))
-        torch.autograd.grad(y, (xin, w), dy)
+        dy = dense_conv._students_last(torch.randn(y.shape, generator=rng, dtype=torch.float64).to(device))
+        got = torch.autograd.grad(y, (xin, w), dy)
         assert {k: v[1] for k, v in dense_conv.relayouts.items()} == {
-            "forward x": copied, "backward x": copied, "backward dy": 0}
+            "forward x": copied, "backward x": 0, "backward dy": 0}
         dense_conv.relayouts.clear()
+        xr, wr = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+        refs = torch.autograd.grad(grouped_conv2d_reference(xr, wr, None, (1, 1), (1, 1)), (xr, wr), dy.cpu())
+        for g, r in zip(got, refs):
+            torch.testing.assert_close(g.double().cpu(), r, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_routes_key_torch_compile_s_caches_by_fastagg_s_sources(rng, monkeypatch):
+    """A compiled route's pass (where torch.compile compiles, forward and backward) runs with
+    fastagg's source hash in torch.compile's cache-key tag, after a tag of the user's own, which
+    is back as it was afterwards; the hash follows the sources (a stale cache on disk once gave
+    the dense op's old one-output code to its new two-output form, and crashed)."""
+    cfg = pytest.importorskip("torch.compiler.config")
+    if not hasattr(cfg, "cache_key_tag"):
+        pytest.skip("this torch has no cache-key tag")
+    from fastagg import engine as engine_mod
+
+    tag = engine_mod._source_tag()
+    assert tag.startswith("fastagg-") and len(tag) == len("fastagg-") + 16
+    monkeypatch.setattr(cfg, "cache_key_tag", "mine")
+    model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 4, 14, 2, rng, torch.device("cpu"))
+    eng = _dense_engine(model, spec, proxy, "compiled_dense", 2)
+    seen = []
+    real = eng._compiled_route_step
+    monkeypatch.setattr(eng, "_compiled_route_step", lambda *a: seen.append(cfg.cache_key_tag) or real(*a))
+    loss, g = eng(students, probs)
+    assert seen == [f"mine|{tag}"] and cfg.cache_key_tag == "mine" and torch.isfinite(g).all()
+    with engine_mod._cache_tag():  # nested: added once
+        with engine_mod._cache_tag():
+            assert cfg.cache_key_tag == f"mine|{tag}"
+    engine_mod._source_tag.cache_clear()
+    try:
+        src = Path(engine_mod.__file__).resolve().parent / "ops" / "dense_conv.py"
+        real_read = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda p: real_read(p) + (b"#" if p == src else b""))
+        assert engine_mod._source_tag() != tag
+    finally:
+        monkeypatch.undo()
+        engine_mod._source_tag.cache_clear()
+    assert engine_mod._source_tag() == tag
 
 
 def test_the_routes_bias_is_added_outside_the_per_student_op(rng, monkeypatch):

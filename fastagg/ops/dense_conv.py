@@ -12,15 +12,18 @@ student; the rest of the model stays batched under vmap, and compiled.
     dense_student_conv(x [N, C, H, W], w [Co, C, R, S], b [Co] | None, stride, padding)
 
 is one student's ``F.conv2d``; its vmap rule calls ``dense_grouped_conv`` on all K students
-([K, N, C, H, W] x [K, Co, C, R, S] -> [K, N, Co, Ho, Wo]), whose autograd formula calls
-``dense_grouped_conv_backward``. Each runs the students round ``STREAMS`` side streams on CUDA
+([K, N, C, H, W] x [K, Co, C, R, S] -> [K, N, Co, Ho, Wo]; the op ``dense_grouped_conv_saving``
+also returns the students-last copy of x it made, for the backward), whose autograd formula
+calls ``dense_grouped_conv_backward``. Each runs the students round ``STREAMS`` side streams on CUDA
 (forked from the current stream and joined back, so it can be captured in a CUDA graph: the
 engine captures the dense routes, whose launches from Python would otherwise cost the host), with
 the operands and the results stored [K, N, H, W, C] (each student's slice a contiguous
 channels-last tensor, the layout cuDNN's bf16 kernels use: one copy for all students on the
-way in; on CUDA cuDNN writes each forward, and each data gradient of a stride-1 layer, computed
-as a forward convolution, straight into the student's slice; the weight gradients and a strided
-layer's data gradients are copied in). Biases are added once for all students. torch.compile
+way in; on CUDA cuDNN writes each forward, and each data gradient of a stride-1 layer computed
+as a forward convolution, straight into the student's slice; the weight gradients and the data
+gradients from convolution_backward are copied in; which way, and whether cuDNN searches for its
+algorithms, is timed per shape: ``DGRAD``, ``CUDNN_BENCHMARK``, ``choices``). Biases are added
+once for all students. torch.compile
 sees three opaque ops (their fake implementations give the shapes and strides), so inductor
 still fuses everything around them.
 
@@ -159,11 +162,22 @@ def _each_student(K, device, body):
     round_streams(K, _side_streams(device), body, device)
 
 
-@torch.library.custom_op("fastagg::dense_grouped_conv", mutates_args=())
-def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
-                       padding: list[int]) -> torch.Tensor:
+def _is_students_last(t):
+    return t.permute(0, 1, 3, 4, 2).is_contiguous()  # exactly when _students_last(t) makes no copy
+
+
+def dense_grouped_conv(x, w, b, stride, padding):
     """K students' convolutions, one dense ``F.conv2d`` each: [K, N, C, H, W] x [K, Co, C, R, S]
     (+ [K, Co]) -> [K, N, Co, Ho, Wo], stored [K, N, Ho, Wo, Co]."""
+    return dense_grouped_conv_saving(x, w, b, list(stride), list(padding))[0]
+
+
+@torch.library.custom_op("fastagg::dense_grouped_conv_saving", mutates_args=())
+def dense_grouped_conv_saving(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
+                              padding: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``dense_grouped_conv``'s output, x copied into the students-last layout for the backward
+    where it came in another one, else an empty tensor): the backward then reads that copy
+    instead of making its own (an op's output may not alias its input, hence the empty one)."""
     K, N = x.shape[:2]
     CO, _, R, S = w.shape[1:]
     HO, WO = _out_hw(x, R, S, stride, padding)
@@ -178,7 +192,7 @@ def dense_grouped_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tenso
     run(_choose(("forward", *_key(x, w, stride, padding)), _variants(x.device, False), run, x.device))
     if b is not None:  # one add for all K (F.conv2d adds a bias by a kernel of its own: K of them)
         out.add_(b.view(K, 1, CO, 1, 1))
-    return out
+    return out, (x.new_empty(0) if _is_students_last(x) else xs)
 
 
 def _conv_into(out, x, w, stride, padding):
@@ -199,10 +213,11 @@ def _conv_into(out, x, w, stride, padding):
         out.copy_(F.conv2d(x, w, None, stride, padding))
 
 
-@dense_grouped_conv.register_fake
+@dense_grouped_conv_saving.register_fake
 def _(x, w, b, stride, padding):
     CO, _, R, S = w.shape[1:]
-    return _empty_students_last(*x.shape[:2], CO, *_out_hw(x, R, S, stride, padding), x)
+    return (_empty_students_last(*x.shape[:2], CO, *_out_hw(x, R, S, stride, padding), x),
+            x.new_empty(0) if _is_students_last(x) else _empty_students_last(*x.shape, x))
 
 
 @torch.library.custom_op("fastagg::dense_grouped_conv_backward", mutates_args=())
@@ -264,11 +279,16 @@ def _(x, w, dy, stride, padding, need_x, need_w, need_b):
 
 def _setup(ctx, inputs, output):
     x, w, b, stride, padding = inputs
-    ctx.save_for_backward(x, w)
+    xs = output[1]  # the forward's students-last copy of x, if it made one
+    ctx.mark_non_differentiable(xs)
+    ctx.set_materialize_grads(False)  # no zeros for xs's gradient
+    ctx.save_for_backward(xs if xs.numel() else x, w)
     ctx.stride, ctx.padding, ctx.bias_dtype = stride, padding, None if b is None else b.dtype
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, _dxs=None):
+    if dy is None:  # the output unused
+        return None, None, None, None, None
     x, w = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
@@ -276,7 +296,7 @@ def _backward(ctx, dy):
     return (dx if need_x else None, dw if need_w else None, db.to(ctx.bias_dtype) if need_b else None, None, None)
 
 
-dense_grouped_conv.register_autograd(_backward, setup_context=_setup)
+dense_grouped_conv_saving.register_autograd(_backward, setup_context=_setup)
 
 
 @torch.library.custom_op("fastagg::dense_student_conv", mutates_args=())
