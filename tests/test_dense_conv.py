@@ -58,6 +58,20 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
             assert y.permute(0, 1, 3, 4, 2).is_contiguous()
 
 
+def _spy_backward_masks(monkeypatch):
+    """The list of output masks that convolution_backward is called with from now on."""
+    importlib.import_module("torch._dynamo")  # the op's first call imports it; its imports walk the aten ops
+    masks, real = [], torch.ops.aten.convolution_backward
+
+    class Spy:
+        def __call__(self, *a):
+            masks.append(tuple(a[-1]))
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", Spy())
+    return masks
+
+
 def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monkeypatch):
     """A frozen input (no gradient wanted) is not computed: convolution_backward is asked for
     the weight's gradient only, and autograd gets None for the input. With stride 1 the input's
@@ -67,15 +81,7 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
     monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", False)
     x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
     w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
-    masks = []
-    real = torch.ops.aten.convolution_backward
-
-    class Spy:
-        def __call__(self, *a):
-            masks.append(tuple(a[-1]))
-            return real(*a)
-
-    monkeypatch.setattr(torch.ops.aten, "convolution_backward", Spy())
+    masks = _spy_backward_masks(monkeypatch)
     y = dense_conv.dense_grouped_conv(x, w, None, [1, 1], [1, 1])
     (gw,) = torch.autograd.grad(y.sum(), [w])
     assert masks == [(False, True, False)] * 2
@@ -105,7 +111,7 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
     monkeypatch.setattr(dense_conv, "DGRAD", "auto")
     monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", "auto")
     cuda = device.type == "cuda"
-    runs, masks = [], []
+    runs = []
     each = dense_conv._each_student
     monkeypatch.setattr(dense_conv, "_each_student", lambda K, dev, body: runs.append(K) or each(K, dev, body))
     cases = []  # inputs and float64 references first: the spy below stands in for the aten op
@@ -115,16 +121,7 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
         dy = torch.randn(K, 2, 5, H, 6, generator=rng, dtype=torch.float64)
         cases.append((K, H, x, w, dy,
                       torch.autograd.grad(grouped_conv2d_reference(x, w, None, (1, 1), (1, 1)), (x, w), dy)))
-    importlib.import_module("torch._dynamo")  # the op's first call imports it; its imports walk the aten ops
-
-    real = torch.ops.aten.convolution_backward
-
-    class Spy:
-        def __call__(self, *a):
-            masks.append(tuple(a[-1]))
-            return real(*a)
-
-    monkeypatch.setattr(torch.ops.aten, "convolution_backward", Spy())
+    masks = _spy_backward_masks(monkeypatch)
     n_bwd = 4 if cuda else 2
     timed_runs = ((2 * 3 + 1) if cuda else 1) + n_bwd * 3 + 1  # each variant once + twice timed, then the kept
     for i, (K, H, x, w, dy, refs) in enumerate(cases):
