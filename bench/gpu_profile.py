@@ -208,32 +208,32 @@ def second_layer(K, N, C, H, W, CO, R, pad, device):
     if streams:
         variants["dense_loop_4_streams_graphed"] = loop_streams
         variants["dense_loop_channels_last_4_streams_graphed"] = functools.partial(loop_streams, student_cl)
-    if streams:  # the engine's dense op itself (fastagg.ops.dense_conv: cuDNN's out= forward, a stride-1
-        # data gradient as a forward convolution), its students round 4 and round 8 side streams
-        from fastagg.ops import dense_conv
+    # the engine's dense op itself (fastagg.ops.dense_conv), its students round 4 side streams on CUDA
+    # (one after the other on a CPU, for a dry run), each variant fixed
+    from fastagg.ops import dense_conv
 
-        xk = dense_conv._students_last(x.view(N, K, C, H, W).movedim(1, 0)).detach().requires_grad_()
-        wk = w.view(K, CO, C, R, R).detach().requires_grad_()
-        dyk = dense_conv._students_last(dy.view(N, K, CO, H, W).movedim(1, 0))
+    xk = dense_conv._students_last(x.view(N, K, C, H, W).movedim(1, 0)).detach().requires_grad_()
+    wk = w.view(K, CO, C, R, R).detach().requires_grad_()
+    dyk = dense_conv._students_last(dy.view(N, K, CO, H, W).movedim(1, 0))
 
-        def dense_op(n, dgrad="auto", search="auto"):
-            old = dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK
-            dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK = dgrad, search
-            try:
-                with dense_conv.streams(n):
-                    y = dense_conv.dense_grouped_conv(xk, wk, None, [1, 1], [pad, pad])
-                    return torch.autograd.grad(y, (xk, wk), dyk)
-            finally:
-                dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK = old
+    def dense_op(n, dgrad="auto", search="auto"):
+        old = dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK
+        dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK = dgrad, search
+        try:
+            with dense_conv.streams(n):
+                y = dense_conv.dense_grouped_conv(xk, wk, None, [1, 1], [pad, pad])
+                return torch.autograd.grad(y, (xk, wk), dyk)
+        finally:
+            dense_conv.DGRAD, dense_conv.CUDNN_BENCHMARK = old
 
-        for dgrad in ("forward", "backward"):  # the op's variants, each fixed (the engine times them per shape)
-            for search in (False, True):
-                gxk, gwk = dense_op(4, dgrad, search)
-                row[f"dense_op_{dgrad}_{search}_vs_grouped_rel_err"] = max(
-                    float((a.float() - b.float()).norm() / b.float().norm()) for a, b in (
-                        (gxk.movedim(0, 1).reshape(N, K * C, H, W), gx), (gwk.reshape(K * CO, C, R, R), gw)))
-                name = f"dense_op_4_streams_dgrad_{dgrad}_{'cudnn_search' if search else 'heuristics'}_graphed"
-                variants[name] = functools.partial(dense_op, 4, dgrad, search)
+    for dgrad in ("forward", "backward"):  # the op's variants, each fixed (the engine times them per shape)
+        for search in (False, True):
+            gxk, gwk = dense_op(4, dgrad, search)
+            row[f"dense_op_{dgrad}_{search}_vs_grouped_rel_err"] = max(
+                float((a.float() - b.float()).norm() / b.float().norm()) for a, b in (
+                    (gxk.movedim(0, 1).reshape(N, K * C, H, W), gx), (gwk.reshape(K * CO, C, R, R), gw)))
+            name = f"dense_op_4_streams_dgrad_{dgrad}_{'cudnn_search' if search else 'heuristics'}_graphed"
+            variants[name] = functools.partial(dense_op, 4, dgrad, search)
     for key, fn in variants.items():
         try:
             ms = _time(_graphed(fn, device) if key != "grouped_cudnn" else fn, device)
