@@ -422,7 +422,10 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     model, proxy = make(name, device, small)
     model.eval()
     T = 3.0
-    dense_seen = set(getattr(sys.modules.get("fastagg.ops.dense_conv"), "choices", {}))  # an earlier model's
+    dense = sys.modules.get("fastagg.ops.dense_conv")
+    dense_seen = set(getattr(dense, "choices", {}))  # an earlier model's
+    if dense is not None:
+        dense.relayouts.clear()  # counted from here, for this model
     corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", steps=1, min_staleness=1,
                         cuda_graphs=cuda_graphs and device.type == "cuda", staleness_factor="none",
                         schedule=1.0, compile=compile_baseline, chunk=chunk)
@@ -595,13 +598,12 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                                 for key, timed in kern.wgrad_choices.items()]
         r["shared_fwd_ms"] = [{"x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]), **timed}
                               for key, timed in kern.fwd_choices.items()]
-    if "fastagg.ops.dense_conv" in sys.modules:  # the dense routes' ops: their variants, timed per shape
-        dense = sys.modules["fastagg.ops.dense_conv"].choices
+    dense = sys.modules.get("fastagg.ops.dense_conv")
+    if dense is not None:  # the dense routes' ops: their variants, timed per shape, and their copies
         r["dense_conv_ms"] = [{"op": key[0], "x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]),
-                               "ms": rec["ms"], "chosen": rec["chosen"]} for key, rec in dense.items()
+                               "ms": rec["ms"], "chosen": rec["chosen"]} for key, rec in dense.choices.items()
                               if key not in dense_seen]
-        r["dense_conv_relayouts"] = {k: {"calls": n, "copied": c}
-                                     for k, (n, c) in sys.modules["fastagg.ops.dense_conv"].relayouts.items()}
+        r["dense_conv_relayouts"] = {k: {"calls": n, "copied": c} for k, (n, c) in dense.relayouts.items()}
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_bf16_updates_per_s']:.0f} (bf16 host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "

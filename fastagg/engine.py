@@ -137,7 +137,8 @@ def _source_tag():
     """A hash of fastagg's Python sources (the package, its ops and kernels)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha1()
-    for f in sorted([*root.glob("*.py"), *root.glob("ops/*.py"), *root.glob("kernels/*.py")], key=lambda p: p.name):
+    files = [*root.glob("*.py"), *root.glob("ops/*.py"), *root.glob("kernels/*.py")]
+    for f in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
         h.update(f.read_bytes())
     return "fastagg-" + h.hexdigest()[:16]
 

@@ -234,11 +234,11 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
     dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0)
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
     db = dy.sum(dim=(1, 3, 4), dtype=acc) if need_b else dy.new_empty(0, dtype=acc)
-    # With stride 1 the data gradient is a forward convolution of dy with each student's weight
-    # flipped and its channels swapped (padding R-1-P): cuDNN's forward kernels then write it into
-    # dx[k] itself (_conv_into). On the H100 (eighteenth session, `cnn`'s second layer, bf16, K =
-    # 128) cuDNN's dgrad kernels took 5.9 ms against its forward kernels' 3.3 for the same FLOPs,
-    # and each student's dx was copied into place (part of 257 copies, 2.2 ms).
+    # With stride 1 the data gradient can be a forward convolution of dy with each student's weight
+    # flipped and its channels swapped (padding R-1-P), which cuDNN's forward kernels write into
+    # dx[k] itself (_conv_into), or convolution_backward's, copied in: DGRAD (above) says which.
+    # The eighteenth session's H100 profile had the dgrad kernels at 5.9 ms against the layer's
+    # forward at 3.3; the nineteenth's had the forward form at 6.0 (64x64 tiles for 32 channels).
     can_forward = need_x and list(stride) == [1, 1] and padding[0] <= R - 1 and padding[1] <= S - 1
     if can_forward:
         wt = _students_last(w.flip(3, 4).transpose(1, 2))  # [K, C, Co, R, S]
