@@ -136,8 +136,8 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
             assert (len(dense_conv.choices) - before, len(runs)) == (0, 2)
         else:
             assert (len(dense_conv.choices) - before, len(runs)) == ((2 if cuda else 1), timed_runs)
-        key = ("backward", (K, 2, 4, H, 6), (K, 5, 4, 3, 3), torch.float64, (1, 1), (1, 1), device,
-               dense_conv.STREAMS, True, True)
+        key = ("backward", (K, 2, 4, H, 6), (K, 5, 4, 3, 3), torch.float64, (1, 1), (1, 1), xd.device,
+               dense_conv.STREAMS, True, True)  # xd's device: cuda:0, where the fixture says cuda
         rec = dense_conv.choices[key]
         assert len(rec["ms"]) == n_bwd and rec["chosen"] == min(rec["ms"], key=rec["ms"].get)
         assert ("forward", *key[1:7], dense_conv.STREAMS) in dense_conv.choices or not cuda
