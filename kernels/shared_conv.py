@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastagg.ops.timing import time_each
+
 from .grouped_conv import _INTERPRET, _configs, _downcast, _mma, _out_size, _tf32, reduction_split
 
 # BM: pixels (a multiple of 4: whole windows), BN: output channels, BK: the (c, r, s) block
@@ -415,30 +417,15 @@ def _wgrad_unpool(x, dp5, code, w_shape, stride, padding, bias):
 
 def _pick(choices, key, methods, run, default):
     """auto: ``default`` on a CPU (the Triton interpreter), and during a CUDA graph capture before
-    any timing (nothing can be timed then); on a GPU each method timed once per shape (a warm-up
-    run, then the median of three, with events) and the faster kept in ``choices[key]``. A method
-    that runs out of device memory (unpool's dz is 4x the pooled gradient) is timed as
-    infinitely slow."""
+    any timing (nothing can be timed then); on a GPU each method timed once per shape
+    (fastagg.ops.timing.time_each: a warm-up run, then the median of three, with events) and the
+    faster kept in ``choices[key]``. A method that runs out of device memory (unpool's dz is 4x
+    the pooled gradient) is timed as infinitely slow."""
     if key in choices:
         return choices[key]["chosen"]
     if key[0].type != "cuda" or torch.cuda.is_current_stream_capturing():
         return default
-    ms = {}
-    for method in methods:
-        try:
-            run(method)  # autotuning and compilation out of the timing
-        except torch.cuda.OutOfMemoryError:
-            ms[method] = float("inf")
-            continue
-        times = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(method)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms[method] = sorted(times)[1]
+    ms = time_each(methods, run, key[0])
     choices[key] = {**ms, "chosen": min(ms, key=ms.get)}
     return choices[key]["chosen"]
 

@@ -145,6 +145,25 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
         assert masks[-K:] == [(False, True, False) if kept_forward else (True, True, False)] * K
 
 
+def test_time_each_warms_up_times_the_median_and_counts_out_of_memory_as_slowest(monkeypatch):
+    """fastagg.ops.timing.time_each (the dense ops' and the shared chain's choices): each method
+    run once untimed, then reps times, the median kept; one that runs out of device memory is
+    infinitely slow and run no more."""
+    from fastagg.ops import timing
+
+    clock, calls = iter([0.0, 0.001, 1.0, 1.005, 2.0, 2.003]), []  # ms per timed run: 1, 5, 3
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+
+    def run(m):
+        calls.append(m)
+        if m == "oom":
+            raise torch.cuda.OutOfMemoryError("no room")
+
+    ms = timing.time_each(["fast", "oom"], run, torch.device("cpu"), reps=3)
+    assert calls == ["fast"] * 4 + ["oom"]
+    assert ms["fast"] == pytest.approx(3.0) and ms["oom"] == float("inf")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture")
 def test_nothing_is_timed_while_a_cuda_graph_is_captured(rng, monkeypatch):
     """A shape first met inside a capture (its choice forgotten after the eager warm-up that

@@ -37,7 +37,6 @@ shared-input convolution's docstring says of the first try there. The routes tha
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Optional
 
 import torch
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 from .shared_conv import _out_hw
 from .streams import round_streams
+from .timing import time_each
 
 _CUDNN_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STREAMS = 4  # side streams on CUDA (the fifteenth session's second-layer probe: 4 beat 1 by 1.3x)
@@ -97,8 +97,9 @@ def _name(variant):
 
 def _choose(key, variants, run, device, reps=2):
     """The variant to run for this shape: the only one, the one timed fastest before, or, at the
-    first call, each timed now (``run(variant)`` once to warm up (cuDNN's search runs then), then
-    ``reps`` times; on CUDA with events on the current stream, which ``run`` joins back to).
+    first call, each timed now (fastagg.ops.timing.time_each: once to warm up, cuDNN's search
+    running then, then the median of ``reps``; on CUDA with events on the current stream, which
+    ``run`` joins back to).
     While a CUDA graph is being captured nothing can be timed: the first variant runs, and is
     not recorded (the engine warms a route up before it captures it, so it has chosen by then)."""
     if len(variants) == 1:
@@ -106,25 +107,9 @@ def _choose(key, variants, run, device, reps=2):
     got = choices.get(key)
     if got is not None:
         return got["variant"]
-    cuda = device.type == "cuda"
-    if cuda and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return variants[0]
-    timed = {}
-    for v in variants:
-        run(v)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                run(v)
-            end.record()
-            end.synchronize()
-            timed[v] = start.elapsed_time(end) / reps
-        else:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                run(v)
-            timed[v] = (time.perf_counter() - t0) * 1e3 / reps
+    timed = time_each(variants, run, device, reps)
     best = min(timed, key=timed.get)
     choices[key] = {"ms": {_name(v): ms for v, ms in timed.items()}, "chosen": _name(best), "variant": best}
     return best
