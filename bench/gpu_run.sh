@@ -34,14 +34,15 @@ fi
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
   # Tests: the nineteenth session's H100 run passed all 109 CUDA tests of the files changed
-  # before it; here the one changed since, tests/test_dense_conv.py (the dense ops' variants timed
-  # per shape, nothing timed inside a capture). Then cnn in one pass of 128 students, the routes
+  # before it; here those changed since: tests/test_dense_conv.py (the dense ops' variants timed
+  # per shape, nothing timed inside a capture), tests/test_work_rows.py (a graph captured on the
+  # engine's work rows) and the aggregator's graphed merges. Then cnn in one pass of 128 students, the routes
   # limited to the four fastest of the nineteenth (the dense ops now choose their data gradient
   # and cuDNN's search per shape: `dense_conv_ms` in the JSON); the profile (the second layer as
   # the op with each variant fixed); then the K sweep, owed since the first session: cnn at K =
   # 1..1024, one pass, through compiled_fused_dense (each K compiles it once), with the memory of
   # each K and the K to flush at. About 560 s in all with the start; resnet18 and lm in part 2.
-  TESTS="tests/test_dense_conv.py" T_TESTS=90 T_CONV=0 T_PROF=70 T_CNN=170 T_SYNCS=0 \
+  TESTS="tests/test_dense_conv.py tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager tests/test_correction.py::test_a_graph_captured_while_another_thread_waits_for_its_staging_row" T_TESTS=100 T_CONV=0 T_PROF=70 T_CNN=170 T_SYNCS=0 \
       CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
       bash "$0" 1
   timeout 170 python3 -m fastagg.cli bench --device cuda --models "" --sweep-models cnn \

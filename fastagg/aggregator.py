@@ -220,9 +220,6 @@ class Aggregator:
         self._stage_threads = backends.cpu_threads() if self._host_backend == "cpp" else 1
         self._pending: list[_Pending] = []
         self._momentum = self._momentum_next = None
-        # the correction's students and gradients [capacity, P], allocated at the first correction
-        # and reused: no [K, P] allocation per buffer (on a CPU each one is page-faulted anew)
-        self._students = self._grads = None
         self._needs_base = isinstance(self.rule, _rules.FedAsync) or (
             correction is not None and correction.student == "client")
         self._store = VersionStore(P, self.dtype, self.device, max_versions, max_store_bytes)
@@ -640,12 +637,10 @@ class Aggregator:
             self._ingest.join()
 
     def _work_rows(self, n):
-        """The first n rows of the students buffer (allocated with the gradients' at first use)."""
-        if self._students is None:
-            shape = (self._capacity, self.spec.numel)
-            self._students = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self._grads = torch.empty(shape, dtype=self.dtype, device=self.device)
-        return self._students[:n]
+        """The first n rows of the students buffer and of the gradients': the correction engine's
+        own work rows, which its captured passes read and write in place (engine.work_rows)."""
+        students, grads = self.correction.engine.work_rows(self._capacity, self.dtype)
+        return students[:n], grads[:n]
 
     def _buffered(self, pend):
         """The buffered deltas: (rows, index), update k being rows[index[k]] (index None: rows[k])."""
@@ -713,7 +708,7 @@ class Aggregator:
             return [], None, None
         n = len(corr_idx)
         sel = corr_idx if idx is None else [idx[k] for k in corr_idx]  # their rows of D
-        students = self._work_rows(n)
+        students, grads = self._work_rows(n)
         src = [slots[k] for k in corr_idx] if corr.student == "client" else [None] * n
         if all(s is not None for s in src):  # students = their base versions + their deltas
             torch.index_select(self._store.rows, 0, to_device(src, torch.int64, self.device), out=students)
@@ -731,7 +726,7 @@ class Aggregator:
                 _add_rows(students[j:j + 1], D[r:r + 1])
         if deltas is not None:
             _add_rows(students, deltas)
-        rows, scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher, out=self._grads[:n],
+        rows, scale = corr.correct(students, deltas, [lam[k] for k in corr_idx], teacher, out=grads,
                                    delta_norms=None if None in norms else norms)
         self._counters["corrected"] += n
         return corr_idx, rows, scale

@@ -541,8 +541,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     t_decode = timeit(lambda: [agg._write_row(parse_update(p)[0], row, th) for p in payloads[:8]], device, reps=3) / 8
     r["stage_threads"] = th
     teacher = corr.teacher(agg.params, agg.version)
-    students = agg.params + torch.stack([d.to(device) for d in host_deltas])
-    out = torch.empty_like(students)
+    # in the engine's work rows, as the aggregator's merge passes them (no copies around a replay)
+    students, out = corr.engine.work_rows(K, agg.params.dtype)
+    torch.add(agg.params, torch.stack([d.to(device) for d in host_deltas]), out=students)
     # the correction, and the stock-PyTorch baselines, timed in alternating rounds
     probs = teacher.probs.float()
     few = students[:eager_clients]
@@ -737,8 +738,10 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                 corr.engine.only_routes = set(routes)
             teacher = corr.teacher(agg.params, 0)
             try:
-                students = agg.params + 1e-3 * torch.randn(K, agg.spec.numel, device=device)
-                out = torch.zeros_like(students)  # resident before the measurement starts
+                # the engine's work rows (as the aggregator's), resident before the measurement starts
+                students, out = corr.engine.work_rows(K, agg.params.dtype)
+                torch.add(agg.params, 1e-3 * torch.randn(K, agg.spec.numel, device=device), out=students)
+                out.zero_()
                 row["buffer_bytes"] = 2 * students.numel() * students.element_size()
                 corr.engine(students, teacher.probs, out=out)  # pass sizes, routes, compilation, library set-up
                 with _PeakMemory(device) as mem:

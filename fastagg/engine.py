@@ -212,6 +212,7 @@ class StudentGradEngine:
         self._fused = self._product = self._split_net = self._per_student = None
         self.product_convs = 0  # layers the compiled_gemm route runs as products
         self._graphs: dict = {}
+        self._rows = None  # (students, gradients): the working rows of work_rows
         self._zeros: dict = {}
         self._streams = None  # the loop routes' side streams (CUDA), made at first use
         self.only_routes = None  # a set: auto times only these of its candidates (fastagg bench --routes)
@@ -631,6 +632,29 @@ class StudentGradEngine:
         grads, loss = vmap(grad_and_value(loss_k), in_dims=(0, 0))(trainable, frozen)
         return loss, torch.cat(self._flat_parts(grads, students.shape[0], students.dtype, students.device), dim=1)
 
+    def work_rows(self, n, dtype):
+        """Rows [n, P] for students and [n, P] for their gradients that a pass captured as a CUDA
+        graph reads and writes in place: a caller that gathers its students into the first and
+        passes the second as ``out`` (the aggregator does) saves the copy into the graph's input
+        and the one out of its output (for `cnn`'s 128 students, 566 MB each). Every caller of
+        this engine gets the same rows (grown when one asks for more), and every call may write
+        them: a caller keeps nothing there across calls. Reused, not allocated per buffer: on a
+        CPU each fresh [K, P] allocation is page-faulted anew."""
+        rows = self._rows
+        if rows is None or rows[0].shape[0] < n or rows[0].dtype != dtype:
+            shape = (n, self.spec.numel)
+            device = self.proxy.device
+            rows = self._rows = (torch.empty(shape, dtype=dtype, device=device),
+                                 torch.empty(shape, dtype=dtype, device=device))
+        return rows[0][:n], rows[1][:n]
+
+    def _owned(self, students, out):
+        """Whether students and out are the first rows of this engine's work rows (students of the
+        first, out of the second)."""
+        if self._rows is None or not (students.is_contiguous() and out.is_contiguous()):
+            return False
+        return all(t.data_ptr() == r.data_ptr() and t.dtype == r.dtype for t, r in zip((students, out), self._rows))
+
     def __call__(self, students, teacher_probs, out=None):
         """(loss [K], grads [K, P]) for students [K, P]; ``out`` receives the gradients."""
         was_training = self.model.training
@@ -638,10 +662,12 @@ class StudentGradEngine:
         try:
             out = torch.empty_like(students) if out is None else out
             K = students.shape[0]
-            step = self._students_per_pass(students, teacher_probs, out)
+            own = self._owned(students, out)
+            step = self._students_per_pass(students, teacher_probs, out, own)
+            own = own and step >= K  # a pass of the whole work rows: its captured graph may adopt them
             loss = None
             for i in range(0, K, step):
-                part = self._pass(students[i:i + step].detach(), teacher_probs, out[i:i + step])
+                part = self._pass(students[i:i + step].detach(), teacher_probs, out[i:i + step], own)
                 if step >= K:
                     return part, out
                 # each pass's losses go into one [K] tensor, and the pass's own tensor is freed:
@@ -654,17 +680,17 @@ class StudentGradEngine:
         finally:
             self.model.train(was_training)
 
-    def _students_per_pass(self, students, probs, out):
+    def _students_per_pass(self, students, probs, out, own=False):
         K = students.shape[0]
         if self.chunk is None:
             return K
         if self.chunk != "auto":
             return min(self.chunk, K)
         if K not in self.chunks:
-            self.chunks[K] = self._pick_chunk(students, probs, out)
+            self.chunks[K] = self._pick_chunk(students, probs, out, own)
         return self.chunks[K]
 
-    def _pick_chunk(self, students, probs, out):
+    def _pick_chunk(self, students, probs, out, own=False):
         """Students per pass for buffers of K: the fastest per student of K, 256, 64 and 16 (those
         below K), each timed over two passes after one that chooses its route (and captures)."""
         K = students.shape[0]
@@ -677,9 +703,9 @@ class StudentGradEngine:
         for c in sizes:
             s, g = students[:c].detach(), out[:c]
             try:
-                self._pass(s, probs, g)
+                self._pass(s, probs, g, own and c == K)
                 sync()
-                per[c] = _seconds(lambda: self._pass(s, probs, g), 2, sync) / c
+                per[c] = _seconds(lambda: self._pass(s, probs, g, own and c == K), 2, sync) / c
             except torch.OutOfMemoryError:
                 failed[c] = "out of memory"
                 self.routes.pop(c, None)
@@ -695,13 +721,14 @@ class StudentGradEngine:
         self._graphs = {key: v for key, v in self._graphs.items() if key[0] in keep}
         return best
 
-    def _pass(self, students, probs, out):
+    def _pass(self, students, probs, out, own=False):
+        """One pass (see _run); ``own``: students and out are the whole of a call's work rows."""
         K = students.shape[0]
         if K not in self.routes:
-            self.routes[K] = self._pick_route(students, probs, out)
-        return self._run(students, probs, out)
+            self.routes[K] = self._pick_route(students, probs, out, own)
+        return self._run(students, probs, out, own)
 
-    def _run(self, students, probs, out):
+    def _run(self, students, probs, out, own=False):
         """One pass through the route set in ``routes``, the way passes of this size run: captured
         once and replayed with CUDA graphs on (not the compiled routes: they run as inductor made
         them; except the dense ones, whose K dense convolutions per layer and their copies are
@@ -712,9 +739,9 @@ class StudentGradEngine:
         if not (self.cuda_graphs and graphed and route not in self.uncaptured):
             return self._step(students, probs, out)
         if route not in DENSE_ROUTES:
-            return self._replay(students, probs, out)
+            return self._replay(students, probs, out, own)
         try:
-            return self._replay(students, probs, out)
+            return self._replay(students, probs, out, own)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - said, recorded, and the route still runs
@@ -781,7 +808,7 @@ class StudentGradEngine:
             self._per_student = sum(1 for m in routable_convs(self.model) if id(m) not in shared)
         return self._per_student
 
-    def _pick_route(self, students, probs, out):
+    def _pick_route(self, students, probs, out, own=False):
         """The route for passes of this size: the only candidate, or the fastest of them measured
         here as they will run (one warm-up pass each, for autotuning, compilation and the graph
         capture, then three timed); the losers' captured graphs are freed."""
@@ -795,7 +822,7 @@ class StudentGradEngine:
         for route in routes:
             self.routes[K] = route
             try:
-                self._run(students, probs, out)
+                self._run(students, probs, out, own)
                 sync()
             except Exception as exc:  # e.g. a model torch.compile cannot trace: say so, time the others
                 if route == routes[0]:
@@ -804,18 +831,22 @@ class StudentGradEngine:
                 warnings.warn(f"fastagg engine: the {route} route failed for passes of {K} students and is "
                               f"left out ({timings[route]})", RuntimeWarning, stacklevel=4)
                 continue
-            timings[route] = times[route] = _seconds(lambda: self._run(students, probs, out), 3, sync)
+            timings[route] = times[route] = _seconds(lambda: self._run(students, probs, out, own), 3, sync)
         best = min(times, key=times.get)
         self._graphs = {key: g for key, g in self._graphs.items() if key[0] != K or key[2] == best}
         return best
 
-    def _replay(self, students, probs, out):
+    def _replay(self, students, probs, out, own=False):
+        """Replay the pass's CUDA graph (captured at its first call). ``own`` (the pass is the whole
+        of the engine's work rows, see work_rows): the graph's input and output are those rows, so
+        nothing is copied in or out; a graph of the same size for any other tensors is captured on
+        copies of its own (never on the work rows, which the other passes of a call still use)."""
         K = students.shape[0]
-        key = (K, tuple(probs.shape), self.routes[K])
+        key = (K, tuple(probs.shape), self.routes[K], own)
         if key not in self._graphs:
-            s_static = students.detach().clone()
+            s_static = students.detach() if own else students.detach().clone()
             p_static = probs.clone()
-            g_static = torch.empty_like(students)
+            g_static = out if own else torch.empty_like(students)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, autotuning)
@@ -831,8 +862,16 @@ class StudentGradEngine:
                 loss_static = self._step(s_static, p_static, g_static)
             self._graphs[key] = (graph, s_static, p_static, g_static, loss_static)
         graph, s_static, p_static, g_static, loss_static = self._graphs[key]
-        s_static.copy_(students)
+        if not _same_tensor(s_static, students):
+            s_static.copy_(students)
         p_static.copy_(probs)
         graph.replay()
-        out.copy_(g_static)
+        if not _same_tensor(g_static, out):
+            out.copy_(g_static)
         return loss_static.clone()
+
+
+def _same_tensor(a, b):
+    """Whether a and b are one tensor's memory, read the same way."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)

@@ -426,7 +426,7 @@ def test_dense_routes_replayed_as_cuda_graphs_equal_native(route, rng):
     with _no_tf32():
         eng = _dense_engine(model, spec, proxy, route, 8, cuda_graphs=True)
         eng(students, probs)  # compile, capture
-        assert eng.uncaptured == {} and list(eng._graphs) == [(8, tuple(probs.shape), route)]
+        assert eng.uncaptured == {} and list(eng._graphs) == [(8, tuple(probs.shape), route, False)]
         students = students + 0.05 * torch.randn(students.shape, generator=rng).cuda()
         loss1, g1 = eng(students, probs)
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)

@@ -712,7 +712,7 @@ def test_loop_routes_replayed_as_cuda_graphs_equal_native(route, rng):
         students = students + 0.05 * torch.randn(students.shape, generator=rng).cuda()
         loss1, g1 = eng(students, probs)
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
-    assert list(eng._graphs) == [(8, tuple(probs.shape), route)]
+    assert list(eng._graphs) == [(8, tuple(probs.shape), route, False)]
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
     candidates = StudentGradEngine(model, spec, proxy, 3.0, compile=True)._candidates(students)
