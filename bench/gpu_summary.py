@@ -15,6 +15,10 @@ def _f(x, fmt="{:,.0f}"):
     return fmt.format(x) if isinstance(x, (int, float)) else "-"
 
 
+def _mb(row, key):
+    return "?" if row.get(key) is None else f"{row[key] / 1e6:,.0f}"
+
+
 def _met(target, best_step, corr, compiled, vmap32):
     """"yes" only when the step and both ratios the issue names reach their targets."""
     if not target[0]:
@@ -105,7 +109,8 @@ def main(paths):
         errors += [f"{r['model']}: {r['error']}" for r in res.get("models", []) if "error" in r]
         for name, sweep in (res.get("sweep") or {}).items():  # the K sweep: rate and memory per K
             notes += [f"sweep {name} K={r['K']} chunk={r['chunk']}: " + (
-                f"{r['updates_per_s']:.0f} upd/s, {r['ms']:.2f} ms, pass peak {(r.get('peak_bytes') or 0) / 1e6:.0f} MB"
+                f"{r['updates_per_s']:.0f} upd/s, {r['ms']:.2f} ms, first call peak {_mb(r, 'first_call_peak_bytes')} "
+                f"MB, held {_mb(r, 'held_bytes')} MB, pass peak {_mb(r, 'peak_bytes')} MB"
                 f" + buffer {r['buffer_bytes'] / 1e6:.0f} MB, route {r.get('route')}" if r.get("updates_per_s")
                 else str(r.get("error"))) for r in sweep]
         for name, k in (res.get("flush_k") or {}).items():

@@ -645,10 +645,12 @@ class _PeakMemory:
     """What a block allocates beyond what was allocated when it began, at its peak: the CUDA
     allocator's peak minus its allocation at the start on a GPU; on a CPU (Linux) the peak
     resident set size over the block (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
-    the resident size at its start. ``bytes`` is None where neither can be read."""
+    the resident size at its start. ``bytes`` is None where neither can be read. ``held``: what
+    the block left behind, once the allocator's free cache went back (on a GPU the memory it
+    reserves, which counts a captured graph's pool; on a CPU the resident size)."""
 
     def __init__(self, device):
-        self.cuda, self.bytes = torch.device(device).type == "cuda", None
+        self.cuda, self.bytes, self.held = torch.device(device).type == "cuda", None, None
 
     @staticmethod
     def _status(field):
@@ -661,8 +663,9 @@ class _PeakMemory:
     def __enter__(self):
         if self.cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
+            self._base, self._reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
             return self
         try:
             _malloc_trim()  # freed heap pages back to the OS, so that reusing them counts as growth
@@ -677,8 +680,12 @@ class _PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self._base
+            torch.cuda.empty_cache()  # what stays reserved: live tensors and captured graphs' pools
+            self.held = torch.cuda.memory_reserved() - self._reserved
         elif self._base is not None:
             self.bytes = self._status("VmHWM") - self._base
+            _malloc_trim()
+            self.held = self._status("VmRSS") - self._base
         return False
 
 
@@ -709,8 +716,12 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
     an int (passes of that many, run only for K above it); by default ``("auto", None, chunk)``.
     The engine is the bench's: bf16 with CUDA graphs on a GPU, ``compile`` (its compiled
     routes), its route choice limited to ``routes`` when given. Memory: ``buffer_bytes`` for
-    the students and their gradients [K, P], ``peak_bytes`` for what the passes allocate on top
-    of them at their peak (activations, the vmap'd weights). A GPU reports a pass that does not
+    the students and their gradients [K, P] (the engine's work rows), ``first_call_peak_bytes``
+    for what the first call allocates at its peak beyond them (route choice, compilation, warm-up,
+    the graph's capture: what a server needs free to start at that K), ``held_bytes`` for what
+    stays after it (a captured graph's pool), ``peak_bytes`` for what the timed passes allocate at
+    their peak (activations and the vmap'd weights; near zero for a captured pass, whose memory is
+    its graph's). A GPU reports a pass that does not
     fit as out of memory; on a CPU, where running out of memory kills the process, a one-pass
     row whose memory (extrapolated from the last one-pass row) would not fit is skipped. ``rows``:
     a list to append the rows to as they are measured (returned)."""
@@ -743,7 +754,9 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                 torch.add(agg.params, 1e-3 * torch.randn(K, agg.spec.numel, device=device), out=students)
                 out.zero_()
                 row["buffer_bytes"] = 2 * students.numel() * students.element_size()
-                corr.engine(students, teacher.probs, out=out)  # pass sizes, routes, compilation, library set-up
+                with _PeakMemory(device) as first:  # pass sizes, routes, compilation, capture, library set-up
+                    corr.engine(students, teacher.probs, out=out)
+                row.update(first_call_peak_bytes=first.bytes, held_bytes=first.held)
                 with _PeakMemory(device) as mem:
                     t = timeit(lambda: corr.engine(students, teacher.probs, out=out), device, reps=3, warmup=0)
                 eng = corr.engine
@@ -752,8 +765,10 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                            route=eng.routes)
                 if c is None and mem.bytes is not None:
                     last_one_pass = row
-                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms, {per_pass} students per pass"
-                    + (f", pass peak {mem.bytes / 1e6:.0f} MB" if mem.bytes is not None else "")
+                mb = lambda b: "?" if b is None else f"{b / 1e6:.0f}"  # noqa: E731
+                log(f"  K={K} chunk={c}: {K / t:.0f} upd/s, {t * 1e3:.2f} ms, {per_pass} students per pass, "
+                    f"first call peak {mb(first.bytes)} MB, held after it {mb(first.held)} MB, "
+                    f"pass peak {mb(mem.bytes)} MB"
                     + f" + students and gradients {row['buffer_bytes'] / 1e6:.0f} MB, route {eng.routes}")
                 del students, out
             except torch.OutOfMemoryError:

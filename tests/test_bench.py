@@ -65,6 +65,8 @@ def test_sweep_reports_one_pass_and_chunked_passes():
     P = sum(p.numel() for p in bench.make("cnn", "cpu", small=True)[0].parameters())
     assert [r["buffer_bytes"] // (2 * P * 4) for r in rows] == [1, 1, 4, 4, 4]
     assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in rows)
+    # the first call (route choice, the passes' set-up) measured apart, and what it left behind
+    assert all(r["first_call_peak_bytes"] >= 0 and isinstance(r["held_bytes"], int) for r in rows)
     # a CNN on a CPU: "auto" is one student per pass
     assert [r["students_per_pass"] for r in rows] == [1, 1, 1, 4, 2]
     assert rows[2]["route"] == {1: "loop"} and rows[4]["route"] == {2: "loop"}  # convolutions on a CPU

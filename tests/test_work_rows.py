@@ -71,7 +71,7 @@ def test_a_pass_on_the_work_rows_replays_in_place_and_others_still_copy(chunk, r
     static input and output are them: nothing copied); passes of other tensors, and the passes of
     a call split into chunks, are captured on copies, so no pass overwrites another's gradients.
     Every call gives native's uncaptured fp32 gradients (TF32 off), whatever came before it."""
-    model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 12, 10, 8, rng, "cuda")
+    model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 12, 14, 8, rng, "cuda")
     with _no_tf32():
         eng = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=chunk, cuda_graphs=True)
         ref = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)
