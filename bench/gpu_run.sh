@@ -2,17 +2,16 @@
 # The device script. Results land in $OUT; copy them to bench/results/. The session has 15
 # minutes of device time in all, start-up included, one call at most 10, and the machine goes
 # back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 2 (or 3) at once if time is left.
-#   bash bench/gpu_run.sh all part 1 with tighter limits, then the K sweep (~560 s), then the
-#                             summary table: device/versions, the CUDA tests of what changed since
-#                             the last run (full log in cuda_tests.txt), `fastagg bench` on `cnn`
-#                             (the fastest routes of the last run; the chain's and the dense ops'
-#                             variants timed per shape; the device-update step with the compute
+#   bash bench/gpu_run.sh all part 1 with tighter limits, then lm and the K sweep (~560 s), then
+#                             the summary table: device/versions, the CUDA tests of what changed
+#                             since the last run (full log in cuda_tests.txt), `fastagg bench` on
+#                             `cnn` (the fastest routes of the last run; the chain's and the dense
+#                             ops' variants timed per shape; the device-update step with the compute
 #                             stream and with submit_many; no figures by backend, measured in the
-#                             fifteenth), bench/gpu_profile.py (the first layer as cuDNN vs cuBLAS
-#                             products, its chain as cuDNN vs the shared-chain kernels; the second
-#                             layer as cuDNN's grouped vs dense-per-student convolutions and the
-#                             dense op's variants; the kernels of a pass per route), the K sweep of
-#                             `cnn` (one pass, compiled_fused_dense); 8 files in $OUT
+#                             fifteenth), `fastagg bench` on `lm`, the K sweep of `cnn` (one pass and
+#                             passes of 256, compiled_fused_dense, with the memory of each K); with
+#                             T_PROF=70 also bench/gpu_profile.py (the first layer and its chain, the
+#                             second layer's variants, the kernels of a pass per route); 7 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm (the routes that won or came close)
@@ -33,23 +32,25 @@ if ! python3 -c "import fastagg._cpu" 2>/dev/null; then
 fi
 part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
-  # Tests: the nineteenth session's H100 run passed all 109 CUDA tests of the files changed
-  # before it; here those changed since: tests/test_dense_conv.py (the dense ops' variants timed
-  # per shape, nothing timed inside a capture), tests/test_work_rows.py (a graph captured on the
-  # engine's work rows) and the aggregator's graphed merges. Then cnn in one pass of 128 students, the routes
-  # limited to the four fastest of the nineteenth (the dense ops now choose their data gradient
-  # and cuDNN's search per shape: `dense_conv_ms` in the JSON); the profile (the second layer as
-  # the op with each variant fixed); then the K sweep, owed since the first session: cnn at K =
-  # 1..1024, one pass, through compiled_fused_dense (each K compiles it once), with the memory of
-  # each K and the K to flush at. About 560 s in all with the start; resnet18 and lm in part 2.
-  TESTS="tests/test_dense_conv.py tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager tests/test_correction.py::test_a_graph_captured_while_another_thread_waits_for_its_staging_row" T_TESTS=100 T_CONV=0 T_PROF=70 T_CNN=170 T_SYNCS=0 \
+  # Tests: the twentieth session's H100 run passed the dense ops' and the work rows' CUDA tests;
+  # here what changed since: every compiled route captured as a CUDA graph (not only the dense
+  # ones), and the graphed routes' replays. Then cnn in one pass of 128 students (its four fastest
+  # routes, now all captured), lm (whose compiled route ran uncaptured: 6.85 ms a pass of 16 timed
+  # alone, 5.3 back to back; predicted 5.0-5.5 captured), then the K sweep of cnn through
+  # compiled_fused_dense with its memory now measured (the first call's peak, what stays held),
+  # K = 1024 in passes of 256 too (one pass of 1024 ran out of memory). About 560 s with the
+  # start; the kernel profile (gpu_profile.py, measured in the twentieth) is left out: T_PROF=70 adds it.
+  TESTS="tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager" \
+      T_TESTS=100 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=160 T_SYNCS=0 \
       CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
       bash "$0" 1
-  timeout 170 python3 -m fastagg.cli bench --device cuda --models "" --sweep-models cnn \
-      --sweep-k 1,16,64,256,1024 --sweep-chunks none --routes compiled_fused_dense \
+  timeout 90 python3 -m fastagg.cli bench --device cuda --models lm --no-sweep --no-backends \
+      --out "$OUT/gpu_bench_lm.json" 2>&1 | grep -v -i warn | tail -4
+  timeout 150 python3 -m fastagg.cli bench --device cuda --models "" --sweep-models cnn \
+      --sweep-k 1,16,64,256,1024 --sweep-chunks none,256 --routes compiled_fused_dense \
       --out "$OUT/gpu_bench_sweep.json" 2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_sweep_log.txt" | tail -12
   # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
-  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_sweep.json"
+  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_lm.json" "$OUT/gpu_bench_sweep.json"
   exit 0
 fi
 if [ "$part" = 1 ]; then
@@ -80,7 +81,7 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   timeout ${T_CNN:-200} python3 -m fastagg.cli bench --device cuda --models cnn --no-sweep ${CNN_ARGS:-} \
       --out "$OUT/gpu_bench_cnn.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_cnn_log.txt"
-  if [ "${T_CONV:-120}" = 0 ]; then  # `all`: the first layer's alternatives and the kernels of a pass per route
+  if [ "${T_CONV:-120}" = 0 ] && [ "${T_PROF:-130}" != 0 ]; then  # `all`: the first layer's alternatives and the kernels of a pass per route
     OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py 2>&1 \
         | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
   fi

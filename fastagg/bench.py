@@ -439,7 +439,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         corr.engine.only_routes = set(routes)
         r["routes_allowed"] = sorted(routes)
     r["route_seconds"] = corr.engine.route_timings
-    r["uncaptured"] = corr.engine.uncaptured  # a dense route whose CUDA-graph capture failed, and why
+    r["uncaptured"] = corr.engine.uncaptured  # a compiled route whose CUDA-graph capture failed, and why
     g = torch.Generator().manual_seed(1)
     host_deltas = [1e-3 * torch.randn(P, generator=g) for _ in range(K)]
     payloads = [encode_update(spec.unflatten(d), base_version=0, num_samples=10, client_id=i)

@@ -11,7 +11,9 @@ loss and its gradient, written into one flat [K, P] buffer that the fused merge 
 3. one vjp back through the vmap'd forward, and a single ``torch.cat(..., out=)`` of the
    per-tensor gradients into the flat buffer;
 4. on CUDA with ``cuda_graphs=True``, steps 1-3 are captured once per K and replayed, with the
-   students and the teacher copied into static buffers (the step has fixed shapes).
+   students and the teacher copied into static buffers (the step has fixed shapes); students
+   gathered into the engine's work rows (``work_rows``, as the aggregator does) are the graph's
+   input, and its gradients land in the second rows, with no copy either way.
 
 Convolutions (``conv=``): vmap's own batching rule makes the K students' convolutions one
 grouped convolution (``"native"``, cuDNN on a GPU). ``"triton"`` routes the model's plain
@@ -206,7 +208,7 @@ class StudentGradEngine:
         self.chunk_timings: dict = {}  # K -> {students per pass: seconds per student, or why not}
         self.routes: dict = {}  # pass size -> the route that runs it (a CONV_CHOICES route or "compiled")
         self.route_timings: dict = {}  # pass size -> {route: seconds}, where several were timed
-        self.uncaptured: dict = {}  # a dense route whose CUDA-graph capture failed -> why (see _run)
+        self.uncaptured: dict = {}  # a compiled route whose CUDA-graph capture failed -> why (see _run)
         self.routed_convs = 0  # convolutions that ran through fastagg's grouped op (counted when traced)
         self._compiled: dict = {}  # route -> its torch.compile'd pass
         self._fused = self._product = self._split_net = self._per_student = None
@@ -730,15 +732,16 @@ class StudentGradEngine:
 
     def _run(self, students, probs, out, own=False):
         """One pass through the route set in ``routes``, the way passes of this size run: captured
-        once and replayed with CUDA graphs on (not the compiled routes: they run as inductor made
-        them; except the dense ones, whose K dense convolutions per layer and their copies are
-        launches from Python that a graph replays without the host). A dense route whose capture
-        fails runs uncaptured from then on, with a warning, and ``uncaptured`` says why."""
+        once and replayed with CUDA graphs on. The compiled routes too (until the twentieth
+        session only the dense ones, whose K dense convolutions per layer are launches from Python):
+        on the H100 the uncaptured compiled pass of `lm`'s 16 students took 6.85 ms when timed
+        alone and 5.3 back to back, the difference being the host launching its kernels. A
+        compiled route whose capture fails runs uncaptured from then on, with a warning, and
+        ``uncaptured`` says why."""
         route = self.routes[students.shape[0]]
-        graphed = not route.startswith("compiled") or route in DENSE_ROUTES
-        if not (self.cuda_graphs and graphed and route not in self.uncaptured):
+        if not (self.cuda_graphs and route not in self.uncaptured):
             return self._step(students, probs, out)
-        if route not in DENSE_ROUTES:
+        if not route.startswith("compiled"):
             return self._replay(students, probs, out, own)
         try:
             return self._replay(students, probs, out, own)

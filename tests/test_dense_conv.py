@@ -384,13 +384,15 @@ def test_dense_routes_are_auto_candidates_on_cuda(rng):
     assert eng._candidates(students) == ["native", "compiled_dense"]
 
 
-def test_a_dense_route_whose_capture_fails_runs_uncaptured_and_says_so(rng, monkeypatch):
-    """With CUDA graphs on, the dense routes are captured (their K dense convolutions per layer are
-    launches from Python). A capture that fails is recorded in ``uncaptured`` with its reason,
-    warned about, and the route runs uncaptured from then on, with native's gradients; running
-    out of memory is raised, not hidden. (On the CPU, with the capture replaced by a failing one.)"""
+@pytest.mark.parametrize("route", ["compiled_dense", "compiled"])
+def test_a_compiled_route_whose_capture_fails_runs_uncaptured_and_says_so(route, rng, monkeypatch):
+    """With CUDA graphs on, the compiled routes are captured (the dense ones since the sixteenth
+    session, the others since the twentieth). A capture that fails is recorded in ``uncaptured``
+    with its reason, warned about, and the route runs uncaptured from then on, with native's
+    gradients; running out of memory is raised, not hidden. (On the CPU, with the capture
+    replaced by a failing one.)"""
     model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 5, 14, 2, rng, "cpu")
-    eng = _dense_engine(model, spec, proxy, "compiled_dense", 2)
+    eng = _dense_engine(model, spec, proxy, route, 2)
     eng.cuda_graphs = True  # as on CUDA
     tries = []
 
@@ -399,10 +401,10 @@ def test_a_dense_route_whose_capture_fails_runs_uncaptured_and_says_so(rng, monk
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(eng, "_replay", failing_capture)
-    with pytest.warns(RuntimeWarning, match="compiled_dense route could not be captured"):
+    with pytest.warns(RuntimeWarning, match=f"the {route} route could not be captured"):
         loss1, g1 = eng(students, probs)
     eng(students, probs)
-    assert tries == [1] and "not permitted" in eng.uncaptured["compiled_dense"]
+    assert tries == [1] and "not permitted" in eng.uncaptured[route]
     loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
     eng.uncaptured.clear()
@@ -417,11 +419,11 @@ def test_a_dense_route_whose_capture_fails_runs_uncaptured_and_says_so(rng, monk
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("route", ["compiled_dense", "compiled_fused_dense"])
-def test_dense_routes_replayed_as_cuda_graphs_equal_native(route, rng):
-    """On a GPU with CUDA graphs on, a dense route is captured once (the compiled forward, its
-    autograd backward, the dense ops' side streams) and a replay on new students gives native's
-    fp32 gradients (TF32 off)."""
+@pytest.mark.parametrize("route", ["compiled_dense", "compiled_fused_dense", "compiled", "compiled_fused"])
+def test_compiled_routes_replayed_as_cuda_graphs_equal_native(route, rng):
+    """On a GPU with CUDA graphs on, a compiled route is captured once (the compiled forward and
+    backward; the dense ops' side streams) and a replay on new students gives native's fp32
+    gradients (TF32 off)."""
     model, spec, proxy, students, probs = _engine_case(_ChainThenSmooth, 16, 14, 8, rng, "cuda")
     with _no_tf32():
         eng = _dense_engine(model, spec, proxy, route, 8, cuda_graphs=True)

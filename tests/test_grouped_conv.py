@@ -588,10 +588,10 @@ def test_routes_are_timed_the_way_they_run_and_the_losers_graphs_are_freed(rng, 
     replayed = []
     step = eng._step
 
-    def replay(students, probs, out):
+    def replay(students, probs, out, own=False):
         K = students.shape[0]
         replayed.append(eng.routes[K])
-        eng._graphs.setdefault((K, tuple(probs.shape), eng.routes[K]), "graph")
+        eng._graphs.setdefault((K, tuple(probs.shape), eng.routes[K], own), "graph")
         return eng._step(students, probs, out)  # looked up now: slow_torch_route below
 
     def slow_torch_route(students, probs, out):
@@ -608,7 +608,7 @@ def test_routes_are_timed_the_way_they_run_and_the_losers_graphs_are_freed(rng, 
     # then the two passes of 3 students of this call through the winner
     assert replayed == ["native"] * 4 + ["torch"] * 4 + ["native"] * 2
     assert eng.routes == {3: "native"} and set(eng.route_timings[3]) == {"native", "torch"}
-    assert list(eng._graphs) == [(3, tuple(probs.shape), "native")]
+    assert list(eng._graphs) == [(3, tuple(probs.shape), "native", False)]
 
 
 def test_student_conv_outside_vmap_is_plain_conv2d_with_its_gradients(rng):
