@@ -814,7 +814,7 @@ class StudentGradEngine:
     def _pick_route(self, students, probs, out, own=False):
         """The route for passes of this size: the only candidate, or the fastest of them measured
         here as they will run (one warm-up pass each, for autotuning, compilation and the graph
-        capture, then three timed); the losers' captured graphs are freed."""
+        capture, then three timed); each loser's captured graph is freed as soon as it has lost."""
         K = students.shape[0]
         routes = self._candidates(students)
         if len(routes) == 1:
@@ -835,9 +835,14 @@ class StudentGradEngine:
                               f"left out ({timings[route]})", RuntimeWarning, stacklevel=4)
                 continue
             timings[route] = times[route] = _seconds(lambda: self._run(students, probs, out, own), 3, sync)
+            self._keep_graph(K, min(times, key=times.get))  # at most two captured candidates held at once
         best = min(times, key=times.get)
-        self._graphs = {key: g for key, g in self._graphs.items() if key[0] != K or key[2] == best}
+        self._keep_graph(K, best)
         return best
+
+    def _keep_graph(self, K, route):
+        """Free the captured graphs of passes of K students except ``route``'s."""
+        self._graphs = {key: g for key, g in self._graphs.items() if key[0] != K or key[2] == route}
 
     def _replay(self, students, probs, out, own=False):
         """Replay the pass's CUDA graph (captured at its first call). ``own`` (the pass is the whole

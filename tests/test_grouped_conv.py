@@ -572,9 +572,10 @@ def test_a_failing_candidate_route_is_reported_and_left_out(rng, monkeypatch):
 
 
 def test_routes_are_timed_the_way_they_run_and_the_losers_graphs_are_freed(rng, monkeypatch):
-    """With CUDA graphs on, each candidate is timed through capture and replay (not eagerly), and
-    only the winner's graph stays. The capture is stood in for here (a CPU has none): ``_replay``
-    records which route it ran and files a graph under the engine's key."""
+    """With CUDA graphs on, each candidate is timed through capture and replay (not eagerly), a
+    candidate's graph is freed as soon as it has lost (at most two held at once), and only the
+    winner's stays. The capture is stood in for here (a CPU has none): ``_replay`` records which
+    route it ran and files a graph under the engine's key."""
     import time
 
     model = TwoConv()
@@ -584,18 +585,19 @@ def test_routes_are_timed_the_way_they_run_and_the_losers_graphs_are_freed(rng, 
     agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr, backend="torch")
     eng = corr.engine
     eng.cuda_graphs = True
-    monkeypatch.setattr(eng, "_candidates", lambda students: ["native", "torch"])
-    replayed = []
+    monkeypatch.setattr(eng, "_candidates", lambda students: ["native", "torch", "loop"])
+    replayed, held = [], []
     step = eng._step
 
     def replay(students, probs, out, own=False):
         K = students.shape[0]
         replayed.append(eng.routes[K])
         eng._graphs.setdefault((K, tuple(probs.shape), eng.routes[K], own), "graph")
+        held.append(len(eng._graphs))
         return eng._step(students, probs, out)  # looked up now: slow_torch_route below
 
     def slow_torch_route(students, probs, out):
-        if eng.routes[students.shape[0]] == "torch":
+        if eng.routes[students.shape[0]] in ("torch", "loop"):
             time.sleep(0.25)  # far beyond a pass of this net, even on a loaded machine
         return step(students, probs, out)
 
@@ -606,8 +608,9 @@ def test_routes_are_timed_the_way_they_run_and_the_losers_graphs_are_freed(rng, 
     eng(students, probs)
     # route choice: one warm-up and three timed passes per candidate, all through _replay;
     # then the two passes of 3 students of this call through the winner
-    assert replayed == ["native"] * 4 + ["torch"] * 4 + ["native"] * 2
-    assert eng.routes == {3: "native"} and set(eng.route_timings[3]) == {"native", "torch"}
+    assert replayed == ["native"] * 4 + ["torch"] * 4 + ["loop"] * 4 + ["native"] * 2
+    assert eng.routes == {3: "native"} and set(eng.route_timings[3]) == {"native", "torch", "loop"}
+    assert max(held) == 2  # torch's graph went before loop's was captured
     assert list(eng._graphs) == [(3, tuple(probs.shape), "native", False)]
 
 
