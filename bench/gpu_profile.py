@@ -307,6 +307,9 @@ def chain(xb, wb, x, w, pad, flops, device):
     return out
 
 
+BASELINE = "compiled_vmap_baseline"
+
+
 def profile_routes(name, K, device, small, routes, passes=3):
     model, proxy = bench.make(name, device, small)
     model.eval()
@@ -317,6 +320,10 @@ def profile_routes(name, K, device, small, routes, passes=3):
         probs = torch.softmax(model(proxy).float() / 3.0, -1)
     rows = {}
     for route in routes:
+        if route == BASELINE:  # stock PyTorch's best, as the bench times it: where the engine differs
+            base = torch.compile(bench.vmap_baseline(model, spec, proxy, probs, 3.0, device.type == "cuda"))
+            rows[route] = _profile(name, K, route, lambda: base(students), device, passes)
+            continue
         compiled = route.startswith("compiled")
         conv = {"compiled": "native", "compiled_gemm": "gemm", "compiled_fused": "gemm_fused",
                 "compiled_fused_cl": "gemm_fused", "compiled_cl": "native", "compiled_dense": "native",
@@ -326,53 +333,64 @@ def profile_routes(name, K, device, small, routes, passes=3):
         if compiled:
             eng.routes[K] = route
         out = torch.empty_like(students)
-        try:
-            eng(students, probs, out)
-            eng(students, probs, out)
-        except Exception as exc:  # say so, profile the others
-            rows[route] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            print(f"{name} {route}: failed: {rows[route]['error']}", flush=True)
-            continue
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        rows[route] = _profile(name, K, route, lambda: eng(students, probs, out), device, passes)
+    return rows
+
+
+def _profile(name, K, route, run, device, passes):
+    """The kernels of ``run()`` (one pass) under torch.profiler, summed by name; or why it failed."""
+    try:
+        run()
+        run()
+    except Exception as exc:  # say so, profile the others
+        row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(f"{name} {route}: failed: {row['error']}", flush=True)
+        return row
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(passes):
+            run()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(passes):
-                eng(students, probs, out)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / passes * 1e3
-        per = defaultdict(lambda: [0, 0.0])
-        for ev in prof.events():
-            dev_us = ev.time_range.elapsed_us() if device.type == "cuda" else ev.self_cpu_time_total
-            if device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            if device.type != "cuda" and not ev.name.startswith("aten::"):
-                continue
-            per[ev.name][0] += 1
-            per[ev.name][1] += dev_us / 1e3 / passes
-        if not per and device.type == "cuda":  # no kernel events listed: the ops' own device time instead
-            for ka in prof.key_averages():
-                us = getattr(ka, "self_device_time_total", None) or getattr(ka, "self_cuda_time_total", 0)
-                if us:
-                    per[f"[op] {ka.key}"] = [ka.count, us / 1e3 / passes]
-        total = sum(v[1] for v in per.values())
-        top = sorted(per.items(), key=lambda kv: -kv[1][1])[:15]
-        rows[route] = {"wall_ms_per_pass": wall, "kernel_ms_per_pass": total,
-                       "top": [{"kernel": k[:160], "calls_per_pass": v[0] / passes, "ms_per_pass": v[1],
-                                "share": v[1] / total if total else 0.0} for k, v in top]}
-        print(f"{name} K={K} route {route}: {wall:.2f} ms per pass (kernels {total:.2f} ms)", flush=True)
-        for r in rows[route]["top"][:10]:
-            print(f"   {r['ms_per_pass']:8.3f} ms {100 * r['share']:5.1f}%  x{r['calls_per_pass']:<5.0f} {r['kernel'][:110]}")
-    return rows
+    wall = (time.perf_counter() - t) / passes * 1e3
+    per = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        dev_us = ev.time_range.elapsed_us() if device.type == "cuda" else ev.self_cpu_time_total
+        if device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if device.type != "cuda" and not ev.name.startswith("aten::"):
+            continue
+        per[ev.name][0] += 1
+        per[ev.name][1] += dev_us / 1e3 / passes
+    if not per and device.type == "cuda":  # no kernel events listed: the ops' own device time instead
+        for ka in prof.key_averages():
+            us = getattr(ka, "self_device_time_total", None) or getattr(ka, "self_cuda_time_total", 0)
+            if us:
+                per[f"[op] {ka.key}"] = [ka.count, us / 1e3 / passes]
+    total = sum(v[1] for v in per.values())
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:15]
+    row = {"wall_ms_per_pass": wall, "kernel_ms_per_pass": total,
+           "kernels_per_pass": sum(v[0] for v in per.values()) / passes,
+           "top": [{"kernel": k[:160], "calls_per_pass": v[0] / passes, "ms_per_pass": v[1],
+                    "share": v[1] / total if total else 0.0} for k, v in top]}
+    print(f"{name} K={K} route {route}: {wall:.2f} ms per pass (kernels {total:.2f} ms, "
+          f"{row['kernels_per_pass']:.0f} launches)", flush=True)
+    for r in row["top"][:10]:
+        print(f"   {r['ms_per_pass']:8.3f} ms {100 * r['share']:5.1f}%  x{r['calls_per_pass']:<5.0f} {r['kernel'][:110]}")
+    return row
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="small shapes (a dry run on a CPU)")
-    ap.add_argument("--routes", default="compiled_fused_dense,compiled_dense,compiled_fused_cl,compiled")
+    ap.add_argument("--routes", default="compiled_fused_dense,compiled_dense,compiled_fused_cl,compiled",
+                    help=f"engine routes to profile; {BASELINE}: torch.compile of the bf16 vmap, as the bench's baseline")
+    ap.add_argument("--models", default="cnn,resnet18", help="models whose passes are profiled (cnn, resnet18, lm)")
+    ap.add_argument("--profiles-only", action="store_true", help="skip the first- and second-layer timings")
     a = ap.parse_args()
     device = torch.device(a.device)
     out = os.environ.get("OUT", "out")
@@ -387,16 +405,19 @@ def main():
 
     shapes = ([("cnn", 128, 256, 3, 32, 32, 32, 5, 2), ("resnet18", 32, 64, 3, 32, 32, 64, 3, 1)] if not a.small
               else [("cnn", 4, 8, 3, 12, 12, 8, 5, 2), ("resnet18", 3, 4, 3, 10, 10, 8, 3, 1)])
-    for s in shapes:
-        res["first_layer"].append(first_layer(*s, device))
+    if not a.profiles_only:
+        for s in shapes:
+            res["first_layer"].append(first_layer(*s, device))
+            save()
+        res["second_layer"] = second_layer(*((4, 8, 3, 6, 6, 5, 5, 2) if a.small else (128, 256, 32, 16, 16, 64, 5, 2)),
+                                           device)
         save()
-    res["second_layer"] = second_layer(*((4, 8, 3, 6, 6, 5, 5, 2) if a.small else (128, 256, 32, 16, 16, 64, 5, 2)),
-                                       device)
-    save()
-    for name, K in (("cnn", 4 if a.small else 128), ("resnet18", 2 if a.small else 32)):
+    sizes = {"cnn": (128, 4), "resnet18": (32, 2), "lm": (16, 2)}  # K: the bench's, and a dry run's
+    for name in a.models.split(","):
+        K = sizes[name][a.small]
         res["profiles"][name] = {}
         for route in a.routes.split(","):  # saved route by route: a timeout keeps what was profiled
-            if "fused" in route and name == "resnet18":  # no conv -> relu -> pool chain there
+            if "fused" in route and name != "cnn":  # no conv -> relu -> pool chain there
                 continue
             res["profiles"][name].update(profile_routes(name, K, device, a.small, [route]))
             save()

@@ -378,6 +378,19 @@ def test_gpu_profile_second_layer_compares_the_same_gradients(capsys):
     assert "dense_loop_graphed" in capsys.readouterr().out
 
 
+def test_gpu_profile_sums_a_pass_s_ops_by_name_and_reports_a_failure(capsys):
+    """bench/gpu_profile.py's per-pass profile (on a CPU its aten ops): the products of a pass
+    counted and timed per pass, the launches counted; a pass that raises is reported, not fatal."""
+    prof = _bench_script("gpu_profile")._profile
+    a, b = torch.randn(300, 200), torch.randn(200, 100)
+    row = prof("m", 1, "r", lambda: (a @ b).add_(1).relu_(), torch.device("cpu"), 2)
+    mm = next(r for r in row["top"] if r["kernel"] in ("aten::mm", "aten::addmm"))
+    assert mm["calls_per_pass"] == 1 and mm["ms_per_pass"] > 0 and row["kernels_per_pass"] >= 3
+    assert row["wall_ms_per_pass"] > 0 and "route r" in capsys.readouterr().out
+    failed = prof("m", 1, "r", lambda: torch.mm(a, a), torch.device("cpu"), 1)
+    assert failed["error"].startswith("RuntimeError") and "failed" in capsys.readouterr().out
+
+
 def test_bf16_regime_script_measures_the_gradients_against_the_distance():
     """bench/bf16_regime.py: far from the teacher the bf16 KD gradient follows the fp32 one; at the
     teacher the fp32 gradient is rounding (~1e-8 of its size at 0.1) and the bf16 one far larger."""
