@@ -480,9 +480,7 @@ class StudentGradEngine:
         x = self._proxy_cl() if route == "compiled_cl" else self.proxy
         cast = self.precision == "bf16" and routable_convs(self.model)  # bf16 convolutions under vmap too
         with route_convs(self.model, "native") if cast and net is None else contextlib.nullcontext():
-            loss, flat = self._compiled[route](students, probs, net, x)
-        out.copy_(flat)
-        return loss
+            return self._compiled[route](students, probs, net, x, out)
 
     def split_model(self):
         """(rest, chains) for the ``compiled_fused`` route: the model's conv -> relu -> 2x2
@@ -617,9 +615,11 @@ class StudentGradEngine:
             self._product = net
         return self._product
 
-    def _plain_flat_grads(self, students, probs, net=None, x=None):
+    def _plain_flat_grads(self, students, probs, net=None, x=None, out=None):
         """(loss [K], flat gradients [K, P]) with plain ops only: what torch.compile traces (on
-        ``net`` when given: product_model; on ``x`` when given, else the proxy batch)."""
+        ``net`` when given: product_model; on ``x`` when given, else the proxy batch). ``out``:
+        the loss only is returned, the gradients written into ``out`` by the traced code itself
+        (inductor can then have the concatenation write there, with no [K, P] copy after it)."""
         x, T = self.proxy if x is None else x, self.temperature
         trainable, frozen = self._split(students)
         acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
@@ -632,7 +632,11 @@ class StudentGradEngine:
             return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
 
         grads, loss = vmap(grad_and_value(loss_k), in_dims=(0, 0))(trainable, frozen)
-        return loss, torch.cat(self._flat_parts(grads, students.shape[0], students.dtype, students.device), dim=1)
+        parts = self._flat_parts(grads, students.shape[0], students.dtype, students.device)
+        if out is None:
+            return loss, torch.cat(parts, dim=1)
+        torch.cat([p.to(out.dtype) for p in parts], dim=1, out=out)
+        return loss
 
     def work_rows(self, n, dtype):
         """Rows [n, P] for students and [n, P] for their gradients that a pass captured as a CUDA
