@@ -407,10 +407,11 @@ class StudentGradEngine:
             views[name].add_(g.to(out.dtype))
         return losses
 
-    def _chains_forward(self, students, channels_last=False):
+    def _chains_forward(self, students, channels_last=False, per_student=False):
         """The forward of the shared chains (split_model) for all K students in one launch each:
         {"ys": the pooled outputs [N, K, Co, h, w] (views of [N, K*Co, h, w], stored channels-last
-        if ``channels_last``), and what _chains_wgrad needs}."""
+        if ``channels_last``; with ``per_student`` stored [K, N, h, w, Co], the layout of the dense
+        ops' inputs), and what _chains_wgrad needs}."""
         kern = importlib.import_module("fastagg.kernels.shared_conv")
         chains = self.split_model()[1]
         if not chains:
@@ -428,8 +429,9 @@ class StudentGradEngine:
             CO = w.shape[1]
             wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
             y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
-                                                         ch["stride"], ch["padding"], channels_last)
-            ys.append(y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: no copy
+                                                         ch["stride"], ch["padding"], channels_last,
+                                                         students=K if per_student else None)
+            ys.append(y if per_student else y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: no copy
             saved.append((wk.shape, code, w.shape))
         names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
         return {"ys": ys, "kern": kern, "chains": chains, "x": x, "saved": saved, "names": names,
@@ -546,7 +548,10 @@ class StudentGradEngine:
         shared chains, which run through fastagg.kernels.shared_conv as on compiled_fused (their
         pooled outputs stored channels-last on CUDA, as cuDNN's dense kernels then read them)."""
         fused = route == "compiled_fused_dense"
-        fwd = self._chains_forward(students, students.is_cuda) if fused else None
+        # the chains' pooled outputs stored as the dense convolutions after them read their input
+        # (on the H100 in the twentieth session that input was copied into it at every pass: a
+        # 537 MB copy for `cnn`, K = 128)
+        fwd = self._chains_forward(students, students.is_cuda, per_student=True) if fused else None
         if route not in self._compiled:
             self._compiled[route] = torch.compile(_own_code(self._dense_losses), dynamic=False)  # as above
         s = students.detach().requires_grad_()

@@ -107,7 +107,7 @@ def _windows(offs, PHO, PWO, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexp
 @triton.autotune(_FWD, key=_KEY)
 @triton.jit(do_not_specialize=["N", "C", "H", "W", "KCO", "HO", "WO"])
 def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO, HO, WO,
-                          sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                          sxn, sxc, sxh, sxw, syn, syc, syh, syw, CO, syk,
                           SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
                           OFF64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -130,15 +130,16 @@ def _shared_fwd_relu_pool(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO,
                     mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, TF32)
     _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
-                          HAS_BIAS, OFF64, BM, BN)
+                          CO, syk, HAS_BIAS, OFF64, BM, BN)
 
 
 @triton.jit
 def _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
-                          HAS_BIAS: tl.constexpr, OFF64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                          CO, syk, HAS_BIAS: tl.constexpr, OFF64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """The epilogue of a [BM conv output pixels (window by window), BN channels] tile: bias, relu,
     each window's max stored into y and its position (0..3, row-major; -1 where relu zeroed the
-    window) into the contiguous codes. (Its offsets are formed here, after the max: formed before
+    window) into the contiguous codes. Channel j of y is student j // CO's channel j % CO, at
+    (j // CO) * syk + (j % CO) * syc (syk = CO * syc where y is a plain [N, K*Co, h, w] tensor). (Its offsets are formed here, after the max: formed before
     it, as the resident kernel first did for its whole loop, they cost the tile kernel 8-192
     bytes a thread of spills on sm_90.)"""
     if HAS_BIAS:
@@ -151,7 +152,7 @@ def _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO
     pn = _idx(pp // (PHO * PWO), OFF64)
     ph, pw = (pp // PWO) % PHO, pp % PWO
     ch = _idx(offs_o, OFF64)
-    dst = (pn * syn + ph * syh + pw * syw)[:, None] + (ch * syc)[None, :]
+    dst = (pn * syn + ph * syh + pw * syw)[:, None] + ((ch // CO) * syk + (ch % CO) * syc)[None, :]
     tl.store(y_ptr + dst, _downcast(pooled, y_ptr.dtype.element_ty), mask=p_ok)
     flat = (pn * (KCO * PHO * PWO) + ph * PWO + pw)[:, None] + (ch * (PHO * PWO))[None, :]
     tl.store(code_ptr + flat, code.to(tl.int8), mask=p_ok)
@@ -178,7 +179,7 @@ def resident_chunks(crs):
 @triton.autotune(_FWD_RES, key=_KEY)
 @triton.jit(do_not_specialize=["N", "C", "H", "W", "KCO", "HO", "WO"])
 def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H, W, KCO, HO, WO,
-                                   sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                                   sxn, sxc, sxh, sxw, syn, syc, syh, syw, CO, syk,
                                    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                                    R: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
                                    OFF64: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr,
@@ -208,7 +209,7 @@ def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H
         acc = _mma(a0, b0, tl.zeros((BM, BN), tl.float32), TF32)
         acc = _mma(a1, b1, acc, TF32)
         _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
-                              HAS_BIAS, OFF64, BM, BN)
+                              CO, syk, HAS_BIAS, OFF64, BM, BN)
 
 
 # restore_value: autotuning runs the kernel once per config; dw and db must still hold the
@@ -294,11 +295,14 @@ FWD = "auto"  # the forward shared_conv_relu_pool_forward runs when none is name
 fwd_choices: dict = {}  # auto's timings per shape, as wgrad_choices
 
 
-def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False, method=None):
+def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False, method=None, students=None):
     """(y, code) for the shared input x [N, C, H, W] and the students' stacked weights
     w [K*Co, C, R, S] (same dtype as x), bias [K*Co] or None: y = max_pool2d(relu(conv2d(x, w, b)), 2)
     [N, K*Co, Ho/2, Wo/2] in x's dtype (stored channels-last if ``channels_last``), code the int8
-    window codes of the same shape (contiguous). ``method``: "tile" (_shared_fwd_relu_pool),
+    window codes of the same shape (contiguous). ``students`` (K, dividing K*Co): y comes back as
+    [N, K, Co, Ho/2, Wo/2], stored [K, N, Ho/2, Wo/2, Co] (each student's [N, Co, h, w] a
+    channels-last block: the layout fastagg.ops.dense_conv's per-student convolutions read
+    without a copy); ``channels_last`` is then moot. ``method``: "tile" (_shared_fwd_relu_pool),
     "resident" (_shared_fwd_relu_pool_resident, for C*R*S up to RESIDENT_MAX_CRS) or "auto": on a
     GPU both timed once per shape and the faster kept (fwd_choices), elsewhere resident where it
     applies; None: ``FWD``."""
@@ -313,14 +317,25 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
     if method == "resident" and not resident_ok:
         raise ValueError(f"shared conv + relu + pool, forward: the resident method takes C*R*S up to "
                          f"{RESIDENT_MAX_CRS}, got {C * R * S}")
+    if students is not None and (students < 1 or KCO % students):
+        raise ValueError(f"shared conv + relu + pool, forward: {KCO} output channels do not split into "
+                         f"{students} students")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     wt = w.reshape(KCO, C * R * S).t().contiguous()  # [C*R*S, K*Co]
     b = None if b is None else b.contiguous()
+    K = students or 1
+    CO = KCO // K
 
     def run(m):
-        y = torch.empty(N, KCO, HO // 2, WO // 2, dtype=x.dtype, device=x.device, memory_format=fmt)
-        code = torch.empty(y.shape, dtype=torch.int8, device=x.device)
-        args = (x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO, *x.stride(), *y.stride())
+        shape = (N, KCO, HO // 2, WO // 2)
+        if students is None:
+            y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+            ys, syk = y.stride(), CO * y.stride(1)
+        else:  # [K, N, h, w, Co] seen as [N, K, Co, h, w]
+            y = torch.empty(K, N, *shape[2:], CO, dtype=x.dtype, device=x.device).permute(1, 0, 4, 2, 3)
+            ys, syk = (y.stride(0), y.stride(2), y.stride(3), y.stride(4)), y.stride(1)
+        code = torch.empty(shape, dtype=torch.int8, device=x.device)
+        args = (x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO, *x.stride(), *ys, CO, syk)
         kw = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S, HAS_BIAS=b is not None,
                   TF32=_tf32(x.dtype), OFF64=_off64(x, wt, y, code))
         if m == "tile":
@@ -338,7 +353,7 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
             method = "tile"
         else:
             key = (x.device, tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), b is not None,
-                   channels_last)
+                   channels_last, students)
             method = _pick(fwd_choices, key, FWD_METHODS, run, default="resident")
     return run(method)
 

@@ -327,6 +327,7 @@ def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
     monkeypatch.setattr(dense_conv, "_each_student", lambda K, dev, body: calls.append(K) or each(K, dev, body))
     monkeypatch.setattr(dense_conv, "DGRAD", "forward")  # nothing timed: each call of the op runs once
     monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", False)
+    monkeypatch.setattr(dense_conv, "relayouts", {})
     smooth = net is _ChainThenSmooth
     model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
     eng = _dense_engine(model, spec, proxy, route, 3)
@@ -341,6 +342,8 @@ def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
             assert float((g1 - g0).norm() / g0.norm()) < 1e-5, i
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert calls == [3, 3] * 3  # forward and backward of the one per-student convolution, each pass
+    if route == "compiled_fused_dense" and smooth:  # c2 reads the chain's output as the kernel stored it
+        assert dense_conv.relayouts["forward x"] == [3, 0]
     if smooth:  # bf16, on the last pass's students, against the same route without the dense ops
         plain = {"compiled_dense": "compiled", "compiled_fused_dense": "compiled_fused"}[route]
         _, g_plain = _dense_engine(model, spec, proxy, plain, 3, precision="bf16")(s, probs)

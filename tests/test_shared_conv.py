@@ -261,6 +261,15 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device
         assert torch.equal(code.cpu() == -1, y.cpu() == 0)
         assert y_cl.is_contiguous(memory_format=torch.channels_last) and code_cl.is_contiguous()
         assert torch.equal(y_cl, y) and torch.equal(code_cl, code)  # the same values, stored channels-last
+        K = next(k for k in (4, 3, 2, 1) if KCO % k == 0)  # students: each one's channels stored apart
+        undo = _poison_empty(monkeypatch)
+        y_ps, code_ps = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
+                                                      stride, padding, method=fwd, students=K)
+        undo()
+        assert y_ps.shape == (N, K, KCO // K, *y.shape[2:]) and y_ps.permute(1, 0, 3, 4, 2).is_contiguous()
+        assert torch.equal(y_ps, y.view(y_ps.shape)) and torch.equal(code_ps, code)
+        with pytest.raises(ValueError, match="do not split into"):
+            shared_conv_relu_pool_forward(x.to(device), w.to(device), None, stride, padding, students=KCO + 1)
 
         # the pooled gradient with other strides than the forward's output (channels-last here)
         dp = torch.randn(N, *ref.shape[-2:], KCO, generator=rng).to(dtype).permute(0, 3, 1, 2)
