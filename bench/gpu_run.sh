@@ -2,16 +2,16 @@
 # The device script. Results land in $OUT; copy them to bench/results/. The session has 15
 # minutes of device time in all, start-up included, one call at most 10, and the machine goes
 # back 30 s after a call: run `all` in ONE call (timeout_s=600), then part 2 (or 3) at once if time is left.
-#   bash bench/gpu_run.sh all part 1 with tighter limits, then lm and the K sweep (~560 s), then
-#                             the summary table: device/versions, the CUDA tests of what changed
-#                             since the last run (full log in cuda_tests.txt), `fastagg bench` on
-#                             `cnn` (the fastest routes of the last run; the chain's and the dense
-#                             ops' variants timed per shape; the device-update step with the compute
+#   bash bench/gpu_run.sh all part 1 with tighter limits, then the K sweep (~560 s), then the
+#                             summary table: device/versions, the CUDA tests of what changed since
+#                             the last run (full log in cuda_tests.txt), `fastagg bench` on `cnn`
+#                             (the fastest routes of the last run; the chain's and the dense ops'
+#                             variants timed per shape; the device-update step with the compute
 #                             stream and with submit_many; no figures by backend, measured in the
-#                             fifteenth), `fastagg bench` on `lm`, the K sweep of `cnn` (one pass and
-#                             passes of 256, compiled_fused_dense, with the memory of each K); with
-#                             T_PROF=70 also bench/gpu_profile.py (the first layer and its chain, the
-#                             second layer's variants, the kernels of a pass per route); 7 files in $OUT
+#                             fifteenth), the K sweep of `cnn` (one pass and passes of 256,
+#                             compiled_fused_dense, with the memory of each K); with T_PROF=70 also
+#                             bench/gpu_profile.py (the first layer and its chain, the second
+#                             layer's variants, the kernels of a pass per route); 6 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm (the routes that won or came close),
@@ -35,23 +35,22 @@ part=${1:-1}
 if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measured (rows marked incomplete)
   # Tests: the twentieth session's H100 run passed the dense ops' and the work rows' CUDA tests;
   # here what changed since: every compiled route captured as a CUDA graph (not only the dense
-  # ones), and the graphed routes' replays. Then cnn in one pass of 128 students (its four fastest
-  # routes, now all captured), lm (whose compiled route ran uncaptured: 6.85 ms a pass of 16 timed
-  # alone, 5.3 back to back; predicted 5.0-5.5 captured), then the K sweep of cnn through
+  # ones), the shared chain's forward storing per student (the kernels against float64, the dense
+  # routes against native), and the graphed routes' replays. Then cnn in one pass of 128 students
+  # (its four fastest routes, now all captured), then the K sweep of cnn through
   # compiled_fused_dense with its memory now measured (the first call's peak, what stays held),
   # K = 1024 in passes of 256 too (one pass of 1024 ran out of memory). About 560 s with the
-  # start; the kernel profile (gpu_profile.py, measured in the twentieth) is left out: T_PROF=70 adds it.
-  TESTS="tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager" \
-      T_TESTS=100 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=160 T_SYNCS=0 \
+  # start; lm (its compiled route captured now: predicted 4.8-5.3 ms a pass of 16, from 6.85) and
+  # its profile against the compiled vmap in part 2; the kernel profile of cnn with T_PROF=70.
+  TESTS="tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_dense_routes_equal_native tests/test_shared_conv.py::test_shared_chain_kernels_match_float64 tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager" \
+      T_TESTS=150 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=160 T_SYNCS=0 \
       CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
       bash "$0" 1
-  timeout 90 python3 -m fastagg.cli bench --device cuda --models lm --no-sweep --no-backends \
-      --out "$OUT/gpu_bench_lm.json" 2>&1 | grep -v -i warn | tail -4
   timeout 150 python3 -m fastagg.cli bench --device cuda --models "" --sweep-models cnn \
       --sweep-k 1,16,64,256,1024 --sweep-chunks none,256 --routes compiled_fused_dense \
       --out "$OUT/gpu_bench_sweep.json" 2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_sweep_log.txt" | tail -12
-  # printed, not saved: at most 8 files come back from $OUT (this call leaves 8), and the JSONs hold it all
-  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_lm.json" "$OUT/gpu_bench_sweep.json"
+  # printed, not saved: the JSONs hold it all (this call leaves 6 files in $OUT)
+  python3 bench/gpu_summary.py "$OUT/gpu_bench_cnn.json" "$OUT/gpu_bench_sweep.json"
   exit 0
 fi
 if [ "$part" = 1 ]; then
