@@ -546,12 +546,13 @@ class StudentGradEngine:
         forward's losses (inductor's compiled backward) instead of vmap(grad), which those ops
         cannot run under. ``compiled_fused_dense``: the same for the rest of the model after its
         shared chains, which run through fastagg.kernels.shared_conv as on compiled_fused (their
-        pooled outputs stored channels-last on CUDA, as cuDNN's dense kernels then read them)."""
+        pooled outputs stored per student, each student's block channels-last: the layout the
+        dense convolutions read)."""
         fused = route == "compiled_fused_dense"
         # the chains' pooled outputs stored as the dense convolutions after them read their input
         # (on the H100 in the twentieth session that input was copied into it at every pass: a
         # 537 MB copy for `cnn`, K = 128)
-        fwd = self._chains_forward(students, students.is_cuda, per_student=True) if fused else None
+        fwd = self._chains_forward(students, per_student=True) if fused else None
         if route not in self._compiled:
             self._compiled[route] = torch.compile(_own_code(self._dense_losses), dynamic=False)  # as above
         s = students.detach().requires_grad_()

@@ -139,9 +139,9 @@ def _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO
     """The epilogue of a [BM conv output pixels (window by window), BN channels] tile: bias, relu,
     each window's max stored into y and its position (0..3, row-major; -1 where relu zeroed the
     window) into the contiguous codes. Channel j of y is student j // CO's channel j % CO, at
-    (j // CO) * syk + (j % CO) * syc (syk = CO * syc where y is a plain [N, K*Co, h, w] tensor). (Its offsets are formed here, after the max: formed before
-    it, as the resident kernel first did for its whole loop, they cost the tile kernel 8-192
-    bytes a thread of spills on sm_90.)"""
+    (j // CO) * syk + (j % CO) * syc (syk = CO * syc where y is a plain [N, K*Co, h, w] tensor).
+    (Its offsets are formed here, after the max: formed before it, as the resident kernel first
+    did for its whole loop, they cost the tile kernel 8-192 bytes a thread of spills on sm_90.)"""
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     pooled, pos = tl.max(tl.reshape(tl.maximum(acc, 0.0), (BM // 4, 4, BN)), axis=1, return_indices=True,
