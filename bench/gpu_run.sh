@@ -15,7 +15,8 @@
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
 #   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm (the routes that won or came close),
-#                             then lm's pass profiled against the compiled vmap's (~330 s)
+#                             then lm's pass profiled against the compiled vmap's and resnet18's
+#                             compiled_dense pass (~390 s; T_REST, T_LM_PROF, T_R18_PROF set the limits)
 #   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests and HTTP clients
 #                             feeding a CUDA aggregator from threads (~40 s), bench/bf16_regime.py
 #                             (bf16 vs fp32 KD gradients by student-teacher distance, ~20 s), then
@@ -85,15 +86,18 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
     OUT=$OUT timeout ${T_PROF:-130} python3 bench/gpu_profile.py 2>&1 \
         | grep -v -i warn | tee "$OUT/gpu_profile_log.txt"
   fi
-elif [ "$part" = 2 ]; then  # after `all`: ~330 s; the routes that won or came close before
+elif [ "$part" = 2 ]; then  # after `all`: ~390 s; the routes that won or came close before
   timeout ${T_REST:-280} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} \
       ${REST_ARGS:---no-sweep --no-backends --routes compiled_dense,compiled,native} \
       --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
   # lm's pass, kernel by kernel, against the compiled bf16 vmap's (which beat the engine on lm in
-  # the twentieth session: 3,082 updates/s against 2,336); ~40 s
-  OUT=$OUT timeout ${T_LM_PROF:-60} python3 bench/gpu_profile.py --profiles-only --models lm \
+  # the twentieth session: 3,082 updates/s against 2,336); ~40 s. Then resnet18's compiled_dense
+  # pass (its best route, never profiled on the H100: the profile's time ran out at cnn each time)
+  OUT=$OUT/profile_lm timeout ${T_LM_PROF:-60} python3 bench/gpu_profile.py --profiles-only --models lm \
       --routes compiled,compiled_vmap_baseline 2>&1 | grep -v -i warn | tee "$OUT/gpu_profile_lm_log.txt"
+  OUT=$OUT/profile_resnet18 timeout ${T_R18_PROF:-60} python3 bench/gpu_profile.py --profiles-only \
+      --models resnet18 --routes compiled_dense 2>&1 | grep -v -i warn | tee "$OUT/gpu_profile_resnet18_log.txt"
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
   FASTAGG_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
