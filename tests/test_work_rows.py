@@ -11,15 +11,10 @@ from conftest import mlp
 from test_shared_conv import _ChainThenSmooth, _engine_case, _no_tf32
 
 
-def _mlp_engine(rng, device="cpu", **kw):
-    model = mlp(d_in=5, hidden=24, classes=7).to(device)
-    spec = ParamSpec.from_module(model)
-    proxy = torch.randn(30, 5, generator=rng).to(device)
-    return StudentGradEngine(model, spec, proxy, 3.0, **kw), spec
-
-
 def test_work_rows_are_shared_grown_and_recognised(rng):
-    eng, spec = _mlp_engine(rng)
+    model = mlp(d_in=5, hidden=24, classes=7)
+    spec = ParamSpec.from_module(model)
+    eng = StudentGradEngine(model, spec, torch.randn(30, 5, generator=rng), 3.0)
     s, g = eng.work_rows(6, torch.float32)
     assert s.shape == g.shape == (6, spec.numel) and s.data_ptr() != g.data_ptr()
     s2, g2 = eng.work_rows(3, torch.float32)  # fewer: the same rows
