@@ -96,6 +96,19 @@ def cases(quick=False):
                            cfg.num_warps, cfg.num_stages, "i64" if off64 else "i32")
         yield (f"_unpool_chain {dt}", sc._unpool_chain, dict(dp_ptr=dt, code_ptr="i8", dz_ptr=dt, db_ptr="fp32"),
                {"HAS_BIAS": True, "OFF64": False, "BP": 32, "BJ": 64}, 4, 3, "i32")
+    # the chain's columns kernels (twenty-first session): no taps or strides as constexprs (the
+    # window columns carry the geometry), so one set per dtype
+    for dt, tf32 in (("fp32", True), ("bf16", False)):
+        for tuner, extra, ptrs in (
+                (sc._shared_fwd_relu_pool_columns, {},
+                 dict(cols_ptr=dt, w_ptr=dt, b_ptr="fp32", y_ptr=dt, code_ptr="i8")),
+                (sc._shared_wgrad_relu_pool_columns, {"SPLIT": 8},
+                 dict(cols_ptr=dt, dp_ptr=dt, code_ptr="i8", dw_ptr="fp32", db_ptr="fp32"))):
+            for off64 in (False, True):
+                for cfg in tuner.configs[:1] if quick or off64 else tuner.configs:
+                    consts = {**extra, "HAS_BIAS": True, "OFF64": off64, "TF32": tf32, **cfg.kwargs}
+                    label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} OFF64={off64} {cfg.kwargs}"
+                    yield label, tuner.fn, ptrs, consts, cfg.num_warps, cfg.num_stages, "i64" if off64 else "i32"
     # 64-bit offsets within a student (OFF64), sizes and strides past 2^31 arriving as i64
     for tuner, ptrs in ((gc._conv_fwd, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16")),
                         (gc._conv_dgrad, dict(dy_ptr="bf16", w_ptr="bf16", dx_ptr="bf16"))):

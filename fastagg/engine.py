@@ -428,11 +428,12 @@ class StudentGradEngine:
             b = views[ch["bias"]] if ch["bias"] else None
             CO = w.shape[1]
             wk = w.reshape(K * CO, *w.shape[2:]).to(dtype)
+            keep = {}  # the forward's window columns of x, if its method built them: the wgrad's to reuse
             y, code = kern.shared_conv_relu_pool_forward(x, wk, None if b is None else b.reshape(K * CO),
                                                          ch["stride"], ch["padding"], channels_last,
-                                                         students=K if per_student else None)
+                                                         students=K if per_student else None, keep=keep)
             ys.append(y if per_student else y.view(y.shape[0], K, CO, *y.shape[2:]))  # [N, K, Co, h, w]: no copy
-            saved.append((wk.shape, code, w.shape))
+            saved.append((wk.shape, code, w.shape, keep.get("columns")))
         names = {ch["weight"] for ch in chains} | {ch["bias"] for ch in chains if ch["bias"]}
         return {"ys": ys, "kern": kern, "chains": chains, "x": x, "saved": saved, "names": names,
                 "trainable": trainable, "frozen": frozen}
@@ -442,12 +443,13 @@ class StudentGradEngine:
         """{chain parameter name: its KD gradient [K, ...]} from the pooled outputs' gradients gys
         ([K, N, Co, h, w] each), for the trainable ones."""
         grads, trainable = {}, fwd["trainable"]
-        for ch, gy, (wk_shape, code, w_shape) in zip(fwd["chains"], gys, fwd["saved"]):
+        for ch, gy, (wk_shape, code, w_shape, columns) in zip(fwd["chains"], gys, fwd["saved"]):
             need_b = ch["bias"] in trainable
             if ch["weight"] not in trainable and not need_b:
                 continue  # a frozen chain: no gradient to compute
             dw, db = fwd["kern"].shared_conv_relu_pool_wgrad(fwd["x"], gy.movedim(0, 1).to(fwd["x"].dtype), code,
-                                                             wk_shape, ch["stride"], ch["padding"], bias=need_b)
+                                                             wk_shape, ch["stride"], ch["padding"], bias=need_b,
+                                                             columns=columns)
             for name, g, shape in ((ch["weight"], dw, w_shape), (ch["bias"], db, w_shape[:2])):
                 if name in trainable:
                     grads[name] = g.view(shape) + grads[name] if name in grads else g.view(shape)

@@ -30,6 +30,19 @@ and loops over JT channel tiles, where the first gathers it again for every tile
 times for 128 `cnn` students). ``FWD = "auto"`` times both once per shape on a GPU; on a CPU it
 runs resident where C*R*S fits (RESIDENT_MAX_CRS).
 
+Both have a third method, "columns" (twenty-first session): the shared input's im2col matrix
+built once per pass by ``F.unfold`` (window_columns: [4, windows, C*R*S padded to a multiple of
+32], one plane per window position; 42 MB for `cnn`'s 256 images in bf16, read from L2 by every
+tile), so both kernels read plain [windows, C*R*S] tiles: no gather, no per-element index
+arithmetic, no reshape across a tile's rows. The forward takes one product per window position
+and keeps the running max and its position (two accumulators); the weight gradient loads each
+window's pooled gradient and code once and multiplies, per position, the gradient there (never
+stored) by that position's columns. The forward leaves its columns in ``keep`` for the weight
+gradient. On the H100 in the twentieth session the resident forward took 3.2 ms for `cnn`, K =
+128 (50 TFLOP/s; its 161 GFLOP and 0.8 GB of stores put the floor near 0.3 ms), the unpool
+weight gradient 2.8 ms; what the columns kernels take there is for the next GPU run to measure
+(auto times all the methods).
+
 The input needs no gradient here (the proxy batch); the op's autograd (fastagg.ops.grouped_conv)
 computes one in plain PyTorch if it is ever asked for.
 
@@ -148,6 +161,15 @@ def _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO
                          return_indices_tie_break_left=True)
     code = tl.where(pooled > 0, pos, -1)
     pp = tl.program_id(0) * (BM // 4) + tl.arange(0, BM // 4)
+    _store_windows(pooled, code, pp, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw, CO, syk,
+                   OFF64)
+
+
+@triton.jit
+def _store_windows(pooled, code, pp, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw, CO, syk,
+                   OFF64: tl.constexpr):
+    """Store a [windows pp, channels offs_o] tile of pooled values into y and their codes into
+    the contiguous codes (the addressing of _bias_relu_pool_store)."""
     p_ok = (pp < N * PHO * PWO)[:, None] & o_ok[None, :]
     pn = _idx(pp // (PHO * PWO), OFF64)
     ph, pw = (pp // PWO) % PHO, pp % PWO
@@ -210,6 +232,133 @@ def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H
         acc = _mma(a1, b1, acc, TF32)
         _bias_relu_pool_store(acc, b_ptr, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO, syn, syc, syh, syw,
                               CO, syk, HAS_BIAS, OFF64, BM, BN)
+
+
+# BP: windows (pooled pixels) per tile, BN: output channels, BK: the (c, r, s) block; CRSP, the
+# columns' width, is a multiple of 32, so every BK here divides it
+_FWD_COLS = [triton.Config({"BP": 16, "BN": 16, "BK": 16}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BP": bp, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+    # (bench/compile_sm90.py, Triton 3.9, bf16: these spill nothing; the window positions unrolled,
+    # or 128x128 tiles, spilled up to 950 bytes a thread)
+    for bp, bn, bk, w, st in [(32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                              (64, 128, 16, 8, 4)]]
+COLUMNS_ALIGN = 32  # the columns' width: C*R*S rounded up to a multiple of this
+
+
+def columns_width(crs):
+    return -(-crs // COLUMNS_ALIGN) * COLUMNS_ALIGN
+
+
+def window_columns(x, R, S, stride, padding):
+    """The im2col matrix of the shared input x [N, C, H, W], window-position-major: [4, N*h*w,
+    CRSP], row (q, p) the receptive field (c, r, s flattened, zero-padded to CRSP =
+    columns_width(C*R*S)) of the conv output pixel at position q (0..3, row-major) of pooled
+    window p (n, ph, pw). The students share x, so this is built once per pass (for `cnn`'s 256
+    images, 42 MB in bf16) and read as plain [windows, CRSP] tiles by the "columns" kernels:
+    no gather, no index arithmetic per element."""
+    N, C, H, W = x.shape
+    HO, WO = _conv_hw(x, R, S, stride, padding)
+    crs = C * R * S
+    u = torch.nn.functional.unfold(x, (R, S), padding=tuple(padding), stride=tuple(stride))  # [N, CRS, HO*WO]
+    u = u.view(N, crs, HO // 2, 2, WO // 2, 2).permute(3, 5, 0, 2, 4, 1)  # [qh, qw, n, ph, pw, crs]
+    cols = x.new_zeros(2, 2, N, HO // 2, WO // 2, columns_width(crs))
+    cols[..., :crs] = u
+    return cols.view(4, N * (HO // 2) * (WO // 2), cols.shape[-1])
+
+
+@triton.autotune(_FWD_COLS, key=["NP", "KCO", "CRS"])
+@triton.jit(do_not_specialize=["N", "NP", "KCO"])
+def _shared_fwd_relu_pool_columns(cols_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, NP, KCO, CRS, CRSP, PHO, PWO,
+                                  syn, syc, syh, syw, CO, syk, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
+                                  OFF64: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The forward from the window columns (window_columns) and w [C*R*S, K*Co] contiguous: for
+    each window position q, one product of the tile's [BP windows, CRSP] columns by the weight,
+    the bias added; the window's max is the first q with the largest value (so ties go to the
+    lower position, as in _bias_relu_pool_store), relu applied to it, and the code the position
+    where that max is positive, else -1. Two accumulators live at once, not four."""
+    pp = tl.program_id(0) * BP + tl.arange(0, BP)
+    p_ok = pp < NP
+    offs_o = tl.program_id(1) * BN + tl.arange(0, BN)
+    o_ok = offs_o < KCO
+    kk = tl.arange(0, BK)
+    row = _idx(pp, OFF64) * CRSP
+    best = tl.full((BP, BN), float("-inf"), tl.float32)
+    pos = tl.zeros((BP, BN), tl.int32)
+    for q in range(4):  # a loop, not unrolled (as in the weight gradient)
+        plane = cols_ptr + _idx(q * NP, OFF64) * CRSP
+        acc = tl.zeros((BP, BN), tl.float32)
+        for k0 in range(0, CRSP, BK):
+            crs = k0 + kk
+            a = tl.load(plane + row[:, None] + crs[None, :], mask=p_ok[:, None], other=0.0)
+            b = tl.load(w_ptr + (_idx(crs, OFF64) * KCO)[:, None] + offs_o[None, :],
+                        mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, TF32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        take = acc > best
+        best = tl.where(take, acc, best)
+        pos = tl.where(take, q, pos)
+    code = tl.where(best > 0, pos, -1)
+    _store_windows(tl.maximum(best, 0.0), code, pp, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO,
+                   syn, syc, syh, syw, CO, syk, OFF64)
+
+
+# BN: output channels per tile, BP: windows of the reduction, BK: the (c, r, s) block
+_WGRAD_COLS = [triton.Config({"BN": 16, "BP": 16, "BK": 16}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BN": bn, "BP": bp, "BK": bk}, num_warps=w, num_stages=st)
+    # (as above: these spill nothing in bf16; 64 windows a block spilled 8-600 bytes a thread)
+    for bn, bp, bk, w, st in [(64, 32, 128, 8, 3), (64, 32, 64, 4, 3), (128, 32, 64, 8, 3), (64, 32, 128, 8, 2)]]
+
+
+@triton.autotune(_WGRAD_COLS, key=["NP", "KCO", "CRS", "SPLIT"], restore_value=["dw_ptr", "db_ptr"])
+@triton.jit(do_not_specialize=["N", "NP", "KCO"])
+def _shared_wgrad_relu_pool_columns(cols_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, NP, KCO, CO, CRS, CRSP, PHO, PWO,
+                                    sdn, sdk, sdc, sdh, sdw, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                    TF32: tl.constexpr, OFF64: tl.constexpr,
+                                    BN: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
+    """dw [K*Co, C*R*S] and db [K*Co] (fp32) from the window columns and the pooled gradient dp
+    [N, K, Co, PHO, PWO] (strides sd*) with the contiguous codes [N, K*Co, PHO, PWO]: a block of
+    windows loads each window's gradient and code once, and for each position q the gradient at
+    the conv output there (dp where the code is q, else 0: never stored) times the columns of
+    position q. Grid: (channel tiles, crs tiles, SPLIT slices of the windows)."""
+    offs_j = tl.program_id(0) * BN + tl.arange(0, BN)
+    j_ok = offs_j < KCO
+    crs = tl.program_id(1) * BK + tl.arange(0, BK)
+    c_ok = crs < CRSP
+    per = tl.cdiv(tl.cdiv(NP, SPLIT), BP) * BP
+    lo = tl.program_id(2) * per
+    hi = tl.minimum(lo + per, NP)
+    dp_ch = (_idx(offs_j // CO, OFF64) * sdk + _idx(offs_j % CO, OFF64) * sdc)[:, None]
+    code_ch = (_idx(offs_j, OFF64) * (PHO * PWO))[:, None]
+    acc = tl.zeros((BN, BK), tl.float32)
+    acc_b = tl.zeros((BN,), tl.float32)
+    for p0 in range(lo, hi, BP):
+        p = p0 + tl.arange(0, BP)
+        p_ok = p < hi
+        n = _idx(p // (PHO * PWO), OFF64)
+        ph, pw = (p // PWO) % PHO, p % PWO
+        ok = j_ok[:, None] & p_ok[None, :]
+        g = tl.load(dp_ptr + dp_ch + (n * sdn + ph * sdh + pw * sdw)[None, :], mask=ok, other=0.0)
+        code = tl.load(code_ptr + code_ch + (n * (KCO * PHO * PWO) + ph * PWO + pw)[None, :], mask=ok, other=-1)
+        a_ptr = cols_ptr + (_idx(p, OFF64) * CRSP)[:, None] + crs[None, :]
+        a_ok = p_ok[:, None] & c_ok[None, :]
+        for q in range(4):  # a loop, not unrolled: four sets of [BP, BK] pointers spilled on sm_90
+            a = tl.load(a_ptr + _idx(q * NP, OFF64) * CRSP, mask=a_ok, other=0.0)
+            acc = _mma(tl.where(code == q, g, 0.0).to(a.dtype), a, acc, TF32)
+        if HAS_BIAS:
+            acc_b += tl.sum(tl.where(code >= 0, g.to(tl.float32), 0.0), axis=1)
+    dst = dw_ptr + (offs_j * CRS)[:, None] + crs[None, :]  # dw is small: 32-bit offsets
+    mask = j_ok[:, None] & (crs < CRS)[None, :]
+    if SPLIT == 1:
+        tl.store(dst, acc, mask=mask)
+    else:
+        tl.atomic_add(dst, acc, mask=mask)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:  # one crs tile adds the bias gradient
+            if SPLIT == 1:
+                tl.store(db_ptr + offs_j, acc_b, mask=j_ok)
+            else:
+                tl.atomic_add(db_ptr + offs_j, acc_b, mask=j_ok)
 
 
 # restore_value: autotuning runs the kernel once per config; dw and db must still hold the
@@ -290,12 +439,13 @@ def _check(x, w, stride, padding):
     return HO, WO
 
 
-FWD_METHODS = ("tile", "resident")
+FWD_METHODS = ("tile", "resident", "columns")
 FWD = "auto"  # the forward shared_conv_relu_pool_forward runs when none is named
 fwd_choices: dict = {}  # auto's timings per shape, as wgrad_choices
 
 
-def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False, method=None, students=None):
+def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False, method=None, students=None,
+                                  keep=None):
     """(y, code) for the shared input x [N, C, H, W] and the students' stacked weights
     w [K*Co, C, R, S] (same dtype as x), bias [K*Co] or None: y = max_pool2d(relu(conv2d(x, w, b)), 2)
     [N, K*Co, Ho/2, Wo/2] in x's dtype (stored channels-last if ``channels_last``), code the int8
@@ -303,9 +453,11 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
     [N, K, Co, Ho/2, Wo/2], stored [K, N, Ho/2, Wo/2, Co] (each student's [N, Co, h, w] a
     channels-last block: the layout fastagg.ops.dense_conv's per-student convolutions read
     without a copy); ``channels_last`` is then moot. ``method``: "tile" (_shared_fwd_relu_pool),
-    "resident" (_shared_fwd_relu_pool_resident, for C*R*S up to RESIDENT_MAX_CRS) or "auto": on a
-    GPU both timed once per shape and the faster kept (fwd_choices), elsewhere resident where it
-    applies; None: ``FWD``."""
+    "resident" (_shared_fwd_relu_pool_resident, for C*R*S up to RESIDENT_MAX_CRS), "columns"
+    (_shared_fwd_relu_pool_columns, from window_columns(x)) or "auto": on a GPU each that applies
+    timed once per shape and the fastest kept (fwd_choices), elsewhere resident where it applies,
+    else tile; None: ``FWD``. ``keep``: a dict, where the columns method leaves the window columns
+    it built (under "columns"), for the weight gradient's columns method to reuse."""
     HO, WO = _check(x, w, stride, padding)
     N, C, H, W = x.shape
     KCO, _, R, S = w.shape
@@ -335,6 +487,15 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
             y = torch.empty(K, N, *shape[2:], CO, dtype=x.dtype, device=x.device).permute(1, 0, 4, 2, 3)
             ys, syk = (y.stride(0), y.stride(2), y.stride(3), y.stride(4)), y.stride(1)
         code = torch.empty(shape, dtype=torch.int8, device=x.device)
+        if m == "columns":
+            cols = window_columns(x, R, S, stride, padding)
+            if keep is not None:
+                keep["columns"] = cols
+            NP = N * (HO // 2) * (WO // 2)
+            _shared_fwd_relu_pool_columns[lambda meta: (triton.cdiv(NP, meta["BP"]), triton.cdiv(KCO, meta["BN"]))](
+                cols, wt, b if b is not None else wt, y, code, N, NP, KCO, C * R * S, cols.shape[-1], HO // 2,
+                WO // 2, *ys, CO, syk, HAS_BIAS=b is not None, TF32=_tf32(x.dtype), OFF64=_off64(cols, wt, y, code))
+            return y, code
         args = (x, wt, b if b is not None else wt, y, code, N, C, H, W, KCO, HO, WO, *x.stride(), *ys, CO, syk)
         kw = dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], R=R, S=S, HAS_BIAS=b is not None,
                   TF32=_tf32(x.dtype), OFF64=_off64(x, wt, y, code))
@@ -349,16 +510,14 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
         return y, code
 
     if method == "auto":
-        if not resident_ok:
-            method = "tile"
-        else:
-            key = (x.device, tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), b is not None,
-                   channels_last, students)
-            method = _pick(fwd_choices, key, FWD_METHODS, run, default="resident")
+        key = (x.device, tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), b is not None,
+               channels_last, students)
+        methods = [m for m in FWD_METHODS if resident_ok or m != "resident"]
+        method = _pick(fwd_choices, key, methods, run, default="resident" if resident_ok else "tile")
     return run(method)
 
 
-WGRAD_METHODS = ("kernel", "unpool")
+WGRAD_METHODS = ("kernel", "unpool", "columns")
 WGRAD = "auto"  # the method shared_conv_relu_pool_wgrad uses when none is named
 wgrad_choices: dict = {}  # auto's timings per shape: {key: {"kernel": ms, "unpool": ms, "chosen": method}}
 
@@ -450,11 +609,13 @@ def _pick_wgrad(key, run):
     return _pick(wgrad_choices, key, WGRAD_METHODS, run, default="kernel")
 
 
-def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True, method=None):
+def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True, method=None, columns=None):
     """(dw [K*Co, C, R, S], db [K*Co] or None), fp32, of the chain above from its pooled gradient
     (x's dtype, any strides) and the forward's codes. dp is [N, K*Co, Ho/2, Wo/2], or [N, K, Co,
     Ho/2, Wo/2] (e.g. the movedim'd view of what a vmap over the students returns: no copy).
-    ``method``: "kernel", "unpool" or "auto" (see the module's docstring); None: ``WGRAD``."""
+    ``method``: "kernel", "unpool", "columns" or "auto" (see the module's docstring); None: ``WGRAD``.
+    ``columns``: the forward's window columns of x (its ``keep``), which the columns method then
+    does not build again."""
     N, C, H, W = x.shape
     KCO, _, R, S = w_shape
     HO, WO = _conv_hw(x, R, S, stride, padding)
@@ -472,10 +633,11 @@ def shared_conv_relu_pool_wgrad(x, dp, code, w_shape, stride, padding, bias=True
                          f"{WGRAD_METHODS + ('auto',)}")
     dp5 = dp if dp.dim() == 5 else dp.unsqueeze(1)  # [N, K, Co, h, w]; K = 1 for [N, K*Co, h, w]
     args = (x, dp5, code, tuple(w_shape), tuple(stride), tuple(padding), bias)
+    run = {**_WGRAD_RUN, "columns": lambda *a: _wgrad_columns(*a, columns=columns)}
     if method == "auto":
         key = (x.device, tuple(x.shape), tuple(dp5.shape), x.dtype) + args[3:]
-        method = _pick_wgrad(key, lambda m: _WGRAD_RUN[m](*args))
-    return _WGRAD_RUN[method](*args)
+        method = _pick_wgrad(key, lambda m: run[m](*args))
+    return run[method](*args)
 
 
 def _wgrad_kernel(x, dp5, code, w_shape, stride, padding, bias):
@@ -499,4 +661,29 @@ def _wgrad_kernel(x, dp5, code, w_shape, stride, padding, bias):
     return dw.view(w_shape), (db if bias else None)
 
 
-_WGRAD_RUN = {"kernel": _wgrad_kernel, "unpool": _wgrad_unpool}
+def _wgrad_columns(x, dp5, code, w_shape, stride, padding, bias, columns=None):
+    """The "columns" method: _shared_wgrad_relu_pool_columns over the window columns of x (the
+    forward's, or built here), the reduction over windows split as in the kernel method."""
+    N, C, H, W = x.shape
+    KCO, _, R, S = w_shape
+    HO, WO = _conv_hw(x, R, S, stride, padding)
+    cols = window_columns(x, R, S, stride, padding) if columns is None else columns
+    CO, CRS, NP = dp5.shape[2], C * R * S, N * (HO // 2) * (WO // 2)
+    if tuple(cols.shape) != (4, NP, columns_width(CRS)) or cols.dtype != x.dtype or not cols.is_contiguous():
+        raise ValueError(f"shared conv + relu + pool, weight gradient: columns {tuple(cols.shape)} {cols.dtype} are "
+                         f"not the window columns of input {tuple(x.shape)} {x.dtype} for weight {tuple(w_shape)}")
+    split = reduction_split(triton.cdiv(KCO, 64) * triton.cdiv(CRS, 64), NP * 4, x.device)
+    new = torch.zeros if split > 1 else torch.empty
+    dw = new(KCO, CRS, dtype=torch.float32, device=x.device)
+    db = new(KCO, dtype=torch.float32, device=x.device) if bias else dw
+
+    def grid(meta):
+        return triton.cdiv(KCO, meta["BN"]), triton.cdiv(CRS, meta["BK"]), split
+
+    _shared_wgrad_relu_pool_columns[grid](cols, dp5, code, dw, db, N, NP, KCO, CO, CRS, cols.shape[-1], HO // 2,
+                                          WO // 2, *dp5.stride(), SPLIT=split, HAS_BIAS=bias, TF32=_tf32(x.dtype),
+                                          OFF64=_off64(cols, dp5, code))
+    return dw.view(w_shape), (db if bias else None)
+
+
+_WGRAD_RUN = {"kernel": _wgrad_kernel, "unpool": _wgrad_unpool, "columns": _wgrad_columns}

@@ -218,9 +218,10 @@ def test_unpool_chain_writes_each_windows_gradient_at_its_code(channels_last, dt
     assert none is None and torch.equal(dz2, dz)
 
 
-# the forward's two kernels ride along with the weight gradient's two methods (each pair on every
-# geometry and dtype; the engine's tests run the forward's CPU default, resident, on many more)
-@pytest.mark.parametrize("method,fwd", [("kernel", "tile"), ("unpool", "resident")], ids=["kernel", "unpool"])
+# the forward's three kernels ride along with the weight gradient's three methods (each pair on
+# every geometry and dtype; the engine's tests run the forward's CPU default, resident, on many more)
+@pytest.mark.parametrize("method,fwd", [("kernel", "tile"), ("unpool", "resident"), ("columns", "columns")],
+                         ids=["kernel", "unpool", "columns"])
 @pytest.mark.parametrize("geo", CHAIN_GEOMETRIES, ids=lambda g: f"C{g[1]}-{g[5]}x{g[6]}-s{g[7][0]}-KCo{g[4]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device, monkeypatch):
@@ -243,8 +244,10 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device
     b = torch.randn(KCO, generator=rng) if bias else None
     with _no_tf32():
         undo = _poison_empty(monkeypatch)
+        keep = {}
         y, code = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
-                                                stride, padding, method=fwd)
+                                                stride, padding, method=fwd, keep=keep)
+        assert ("columns" in keep) == (fwd == "columns")
         y_cl, code_cl = shared_conv_relu_pool_forward(x.to(device), w.to(device), None if b is None else b.to(device),
                                                       stride, padding, channels_last=True, method=fwd)
         undo()
@@ -276,6 +279,11 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device
         assert dp.shape == ref.shape and (KCO == 1 or not dp.is_contiguous())
         dw, db = shared_conv_relu_pool_wgrad(x.to(device), dp.to(device), code, w.shape, stride, padding, bias=bias,
                                              method=method)
+        if method == "columns":  # the forward's columns reused: the same sums
+            dw_kept, db_kept = shared_conv_relu_pool_wgrad(x.to(device), dp.to(device), code, w.shape, stride,
+                                                           padding, bias=bias, method=method,
+                                                           columns=keep["columns"])
+            assert torch.equal(dw_kept, dw) and (db is None or torch.equal(db_kept, db))
         dz = unpool_relu_reference(dp.double(), code.cpu(), *z.shape[-2:])
         dw_ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, dz, stride, padding)
         assert dw.dtype == torch.float32 and dw.shape == w.shape
@@ -290,7 +298,7 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device
             dpk = dp.reshape(N, K, KCO // K, *dp.shape[-2:]).movedim(1, 0).contiguous()
             dw5, db5 = shared_conv_relu_pool_wgrad(x.to(device), dpk.movedim(0, 1).to(device), code, w.shape,
                                                    stride, padding, bias=bias, method=method)
-            if method == "kernel":
+            if method in ("kernel", "columns"):
                 assert torch.equal(dw5, dw) and (db5 is None or torch.equal(db5, db))
             else:  # the same dz into cuDNN, whose weight gradient may sum in another order
                 torch.testing.assert_close(dw5, dw, rtol=1e-5, atol=1e-5 * float(dw.abs().max()))
@@ -298,9 +306,9 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device
                     torch.testing.assert_close(db5, db, rtol=1e-5, atol=1e-5)
 
 
-def test_shared_chain_weight_gradient_auto_times_both_methods_once_on_a_gpu(rng, device, monkeypatch):
-    """method="auto": on a GPU both methods timed once for a shape, the faster kept (its result is
-    that method's) and timed no more; on a CPU the kernel, untimed."""
+def test_shared_chain_weight_gradient_auto_times_each_method_once_on_a_gpu(rng, device, monkeypatch):
+    """method="auto": on a GPU the three methods timed once for a shape, the fastest kept (its
+    result is that method's) and timed no more; on a CPU the kernel, untimed."""
     pytest.importorskip("triton")
     from fastagg.kernels import shared_conv as kern
 
@@ -316,9 +324,9 @@ def test_shared_chain_weight_gradient_auto_times_both_methods_once_on_a_gpu(rng,
         chosen = "kernel"
     else:
         ((key, timed),) = new.items()
-        assert key[0] == x.device and timed["kernel"] > 0 and timed["unpool"] > 0
+        assert key[0] == x.device and all(timed[m] > 0 for m in kern.WGRAD_METHODS)
         chosen = timed["chosen"]
-        assert timed[chosen] == min(timed["kernel"], timed["unpool"])
+        assert timed[chosen] == min(timed[m] for m in kern.WGRAD_METHODS)
 
         def unpool_out_of_memory(method):  # a method out of memory is never kept
             if method == "unpool":
@@ -342,8 +350,9 @@ def test_shared_chain_weight_gradient_auto_times_both_methods_once_on_a_gpu(rng,
 
 def test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu(rng, device, monkeypatch):
     """Forward method auto: on a CPU the resident kernel where C*R*S fits (nothing timed), the tile
-    one where it does not (7x7 taps on 7 channels); on CUDA both timed once per shape and the faster
-    kept. Either way the outputs are the named method's, bit for bit."""
+    one where it does not (7x7 taps on 7 channels); on CUDA the methods that apply timed once per
+    shape (resident only where C*R*S fits) and the fastest kept. Either way the outputs are the
+    named method's, bit for bit."""
     pytest.importorskip("triton")
     from fastagg.kernels import shared_conv as kern
 
@@ -358,7 +367,7 @@ def test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu(rng, device, 
     else:
         ((key, timed),) = new.items()
         chosen = timed["chosen"]
-        assert timed[chosen] == min(timed["tile"], timed["resident"]) > 0
+        assert timed[chosen] == min(timed["tile"], timed["resident"], timed["columns"]) > 0
     y1, code1 = kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method=chosen)
     assert torch.equal(y, y1) and torch.equal(code, code1)
     kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method="auto")
@@ -367,10 +376,47 @@ def test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu(rng, device, 
     with pytest.raises(ValueError, match="resident method takes C\\*R\\*S up to 160, got 343"):
         kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method="resident")
     y2, code2 = kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method="auto")
-    y3, code3 = kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method="tile")
-    assert torch.equal(y2, y3) and torch.equal(code2, code3) and kern.fwd_choices == new
+    if device.type != "cuda":
+        big = "tile"
+        assert kern.fwd_choices == new
+    else:  # timed too, without the resident method
+        (timed,) = (v for key, v in kern.fwd_choices.items() if key not in new)
+        assert "resident" not in timed and timed[timed["chosen"]] == min(timed["tile"], timed["columns"])
+        big = timed["chosen"]
+    y3, code3 = kern.shared_conv_relu_pool_forward(big_x, big_w, None, (1, 1), (3, 3), method=big)
+    assert torch.equal(y2, y3) and torch.equal(code2, code3)
     with pytest.raises(ValueError, match="unknown method 'cudnn'"):
         kern.shared_conv_relu_pool_forward(x, w, None, (1, 1), (1, 1), method="cudnn")
+
+
+@pytest.mark.parametrize("geo", CHAIN_GEOMETRIES[:3], ids=lambda g: f"C{g[1]}-{g[5]}x{g[6]}-s{g[7][0]}")
+def test_window_columns_hold_each_pixels_receptive_field_by_window_position(geo, rng, device):
+    """Row (q, p) of the window columns: the receptive field of the conv output pixel at position q
+    (row-major) of pooled window p (n, ph, pw), read off x by index here (zero outside the image),
+    zero past C*R*S up to the padded width; and a columns tensor that is not x's is refused."""
+    pytest.importorskip("triton")
+    from fastagg.kernels import shared_conv as kern
+
+    N, C, H, W, KCO, R, S, stride, padding = geo
+    x = torch.randn(N, C, H, W, generator=rng, dtype=torch.float64)
+    cols = kern.window_columns(x.to(device), R, S, stride, padding).cpu()
+    HO, WO = (H + 2 * padding[0] - R) // stride[0] + 1, (W + 2 * padding[1] - S) // stride[1] + 1
+    width = -(-(C * R * S) // 32) * 32
+    assert cols.shape == (4, N * (HO // 2) * (WO // 2), width) and cols.is_contiguous()
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    for q in range(4):
+        for p in range(cols.shape[1]):
+            n, ph, pw = p // ((HO // 2) * (WO // 2)), (p // (WO // 2)) % (HO // 2), p % (WO // 2)
+            ho, wo = 2 * ph + q // 2, 2 * pw + q % 2
+            field = xp[n, :, ho * stride[0]:ho * stride[0] + R, wo * stride[1]:wo * stride[1] + S].reshape(-1)
+            assert torch.equal(cols[q, p, :C * R * S], field)
+    assert not cols[..., C * R * S:].any()
+    w_shape = (KCO, C, R, S)
+    code = torch.zeros(N, KCO, HO // 2, WO // 2, dtype=torch.int8, device=device)
+    dp = torch.zeros(code.shape, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match="are not the window columns of input"):
+        kern.shared_conv_relu_pool_wgrad(x.to(device), dp, code, w_shape, stride, padding, method="columns",
+                                         columns=cols.to(device)[:, 1:])
 
 
 def test_shared_chain_rejects_what_it_cannot_run():
@@ -489,6 +535,7 @@ def _fused_engine(model, spec, proxy, route, K, **kw):
 
 
 @pytest.mark.parametrize("route, wgrad", [("compiled_fused", "auto"), ("loop_fused", "auto"), ("loop_fused", "unpool"),
+                                          ("loop_fused", "columns"), ("compiled_fused", "columns"),
                                           ("loop_fused_cl", "auto"), ("compiled_fused_cl", "auto")])
 @pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
 def test_split_routes_equal_native(net, route, wgrad, rng, device, monkeypatch):
@@ -501,13 +548,19 @@ def test_split_routes_equal_native(net, route, wgrad, rng, device, monkeypatch):
     stays in it as the model has it). In bf16 (the smooth tail only: see _Net) the route equals
     the eager gemm_fused route within 1e-2 (draws on the CPU: compiled_fused 0.26% median, 0.35%
     max over 12; loop_fused and loop_fused_cl 0.32%, 0.41% over 15). ``wgrad``: the chains'
-    weight-gradient method (auto: the kernel on a CPU, the faster one timed on a GPU)."""
+    weight-gradient method (auto: the kernel on a CPU, the fastest one timed on a GPU); with
+    "columns" the forward's method too, and the weight gradient reuses the forward's window
+    columns (built once per chain and pass)."""
     pytest.importorskip("triton")
     if route.endswith("_cl") and device.type != "cuda":
         pytest.skip("the channels-last routes run on CUDA only")
     from fastagg.kernels import shared_conv as kern
 
     monkeypatch.setattr(kern, "WGRAD", wgrad)
+    built = []
+    if wgrad == "columns":
+        monkeypatch.setattr(kern, "FWD", "columns")
+        monkeypatch.setattr(kern, "window_columns", lambda *a, f=kern.window_columns: built.append(1) or f(*a))
     calls = _spy_kernels(monkeypatch)
     smooth = net is _ChainThenSmooth
     model, spec, proxy, students, probs = _engine_case(net, 6, 14 if smooth else 12, 3, rng, device)
@@ -515,6 +568,7 @@ def test_split_routes_equal_native(net, route, wgrad, rng, device, monkeypatch):
         loss0, g0 = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)(students, probs)
         eng = _fused_engine(model, spec, proxy, route, 3)
         loss1, g1 = eng(students, probs)
+        route_built = len(built)  # one pass: the columns built once, by the forward
         if smooth:
             _, g_eager = StudentGradEngine(model, spec, proxy, 3.0, conv="gemm_fused", chunk=None,
                                            precision="bf16")(students, probs)
@@ -523,6 +577,7 @@ def test_split_routes_equal_native(net, route, wgrad, rng, device, monkeypatch):
     assert chains == [{"weight": "c1.weight", "bias": "c1.bias", "stride": (1, 1), "padding": (2, 2)}]
     assert "c1" not in rest.code and "c2" in rest.code and ("max_pool2d" in rest.code) == (net is _TwoChains)
     assert calls == ["shared_conv_relu_pool_forward", "shared_conv_relu_pool_wgrad"] * (3 if smooth else 1)
+    assert route_built == (1 if wgrad == "columns" else 0)
     torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
     assert float((g1 - g0).norm() / g0.norm()) < 1e-5
     if smooth:
