@@ -43,7 +43,11 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # K = 1024 in passes of 256 too (one pass of 1024 ran out of memory). About 560 s with the
   # start; lm (its compiled route captured now: predicted 4.8-5.3 ms a pass of 16, from 6.85) and
   # its profile against the compiled vmap in part 2; the kernel profile of cnn with T_PROF=70.
-  TESTS="tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_dense_routes_equal_native tests/test_shared_conv.py::test_shared_chain_kernels_match_float64 tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager" \
+  # The chain's columns kernels (twenty-first session) are in the kernel tests and the two auto
+  # tests; the cnn bench's route timing then times them against the others per shape
+  # (shared_fwd_ms, shared_wgrad_ms in its JSON), and every per-shape choice (the chain's methods,
+  # the dense ops' variants) is now timed as CUDA-graph replays ("timed" in those rows).
+  TESTS="tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_dense_routes_equal_native tests/test_shared_conv.py::test_shared_chain_kernels_match_float64 tests/test_shared_conv.py::test_window_columns_hold_each_pixels_receptive_field_by_window_position tests/test_shared_conv.py::test_shared_chain_weight_gradient_auto_times_each_method_once_on_a_gpu tests/test_shared_conv.py::test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_time_each_times_captured_graphs_on_a_gpu_and_says_when_it_cannot tests/test_dense_conv.py::test_nothing_is_timed_while_a_cuda_graph_is_captured tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager" \
       T_TESTS=150 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=160 T_SYNCS=0 \
       CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
       bash "$0" 1

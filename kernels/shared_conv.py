@@ -592,15 +592,17 @@ def _wgrad_unpool(x, dp5, code, w_shape, stride, padding, bias):
 def _pick(choices, key, methods, run, default):
     """auto: ``default`` on a CPU (the Triton interpreter), and during a CUDA graph capture before
     any timing (nothing can be timed then); on a GPU each method timed once per shape
-    (fastagg.ops.timing.time_each: a warm-up run, then the median of three, with events) and the
-    faster kept in ``choices[key]``. A method that runs out of device memory (unpool's dz is 4x
+    (fastagg.ops.timing.time_each: a warm-up run, then the median of three replays of a CUDA graph
+    of each, with events; "timed" in the record says if it had to time them uncaptured) and the
+    fastest kept in ``choices[key]``. A method that runs out of device memory (unpool's dz is 4x
     the pooled gradient) is timed as infinitely slow."""
     if key in choices:
         return choices[key]["chosen"]
     if key[0].type != "cuda" or torch.cuda.is_current_stream_capturing():
         return default
-    ms = time_each(methods, run, key[0])
-    choices[key] = {**ms, "chosen": min(ms, key=ms.get)}
+    how = {}
+    ms = time_each(methods, run, key[0], how=how)
+    choices[key] = {**ms, "chosen": min(ms, key=ms.get), **how}
     return choices[key]["chosen"]
 
 

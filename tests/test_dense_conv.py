@@ -147,8 +147,8 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
 
 def test_time_each_warms_up_times_the_median_and_counts_out_of_memory_as_slowest(monkeypatch):
     """fastagg.ops.timing.time_each (the dense ops' and the shared chain's choices): each method
-    run once untimed, then reps times, the median kept; one that runs out of device memory is
-    infinitely slow and run no more."""
+    run once untimed, all of them first, then reps times each, the median kept; one that runs out
+    of device memory is infinitely slow and run no more; on a CPU by the host clock."""
     from fastagg.ops import timing
 
     clock, calls = iter([0.0, 0.001, 1.0, 1.005, 2.0, 2.003]), []  # ms per timed run: 1, 5, 3
@@ -159,9 +159,46 @@ def test_time_each_warms_up_times_the_median_and_counts_out_of_memory_as_slowest
         if m == "oom":
             raise torch.cuda.OutOfMemoryError("no room")
 
-    ms = timing.time_each(["fast", "oom"], run, torch.device("cpu"), reps=3)
-    assert calls == ["fast"] * 4 + ["oom"]
-    assert ms["fast"] == pytest.approx(3.0) and ms["oom"] == float("inf")
+    how = {}
+    ms = timing.time_each(["fast", "oom"], run, torch.device("cpu"), reps=3, how=how)
+    assert calls == ["fast", "oom"] + ["fast"] * 3
+    assert ms["fast"] == pytest.approx(3.0) and ms["oom"] == float("inf") and how == {"timed": "host clock"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_time_each_times_captured_graphs_on_a_gpu_and_says_when_it_cannot():
+    """On CUDA the methods are timed as replays of a CUDA graph of each (their device time, not the
+    host's launches), ``how`` says so, and the output a run writes is still right afterwards. One
+    method that cannot be captured (it synchronises) has every method timed uncaptured instead,
+    and ``how`` says so and why."""
+    from fastagg.ops import timing
+
+    dev = torch.device("cuda")
+    x = torch.randn(1 << 20, device=dev)
+    out = torch.empty_like(x)
+
+    def run(m):
+        if m == "host_bound":  # 200 launches
+            for _ in range(200):
+                out.add_(0.0)
+        elif m == "big":  # one launch of real device work
+            torch.mul(x, 2.0, out=out)
+            for _ in range(30):
+                out.mul_(1.0)
+        else:  # "sync": cannot be captured
+            out.copy_(x)
+            torch.cuda.synchronize()
+
+    how = {}
+    ms = timing.time_each(["host_bound", "big"], run, dev, reps=3, how=how)
+    assert how == {"timed": "CUDA graph replays"} and set(ms) == {"host_bound", "big"}
+    assert all(0 < t < float("inf") for t in ms.values())
+    out.zero_()
+    run("big")
+    torch.testing.assert_close(out, 2 * x)
+    how = {}
+    ms = timing.time_each(["big", "sync"], run, dev, reps=3, how=how)
+    assert how["timed"].startswith("uncaptured launches (capture failed: ") and set(ms) == {"big", "sync"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph capture")

@@ -98,8 +98,9 @@ def _name(variant):
 def _choose(key, variants, run, device, reps=2):
     """The variant to run for this shape: the only one, the one timed fastest before, or, at the
     first call, each timed now (fastagg.ops.timing.time_each: once to warm up, cuDNN's search
-    running then, then the median of ``reps``; on CUDA with events on the current stream, which
-    ``run`` joins back to).
+    running then, then the median of ``reps``; on CUDA the replays of each variant captured as a
+    CUDA graph, timed with events on the current stream, which ``run`` joins back to; "timed" in
+    the record says how).
     While a CUDA graph is being captured nothing can be timed: the first variant runs, and is
     not recorded (the engine warms a route up before it captures it, so it has chosen by then)."""
     if len(variants) == 1:
@@ -109,9 +110,10 @@ def _choose(key, variants, run, device, reps=2):
         return got["variant"]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return variants[0]
-    timed = time_each(variants, run, device, reps)
+    how = {}
+    timed = time_each(variants, run, device, reps, how=how)
     best = min(timed, key=timed.get)
-    choices[key] = {"ms": {_name(v): ms for v, ms in timed.items()}, "chosen": _name(best), "variant": best}
+    choices[key] = {"ms": {_name(v): ms for v, ms in timed.items()}, "chosen": _name(best), "variant": best, **how}
     return best
 
 
