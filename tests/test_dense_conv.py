@@ -23,13 +23,18 @@ GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding, bias)
 ]
 
 
+@pytest.mark.parametrize("way", ["auto", "grouped"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:8])))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geometry, dtype, rng, device):
+def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geometry, dtype, way, rng, device,
+                                                                          monkeypatch):
     """Forward, and the gradients of input, weight and bias, against float64 autograd of the
     grouped convolution (F.conv2d with groups=K), the batched op and the per-student op under
     vmap; the output stored students-last ([K, N, Ho, Wo, Co]: each student's slice a contiguous
-    channels-last tensor). On CUDA the students go round the side streams."""
+    channels-last tensor). On CUDA the students go round the side streams. ``way``: what auto
+    times and keeps, or the "grouped" way alone (one grouped convolution, operands copied into its
+    layout and the results out of it)."""
+    monkeypatch.setattr(dense_conv, "DGRAD", way)
     K, N, C, H, W, CO, R, S, stride, padding, bias = geometry
     x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
     w = torch.randn(K, CO, C, R, S, generator=rng, dtype=torch.float64)
@@ -106,10 +111,11 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
     nothing timed, nothing recorded). Every timed run writes the same gradients (float64 against
     the grouped reference), later calls of the shape time nothing and run the recorded variant
     (the data gradient by convolution_backward only when "backward" was kept), and a new shape is
-    timed anew."""
+    timed anew. (The grouped way left out: test_auto_times_the_grouped_way_too.)"""
     monkeypatch.setattr(dense_conv, "choices", {})
     monkeypatch.setattr(dense_conv, "DGRAD", "auto")
     monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", "auto")
+    monkeypatch.setattr(dense_conv, "GROUPED", False)
     cuda = device.type == "cuda"
     runs = []
     each = dense_conv._each_student
@@ -143,6 +149,34 @@ def test_auto_times_each_variant_once_per_shape_and_runs_the_fastest(rng, device
         assert ("forward", *key[1:7], dense_conv.STREAMS) in dense_conv.choices or not cuda
         kept_forward = rec["variant"][0] == "forward"
         assert masks[-K:] == [(False, True, False) if kept_forward else (True, True, False)] * K
+
+
+def test_auto_times_the_grouped_way_too(rng, device, monkeypatch):
+    """With GROUPED on, auto's records for a shape hold the grouped way (each cuDNN search setting
+    on CUDA) beside the per-student ones, for the forward (which then has a choice on a CPU too)
+    and the backward; with it off, none; whichever is kept, the gradients equal float64's."""
+    monkeypatch.setattr(dense_conv, "DGRAD", "auto")
+    monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", "auto")
+    searches = [", cudnn heuristics", ", cudnn search"] if device.type == "cuda" else [""]
+    x = torch.randn(3, 2, 4, 6, 5, generator=rng, dtype=torch.float64)
+    w = torch.randn(3, 5, 4, 3, 3, generator=rng, dtype=torch.float64)
+    dy = torch.randn(3, 2, 5, 6, 5, generator=rng, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    refs = torch.autograd.grad(grouped_conv2d_reference(xr, wr, None, (1, 1), (1, 1)), (xr, wr), dy)
+    for grouped in (True, False):
+        monkeypatch.setattr(dense_conv, "choices", {})
+        monkeypatch.setattr(dense_conv, "GROUPED", grouped)
+        xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+        y = dense_conv.dense_grouped_conv(xd, wd, None, [1, 1], [1, 1])
+        for g, r in zip(torch.autograd.grad(y, (xd, wd), dy.to(device)), refs):
+            torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
+        recs = {key[0]: rec for key, rec in dense_conv.choices.items()}
+        assert {name for name in recs["backward"]["ms"] if name.startswith("grouped")} == (
+            {"grouped" + s for s in searches} if grouped else set())
+        if grouped:
+            assert set(recs["forward"]["ms"]) == {way + s for way in ("backward", "grouped") for s in searches}
+        else:
+            assert ("forward" in recs) == (device.type == "cuda")
 
 
 def test_time_each_warms_up_times_the_median_and_counts_out_of_memory_as_slowest(monkeypatch):

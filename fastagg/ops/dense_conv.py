@@ -22,7 +22,9 @@ channels-last tensor, the layout cuDNN's bf16 kernels use: one copy for all stud
 way in; on CUDA cuDNN writes each forward, and each data gradient of a stride-1 layer computed
 as a forward convolution, straight into the student's slice; the weight gradients and the data
 gradients from convolution_backward are copied in; which way, and whether cuDNN searches for its
-algorithms, is timed per shape: ``DGRAD``, ``CUDNN_BENCHMARK``, ``choices``). Biases are added
+algorithms, is timed per shape: ``DGRAD``, ``CUDNN_BENCHMARK``, ``choices``; one of the ways is
+"grouped", all students in one grouped convolution as vmap would run them, for a shape where the
+students' dense convolutions are too small to fill the device: ``GROUPED``). Biases are added
 once for all students. torch.compile
 sees three opaque ops (their fake implementations give the shapes and strides), so inductor
 still fuses everything around them.
@@ -57,6 +59,12 @@ _streams: dict = {}  # (device, how many) -> the side streams, made at first use
 # the kernel time did not; and the op took 13.1 ms against 10.4 for a plain loop of F.conv2d and
 # autograd. Which wins depends on the layer.
 DGRAD = "auto"
+# Whether DGRAD = "auto" also times "grouped": all K students in one grouped convolution (what
+# vmap's own rule runs), the operands copied into and out of its [N, K*C, H, W] channels-last
+# layout, for the forward and for both gradients. For `cnn`'s second layer the dense way won by
+# far (H100, twentieth session: 10.6 ms against 18.7 forward and backward); for ResNet-18's small
+# late layers (32 students' 4x4 pixels each) nothing says which wins, so each shape times both.
+GROUPED = True
 # cuDNN's algorithm search (benchmark mode) for the ops' convolutions on CUDA: True, False, or
 # "auto" (both timed per shape at first use). Its heuristics gave this layer 64x64 tiles for the
 # gradients (143-149 TFLOP/s) where its forward ran at 270.
@@ -82,9 +90,14 @@ def _key(x, w, stride, padding):
 
 
 def _variants(device, can_forward):
-    """The (data-gradient method, cuDNN search) pairs to choose from: the data gradient's two
-    methods only where the forward form applies, the search only where cuDNN runs."""
-    dgrads = (["forward", "backward"] if DGRAD == "auto" else [DGRAD]) if can_forward else ["backward"]
+    """The (way, cuDNN search) pairs to choose from. The way: per student, the data gradient by
+    "forward" (only where the forward form applies) or "backward", or "grouped" (GROUPED; for the
+    forward op "backward" means per student); the search only where cuDNN runs."""
+    if DGRAD == "grouped":
+        dgrads = ["grouped"]
+    else:
+        dgrads = (["forward", "backward"] if DGRAD == "auto" else [DGRAD]) if can_forward else ["backward"]
+        dgrads += ["grouped"] if GROUPED and DGRAD == "auto" else []
     cudnn_here = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     searches = ([False, True] if CUDNN_BENCHMARK == "auto" else [bool(CUDNN_BENCHMARK)]) if cudnn_here else [None]
     return [(d, b) for d in dgrads for b in searches]
@@ -93,6 +106,22 @@ def _variants(device, can_forward):
 def _name(variant):
     dgrad, search = variant
     return dgrad + ("" if search is None else ", cudnn search" if search else ", cudnn heuristics")
+
+
+def _grouped(t):
+    """[K, N, C, H, W] (any strides) copied into the layout of one grouped convolution's operand:
+    [N, K*C, H, W] stored channels-last ([N, H, W, K, C]), channel k*C + c student k's channel c."""
+    K, N, C, H, W = t.shape
+    g = t.new_empty(N, H, W, K, C)
+    g.copy_(t.permute(1, 3, 4, 0, 2))
+    return g.view(N, H, W, K * C).permute(0, 3, 1, 2)
+
+
+def _grouped_weight(ws):
+    """The students' weights [K, Co, C, R, S], each channels-last (_students_last), as one grouped
+    convolution's [K*Co, C, R, S] weight: a view."""
+    K, CO, C, R, S = ws.shape
+    return ws.permute(0, 1, 3, 4, 2).reshape(K * CO, R, S, C).permute(0, 3, 1, 2)
 
 
 def _choose(key, variants, run, device, reps=2):
@@ -174,7 +203,11 @@ def dense_grouped_conv_saving(x: torch.Tensor, w: torch.Tensor, b: Optional[torc
 
     def run(variant):
         with _cudnn_search(variant[1]):
-            _each_student(K, x.device, lambda k: _conv_into(out[k], xs[k], ws[k], stride, padding))
+            if variant[0] == "grouped":  # one grouped convolution, its output copied into place
+                y = F.conv2d(_grouped(x), _grouped_weight(ws), None, stride, padding, 1, K)
+                out.copy_(y.view(N, K, CO, HO, WO).transpose(0, 1))
+            else:
+                _each_student(K, x.device, lambda k: _conv_into(out[k], xs[k], ws[k], stride, padding))
 
     run(_choose(("forward", *_key(x, w, stride, padding)), _variants(x.device, False), run, x.device))
     if b is not None:  # one add for all K (F.conv2d adds a bias by a kernel of its own: K of them)
@@ -232,6 +265,10 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
         pad_t = [R - 1 - padding[0], S - 1 - padding[1]]
 
     def run(variant):
+        if variant[0] == "grouped":
+            with _cudnn_search(variant[1]):
+                _grouped_backward(x, ws, dy, stride, padding, need_x, need_w, dx, dw)
+            return
         as_forward = variant[0] == "forward"
         mask = [need_x and not as_forward, need_w, False]
 
@@ -254,6 +291,20 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
         key = ("backward", *_key(x, w, stride, padding), need_x, need_w)
         run(_choose(key, _variants(x.device, can_forward), run, x.device))
     return dx, dw, db
+
+
+def _grouped_backward(x, ws, dy, stride, padding, need_x, need_w, dx, dw):
+    """The "grouped" way of dense_grouped_conv_backward: one convolution_backward with K groups over
+    the operands copied into its layout, the gradients copied into dx and dw."""
+    K, N, C, H, W = x.shape
+    CO = ws.shape[1]
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        _grouped(dy), _grouped(x), _grouped_weight(ws), None, stride, padding, [1, 1], False, [0, 0], K,
+        [need_x, need_w, False])
+    if need_x:
+        dx.copy_(gx.view(N, K, C, H, W).transpose(0, 1))
+    if need_w:
+        dw.copy_(gw.view(K, CO, *gw.shape[1:]))
 
 
 @dense_grouped_conv_backward.register_fake
