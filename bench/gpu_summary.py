@@ -77,23 +77,23 @@ def route_lines(res):
         for route, why in (r.get("uncaptured") or {}).items():
             yield f"{r['model']} {route} ran uncaptured (its CUDA-graph capture failed): {why}"
         for w in r.get("shared_wgrad_ms") or []:  # the fused routes' chain weight gradient, each method
-            yield (f"{r['model']} chain weight gradient, dp {w['dp']} {w['dtype']}: " + _methods(w)
-                   + f" ms, {w['chosen']} kept ({w.get('timed', 'uncaptured')})")
+            yield f"{r['model']} chain weight gradient, dp {w['dp']} {w['dtype']}: " + _methods(w)
         for f in r.get("shared_fwd_ms") or []:  # and its forward, each kernel
-            yield (f"{r['model']} chain forward, w {f['w']} {f['dtype']}: " + _methods(f)
-                   + f" ms, {f['chosen']} kept ({f.get('timed', 'uncaptured')})")
+            yield f"{r['model']} chain forward, w {f['w']} {f['dtype']}: " + _methods(f)
         for d in r.get("dense_conv_ms") or []:  # the dense ops' variants (data-gradient method, cuDNN search)
             yield (f"{r['model']} dense {d['op']}, x {d['x']} w {d['w']}: "
                    + ", ".join(f"{v} {ms:.2f}" for v, ms in d["ms"].items())
-                   + f" ms; {d['chosen']} kept ({d.get('timed') or 'uncaptured'})")
+                   + f" ms; {d['chosen']} kept" + (f" ({d['timed']})" if d.get("timed") else ""))
         if r.get("dense_conv_relayouts"):  # which activations reached the dense ops in another layout
             yield f"{r['model']} dense ops, copied into the students-last layout (calls, copies): " + ", ".join(
                 f"{k} {v['calls']}/{v['copied']}" for k, v in r["dense_conv_relayouts"].items())
 
 
 def _methods(row):
-    """'name ms, ...' of a chain choice's timed methods (the float entries of its row)."""
-    return ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float) and k not in ("x", "w", "dp"))
+    """'name X ms, ..., chosen kept (how timed)' of a chain choice (its methods: the float entries
+    of its row; how they were timed only in rows since the twenty-first session)."""
+    timed = ", ".join(f"{k} {v:.2f} ms" for k, v in row.items() if isinstance(v, float))
+    return f"{timed}, {row['chosen']} kept" + (f" ({row['timed']})" if row.get("timed") else "")
 
 
 def main(paths):

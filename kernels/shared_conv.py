@@ -347,6 +347,14 @@ def _shared_wgrad_relu_pool_columns(cols_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, 
             acc = _mma(tl.where(code == q, g, 0.0).to(a.dtype), a, acc, TF32)
         if HAS_BIAS:
             acc_b += tl.sum(tl.where(code >= 0, g.to(tl.float32), 0.0), axis=1)
+    _store_wgrad(acc, acc_b, dw_ptr, db_ptr, offs_j, j_ok, crs, CRS, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _store_wgrad(acc, acc_b, dw_ptr, db_ptr, offs_j, j_ok, crs, CRS, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A weight-gradient tile's epilogue: the [channels offs_j, crs] tile into dw [K*Co, C*R*S] and
+    the channels' bias gradient into db (the first crs tile's program), stored, or added with fp32
+    atomics into zeros where SPLIT programs share the reduction."""
     dst = dw_ptr + (offs_j * CRS)[:, None] + crs[None, :]  # dw is small: 32-bit offsets
     mask = j_ok[:, None] & (crs < CRS)[None, :]
     if SPLIT == 1:
@@ -403,18 +411,7 @@ def _shared_wgrad_relu_pool(x_ptr, dp_ptr, code_ptr, dw_ptr, db_ptr, N, C, H, W,
         acc = _mma(dz.to(a.dtype), a, acc, TF32)
         if HAS_BIAS:
             acc_b += tl.sum(dz.to(tl.float32), axis=1)
-    dst = dw_ptr + (offs_j * CRS)[:, None] + crs[None, :]  # dw is small: 32-bit offsets
-    mask = j_ok[:, None] & (crs < CRS)[None, :]
-    if SPLIT == 1:
-        tl.store(dst, acc, mask=mask)
-    else:
-        tl.atomic_add(dst, acc, mask=mask)
-    if HAS_BIAS:
-        if tl.program_id(1) == 0:  # one crs tile adds the bias gradient
-            if SPLIT == 1:
-                tl.store(db_ptr + offs_j, acc_b, mask=j_ok)
-            else:
-                tl.atomic_add(db_ptr + offs_j, acc_b, mask=j_ok)
+    _store_wgrad(acc, acc_b, dw_ptr, db_ptr, offs_j, j_ok, crs, CRS, SPLIT, HAS_BIAS)
 
 
 def _off64(*tensors):

@@ -309,6 +309,12 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
             in out.stdout.splitlines())
     assert ("cnn chain weight gradient, dp [256, 1024, 32, 16, 16] torch.bfloat16: kernel 103.20 ms, unpool inf ms, "
             "kernel kept" in out.stdout.splitlines())
+    # since the twenty-first session: a third method, and how the methods were timed
+    r["shared_fwd_ms"][0].update(columns=1.25, timed="CUDA graph replays")
+    path.write_text(json.dumps({"device": "test", "models": [r]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert ("cnn chain forward, w [4096, 3, 5, 5] torch.bfloat16: tile 3.14 ms, resident 0.97 ms, columns 1.25 ms, "
+            "resident kept (CUDA graph replays)" in out.stdout.splitlines())
 
 
 def test_threaded_step_merges_every_buffer_once_and_corrects_every_update():
