@@ -475,7 +475,7 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
     K = students or 1
     CO = KCO // K
 
-    def run(m):
+    def run(m, keep=keep):
         shape = (N, KCO, HO // 2, WO // 2)
         if students is None:
             y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -510,7 +510,8 @@ def shared_conv_relu_pool_forward(x, w, b, stride, padding, channels_last=False,
         key = (x.device, tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), b is not None,
                channels_last, students)
         methods = [m for m in FWD_METHODS if resident_ok or m != "resident"]
-        method = _pick(fwd_choices, key, methods, run, default="resident" if resident_ok else "tile")
+        # timed without ``keep``: columns built while timing (in a CUDA graph's pool) are not handed on
+        method = _pick(fwd_choices, key, methods, lambda m: run(m, None), default="resident" if resident_ok else "tile")
     return run(method)
 
 

@@ -135,6 +135,7 @@ def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     assert bench.STEP_BUFFERS == r["step_buffers"] == 6
     assert r["correction_updates_per_s"] == 3 and r["step_updates_per_s"] == 18  # six buffers of 3
     assert r["step_bf16_updates_per_s"] == 18
+    assert r["route_bf16"] == {"3": "native"}  # the CPU's bf16 engine, and the route it ran (the only one here)
     for b, v in r["by_backend"].items():  # six buffers of 3; one-second stagings of 3 updates, merges, KD losses
         assert v["step_updates_per_s"] == 18 and v["stage_ms_per_update"] == pytest.approx(1e3 / 3), b
         assert v["merge_ms"] == v["kd_loss_grad_ms"] == 1e3, b
