@@ -634,3 +634,26 @@ def test_tied_weights_are_held_once_and_get_the_gradient_of_both_uses(rng):
     version, pulled = agg.pull()
     _TiedLM().double().load_state_dict(pulled)  # strict: both names
     assert torch.equal(pulled["out.weight"], pulled["emb.weight"])
+
+
+def test_engine_passes_run_in_eval_mode_and_leave_each_modules_mode_as_it_was(rng):
+    """The engine's passes run the model in eval mode (dropout off: two calls give the same
+    gradients, equal to those of the model put in eval mode first), and afterwards every module is
+    in the mode it was in, a mixed state included (a child in eval inside a training parent)."""
+    from fastagg.engine import StudentGradEngine
+    from fastagg.flat import ParamSpec
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model[3].eval()
+    spec = ParamSpec.from_module(model)
+    proxy = torch.randn(5, 6, generator=rng)
+    students = spec.flatten(model.state_dict()) + 0.1 * torch.randn(2, spec.numel, generator=rng)
+    probs = torch.softmax(torch.randn(5, 3, generator=rng), -1)
+    eng = StudentGradEngine(model, spec, proxy, 3.0, conv="native", chunk=None)
+    _, g1 = eng(students, probs)
+    _, g2 = eng(students, probs)
+    assert [m.training for m in model.modules()] == [True, True, True, True, False]
+    model.eval()
+    _, g3 = eng(students, probs)
+    assert torch.equal(g1, g2) and torch.equal(g1, g3)
+    assert not any(m.training for m in model.modules())
