@@ -335,8 +335,9 @@ def test_shared_chain_weight_gradient_auto_times_each_method_once_on_a_gpu(rng, 
 
         oom_key = (x.device, "an out-of-memory case")
         try:
-            assert kern._pick_wgrad(oom_key, unpool_out_of_memory) == "kernel"
-            assert kern.wgrad_choices[oom_key]["unpool"] == float("inf")
+            got = kern._pick_wgrad(oom_key, unpool_out_of_memory)
+            rec = kern.wgrad_choices[oom_key]
+            assert got != "unpool" and rec["unpool"] == float("inf") and rec[got] == min(rec["kernel"], rec["columns"])
         finally:
             kern.wgrad_choices.pop(oom_key, None)
     dw1, db1 = kern.shared_conv_relu_pool_wgrad(x, dp, code, w.shape, (1, 1), (1, 1), method=chosen)
