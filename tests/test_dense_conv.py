@@ -378,9 +378,10 @@ def _dense_engine(model, spec, proxy, route, K, **kw):
     return eng
 
 
-@pytest.mark.parametrize("route", ["compiled_dense", "compiled_fused_dense"])
+@pytest.mark.parametrize("route, chain", [("compiled_dense", "auto"), ("compiled_fused_dense", "auto"),
+                                          ("compiled_fused_dense", "columns")])
 @pytest.mark.parametrize("net", [_ChainThenSmooth, _TwoChains], ids=["smooth_tail", "two_chains"])
-def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
+def test_dense_routes_equal_native(net, route, chain, rng, device, monkeypatch):
     """The dense routes (compiled vmap, each convolution on a per-student input as K dense ones,
     gradients by torch.autograd; compiled_fused_dense with the shared chain through the kernels):
     fp32 KD losses and gradients equal native's (TF32 off) over three passes of new students,
@@ -389,9 +390,16 @@ def test_dense_routes_equal_native(net, route, rng, device, monkeypatch):
     second chain's, which stays in the model). In bf16 (smooth tail only, as test_shared_conv's
     split routes) within 1e-2 of the same compiled route without the dense ops (compiled,
     compiled_fused; draws on the CPU: 0.28-0.39% over 5 each; both routes were up to 1.5% from
-    the eager bf16 routes, which round after every op where inductor does not)."""
+    the eager bf16 routes, which round after every op where inductor does not). ``chain``: the
+    shared chain's methods (auto: the CPU's defaults, or the columns kernels for both, whose
+    forward stores per student for the dense op after it)."""
     pytest.importorskip("triton")
     from torch._dynamo.utils import counters
+    from fastagg.kernels import shared_conv as kern
+
+    if chain == "columns":
+        monkeypatch.setattr(kern, "FWD", "columns")
+        monkeypatch.setattr(kern, "WGRAD", "columns")
 
     calls = []
     each = dense_conv._each_student
