@@ -236,12 +236,14 @@ def _shared_fwd_relu_pool_resident(x_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, C, H
 
 # BP: windows (pooled pixels) per tile, BN: output channels, BK: the (c, r, s) block; CRSP, the
 # columns' width, is a multiple of 32, so every BK here divides it
-_FWD_COLS = [triton.Config({"BP": 16, "BN": 16, "BK": 16}, num_warps=4)] if _INTERPRET else [
-    triton.Config({"BP": bp, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+# (the FOUR flag: see the kernel; the tests run both ways under the interpreter)
+_FWD_COLS = [triton.Config({"BP": 16, "BN": 16, "BK": 16, "FOUR": False}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BP": bp, "BN": bn, "BK": bk, "FOUR": four}, num_warps=w, num_stages=st)
     # (bench/compile_sm90.py, Triton 3.9, bf16: these spill nothing; the window positions unrolled,
     # or 128x128 tiles, spilled up to 950 bytes a thread)
-    for bp, bn, bk, w, st in [(32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
-                              (64, 128, 16, 8, 4)]]
+    for bp, bn, bk, w, st, four in [(32, 64, 32, 4, 3, False), (64, 64, 32, 8, 3, False), (64, 128, 32, 8, 3, False),
+                                    (128, 64, 32, 8, 3, False), (64, 128, 16, 8, 4, False),
+                                    (32, 64, 32, 4, 3, True), (64, 64, 32, 8, 3, True), (32, 128, 32, 8, 3, True)]]
 COLUMNS_ALIGN = 32  # the columns' width: C*R*S rounded up to a multiple of this
 
 
@@ -266,38 +268,67 @@ def window_columns(x, R, S, stride, padding):
     return cols.view(4, N * (HO // 2) * (WO // 2), cols.shape[-1])
 
 
+@triton.jit
+def _first_max(acc, q, best, pos, bias, HAS_BIAS: tl.constexpr):
+    """Window position q's values (its bias added) into the running max and its position: only a
+    strictly larger value takes it, so ties keep the lower position (as _bias_relu_pool_store)."""
+    if HAS_BIAS:
+        acc += bias[None, :]
+    take = acc > best
+    return tl.where(take, acc, best), tl.where(take, q, pos)
+
+
 @triton.autotune(_FWD_COLS, key=["NP", "KCO", "CRS"])
 @triton.jit(do_not_specialize=["N", "NP", "KCO"])
 def _shared_fwd_relu_pool_columns(cols_ptr, w_ptr, b_ptr, y_ptr, code_ptr, N, NP, KCO, CRS, CRSP, PHO, PWO,
                                   syn, syc, syh, syw, CO, syk, HAS_BIAS: tl.constexpr, TF32: tl.constexpr,
-                                  OFF64: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                                  OFF64: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                  FOUR: tl.constexpr):
     """The forward from the window columns (window_columns) and w [C*R*S, K*Co] contiguous: for
     each window position q, one product of the tile's [BP windows, CRSP] columns by the weight,
-    the bias added; the window's max is the first q with the largest value (so ties go to the
-    lower position, as in _bias_relu_pool_store), relu applied to it, and the code the position
-    where that max is positive, else -1. Two accumulators live at once, not four."""
+    the bias added; the window's max is the first q with the largest value, relu applied to it,
+    and the code the position where that max is positive, else -1. Two ways, an autotuned choice:
+    the positions one after the other, two accumulators live (each weight block loaded four
+    times), or, with FOUR, the four products side by side over each weight block loaded once
+    (four accumulators)."""
     pp = tl.program_id(0) * BP + tl.arange(0, BP)
     p_ok = pp < NP
     offs_o = tl.program_id(1) * BN + tl.arange(0, BN)
     o_ok = offs_o < KCO
     kk = tl.arange(0, BK)
     row = _idx(pp, OFF64) * CRSP
+    plane = _idx(NP, OFF64) * CRSP
+    bias = tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
     best = tl.full((BP, BN), float("-inf"), tl.float32)
     pos = tl.zeros((BP, BN), tl.int32)
-    for q in range(4):  # a loop, not unrolled (as in the weight gradient)
-        plane = cols_ptr + _idx(q * NP, OFF64) * CRSP
-        acc = tl.zeros((BP, BN), tl.float32)
+    if FOUR:
+        acc0 = tl.zeros((BP, BN), tl.float32)
+        acc1 = tl.zeros((BP, BN), tl.float32)
+        acc2 = tl.zeros((BP, BN), tl.float32)
+        acc3 = tl.zeros((BP, BN), tl.float32)
         for k0 in range(0, CRSP, BK):
             crs = k0 + kk
-            a = tl.load(plane + row[:, None] + crs[None, :], mask=p_ok[:, None], other=0.0)
             b = tl.load(w_ptr + (_idx(crs, OFF64) * KCO)[:, None] + offs_o[None, :],
                         mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, TF32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-        take = acc > best
-        best = tl.where(take, acc, best)
-        pos = tl.where(take, q, pos)
+            a_ptr = cols_ptr + row[:, None] + crs[None, :]
+            acc0 = _mma(tl.load(a_ptr, mask=p_ok[:, None], other=0.0), b, acc0, TF32)
+            acc1 = _mma(tl.load(a_ptr + plane, mask=p_ok[:, None], other=0.0), b, acc1, TF32)
+            acc2 = _mma(tl.load(a_ptr + 2 * plane, mask=p_ok[:, None], other=0.0), b, acc2, TF32)
+            acc3 = _mma(tl.load(a_ptr + 3 * plane, mask=p_ok[:, None], other=0.0), b, acc3, TF32)
+        best, pos = _first_max(acc0, 0, best, pos, bias, HAS_BIAS)
+        best, pos = _first_max(acc1, 1, best, pos, bias, HAS_BIAS)
+        best, pos = _first_max(acc2, 2, best, pos, bias, HAS_BIAS)
+        best, pos = _first_max(acc3, 3, best, pos, bias, HAS_BIAS)
+    else:
+        for q in range(4):  # a loop, not unrolled (as in the weight gradient)
+            acc = tl.zeros((BP, BN), tl.float32)
+            for k0 in range(0, CRSP, BK):
+                crs = k0 + kk
+                a = tl.load(cols_ptr + q * plane + row[:, None] + crs[None, :], mask=p_ok[:, None], other=0.0)
+                b = tl.load(w_ptr + (_idx(crs, OFF64) * KCO)[:, None] + offs_o[None, :],
+                            mask=(crs < CRS)[:, None] & o_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, TF32)
+            best, pos = _first_max(acc, q, best, pos, bias, HAS_BIAS)
     code = tl.where(best > 0, pos, -1)
     _store_windows(tl.maximum(best, 0.0), code, pp, offs_o, o_ok, y_ptr, code_ptr, N, KCO, PHO, PWO,
                    syn, syc, syh, syw, CO, syk, OFF64)

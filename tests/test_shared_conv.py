@@ -271,6 +271,19 @@ def test_shared_chain_kernels_match_float64(geo, dtype, method, fwd, rng, device
         undo()
         assert y_ps.shape == (N, K, KCO // K, *y.shape[2:]) and y_ps.permute(1, 0, 3, 4, 2).is_contiguous()
         assert torch.equal(y_ps, y.view(y_ps.shape)) and torch.equal(code_ps, code)
+        if fwd == "columns":  # the kernel's other way (FOUR: the four positions' products side by side)
+            import triton
+            from fastagg.kernels import shared_conv as kern
+            tuner = kern._shared_fwd_relu_pool_columns
+            configs, cache = tuner.configs, tuner.cache
+            tuner.configs, tuner.cache = [triton.Config({"BP": 16, "BN": 16, "BK": 16, "FOUR": True}, num_warps=4)], {}
+            try:
+                y4, code4 = shared_conv_relu_pool_forward(x.to(device), w.to(device),
+                                                          None if b is None else b.to(device), stride, padding,
+                                                          method=fwd, students=K)
+            finally:
+                tuner.configs, tuner.cache = configs, cache
+            assert torch.equal(y4, y_ps) and torch.equal(code4, code)  # the same sums, in the same order
         with pytest.raises(ValueError, match="do not split into"):
             shared_conv_relu_pool_forward(x.to(device), w.to(device), None, stride, padding, students=KCO + 1)
 
