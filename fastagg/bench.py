@@ -14,6 +14,7 @@ a stage is max(bytes / bandwidth, FLOPs / rate).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -649,7 +650,10 @@ class _PeakMemory:
     resident set size over the block (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
     the resident size at its start. ``bytes`` is None where neither can be read. ``held``: what
     the block left behind, once the allocator's free cache went back (on a GPU the memory it
-    reserves, which counts a captured graph's pool; on a CPU the resident size)."""
+    reserves, which counts a captured graph's pool; on a CPU the resident size). Garbage is
+    collected first: an earlier engine held in a reference cycle (its compiled routes refer back
+    to it) freed by the collector inside the block took its [K, P] rows with it, and the CPU
+    sweep of the twenty-first session read "held" as -706 MB at K = 256 and -5,092 MB at 1024."""
 
     def __init__(self, device):
         self.cuda, self.bytes, self.held = torch.device(device).type == "cuda", None, None
@@ -663,6 +667,7 @@ class _PeakMemory:
         raise OSError(f"no {field} in /proc/self/status")
 
     def __enter__(self):
+        gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -735,8 +740,13 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
         for c in (c for c in settings if not isinstance(c, int) or K > c):
             row = {"K": K, "chunk": c}
             rows.append(row)
+            # a one pass row's need, scaled from the last one's: the larger of its first call (the
+            # route choice runs every candidate over all K students) and its timed passes (the
+            # CPU sweep of the twenty-first session, scaling the timed peak alone, 50 MB at K = 256,
+            # started K = 1024, whose first call took the 24 GB machine down: 5.5 GB at 256)
             need = None if c is not None or last_one_pass is None else (
-                last_one_pass["peak_bytes"] * K / last_one_pass["K"])
+                max(last_one_pass["peak_bytes"], last_one_pass["first_call_peak_bytes"] or 0)
+                * K / last_one_pass["K"])
             avail = _available_memory() if device.type == "cpu" else None
             if need is not None and avail is not None and need + 2 * K * 4 * sum(
                     p.numel() for p in model.parameters()) > 0.8 * avail:
@@ -778,6 +788,7 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                 log(f"  K={K} chunk={c}: out of memory")
             finally:
                 del agg, corr
+                gc.collect()  # the engine (in reference cycles) and its rows, before the next row's
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
