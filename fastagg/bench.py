@@ -788,7 +788,10 @@ def sweep_k(name, device, ks=(1, 16, 64, 256, 1024), small=False, log=print, chu
                 log(f"  K={K} chunk={c}: out of memory")
             finally:
                 del agg, corr
-                gc.collect()  # the engine (in reference cycles) and its rows, before the next row's
+                # the engine (held in reference cycles) and its rows freed before the next row
+                # allocates its own: on a CPU two rows of 9 GB at once do not fit (the measurement
+                # collects again, for its own start)
+                gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
