@@ -83,7 +83,8 @@ def route_lines(res):
         for d in r.get("dense_conv_ms") or []:  # the dense ops' variants (data-gradient method, cuDNN search)
             yield (f"{r['model']} dense {d['op']}, x {d['x']} w {d['w']}: "
                    + ", ".join(f"{v} {ms:.2f}" for v, ms in d["ms"].items())
-                   + f" ms; {d['chosen']} kept" + (f" ({d['timed']})" if d.get("timed") else ""))
+                   + f" ms; {d['chosen']} kept" + (f" ({d['timed']})" if d.get("timed") else "")
+                   + _failed(d))
         if r.get("dense_conv_relayouts"):  # which activations reached the dense ops in another layout
             yield f"{r['model']} dense ops, copied into the students-last layout (calls, copies): " + ", ".join(
                 f"{k} {v['calls']}/{v['copied']}" for k, v in r["dense_conv_relayouts"].items())
@@ -93,7 +94,14 @@ def _methods(row):
     """'name X ms, ..., chosen kept (how timed)' of a chain choice (its methods: the float entries
     of its row; how they were timed only in rows since the twenty-first session)."""
     timed = ", ".join(f"{k} {v:.2f} ms" for k, v in row.items() if isinstance(v, float))
-    return f"{timed}, {row['chosen']} kept" + (f" ({row['timed']})" if row.get("timed") else "")
+    return f"{timed}, {row['chosen']} kept" + (f" ({row['timed']})" if row.get("timed") else "") + _failed(row)
+
+
+def _failed(row):
+    """'; failed: name (error), ...' for the methods of a choice that raised (since the
+    twenty-second session), else ''."""
+    failed = row.get("failed") or {}
+    return "".join(f"; {name} failed ({why})" for name, why in failed.items())
 
 
 def main(paths):

@@ -604,7 +604,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     dense = sys.modules.get("fastagg.ops.dense_conv")
     if dense is not None:  # the dense routes' ops: their variants, timed per shape, and their copies
         r["dense_conv_ms"] = [{"op": key[0], "x": list(key[1]), "w": list(key[2]), "dtype": str(key[3]),
-                               "ms": rec["ms"], "chosen": rec["chosen"], "timed": rec.get("timed")}
+                               "ms": rec["ms"], "chosen": rec["chosen"], "timed": rec.get("timed"),
+                               **({"failed": rec["failed"]} if rec.get("failed") else {})}
                               for key, rec in dense.choices.items()
                               if key not in dense_seen]
         r["dense_conv_relayouts"] = {k: {"calls": n, "copied": c} for k, (n, c) in dense.relayouts.items()}

@@ -328,6 +328,20 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn by backend:"))
     assert "triton step 1,455/s, stage 0.100 ms, merge 0.85 ms, KD loss 0.31 ms" in line
+    # the per-shape choices, a method that failed named with its error
+    r["shared_fwd_ms"] = [{"x": [256, 3, 32, 32], "w": [4096, 3, 5, 5], "dtype": "torch.bfloat16", "tile": 4.1,
+                           "resident": 3.2, "columns": float("inf"), "chosen": "resident",
+                           "timed": "CUDA graph replays", "failed": {"columns": "OutOfResources: shared memory"}}]
+    r["dense_conv_ms"] = [{"op": "backward", "x": [128, 256, 32, 16, 16], "w": [128, 64, 32, 5, 5],
+                           "dtype": "torch.bfloat16", "ms": {"backward, cudnn heuristics": 10.7},
+                           "chosen": "backward, cudnn heuristics", "timed": "CUDA graph replays"}]
+    path.write_text(json.dumps({"device": "test", "models": [r]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    chain = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn chain forward"))
+    assert chain.endswith("resident kept (CUDA graph replays); columns failed (OutOfResources: shared memory)")
+    dense = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn dense backward"))
+    assert dense.endswith("backward, cudnn heuristics kept (CUDA graph replays)"), dense
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn by backend:"))
     assert "torch step 1,302/s, stage - ms, merge 1.90 ms" in line
     r["route_ms"] = {"128": {"native": 71.8, "compiled_fused": 25.04, "compiled": 41.9, "gemm_fused": "failed: X"}}
     path.write_text(json.dumps({"device": "test", "models": [r]}))

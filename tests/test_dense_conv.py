@@ -199,6 +199,65 @@ def test_time_each_warms_up_times_the_median_and_counts_out_of_memory_as_slowest
     assert ms["fast"] == pytest.approx(3.0) and ms["oom"] == float("inf") and how == {"timed": "host clock"}
 
 
+def test_a_way_that_fails_is_left_out_of_the_choice_and_the_gradients_stay_right(rng, device, monkeypatch):
+    """The dense ops' choice with one way broken (the grouped one raising, as a kernel a card cannot
+    build would): the op still runs, by a way that works, its gradients equal float64's, and the
+    shape's records name the broken way under "failed" with its error, timed as infinitely slow."""
+    monkeypatch.setattr(dense_conv, "DGRAD", "auto")
+    monkeypatch.setattr(dense_conv, "GROUPED", True)
+    monkeypatch.setattr(dense_conv, "choices", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grouped way unavailable here")
+
+    monkeypatch.setattr(dense_conv, "_grouped_backward", broken)
+    x = torch.randn(3, 2, 4, 6, 5, generator=rng, dtype=torch.float64)
+    w = torch.randn(3, 5, 4, 3, 3, generator=rng, dtype=torch.float64)
+    dy = torch.randn(3, 2, 5, 6, 5, generator=rng, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    refs = torch.autograd.grad(grouped_conv2d_reference(xr, wr, None, (1, 1), (1, 1)), (xr, wr), dy)
+    xd, wd = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    y = dense_conv.dense_grouped_conv(xd, wd, None, [1, 1], [1, 1])
+    with pytest.warns(RuntimeWarning, match="grouped way unavailable here"):
+        got = torch.autograd.grad(y, (xd, wd), dy.to(device))
+    for g, r in zip(got, refs):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-10, atol=1e-10)
+    rec = next(rec for key, rec in dense_conv.choices.items() if key[0] == "backward")
+    failed = {name for name in rec["ms"] if name.startswith("grouped")}
+    assert failed and set(rec["failed"]) == failed
+    assert all(rec["ms"][n] == float("inf") and "grouped way unavailable here" in rec["failed"][n] for n in failed)
+    assert not rec["chosen"].startswith("grouped")
+
+
+def test_time_each_leaves_out_a_method_that_fails_and_raises_only_when_all_do():
+    """A method whose warm-up raises (a kernel the card's compiler cannot build) is timed as
+    infinitely slow, run no more, warned about and named in ``how["failed"]`` with its error;
+    the others are timed as usual. When every method fails, the first error is raised."""
+    from fastagg.ops import timing
+
+    calls = []
+
+    def run(m):
+        calls.append(m)
+        if m[0] == "broken":
+            raise RuntimeError(f"out of resources: shared memory ({m[1]})")
+
+    how = {}
+    with pytest.warns(RuntimeWarning, match="broken, 1 failed and is left out"):
+        ms = timing.time_each([("broken", 1), ("fine", 2)], run, torch.device("cpu"), reps=3, how=how,
+                              name=lambda m: f"{m[0]}, {m[1]}")
+    assert calls == [("broken", 1), ("fine", 2)] + [("fine", 2)] * 3
+    assert ms[("broken", 1)] == float("inf") and 0 <= ms[("fine", 2)] < float("inf")
+    assert min(ms, key=ms.get) == ("fine", 2)
+    assert how["failed"] == {"broken, 1": "RuntimeError: out of resources: shared memory (1)"}
+    how = {}
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match=r"shared memory \(1\)"):
+        timing.time_each([("broken", 1), ("broken", 2)], run, torch.device("cpu"), how=how)
+    how = {}
+    timing.time_each(["fine"], lambda m: None, torch.device("cpu"), how=how)
+    assert "failed" not in how
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
 def test_time_each_times_captured_graphs_on_a_gpu_and_says_when_it_cannot():
     """On CUDA the methods are timed as replays of a CUDA graph of each (their device time, not the

@@ -140,7 +140,7 @@ def _choose(key, variants, run, device, reps=2):
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return variants[0]
     how = {}
-    timed = time_each(variants, run, device, reps, how=how)
+    timed = time_each(variants, run, device, reps, how=how, name=_name)
     best = min(timed, key=timed.get)
     choices[key] = {"ms": {_name(v): ms for v, ms in timed.items()}, "chosen": _name(best), "variant": best, **how}
     return best

@@ -5,11 +5,12 @@ variants in fastagg.ops.dense_conv)."""
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
 
-def time_each(methods, run, device, reps=3, how=None):
+def time_each(methods, run, device, reps=3, how=None, name=str):
     """{method: ms} for each of ``methods``: ``run(method)`` once (compilation, autotuning and
     library searches out of the timing), then ``reps`` times, each timed, the median kept. A
     method that runs out of device memory is timed as infinitely slow.
@@ -21,16 +22,30 @@ def time_each(methods, run, device, reps=3, how=None):
     over 32 students measured 3.7-4.8 ms uncaptured, its FLOPs anywhere from 0.3 to 4.8 GFLOP a
     student, so the variants were chosen on the host's noise. If any method cannot be captured,
     all are timed uncaptured (events around ``run`` on the current stream). Elsewhere the host
-    clock. ``how`` (a dict): "timed" is set to which of these was done."""
+    clock. ``how`` (a dict): "timed" is set to which of these was done.
+
+    A method whose warm-up raises anything else (a kernel that a card or compiler version cannot
+    build: Triton's shared-memory limit, ptxas) is left out with a warning, timed as infinitely
+    slow, and ``how["failed"]`` says why (keyed by ``name(method)``): one new method must not take
+    down a route whose other methods work. If every method fails, the first one's error is raised."""
     cuda = device.type == "cuda"
-    ms, ok = {}, []
+    ms, ok, failed, first_error = {}, [], {}, None
     for method in methods:
         try:
             run(method)
         except torch.cuda.OutOfMemoryError:
             ms[method] = float("inf")
             continue
+        except Exception as exc:  # noqa: BLE001 - said in ``how`` and warned; raised if none runs
+            first_error = first_error or exc
+            ms[method] = float("inf")
+            failed[name(method)] = f"{type(exc).__name__}: {exc}"[:300]
+            warnings.warn(f"fastagg: {name(method)} failed and is left out of this choice ({failed[name(method)]})",
+                          RuntimeWarning, stacklevel=2)
+            continue
         ok.append(method)
+    if not ok and first_error is not None:
+        raise first_error
     graphs, why = {}, None
     if cuda:
         try:
@@ -61,6 +76,8 @@ def time_each(methods, run, device, reps=3, how=None):
     if how is not None:
         how["timed"] = ("host clock" if not cuda else "CUDA graph replays" if why is None
                         else f"uncaptured launches (capture failed: {why})")
+        if failed:
+            how["failed"] = failed
     return ms
 
 
