@@ -4,7 +4,9 @@ config and each dtype the library launches it with. This catches what the interp
 code that only a GPU build compiles (constexpr branches, dtype handling, layouts, shared memory
 that does not fit) — before a device session spends its minutes on it. Each line also gives the
 cubin's registers per thread and its stack (spilled registers, bytes per thread; from the bundled
-cuobjdump), the one performance figure a machine without a GPU can read.
+cuobjdump), the one performance figure a machine without a GPU can read, and how many of its
+loads are pipelined into shared memory (cp.async; compiled with the alignment a launch of fresh
+tensors gives the pointers, ``hints``).
 
     python bench/compile_sm90.py            # prints one line per kernel, exits 1 on a failure
     python bench/compile_sm90.py --quick    # the first autotune config and 3x3 convolutions only (CI)
@@ -34,6 +36,26 @@ from fastagg.kernels import shared_conv as sc  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other plain argument is an integer
+
+
+# Integer arguments that the runtime specialises as multiples of 16 for the bench's models (Triton
+# does so for every integer argument not in do_not_specialize whose value is one): the per-student
+# strides of the rows weight gradient (`cnn`: 256 * 16 * 16 * 32, ...), and the columns kernels'
+# row length (`cnn`: 96) and pooled sizes (16 x 16 windows, 32 channels a student).
+DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk"),
+         "_shared_fwd_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
+         "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO")}
+
+
+def hints(fn, pointers):
+    """The divisibility attributes a launch gives ``fn``: every pointer 16-byte aligned (a fresh
+    tensor's storage is; Triton specialises on it), and the integers in DIV16. Without them the
+    compiler knows no alignment, so it neither vectorises a load nor pipelines it into shared
+    memory (cp.async): until the twenty-second session this script compiled without them, and its
+    registers, spills and shared memory were those of scalar, unpipelined kernels."""
+    names = list(fn.arg_names)
+    div = [n for n in names if n in pointers or n in DIV16.get(fn.__name__, ())]
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in div}
 
 
 def signature(fn, pointers, constexprs, int_type="i32"):
@@ -109,6 +131,23 @@ def cases(quick=False):
                     consts = {**extra, "HAS_BIAS": True, "OFF64": off64, "TF32": tf32, **cfg.kwargs}
                     label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} OFF64={off64} {cfg.kwargs}"
                     yield label, tuner.fn, ptrs, consts, cfg.num_warps, cfg.num_stages, "i64" if off64 else "i32"
+    # the dense routes' weight gradient over rows of taps (twenty-second session): channels and taps
+    # are constexprs, so one build per layer: cnn's second layer (5x5 on 32 channels) and ResNet-18's
+    # 3x3 on 64 (stride 1) and 128 (stride 2)
+    rows = {"5x5 C=32": dict(C=32, R=5, S=5, SH=1, SW=1, PH=2, PW=2),
+            "3x3 C=64": dict(C=64, R=3, S=3, SH=1, SW=1, PH=1, PW=1),
+            "3x3/2 C=128": dict(C=128, R=3, S=3, SH=2, SW=2, PH=1, PW=1)}
+    if quick:
+        rows = {"5x5 C=32": rows["5x5 C=32"]}
+    for dt, tf32, out in (("bf16", False, "bf16"), ("fp32", True, "fp32")):
+        for geo, c in rows.items():
+            for split in (1, 4):
+                dw = "fp32" if split > 1 else out
+                for cfg in gc._conv_wgrad_rows.configs[:1] if quick else gc._conv_wgrad_rows.configs:
+                    consts = {**c, "SPLIT": split, "TF32": tf32, **cfg.kwargs}
+                    label = f"_conv_wgrad_rows {dt}{' tf32' if tf32 else ''} {geo} SPLIT={split} {cfg.kwargs}"
+                    yield (label, gc._conv_wgrad_rows.fn, dict(dy_ptr=dt, x_ptr=dt, dw_ptr=dw), consts,
+                           cfg.num_warps, cfg.num_stages, "i32")
     # 64-bit offsets within a student (OFF64), sizes and strides past 2^31 arriving as i64
     for tuner, ptrs in ((gc._conv_fwd, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16")),
                         (gc._conv_dgrad, dict(dy_ptr="bf16", w_ptr="bf16", dx_ptr="bf16"))):
@@ -164,10 +203,11 @@ def main(argv=None):
     for label, fn, ptrs, consts, warps, stages, int_type in cases(quick):
         n += 1
         try:
-            src = ASTSource(fn=fn, signature=signature(fn, ptrs, consts, int_type), constexprs=consts)
+            src = ASTSource(fn=fn, signature=signature(fn, ptrs, consts, int_type), constexprs=consts,
+                            attrs=hints(fn, ptrs))
             k = compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
             print(f"ok    {label}: {len(k.asm['cubin'])} B cubin, {k.metadata.shared} B shared, "
-                  f"{resources(k.asm['cubin'])}")
+                  f"{resources(k.asm['cubin'])}, {k.asm['ptx'].count('cp.async.cg')} cp.async")
         except Exception as exc:  # report every kernel, not the first failure only
             failures.append(label)
             print(f"FAIL  {label}: {type(exc).__name__}: {str(exc)[:2000]}")

@@ -428,3 +428,114 @@ def conv_backward_weight(dy, x, w_shape, stride, padding):
     _conv_wgrad[grid](dy, x, dw, N, C, H, W, CO, HO, WO, *dy.stride(), *x.stride(),
                       SH=SH, SW=SW, PH=PH, PW=PW, R=R, S=S, SPLIT=split, TF32=_tf32(dy.dtype))
     return dw
+
+
+# -- the weight gradient over rows of taps (the dense routes' students-last operands) ------------
+# For a layer with few input channels (`cnn`'s second: 32) the kernel above wastes most of a tile
+# on masked channels and reloads dy once per tap (25 times for 5x5). Here a program owns one row r
+# of taps and a block of the (s, c) pairs along it: for a channels-last x those are BJ consecutive
+# elements from one pixel onwards (x[n, ih, iw0 + s, c] = x_row + (iw0 * C + s * C + c)), one
+# vector load per row of the tile; dy's tile is loaded once for all of them.
+_ROWS = ([triton.Config({"BM": 16, "BCO": 16, "BJ": 16}, num_warps=4)] if _INTERPRET else
+         [triton.Config({"BM": bm, "BCO": bco, "BJ": bj}, num_warps=w, num_stages=s)
+          for bm, bco, bj, w, s in [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4),
+                                    (64, 64, 256, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3)]])
+
+
+@triton.autotune(_ROWS, key=["N", "H", "W", "CO", "HO", "WO", "C", "R", "S", "SH", "SW", "SPLIT"],
+                 restore_value=["dw_ptr"])
+@triton.jit(do_not_specialize=["N", "H", "W", "CO", "HO", "WO"])
+def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk,
+                     C: tl.constexpr, R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                     PH: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, TF32: tl.constexpr,
+                     BM: tl.constexpr, BCO: tl.constexpr, BJ: tl.constexpr):
+    """dw[k, co, c, r, s] = sum over (n, oh, ow) of dy[k, n, oh, ow, co] x[k, n, oh*SH-PH+r, ow*SW-PW+s, c]
+    for dy [K, N, HO, WO, CO] and x [K, N, H, W, C], each student's block contiguous (k strides
+    sdk, sxk); dw [K, CO, C, R, S] contiguous per student (k stride swk).
+
+    Grid: (co tiles * j tiles * R, K * SPLIT), j = s * C + c over the row's S * C pairs; with
+    SPLIT > 1 each program reduces one slice of the N*HO*WO pixels into the fp32 dw (zeroed by the
+    launcher) with atomics, else it stores in dw's dtype."""
+    JT: tl.constexpr = (S * C + BJ - 1) // BJ
+    pid_t, pid_ks = tl.program_id(0), tl.program_id(1)
+    r = pid_t % R
+    jt = (pid_t // R) % JT
+    ct = pid_t // (R * JT)
+    k, split = (pid_ks // SPLIT).to(tl.int64), pid_ks % SPLIT
+    offs_co = ct * BCO + tl.arange(0, BCO)
+    offs_j = jt * BJ + tl.arange(0, BJ)
+    co_ok, j_ok = offs_co < CO, offs_j < S * C
+    s_j = offs_j // C  # C is a constant: whole vectors of the tile share one s
+    M = N * HO * WO
+    per = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
+    lo = split * per
+    hi = tl.minimum(lo + per, M)
+    dy_k = dy_ptr + k * sdk
+    x_k = x_ptr + k * sxk
+    mm = tl.arange(0, BM)
+    acc = tl.zeros((BCO, BJ), tl.float32)
+    for m0 in range(lo, hi, BM):
+        m = m0 + mm
+        m_ok = m < hi
+        n = m // (HO * WO)
+        oh, ow = (m // WO) % HO, m % WO
+        ih, iw0 = oh * SH - PH + r, ow * SW - PW
+        a = tl.load(dy_k + (m * CO)[:, None] + offs_co[None, :], mask=m_ok[:, None] & co_ok[None, :], other=0.0)
+        iw = iw0[:, None] + s_j[None, :]
+        b_ok = (m_ok & (ih >= 0) & (ih < H))[:, None] & (iw >= 0) & (iw < W) & j_ok[None, :]
+        b = tl.load(x_k + ((n * H + ih) * W * C + iw0 * C)[:, None] + offs_j[None, :], mask=b_ok, other=0.0)
+        acc = _mma(tl.trans(a), b, acc, TF32)
+    c = offs_j % C
+    dst = dw_ptr + k * swk + (offs_co * (C * R * S))[:, None] + (c * (R * S) + r * S + s_j)[None, :]
+    mask = co_ok[:, None] & j_ok[None, :]
+    if SPLIT == 1:
+        tl.store(dst, _downcast(acc, dw_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(dst, acc, mask=mask)
+
+
+def rows_layout_ok(t):
+    """Whether t [K, N, C, H, W] is stored [K, N, H, W, C] with each student's block contiguous
+    (what conv_backward_weight_rows reads): the dense ops' students-last layout."""
+    K, N, C, H, W = t.shape
+    want = (H * W * C, 1, W * C, C)  # a dimension of size 1 may have any stride
+    return all(n == 1 or st == wt for n, st, wt in zip(t.shape[1:], t.stride()[1:], want)) and N * C * H * W < 1 << 31
+
+
+def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=None):
+    """dw [K, Co, C, R, S] (contiguous, ``dtype``, default x's; written into ``out`` when given, a
+    contiguous tensor of that shape) for dy [K, N, Co, Ho, Wo] and x [K, N, C, H, W] both stored
+    students-last (``rows_layout_ok``), by _conv_wgrad_rows: one launch for all K students, fp32
+    accumulation (atomics into an fp32 buffer where the reduction is split, then one cast)."""
+    K, N, C, H, W = x.shape
+    CO, R, S = w_shape[1], w_shape[3], w_shape[4]
+    HO, WO = dy.shape[-2:]
+    (SH, SW), (PH, PW) = stride, padding
+    if tuple(dy.shape) != (K, N, CO, HO, WO) or tuple(w_shape) != (K, CO, C, R, S) or (
+            HO, WO) != (_out_size(H, R, SH, PH), _out_size(W, S, SW, PW)):
+        raise ValueError(f"weight gradient by rows: dy {tuple(dy.shape)}, x {tuple(x.shape)} and weight "
+                         f"{tuple(w_shape)} do not fit stride {tuple(stride)}, padding {tuple(padding)}")
+    if not (rows_layout_ok(x) and rows_layout_ok(dy)):
+        raise ValueError("weight gradient by rows: x and dy must be stored [K, N, H, W, C], each student's "
+                         f"block contiguous (strides {x.stride()}, {dy.stride()})")
+    dtype = (x.dtype if dtype is None else dtype) if out is None else out.dtype
+    if out is not None and (tuple(out.shape) != (K, CO, C, R, S) or not out.is_contiguous()):
+        raise ValueError(f"weight gradient by rows: out {tuple(out.shape)} must be a contiguous {(K, CO, C, R, S)}")
+    tiles = K * triton.cdiv(CO, 64) * triton.cdiv(S * C, 128) * R
+    split = reduction_split(tiles, N * HO * WO, x.device)
+    if split > 1 or out is None or out.dtype != dtype:
+        dw = (torch.zeros if split > 1 else torch.empty)(K, CO, C, R, S, device=x.device,
+                                                         dtype=torch.float32 if split > 1 else dtype)
+    else:
+        dw = out
+
+    def grid(meta):
+        return triton.cdiv(CO, meta["BCO"]) * triton.cdiv(S * C, meta["BJ"]) * R, K * split
+
+    _conv_wgrad_rows[grid](dy, x, dw, N, H, W, CO, HO, WO, dy.stride(0), x.stride(0), dw.stride(0),
+                           C=C, R=R, S=S, SH=SH, SW=SW, PH=PH, PW=PW, SPLIT=split, TF32=_tf32(x.dtype))
+    if out is None:
+        return dw if dw.dtype == dtype else dw.to(dtype)
+    if dw is not out:
+        out.copy_(dw)
+    return out

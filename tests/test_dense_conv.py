@@ -23,7 +23,7 @@ GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding, bias)
 ]
 
 
-@pytest.mark.parametrize("way", ["auto", "grouped"])
+@pytest.mark.parametrize("way", ["auto", "grouped", "rows"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:8])))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geometry, dtype, way, rng, device,
@@ -32,9 +32,20 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
     grouped convolution (F.conv2d with groups=K), the batched op and the per-student op under
     vmap; the output stored students-last ([K, N, Ho, Wo, Co]: each student's slice a contiguous
     channels-last tensor). On CUDA the students go round the side streams. ``way``: what auto
-    times and keeps, or the "grouped" way alone (one grouped convolution, operands copied into its
-    layout and the results out of it)."""
-    monkeypatch.setattr(dense_conv, "DGRAD", way)
+    times and keeps, the "grouped" way alone (one grouped convolution, operands copied into its
+    layout and the results out of it), or the weight gradient by the rows kernel alone (Triton;
+    fp32 and bf16 only), whichever way the data gradient takes."""
+    if way == "rows":
+        if dtype == torch.float64:
+            pytest.skip("the rows kernel computes in fp32 (bf16 and fp32 operands)")
+        pytest.importorskip("triton")
+        monkeypatch.setattr(dense_conv, "WGRAD_ROWS", True)
+        monkeypatch.setattr(dense_conv, "choices", {})  # not a choice made for the shape by another test
+        from fastagg.kernels import grouped_conv as kernels
+        rows_calls, real_rows = [], kernels.conv_backward_weight_rows
+        monkeypatch.setattr(kernels, "conv_backward_weight_rows",
+                            lambda *a, **k: rows_calls.append(1) or real_rows(*a, **k))
+    monkeypatch.setattr(dense_conv, "DGRAD", "auto" if way == "rows" else way)
     K, N, C, H, W, CO, R, S, stride, padding, bias = geometry
     x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
     w = torch.randn(K, CO, C, R, S, generator=rng, dtype=torch.float64)
@@ -61,6 +72,11 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
             torch.testing.assert_close(a.double().cpu(), r, **tol, msg=lambda m: f"{how} d{name}: {m}")
         if how == "batched":
             assert y.permute(0, 1, 3, 4, 2).is_contiguous()
+    if way == "rows":  # the weight gradient came from the kernel (cuDNN's was not asked for), at each
+        # variant's timed runs and the kept one's, in both the batched op and the vmap'd one
+        chosen = [rec["chosen"] for key, rec in dense_conv.choices.items() if key[0] == "backward"]
+        assert all(c.startswith(("forward", "backward")) and c.endswith(dense_conv.ROWS) for c in chosen)
+        assert len(rows_calls) >= 2
 
 
 def _spy_backward_masks(monkeypatch):
@@ -77,6 +93,27 @@ def _spy_backward_masks(monkeypatch):
     return masks
 
 
+def test_the_rows_weight_gradient_is_a_candidate_on_cuda_and_where_forced(monkeypatch):
+    """WGRAD_ROWS: "auto" offers the rows kernel's ways for fp32/bf16/fp16 inputs on CUDA only
+    (on a CPU Triton runs only in the interpreter), after cuDNN's ways; True offers only them,
+    anywhere (the tests' interpreter); False never; float64 never (the kernel accumulates in fp32)."""
+    pytest.importorskip("triton")
+    cpu = torch.empty(1)
+    cuda_like = type("CudaTensor", (), {"is_cuda": True})()
+    monkeypatch.setattr(dense_conv, "DGRAD", "auto")
+    monkeypatch.setattr(dense_conv, "GROUPED", True)
+    for setting, on_cuda, on_cpu in (("auto", True, False), (True, True, True), (False, False, False)):
+        monkeypatch.setattr(dense_conv, "WGRAD_ROWS", setting)
+        assert dense_conv._rows_here(cuda_like, torch.bfloat16) is on_cuda
+        assert dense_conv._rows_here(cpu, torch.float32) is on_cpu and not dense_conv._rows_here(cpu, torch.float64)
+    monkeypatch.setattr(dense_conv, "WGRAD_ROWS", "auto")
+    ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True)]
+    assert ways == ["forward", "backward", "forward" + dense_conv.ROWS, "backward" + dense_conv.ROWS, "grouped"]
+    monkeypatch.setattr(dense_conv, "WGRAD_ROWS", True)
+    ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), False, rows=True)]
+    assert ways == ["backward" + dense_conv.ROWS]
+
+
 def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monkeypatch):
     """A frozen input (no gradient wanted) is not computed: convolution_backward is asked for
     the weight's gradient only, and autograd gets None for the input. With stride 1 the input's
@@ -84,6 +121,7 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
     only for the weight's); with stride 2 from convolution_backward."""
     monkeypatch.setattr(dense_conv, "DGRAD", "forward")  # the method fixed (test_auto_... times both)
     monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", False)
+    monkeypatch.setattr(dense_conv, "WGRAD_ROWS", False)  # cuDNN's weight gradient: the masks say so
     x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
     w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
     masks = _spy_backward_masks(monkeypatch)

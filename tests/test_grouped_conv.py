@@ -278,6 +278,49 @@ def test_bf16_operands_accumulate_in_fp32(rng, device):
         assert err < tol, err
 
 
+def _students_last(t):
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_rows_weight_gradient_matches_float64(case, rng, device):
+    """conv_backward_weight_rows (the dense routes' weight gradient, all students in one launch,
+    a program per row of taps) against float64 autograd, in fp32 (x's dtype out) and bf16 (bf16
+    out: one rounding of the fp32 sum), into a given ``out`` and a fresh tensor; the reduction
+    split over programs (atomics, then a cast) where the output pixels pass one split's share
+    and whole where not (the last case)."""
+    K, N, C, CO, H, W, (R, S), stride, padding = case
+    stride, padding = _pair(stride), _pair(padding)
+    x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
+    w = torch.randn(K, CO, C, R, S, generator=rng, dtype=torch.float64)
+    xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_conv2d_reference(xd, wd, None, stride, padding)
+    dy = torch.randn(y.shape, generator=rng, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8)):
+        xq, dyq = x.to(dtype), dy.to(dtype)  # the reference from the same rounded operands
+        xr, wr = xq.double().requires_grad_(), w.clone().requires_grad_()
+        grouped_conv2d_reference(xr, wr, None, stride, padding).backward(dyq.double())
+        for out in (None, torch.full(w.shape, float("nan"), dtype=dtype, device=device)):
+            got = gck.conv_backward_weight_rows(_students_last(dyq.to(device)), _students_last(xq.to(device)),
+                                                w.shape, stride, padding, out=out)
+            assert got.dtype == dtype and got.is_contiguous() and (out is None or got is out)
+            err = float((got.double().cpu() - wr.grad).abs().max() / wr.grad.abs().max())
+            assert err < tol, (dtype, err)
+
+
+def test_rows_weight_gradient_refuses_other_layouts_and_shapes(rng, device):
+    x = _students_last(torch.randn(2, 2, 4, 6, 6, generator=rng)).to(device)
+    dy = _students_last(torch.randn(2, 2, 5, 6, 6, generator=rng)).to(device)
+    w_shape = (2, 5, 4, 3, 3)
+    with pytest.raises(ValueError, match="must be stored"):
+        gck.conv_backward_weight_rows(dy.contiguous(), x, w_shape, (1, 1), (1, 1))  # NCHW per student
+    with pytest.raises(ValueError, match="do not fit"):
+        gck.conv_backward_weight_rows(dy, x, w_shape, (1, 1), (0, 0))  # the output would be 4x4
+    with pytest.raises(ValueError, match="must be a contiguous"):
+        gck.conv_backward_weight_rows(dy, x, w_shape, (1, 1), (1, 1), out=torch.empty(2, 5, 3, 3, 4, device=device))
+    assert gck.rows_layout_ok(x) and not gck.rows_layout_ok(x.contiguous())
+
+
 def test_grouped_conv2d_rejects_mismatched_shapes_and_unknown_backends():
     x, w = torch.randn(2, 1, 3, 5, 5), torch.randn(2, 4, 3, 3, 3)
     with pytest.raises(ValueError, match="do not match"):

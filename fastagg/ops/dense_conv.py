@@ -39,6 +39,7 @@ shared-input convolution's docstring says of the first try there. The routes tha
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from typing import Optional
 
 import torch
@@ -69,6 +70,15 @@ GROUPED = True
 # "auto" (both timed per shape at first use). Its heuristics gave this layer 64x64 tiles for the
 # gradients (143-149 TFLOP/s) where its forward ran at 270.
 CUDNN_BENCHMARK = "auto"
+# The weight gradient by fastagg's own kernel (fastagg.kernels.grouped_conv's
+# conv_backward_weight_rows: all K students in one launch, a program per row of taps reading dy's
+# tile once for the row): "auto" times the ways " + rows wgrad" beside cuDNN's per-student weight
+# gradients on CUDA (with Triton), True runs only them (anywhere Triton runs: the interpreter in
+# the tests), False never. On the H100 (twentieth session) cuDNN's weight gradients of `cnn`'s
+# second layer took 6.1 ms a pass of 128 students (141 TFLOP/s), a workspace-clearing kernel per
+# student 0.37 more and a copy per student into dw after.
+WGRAD_ROWS = "auto"
+ROWS = " + rows wgrad"
 choices: dict = {}  # (op, shapes, dtype, stride, padding, ...) -> {variant: ms, ..., "chosen": variant}
 # "forward x", "backward x", "backward dy" -> [calls, calls that copied it into the students-last
 # layout]: a diagnosis for the bench JSON (each copy of `cnn`'s second-layer input moves 1.1 GB a
@@ -89,15 +99,22 @@ def _key(x, w, stride, padding):
     return tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), x.device, STREAMS
 
 
-def _variants(device, can_forward):
+def _variants(device, can_forward, rows=False):
     """The (way, cuDNN search) pairs to choose from. The way: per student, the data gradient by
     "forward" (only where the forward form applies) or "backward", or "grouped" (GROUPED; for the
-    forward op "backward" means per student); the search only where cuDNN runs."""
+    forward op "backward" means per student); with ``rows`` (the backward op, where the rows
+    weight gradient can run: _rows_here) also those per-student ways with the weight gradient by
+    the rows kernel (WGRAD_ROWS; after cuDNN's, so that a choice made inside a capture, which
+    takes the first, never autotunes a kernel there); the search only where cuDNN runs."""
     if DGRAD == "grouped":
         dgrads = ["grouped"]
     else:
         dgrads = (["forward", "backward"] if DGRAD == "auto" else [DGRAD]) if can_forward else ["backward"]
-        dgrads += ["grouped"] if GROUPED and DGRAD == "auto" else []
+        if rows and WGRAD_ROWS is True:
+            dgrads = [d + ROWS for d in dgrads]
+        elif rows:
+            dgrads += [d + ROWS for d in dgrads]
+        dgrads += ["grouped"] if GROUPED and DGRAD == "auto" and WGRAD_ROWS is not True else []
     cudnn_here = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     searches = ([False, True] if CUDNN_BENCHMARK == "auto" else [bool(CUDNN_BENCHMARK)]) if cudnn_here else [None]
     return [(d, b) for d in dgrads for b in searches]
@@ -106,6 +123,16 @@ def _variants(device, can_forward):
 def _name(variant):
     dgrad, search = variant
     return dgrad + ("" if search is None else ", cudnn search" if search else ", cudnn heuristics")
+
+
+def _rows_here(x, dtype):
+    """Whether the rows weight gradient can run for an input on x's device in ``dtype``: WGRAD_ROWS
+    not False, Triton importable, and CUDA (or WGRAD_ROWS True: under the interpreter on a CPU)."""
+    if WGRAD_ROWS is False or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return x.is_cuda or WGRAD_ROWS is True
 
 
 def _grouped(t):
@@ -264,13 +291,19 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
         wt = _students_last(w.flip(3, 4).transpose(1, 2))  # [K, C, Co, R, S]
         pad_t = [R - 1 - padding[0], S - 1 - padding[1]]
 
+    rows = need_w and _rows_here(x, x.dtype)
+    if rows:
+        from fastagg.kernels.grouped_conv import conv_backward_weight_rows, rows_layout_ok
+        rows = rows_layout_ok(xs) and rows_layout_ok(dys)
+
     def run(variant):
         if variant[0] == "grouped":
             with _cudnn_search(variant[1]):
                 _grouped_backward(x, ws, dy, stride, padding, need_x, need_w, dx, dw)
             return
-        as_forward = variant[0] == "forward"
-        mask = [need_x and not as_forward, need_w, False]
+        by_rows = variant[0].endswith(ROWS)
+        as_forward = variant[0].removesuffix(ROWS) == "forward"
+        mask = [need_x and not as_forward, need_w and not by_rows, False]
 
         def one(k):
             if as_forward:
@@ -281,15 +314,17 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
                 dys[k], xs[k], ws[k], None, stride, padding, [1, 1], False, [0, 0], 1, mask)
             if mask[0]:
                 dx[k].copy_(gx)
-            if need_w:
+            if mask[1]:
                 dw[k].copy_(gw)
 
         with _cudnn_search(variant[1]):
             _each_student(K, x.device, one)
+        if by_rows:  # all K students' weight gradients in one launch, after the data gradients
+            conv_backward_weight_rows(dys, xs, w.shape, stride, padding, out=dw)
 
     if need_x or need_w:
         key = ("backward", *_key(x, w, stride, padding), need_x, need_w)
-        run(_choose(key, _variants(x.device, can_forward), run, x.device))
+        run(_choose(key, _variants(x.device, can_forward, rows), run, x.device))
     return dx, dw, db
 
 
