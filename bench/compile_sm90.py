@@ -40,9 +40,9 @@ FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other
 
 # Integer arguments that the runtime specialises as multiples of 16 for the bench's models (Triton
 # does so for every integer argument not in do_not_specialize whose value is one): the per-student
-# strides of the rows weight gradient (`cnn`: 256 * 16 * 16 * 32, ...), and the columns kernels'
+# strides and output channels of the rows weight gradient (`cnn`: 256 * 16 * 16 * 32, 64), and the columns kernels'
 # row length (`cnn`: 96) and pooled sizes (16 x 16 windows, 32 channels a student).
-DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk"),
+DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "CO"),
          "_shared_fwd_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
          "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO")}
 

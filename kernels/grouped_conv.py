@@ -436,15 +436,24 @@ def conv_backward_weight(dy, x, w_shape, stride, padding):
 # of taps and a block of the (s, c) pairs along it: for a channels-last x those are BJ consecutive
 # elements from one pixel onwards (x[n, ih, iw0 + s, c] = x_row + (iw0 * C + s * C + c)), one
 # vector load per row of the tile; dy's tile is loaded once for all of them.
+# Two kinds of config: pipelined (cp.async into shared memory, which bypasses L1, so the x tile's
+# overlapping rows, BJ / C pixels wide each, are all read from L2) and unpipelined (one stage: x's
+# vector loads go through L1, where those overlaps hit; latency hidden by the other resident
+# programs). Which wins is the device's to say. Few configs: each is compiled at the first
+# autotuning of every layer shape (ResNet-18 has five that the rows way takes: ROWS_MAX_RUN).
 _ROWS = ([triton.Config({"BM": 16, "BCO": 16, "BJ": 16}, num_warps=4)] if _INTERPRET else
          [triton.Config({"BM": bm, "BCO": bco, "BJ": bj}, num_warps=w, num_stages=s)
-          for bm, bco, bj, w, s in [(64, 64, 64, 4, 4), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4),
-                                    (64, 64, 256, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3)]])
+          for bm, bco, bj, w, s in [(64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (64, 64, 256, 8, 3),
+                                    (64, 64, 128, 4, 1), (64, 64, 256, 8, 1)]])
+# The longest row of taps (S * C) the dense ops give the rows kernel: beyond it a tile holds less
+# than one tap's channels, dy is read once per tap as in cuDNN's own, and the extra compilations
+# (a kernel per channel count) would buy nothing that a timing has shown.
+ROWS_MAX_RUN = 512
 
 
 @triton.autotune(_ROWS, key=["N", "H", "W", "CO", "HO", "WO", "C", "R", "S", "SH", "SW", "SPLIT"],
                  restore_value=["dw_ptr"])
-@triton.jit(do_not_specialize=["N", "H", "W", "CO", "HO", "WO"])
+@triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO"])  # CO specialised: dy's rows are CO long
 def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk,
                      C: tl.constexpr, R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                      PH: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, TF32: tl.constexpr,
@@ -483,7 +492,8 @@ def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk,
         a = tl.load(dy_k + (m * CO)[:, None] + offs_co[None, :], mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         iw = iw0[:, None] + s_j[None, :]
         b_ok = (m_ok & (ih >= 0) & (ih < H))[:, None] & (iw >= 0) & (iw < W) & j_ok[None, :]
-        b = tl.load(x_k + ((n * H + ih) * W * C + iw0 * C)[:, None] + offs_j[None, :], mask=b_ok, other=0.0)
+        b = tl.load(x_k + ((n * H + ih) * W * C + iw0 * C)[:, None] + offs_j[None, :], mask=b_ok, other=0.0,
+                    cache_modifier=".ca")
         acc = _mma(tl.trans(a), b, acc, TF32)
     c = offs_j % C
     dst = dw_ptr + k * swk + (offs_co * (C * R * S))[:, None] + (c * (R * S) + r * S + s_j)[None, :]

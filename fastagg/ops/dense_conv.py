@@ -293,8 +293,8 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
 
     rows = need_w and _rows_here(x, x.dtype)
     if rows:
-        from fastagg.kernels.grouped_conv import conv_backward_weight_rows, rows_layout_ok
-        rows = rows_layout_ok(xs) and rows_layout_ok(dys)
+        from fastagg.kernels.grouped_conv import ROWS_MAX_RUN, conv_backward_weight_rows, rows_layout_ok
+        rows = rows_layout_ok(xs) and rows_layout_ok(dys) and S * x.shape[2] <= ROWS_MAX_RUN
 
     def run(variant):
         if variant[0] == "grouped":
