@@ -40,9 +40,9 @@ FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other
 
 # Integer arguments that the runtime specialises as multiples of 16 for the bench's models (Triton
 # does so for every integer argument not in do_not_specialize whose value is one): the per-student
-# strides and output channels of the rows weight gradient (`cnn`: 256 * 16 * 16 * 32, 64), and the columns kernels'
+# strides and output channels of the rows gradients (`cnn`: 256 * 16 * 16 * 32, 64), and the columns kernels'
 # row length (`cnn`: 96) and pooled sizes (16 x 16 windows, 32 channels a student).
-DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "CO"),
+DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "CO"), "_conv_dgrad_rows": ("sdk", "swk", "sxk", "CO"),
          "_shared_fwd_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
          "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO")}
 
@@ -131,8 +131,8 @@ def cases(quick=False):
                     consts = {**extra, "HAS_BIAS": True, "OFF64": off64, "TF32": tf32, **cfg.kwargs}
                     label = f"{tuner.fn.__name__} {dt}{' tf32' if tf32 else ''} OFF64={off64} {cfg.kwargs}"
                     yield label, tuner.fn, ptrs, consts, cfg.num_warps, cfg.num_stages, "i64" if off64 else "i32"
-    # the dense routes' weight gradient over rows of taps (twenty-second session): channels and taps
-    # are constexprs, so one build per layer: cnn's second layer (5x5 on 32 channels) and ResNet-18's
+    # the dense routes' gradients over rows of taps (twenty-second session): channels and taps are
+    # constexprs, so one build per layer: cnn's second layer (5x5 on 32 channels) and ResNet-18's
     # 3x3 on 64 (stride 1) and 128 (stride 2)
     rows = {"5x5 C=32": dict(C=32, R=5, S=5, SH=1, SW=1, PH=2, PW=2),
             "3x3 C=64": dict(C=64, R=3, S=3, SH=1, SW=1, PH=1, PW=1),
@@ -147,6 +147,13 @@ def cases(quick=False):
                     consts = {**c, "SPLIT": split, "TF32": tf32, **cfg.kwargs}
                     label = f"_conv_wgrad_rows {dt}{' tf32' if tf32 else ''} {geo} SPLIT={split} {cfg.kwargs}"
                     yield (label, gc._conv_wgrad_rows.fn, dict(dy_ptr=dt, x_ptr=dt, dw_ptr=dw), consts,
+                           cfg.num_warps, cfg.num_stages, "i32")
+            if c["SH"] == 1:  # and the data gradient's (stride 1 only)
+                for cfg in gc._conv_dgrad_rows.configs[:1] if quick else gc._conv_dgrad_rows.configs:
+                    consts = {k: v for k, v in c.items() if k not in ("SH", "SW")}
+                    consts.update({"TF32": tf32, **cfg.kwargs})
+                    label = f"_conv_dgrad_rows {dt}{' tf32' if tf32 else ''} {geo} {cfg.kwargs}"
+                    yield (label, gc._conv_dgrad_rows.fn, dict(dy_ptr=dt, w_ptr=dt, dx_ptr=dt), consts,
                            cfg.num_warps, cfg.num_stages, "i32")
     # 64-bit offsets within a student (OFF64), sizes and strides past 2^31 arriving as i64
     for tuner, ptrs in ((gc._conv_fwd, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16")),

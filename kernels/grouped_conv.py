@@ -549,3 +549,82 @@ def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=N
     if dw is not out:
         out.copy_(dw)
     return out
+
+
+# -- the data gradient over rows of taps (stride 1; the dense routes' students-last operands) ------
+# dx[n, h, w, c] = sum over (r, s, co) of dy[n, h + PH - r, w + PW - s, co] * w[co, c, r, s]. For
+# one row r of taps, the (s, co) pairs read dy at the S pixels w + PW - S + 1 ... w + PW of one dy
+# row: S * CO consecutive elements, in the order s' = S - 1 - s. So a program's A tile is, per
+# output pixel, BJ consecutive elements of that run (one vector load per row, the rows' overlaps
+# L1 hits where the config is unpipelined), and B the weights relaid [K, R, S', CO, C]. dx is
+# written straight into its students-last storage: no copy after, as cuDNN's data gradient needs.
+_DROWS = ([triton.Config({"BM": 16, "BC": 16, "BJ": 16}, num_warps=4)] if _INTERPRET else
+          [triton.Config({"BM": bm, "BC": bc, "BJ": bj}, num_warps=w, num_stages=s)
+           for bm, bc, bj, w, s in [(128, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3),
+                                    (128, 32, 64, 4, 1), (128, 64, 64, 8, 1)]])
+
+
+@triton.autotune(_DROWS, key=["N", "H", "W", "CO", "HO", "WO", "C", "R", "S"])
+@triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO"])
+def _conv_dgrad_rows(dy_ptr, w_ptr, dx_ptr, N, H, W, CO, HO, WO, sdk, swk, sxk,
+                     C: tl.constexpr, R: tl.constexpr, S: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                     TF32: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
+    """dx [K, N, H, W, C] (each student's block contiguous, k stride sxk) of a stride-1 convolution
+    from dy [K, N, HO, WO, CO] (k stride sdk) and the weights relaid [K, R, S, CO, C] with s
+    reversed (k stride swk). Grid: (pixel tiles, channel tiles, K)."""
+    pid_m, pid_c, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_c * BC + tl.arange(0, BC)
+    m_ok, c_ok = offs_m < N * H * W, offs_c < C
+    n = offs_m // (H * W)
+    h, w = (offs_m // W) % H, offs_m % W
+    ow0 = w + PW - (S - 1)  # the run's first dy pixel in the row (s' = 0)
+    dy_k = dy_ptr + k * sdk
+    w_k = w_ptr + k * swk
+    jj = tl.arange(0, BJ)
+    JT = tl.cdiv(S * CO, BJ)
+    acc = tl.zeros((BM, BC), tl.float32)
+    for t in range(0, R * JT):  # one loop over (r, j tile), so that the whole reduction is pipelined
+        r = t // JT
+        j = (t % JT) * BJ + jj
+        oh = h + PH - r
+        ow = ow0[:, None] + (j // CO)[None, :]
+        a_ok = (m_ok & (oh >= 0) & (oh < HO))[:, None] & (ow >= 0) & (ow < WO) & (j < S * CO)[None, :]
+        a = tl.load(dy_k + ((n * HO + oh) * WO * CO + ow0 * CO)[:, None] + j[None, :], mask=a_ok, other=0.0)
+        b = tl.load(w_k + (r * S * CO + j)[:, None] * C + offs_c[None, :],
+                    mask=(j < S * CO)[:, None] & c_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, TF32)
+    dst = dx_ptr + k * sxk + (offs_m * C)[:, None] + offs_c[None, :]
+    tl.store(dst, _downcast(acc, dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+def conv_backward_data_rows(dy, w, x_shape, padding, out=None):
+    """dx [K, N, C, H, W] stored students-last ([K, N, H, W, C]; into ``out`` when given, a tensor
+    so stored) of a stride-1 convolution, from dy [K, N, Co, Ho, Wo] stored students-last
+    (``rows_layout_ok``) and w [K, Co, C, R, S] (any layout: relaid here, a copy of the weights),
+    in dy's dtype, by _conv_dgrad_rows (one launch for all K students, fp32 accumulation)."""
+    K, N, C, H, W = x_shape
+    CO, R, S = w.shape[1], w.shape[3], w.shape[4]
+    HO, WO = dy.shape[-2:]
+    PH, PW = padding
+    if tuple(w.shape) != (K, CO, C, R, S) or tuple(dy.shape) != (K, N, CO, HO, WO) or (HO, WO) != (
+            _out_size(H, R, 1, PH), _out_size(W, S, 1, PW)):
+        raise ValueError(f"data gradient by rows: dy {tuple(dy.shape)}, weight {tuple(w.shape)} and input "
+                         f"{tuple(x_shape)} do not fit stride 1, padding {tuple(padding)}")
+    if not rows_layout_ok(dy):
+        raise ValueError(f"data gradient by rows: dy must be stored [K, N, H, W, C] (strides {dy.stride()})")
+    if out is None:
+        out = torch.empty(K, N, H, W, C, dtype=dy.dtype, device=dy.device).permute(0, 1, 4, 2, 3)
+    elif tuple(out.shape) != tuple(x_shape) or not rows_layout_ok(out):
+        raise ValueError(f"data gradient by rows: out {tuple(out.shape)} must be a {tuple(x_shape)} stored "
+                         "[K, N, H, W, C]")
+    if N * C * H * W >= 1 << 31:
+        raise ValueError("data gradient by rows: a student's input passes 2^31 elements")
+    wr = w.flip(4).permute(0, 3, 4, 1, 2).contiguous()  # [K, R, S', CO, C]
+
+    def grid(meta):
+        return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BC"]), K
+
+    _conv_dgrad_rows[grid](dy, wr, out, N, H, W, CO, HO, WO, dy.stride(0), wr.stride(0), out.stride(0),
+                           C=C, R=R, S=S, PH=PH, PW=PW, TF32=_tf32(dy.dtype))
+    return out

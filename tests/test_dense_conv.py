@@ -23,7 +23,7 @@ GEOMETRIES = [  # (K, N, C, H, W, Co, R, S, stride, padding, bias)
 ]
 
 
-@pytest.mark.parametrize("way", ["auto", "grouped", "rows"])
+@pytest.mark.parametrize("way", ["auto", "grouped", "rows", "rows dgrad"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:8])))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geometry, dtype, way, rng, device,
@@ -33,18 +33,20 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
     vmap; the output stored students-last ([K, N, Ho, Wo, Co]: each student's slice a contiguous
     channels-last tensor). On CUDA the students go round the side streams. ``way``: what auto
     times and keeps, the "grouped" way alone (one grouped convolution, operands copied into its
-    layout and the results out of it), or the weight gradient by the rows kernel alone (Triton;
-    fp32 and bf16 only), whichever way the data gradient takes."""
-    if way == "rows":
+    layout and the results out of it), the weight gradient by the rows kernel alone (Triton;
+    fp32 and bf16 only), whichever way the data gradient takes, or both gradients by the rows
+    kernels (the data gradient's only with stride 1; convolution_backward's otherwise)."""
+    if way.startswith("rows"):
         if dtype == torch.float64:
-            pytest.skip("the rows kernel computes in fp32 (bf16 and fp32 operands)")
+            pytest.skip("the rows kernels compute in fp32 (bf16 and fp32 operands)")
         pytest.importorskip("triton")
         monkeypatch.setattr(dense_conv, "WGRAD_ROWS", True)
         monkeypatch.setattr(dense_conv, "choices", {})  # not a choice made for the shape by another test
         from fastagg.kernels import grouped_conv as kernels
-        rows_calls, real_rows = [], kernels.conv_backward_weight_rows
-        monkeypatch.setattr(kernels, "conv_backward_weight_rows",
-                            lambda *a, **k: rows_calls.append(1) or real_rows(*a, **k))
+        calls = {"conv_backward_weight_rows": [], "conv_backward_data_rows": []}
+        for name, seen in calls.items():
+            real = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
     monkeypatch.setattr(dense_conv, "DGRAD", "auto" if way == "rows" else way)
     K, N, C, H, W, CO, R, S, stride, padding, bias = geometry
     x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
@@ -72,11 +74,13 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
             torch.testing.assert_close(a.double().cpu(), r, **tol, msg=lambda m: f"{how} d{name}: {m}")
         if how == "batched":
             assert y.permute(0, 1, 3, 4, 2).is_contiguous()
-    if way == "rows":  # the weight gradient came from the kernel (cuDNN's was not asked for), at each
-        # variant's timed runs and the kept one's, in both the batched op and the vmap'd one
+    if way.startswith("rows"):  # the weight gradient came from the kernel (cuDNN's was not asked for), at
+        # each variant's timed runs and the kept one's, in both the batched op and the vmap'd one
         chosen = [rec["chosen"] for key, rec in dense_conv.choices.items() if key[0] == "backward"]
-        assert all(c.startswith(("forward", "backward")) and c.endswith(dense_conv.ROWS) for c in chosen)
-        assert len(rows_calls) >= 2
+        assert all(c.endswith(dense_conv.ROWS) for c in chosen)
+        assert len(calls["conv_backward_weight_rows"]) >= 2
+        if way == "rows dgrad":  # and the data gradient too, where the stride is 1
+            assert (len(calls["conv_backward_data_rows"]) >= 2) == (tuple(stride) == (1, 1))
 
 
 def _spy_backward_masks(monkeypatch):
@@ -94,9 +98,10 @@ def _spy_backward_masks(monkeypatch):
 
 
 def test_the_rows_weight_gradient_is_a_candidate_on_cuda_and_where_forced(monkeypatch):
-    """WGRAD_ROWS: "auto" offers the rows kernel's ways for fp32/bf16/fp16 inputs on CUDA only
+    """WGRAD_ROWS: "auto" offers the rows kernels' ways for fp32/bf16/fp16 inputs on CUDA only
     (on a CPU Triton runs only in the interpreter), after cuDNN's ways; True offers only them,
-    anywhere (the tests' interpreter); False never; float64 never (the kernel accumulates in fp32)."""
+    anywhere (the tests' interpreter); False never; float64 never (the kernels accumulate in fp32).
+    The data gradient's ("rows dgrad") where the op says it applies (stride 1), forced by DGRAD."""
     pytest.importorskip("triton")
     cpu = torch.empty(1)
     cuda_like = type("CudaTensor", (), {"is_cuda": True})()
@@ -109,9 +114,15 @@ def test_the_rows_weight_gradient_is_a_candidate_on_cuda_and_where_forced(monkey
     monkeypatch.setattr(dense_conv, "WGRAD_ROWS", "auto")
     ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True)]
     assert ways == ["forward", "backward", "forward" + dense_conv.ROWS, "backward" + dense_conv.ROWS, "grouped"]
+    ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True, drows=True)]
+    assert ways == ["forward", "backward", "rows dgrad"] + [w + dense_conv.ROWS for w in ways[:3]] + ["grouped"]
     monkeypatch.setattr(dense_conv, "WGRAD_ROWS", True)
     ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), False, rows=True)]
     assert ways == ["backward" + dense_conv.ROWS]
+    monkeypatch.setattr(dense_conv, "DGRAD", "rows dgrad")
+    for drows, want in ((True, "rows dgrad"), (False, "backward")):  # not applicable: per student
+        assert dense_conv._variants(torch.device("cpu"), False, rows=True, drows=drows) == [(want + dense_conv.ROWS,
+                                                                                              None)]
 
 
 def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monkeypatch):

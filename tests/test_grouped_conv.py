@@ -308,6 +308,29 @@ def test_rows_weight_gradient_matches_float64(case, rng, device):
             assert err < tol, (dtype, err)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1], ids=lambda c: "x".join(map(str, c[:6])))
+def test_rows_data_gradient_matches_float64(case, rng, device):
+    """conv_backward_data_rows (stride 1: the dense routes' data gradient, all students in one
+    launch) against float64 autograd, fp32 and bf16 (one rounding of the fp32 sum), into a given
+    students-last ``out`` (poisoned first) and a fresh one, each stored [K, N, H, W, C]."""
+    K, N, C, CO, H, W, (R, S), _, padding = case
+    padding = _pair(padding)
+    x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
+    w = torch.randn(K, CO, C, R, S, generator=rng, dtype=torch.float64)
+    y = grouped_conv2d_reference(x, w, None, (1, 1), padding)
+    dy = torch.randn(y.shape, generator=rng, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8)):
+        wq, dyq = w.to(dtype), dy.to(dtype)
+        xr = x.clone().requires_grad_()
+        grouped_conv2d_reference(xr, wq.double(), None, (1, 1), padding).backward(dyq.double())
+        poisoned = _students_last(torch.full(x.shape, float("nan"), dtype=dtype)).to(device)
+        for out in (None, poisoned):
+            got = gck.conv_backward_data_rows(_students_last(dyq.to(device)), wq.to(device), x.shape, padding, out=out)
+            assert got.dtype == dtype and gck.rows_layout_ok(got) and (out is None or got is out)
+            err = float((got.double().cpu() - xr.grad).abs().max() / xr.grad.abs().max())
+            assert err < tol, (dtype, err)
+
+
 def test_rows_weight_gradient_refuses_other_layouts_and_shapes(rng, device):
     x = _students_last(torch.randn(2, 2, 4, 6, 6, generator=rng)).to(device)
     dy = _students_last(torch.randn(2, 2, 5, 6, 6, generator=rng)).to(device)
@@ -319,6 +342,13 @@ def test_rows_weight_gradient_refuses_other_layouts_and_shapes(rng, device):
     with pytest.raises(ValueError, match="must be a contiguous"):
         gck.conv_backward_weight_rows(dy, x, w_shape, (1, 1), (1, 1), out=torch.empty(2, 5, 3, 3, 4, device=device))
     assert gck.rows_layout_ok(x) and not gck.rows_layout_ok(x.contiguous())
+    w = torch.randn(w_shape, generator=rng).to(device)
+    with pytest.raises(ValueError, match="must be stored"):
+        gck.conv_backward_data_rows(dy.contiguous(), w, x.shape, (1, 1))
+    with pytest.raises(ValueError, match="do not fit stride 1"):
+        gck.conv_backward_data_rows(dy, w, x.shape, (0, 0))
+    with pytest.raises(ValueError, match="must be a"):
+        gck.conv_backward_data_rows(dy, w, x.shape, (1, 1), out=x.contiguous())
 
 
 def test_grouped_conv2d_rejects_mismatched_shapes_and_unknown_backends():

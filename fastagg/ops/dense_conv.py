@@ -58,7 +58,9 @@ _streams: dict = {}  # (device, how many) -> the side streams, made at first use
 # (nineteenth session, `cnn`'s second layer, K = 128) cuDNN ran "forward" with a 64x64-tile kernel
 # for the layer's 32 output channels, 6.02 ms against 5.86 for its dgrad kernel: the copies went,
 # the kernel time did not; and the op took 13.1 ms against 10.4 for a plain loop of F.conv2d and
-# autograd. Which wins depends on the layer.
+# autograd. Which wins depends on the layer. "rows dgrad" (twenty-second session): fastagg's own
+# kernel for all K students in one launch (fastagg.kernels.grouped_conv.conv_backward_data_rows),
+# written into dx's storage, where Triton runs (WGRAD_ROWS below says where); "auto" times it too.
 DGRAD = "auto"
 # Whether DGRAD = "auto" also times "grouped": all K students in one grouped convolution (what
 # vmap's own rule runs), the operands copied into and out of its [N, K*C, H, W] channels-last
@@ -99,17 +101,24 @@ def _key(x, w, stride, padding):
     return tuple(x.shape), tuple(w.shape), x.dtype, tuple(stride), tuple(padding), x.device, STREAMS
 
 
-def _variants(device, can_forward, rows=False):
+def _variants(device, can_forward, rows=False, drows=False):
     """The (way, cuDNN search) pairs to choose from. The way: per student, the data gradient by
     "forward" (only where the forward form applies) or "backward", or "grouped" (GROUPED; for the
-    forward op "backward" means per student); with ``rows`` (the backward op, where the rows
-    weight gradient can run: _rows_here) also those per-student ways with the weight gradient by
-    the rows kernel (WGRAD_ROWS; after cuDNN's, so that a choice made inside a capture, which
-    takes the first, never autotunes a kernel there); the search only where cuDNN runs."""
+    forward op "backward" means per student); with ``drows`` (a stride-1 backward where the rows
+    kernels can run: _rows_here) also "rows dgrad", all students' data gradients by the rows
+    kernel; with ``rows`` also each of those ways with the weight gradient by the rows kernel
+    (" + rows wgrad"). The kernels' ways come after cuDNN's, so that a choice made inside a
+    capture (which takes the first) never autotunes a kernel there. The search only where cuDNN
+    runs, and not for a way that runs no cuDNN convolution."""
     if DGRAD == "grouped":
         dgrads = ["grouped"]
     else:
-        dgrads = (["forward", "backward"] if DGRAD == "auto" else [DGRAD]) if can_forward else ["backward"]
+        if DGRAD == "auto":
+            dgrads = (["forward", "backward"] if can_forward else ["backward"]) + (["rows dgrad"] if drows else [])
+        elif DGRAD == "rows dgrad":
+            dgrads = ["rows dgrad"] if drows else ["backward"]
+        else:
+            dgrads = [DGRAD] if can_forward else ["backward"]
         if rows and WGRAD_ROWS is True:
             dgrads = [d + ROWS for d in dgrads]
         elif rows:
@@ -117,7 +126,7 @@ def _variants(device, can_forward, rows=False):
         dgrads += ["grouped"] if GROUPED and DGRAD == "auto" and WGRAD_ROWS is not True else []
     cudnn_here = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     searches = ([False, True] if CUDNN_BENCHMARK == "auto" else [bool(CUDNN_BENCHMARK)]) if cudnn_here else [None]
-    return [(d, b) for d in dgrads for b in searches]
+    return [(d, b) for d in dgrads for b in (searches if d != "rows dgrad" + ROWS else [None])]
 
 
 def _name(variant):
@@ -291,19 +300,22 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
         wt = _students_last(w.flip(3, 4).transpose(1, 2))  # [K, C, Co, R, S]
         pad_t = [R - 1 - padding[0], S - 1 - padding[1]]
 
-    rows = need_w and _rows_here(x, x.dtype)
-    if rows:
-        from fastagg.kernels.grouped_conv import ROWS_MAX_RUN, conv_backward_weight_rows, rows_layout_ok
-        rows = rows_layout_ok(xs) and rows_layout_ok(dys) and S * x.shape[2] <= ROWS_MAX_RUN
+    rows = drows = False
+    if (need_w or need_x) and _rows_here(x, x.dtype):
+        from fastagg.kernels.grouped_conv import (ROWS_MAX_RUN, conv_backward_data_rows, conv_backward_weight_rows,
+                                                  rows_layout_ok)
+        rows = need_w and rows_layout_ok(xs) and rows_layout_ok(dys) and S * x.shape[2] <= ROWS_MAX_RUN
+        drows = (need_x and list(stride) == [1, 1] and rows_layout_ok(dys)  # the kernel's rows: stride 1
+                 and S * w.shape[1] <= ROWS_MAX_RUN)
 
     def run(variant):
         if variant[0] == "grouped":
             with _cudnn_search(variant[1]):
                 _grouped_backward(x, ws, dy, stride, padding, need_x, need_w, dx, dw)
             return
-        by_rows = variant[0].endswith(ROWS)
-        as_forward = variant[0].removesuffix(ROWS) == "forward"
-        mask = [need_x and not as_forward, need_w and not by_rows, False]
+        by_rows, dgrad = variant[0].endswith(ROWS), variant[0].removesuffix(ROWS)
+        as_forward = dgrad == "forward"
+        mask = [need_x and dgrad == "backward", need_w and not by_rows, False]
 
         def one(k):
             if as_forward:
@@ -317,14 +329,17 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
             if mask[1]:
                 dw[k].copy_(gw)
 
-        with _cudnn_search(variant[1]):
-            _each_student(K, x.device, one)
-        if by_rows:  # all K students' weight gradients in one launch, after the data gradients
+        if as_forward or mask[0] or mask[1]:
+            with _cudnn_search(variant[1]):
+                _each_student(K, x.device, one)
+        if dgrad == "rows dgrad":  # all K students' data gradients in one launch, into dx
+            conv_backward_data_rows(dys, w, x.shape, padding, out=dx)
+        if by_rows:  # and their weight gradients
             conv_backward_weight_rows(dys, xs, w.shape, stride, padding, out=dw)
 
     if need_x or need_w:
         key = ("backward", *_key(x, w, stride, padding), need_x, need_w)
-        run(_choose(key, _variants(x.device, can_forward, rows), run, x.device))
+        run(_choose(key, _variants(x.device, can_forward, rows, drows), run, x.device))
     return dx, dw, db
 
 
