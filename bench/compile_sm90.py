@@ -42,7 +42,7 @@ FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other
 # does so for every integer argument not in do_not_specialize whose value is one): the per-student
 # strides and output channels of the rows gradients (`cnn`: 256 * 16 * 16 * 32, 64), and the columns kernels'
 # row length (`cnn`: 96) and pooled sizes (16 x 16 windows, 32 channels a student).
-DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "CO"), "_conv_dgrad_rows": ("sdk", "swk", "sxk", "CO"),
+DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "CO"), "_conv_rows": ("sxk", "swk", "syk", "CO"),
          "_shared_fwd_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
          "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO")}
 
@@ -148,13 +148,13 @@ def cases(quick=False):
                     label = f"_conv_wgrad_rows {dt}{' tf32' if tf32 else ''} {geo} SPLIT={split} {cfg.kwargs}"
                     yield (label, gc._conv_wgrad_rows.fn, dict(dy_ptr=dt, x_ptr=dt, dw_ptr=dw), consts,
                            cfg.num_warps, cfg.num_stages, "i32")
-            if c["SH"] == 1:  # and the data gradient's (stride 1 only)
-                for cfg in gc._conv_dgrad_rows.configs[:1] if quick else gc._conv_dgrad_rows.configs:
-                    consts = {k: v for k, v in c.items() if k not in ("SH", "SW")}
-                    consts.update({"TF32": tf32, **cfg.kwargs})
-                    label = f"_conv_dgrad_rows {dt}{' tf32' if tf32 else ''} {geo} {cfg.kwargs}"
-                    yield (label, gc._conv_dgrad_rows.fn, dict(dy_ptr=dt, w_ptr=dt, dx_ptr=dt), consts,
-                           cfg.num_warps, cfg.num_stages, "i32")
+            # the forward by rows (and the stride-1 data gradient, a forward of dy: its C is the
+            # layer's output channels, `cnn`'s 64 and ResNet-18's 64 and 128 among these)
+            for cfg in gc._conv_rows.configs[:1] if quick else gc._conv_rows.configs:
+                consts = {**c, "TF32": tf32, **cfg.kwargs}
+                label = f"_conv_rows {dt}{' tf32' if tf32 else ''} {geo} {cfg.kwargs}"
+                yield (label, gc._conv_rows.fn, dict(x_ptr=dt, w_ptr=dt, y_ptr=dt), consts,
+                       cfg.num_warps, cfg.num_stages, "i32")
     # 64-bit offsets within a student (OFF64), sizes and strides past 2^31 arriving as i64
     for tuner, ptrs in ((gc._conv_fwd, dict(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", y_ptr="bf16")),
                         (gc._conv_dgrad, dict(dy_ptr="bf16", w_ptr="bf16", dx_ptr="bf16"))):

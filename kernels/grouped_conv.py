@@ -551,58 +551,97 @@ def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=N
     return out
 
 
-# -- the data gradient over rows of taps (stride 1; the dense routes' students-last operands) ------
-# dx[n, h, w, c] = sum over (r, s, co) of dy[n, h + PH - r, w + PW - s, co] * w[co, c, r, s]. For
-# one row r of taps, the (s, co) pairs read dy at the S pixels w + PW - S + 1 ... w + PW of one dy
-# row: S * CO consecutive elements, in the order s' = S - 1 - s. So a program's A tile is, per
-# output pixel, BJ consecutive elements of that run (one vector load per row, the rows' overlaps
-# L1 hits where the config is unpipelined), and B the weights relaid [K, R, S', CO, C]. dx is
-# written straight into its students-last storage: no copy after, as cuDNN's data gradient needs.
-_DROWS = ([triton.Config({"BM": 16, "BC": 16, "BJ": 16}, num_warps=4)] if _INTERPRET else
-          [triton.Config({"BM": bm, "BC": bc, "BJ": bj}, num_warps=w, num_stages=s)
-           for bm, bc, bj, w, s in [(128, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 128, 4, 3),
-                                    (128, 32, 64, 4, 1), (128, 64, 64, 8, 1)]])
+# -- convolutions over rows of taps: the forward, and the data gradient as one (students-last) ------
+# y[n, oh, ow, co] = sum over (r, s, c) of x[n, oh*SH - PH + r, ow*SW - PW + s, c] * w[co, c, r, s].
+# For one row r of taps the (s, c) pairs read x at S consecutive pixels of one input row: S * C
+# consecutive elements from x[n, ih, iw0] on. So a program's A tile is, per output pixel, BJ
+# consecutive elements of that run (one vector load per row; the rows' overlaps are L1 hits where
+# the config is unpipelined), and B the weights relaid [K, R, S, C, CO]; one loop over (r, j tile)
+# is the whole reduction. y is written straight into its students-last storage. The data gradient
+# of a stride-1 convolution is such a forward of dy with the weights flipped and their channels
+# swapped, padding R-1-PH (negative where PH > R-1: the masks handle it), so dx too is written in
+# place, with no copy after, as cuDNN's data gradient needs one (conv_backward_data_rows).
+_FROWS = ([triton.Config({"BM": 16, "BCO": 16, "BJ": 16}, num_warps=4)] if _INTERPRET else
+          [triton.Config({"BM": bm, "BCO": bco, "BJ": bj}, num_warps=w, num_stages=s)
+           for bm, bco, bj, w, s in [(128, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 128, 4, 3),
+                                     (128, 32, 64, 4, 1), (128, 64, 64, 8, 1)]])
 
 
-@triton.autotune(_DROWS, key=["N", "H", "W", "CO", "HO", "WO", "C", "R", "S"])
+@triton.autotune(_FROWS, key=["N", "H", "W", "CO", "HO", "WO", "C", "R", "S", "SH", "SW"])
 @triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO"])
-def _conv_dgrad_rows(dy_ptr, w_ptr, dx_ptr, N, H, W, CO, HO, WO, sdk, swk, sxk,
-                     C: tl.constexpr, R: tl.constexpr, S: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                     TF32: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
-    """dx [K, N, H, W, C] (each student's block contiguous, k stride sxk) of a stride-1 convolution
-    from dy [K, N, HO, WO, CO] (k stride sdk) and the weights relaid [K, R, S, CO, C] with s
-    reversed (k stride swk). Grid: (pixel tiles, channel tiles, K)."""
-    pid_m, pid_c, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+def _conv_rows(x_ptr, w_ptr, y_ptr, N, H, W, CO, HO, WO, sxk, swk, syk,
+               C: tl.constexpr, R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+               PH: tl.constexpr, PW: tl.constexpr, TF32: tl.constexpr,
+               BM: tl.constexpr, BCO: tl.constexpr, BJ: tl.constexpr):
+    """y [K, N, HO, WO, CO] from x [K, N, H, W, C] and the weights relaid [K, R, S, C, CO] (each
+    student's block contiguous; k strides sxk, swk, syk). Grid: (pixel tiles, CO tiles, K)."""
+    pid_m, pid_o, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_c = pid_c * BC + tl.arange(0, BC)
-    m_ok, c_ok = offs_m < N * H * W, offs_c < C
-    n = offs_m // (H * W)
-    h, w = (offs_m // W) % H, offs_m % W
-    ow0 = w + PW - (S - 1)  # the run's first dy pixel in the row (s' = 0)
-    dy_k = dy_ptr + k * sdk
+    offs_o = pid_o * BCO + tl.arange(0, BCO)
+    m_ok, o_ok = offs_m < N * HO * WO, offs_o < CO
+    n = offs_m // (HO * WO)
+    oh, ow = (offs_m // WO) % HO, offs_m % WO
+    iw0 = ow * SW - PW  # the run's first pixel in the row (s = 0)
+    x_k = x_ptr + k * sxk
     w_k = w_ptr + k * swk
     jj = tl.arange(0, BJ)
-    JT = tl.cdiv(S * CO, BJ)
-    acc = tl.zeros((BM, BC), tl.float32)
+    JT = tl.cdiv(S * C, BJ)
+    acc = tl.zeros((BM, BCO), tl.float32)
     for t in range(0, R * JT):  # one loop over (r, j tile), so that the whole reduction is pipelined
         r = t // JT
         j = (t % JT) * BJ + jj
-        oh = h + PH - r
-        ow = ow0[:, None] + (j // CO)[None, :]
-        a_ok = (m_ok & (oh >= 0) & (oh < HO))[:, None] & (ow >= 0) & (ow < WO) & (j < S * CO)[None, :]
-        a = tl.load(dy_k + ((n * HO + oh) * WO * CO + ow0 * CO)[:, None] + j[None, :], mask=a_ok, other=0.0)
-        b = tl.load(w_k + (r * S * CO + j)[:, None] * C + offs_c[None, :],
-                    mask=(j < S * CO)[:, None] & c_ok[None, :], other=0.0)
+        ih = oh * SH - PH + r
+        iw = iw0[:, None] + (j // C)[None, :]
+        a_ok = (m_ok & (ih >= 0) & (ih < H))[:, None] & (iw >= 0) & (iw < W) & (j < S * C)[None, :]
+        a = tl.load(x_k + ((n * H + ih) * W * C + iw0 * C)[:, None] + j[None, :], mask=a_ok, other=0.0)
+        b = tl.load(w_k + (r * S * C + j)[:, None] * CO + offs_o[None, :],
+                    mask=(j < S * C)[:, None] & o_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, TF32)
-    dst = dx_ptr + k * sxk + (offs_m * C)[:, None] + offs_c[None, :]
-    tl.store(dst, _downcast(acc, dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    dst = y_ptr + k * syk + (offs_m * CO)[:, None] + offs_o[None, :]
+    tl.store(dst, _downcast(acc, y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+
+
+def _rows_out(shape, like, out, what):
+    """``out`` checked to be a ``shape`` [K, N, C, H, W] stored [K, N, H, W, C], or a new one."""
+    K, N, C, H, W = shape
+    if out is None:
+        return torch.empty(K, N, H, W, C, dtype=like.dtype, device=like.device).permute(0, 1, 4, 2, 3)
+    if tuple(out.shape) != tuple(shape) or not rows_layout_ok(out):
+        raise ValueError(f"{what} by rows: out {tuple(out.shape)} must be a {tuple(shape)} stored [K, N, H, W, C]")
+    return out
+
+
+def _launch_rows(x, wr, out, stride, padding):
+    K, N, C, H, W = x.shape
+    R, S, CO = wr.shape[1], wr.shape[2], wr.shape[4]
+    HO, WO = out.shape[-2:]
+    (SH, SW), (PH, PW) = stride, padding
+
+    def grid(meta):
+        return triton.cdiv(N * HO * WO, meta["BM"]), triton.cdiv(CO, meta["BCO"]), K
+
+    _conv_rows[grid](x, wr, out, N, H, W, CO, HO, WO, x.stride(0), wr.stride(0), out.stride(0),
+                     C=C, R=R, S=S, SH=SH, SW=SW, PH=PH, PW=PW, TF32=_tf32(x.dtype))
+    return out
+
+
+def conv_forward_rows(x, w, stride, padding, out=None):
+    """y [K, N, Co, Ho, Wo] stored students-last ([K, N, Ho, Wo, Co]; into ``out`` when given, a
+    tensor so stored) for x [K, N, C, H, W] stored so (``rows_layout_ok``) and w [K, Co, C, R, S]
+    (any layout: relaid here, a copy of the weights), no bias, in x's dtype, by _conv_rows (one
+    launch for all K students, fp32 accumulation)."""
+    K, N, C, H, W, CO, R, S, HO, WO = _fwd_shape(x, w, stride, padding)
+    if not rows_layout_ok(x):
+        raise ValueError(f"convolution by rows: x must be stored [K, N, H, W, C] (strides {x.stride()})")
+    out = _rows_out((K, N, CO, HO, WO), x, out, "convolution")
+    return _launch_rows(x, w.permute(0, 3, 4, 2, 1).contiguous(), out, stride, padding)  # [K, R, S, C, CO]
 
 
 def conv_backward_data_rows(dy, w, x_shape, padding, out=None):
     """dx [K, N, C, H, W] stored students-last ([K, N, H, W, C]; into ``out`` when given, a tensor
     so stored) of a stride-1 convolution, from dy [K, N, Co, Ho, Wo] stored students-last
-    (``rows_layout_ok``) and w [K, Co, C, R, S] (any layout: relaid here, a copy of the weights),
-    in dy's dtype, by _conv_dgrad_rows (one launch for all K students, fp32 accumulation)."""
+    (``rows_layout_ok``) and w [K, Co, C, R, S] (any layout), in dy's dtype: the forward by rows of
+    dy with the weights flipped and their channels swapped, padding R-1-P."""
     K, N, C, H, W = x_shape
     CO, R, S = w.shape[1], w.shape[3], w.shape[4]
     HO, WO = dy.shape[-2:]
@@ -613,18 +652,6 @@ def conv_backward_data_rows(dy, w, x_shape, padding, out=None):
                          f"{tuple(x_shape)} do not fit stride 1, padding {tuple(padding)}")
     if not rows_layout_ok(dy):
         raise ValueError(f"data gradient by rows: dy must be stored [K, N, H, W, C] (strides {dy.stride()})")
-    if out is None:
-        out = torch.empty(K, N, H, W, C, dtype=dy.dtype, device=dy.device).permute(0, 1, 4, 2, 3)
-    elif tuple(out.shape) != tuple(x_shape) or not rows_layout_ok(out):
-        raise ValueError(f"data gradient by rows: out {tuple(out.shape)} must be a {tuple(x_shape)} stored "
-                         "[K, N, H, W, C]")
-    if N * C * H * W >= 1 << 31:
-        raise ValueError("data gradient by rows: a student's input passes 2^31 elements")
-    wr = w.flip(4).permute(0, 3, 4, 1, 2).contiguous()  # [K, R, S', CO, C]
-
-    def grid(meta):
-        return triton.cdiv(N * H * W, meta["BM"]), triton.cdiv(C, meta["BC"]), K
-
-    _conv_dgrad_rows[grid](dy, wr, out, N, H, W, CO, HO, WO, dy.stride(0), wr.stride(0), out.stride(0),
-                           C=C, R=R, S=S, PH=PH, PW=PW, TF32=_tf32(dy.dtype))
-    return out
+    out = _rows_out(x_shape, dy, out, "data gradient")
+    wr = w.flip(3, 4).permute(0, 3, 4, 1, 2).contiguous()  # [K, R, S, CO, C]: r, s reversed
+    return _launch_rows(dy, wr, out, (1, 1), (R - 1 - PH, S - 1 - PW))

@@ -33,17 +33,17 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
     vmap; the output stored students-last ([K, N, Ho, Wo, Co]: each student's slice a contiguous
     channels-last tensor). On CUDA the students go round the side streams. ``way``: what auto
     times and keeps, the "grouped" way alone (one grouped convolution, operands copied into its
-    layout and the results out of it), the weight gradient by the rows kernel alone (Triton;
-    fp32 and bf16 only), whichever way the data gradient takes, or both gradients by the rows
-    kernels (the data gradient's only with stride 1; convolution_backward's otherwise)."""
+    layout and the results out of it), the forward and the weight gradient by the rows kernels
+    alone (Triton; fp32 and bf16 only), whichever way the data gradient takes, or all three by
+    them (the data gradient's only with stride 1; convolution_backward's otherwise)."""
     if way.startswith("rows"):
         if dtype == torch.float64:
             pytest.skip("the rows kernels compute in fp32 (bf16 and fp32 operands)")
         pytest.importorskip("triton")
-        monkeypatch.setattr(dense_conv, "WGRAD_ROWS", True)
+        monkeypatch.setattr(dense_conv, "ROWS_KERNELS", True)
         monkeypatch.setattr(dense_conv, "choices", {})  # not a choice made for the shape by another test
         from fastagg.kernels import grouped_conv as kernels
-        calls = {"conv_backward_weight_rows": [], "conv_backward_data_rows": []}
+        calls = {"conv_backward_weight_rows": [], "conv_backward_data_rows": [], "conv_forward_rows": []}
         for name, seen in calls.items():
             real = getattr(kernels, name)
             monkeypatch.setattr(kernels, name, lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
@@ -78,7 +78,7 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
         # each variant's timed runs and the kept one's, in both the batched op and the vmap'd one
         chosen = [rec["chosen"] for key, rec in dense_conv.choices.items() if key[0] == "backward"]
         assert all(c.endswith(dense_conv.ROWS) for c in chosen)
-        assert len(calls["conv_backward_weight_rows"]) >= 2
+        assert len(calls["conv_backward_weight_rows"]) >= 2 and len(calls["conv_forward_rows"]) >= 2
         if way == "rows dgrad":  # and the data gradient too, where the stride is 1
             assert (len(calls["conv_backward_data_rows"]) >= 2) == (tuple(stride) == (1, 1))
 
@@ -98,7 +98,7 @@ def _spy_backward_masks(monkeypatch):
 
 
 def test_the_rows_weight_gradient_is_a_candidate_on_cuda_and_where_forced(monkeypatch):
-    """WGRAD_ROWS: "auto" offers the rows kernels' ways for fp32/bf16/fp16 inputs on CUDA only
+    """ROWS_KERNELS: "auto" offers the rows kernels' ways for fp32/bf16/fp16 inputs on CUDA only
     (on a CPU Triton runs only in the interpreter), after cuDNN's ways; True offers only them,
     anywhere (the tests' interpreter); False never; float64 never (the kernels accumulate in fp32).
     The data gradient's ("rows dgrad") where the op says it applies (stride 1), forced by DGRAD."""
@@ -108,15 +108,15 @@ def test_the_rows_weight_gradient_is_a_candidate_on_cuda_and_where_forced(monkey
     monkeypatch.setattr(dense_conv, "DGRAD", "auto")
     monkeypatch.setattr(dense_conv, "GROUPED", True)
     for setting, on_cuda, on_cpu in (("auto", True, False), (True, True, True), (False, False, False)):
-        monkeypatch.setattr(dense_conv, "WGRAD_ROWS", setting)
+        monkeypatch.setattr(dense_conv, "ROWS_KERNELS", setting)
         assert dense_conv._rows_here(cuda_like, torch.bfloat16) is on_cuda
         assert dense_conv._rows_here(cpu, torch.float32) is on_cpu and not dense_conv._rows_here(cpu, torch.float64)
-    monkeypatch.setattr(dense_conv, "WGRAD_ROWS", "auto")
+    monkeypatch.setattr(dense_conv, "ROWS_KERNELS", "auto")
     ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True)]
     assert ways == ["forward", "backward", "forward" + dense_conv.ROWS, "backward" + dense_conv.ROWS, "grouped"]
     ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True, drows=True)]
     assert ways == ["forward", "backward", "rows dgrad"] + [w + dense_conv.ROWS for w in ways[:3]] + ["grouped"]
-    monkeypatch.setattr(dense_conv, "WGRAD_ROWS", True)
+    monkeypatch.setattr(dense_conv, "ROWS_KERNELS", True)
     ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), False, rows=True)]
     assert ways == ["backward" + dense_conv.ROWS]
     monkeypatch.setattr(dense_conv, "DGRAD", "rows dgrad")
@@ -132,7 +132,7 @@ def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monke
     only for the weight's); with stride 2 from convolution_backward."""
     monkeypatch.setattr(dense_conv, "DGRAD", "forward")  # the method fixed (test_auto_... times both)
     monkeypatch.setattr(dense_conv, "CUDNN_BENCHMARK", False)
-    monkeypatch.setattr(dense_conv, "WGRAD_ROWS", False)  # cuDNN's weight gradient: the masks say so
+    monkeypatch.setattr(dense_conv, "ROWS_KERNELS", False)  # cuDNN's weight gradient: the masks say so
     x = torch.randn(2, 3, 4, 6, 6, generator=rng).to(device)
     w = torch.randn(2, 5, 4, 3, 3, generator=rng).to(device).requires_grad_()
     masks = _spy_backward_masks(monkeypatch)

@@ -308,6 +308,26 @@ def test_rows_weight_gradient_matches_float64(case, rng, device):
             assert err < tol, (dtype, err)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_rows_forward_matches_float64(case, rng, device):
+    """conv_forward_rows (the dense routes' forward, all students in one launch) against float64,
+    fp32 and bf16 (one rounding of the fp32 sum), strides 1 and 2, into a given students-last
+    ``out`` (poisoned first) and a fresh one, each stored [K, N, Ho, Wo, Co]."""
+    K, N, C, CO, H, W, (R, S), stride, padding = case
+    stride, padding = _pair(stride), _pair(padding)
+    x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
+    w = torch.randn(K, CO, C, R, S, generator=rng, dtype=torch.float64)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8)):
+        xq, wq = x.to(dtype), w.to(dtype)
+        ref = grouped_conv2d_reference(xq.double(), wq.double(), None, stride, padding)
+        poisoned = _students_last(torch.full(ref.shape, float("nan"), dtype=dtype)).to(device)
+        for out in (None, poisoned):
+            got = gck.conv_forward_rows(_students_last(xq.to(device)), wq.to(device), stride, padding, out=out)
+            assert got.dtype == dtype and gck.rows_layout_ok(got) and (out is None or got is out)
+            err = float((got.double().cpu() - ref).abs().max() / ref.abs().max())
+            assert err < tol, (dtype, err)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[7] == 1], ids=lambda c: "x".join(map(str, c[:6])))
 def test_rows_data_gradient_matches_float64(case, rng, device):
     """conv_backward_data_rows (stride 1: the dense routes' data gradient, all students in one
@@ -349,6 +369,10 @@ def test_rows_weight_gradient_refuses_other_layouts_and_shapes(rng, device):
         gck.conv_backward_data_rows(dy, w, x.shape, (0, 0))
     with pytest.raises(ValueError, match="must be a"):
         gck.conv_backward_data_rows(dy, w, x.shape, (1, 1), out=x.contiguous())
+    with pytest.raises(ValueError, match="x must be stored"):
+        gck.conv_forward_rows(x.contiguous(), w, (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="must be a"):
+        gck.conv_forward_rows(x, w, (1, 1), (1, 1), out=dy.contiguous())
 
 
 def test_grouped_conv2d_rejects_mismatched_shapes_and_unknown_backends():

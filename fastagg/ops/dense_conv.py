@@ -60,7 +60,7 @@ _streams: dict = {}  # (device, how many) -> the side streams, made at first use
 # the kernel time did not; and the op took 13.1 ms against 10.4 for a plain loop of F.conv2d and
 # autograd. Which wins depends on the layer. "rows dgrad" (twenty-second session): fastagg's own
 # kernel for all K students in one launch (fastagg.kernels.grouped_conv.conv_backward_data_rows),
-# written into dx's storage, where Triton runs (WGRAD_ROWS below says where); "auto" times it too.
+# written into dx's storage, where Triton runs (ROWS_KERNELS below says where); "auto" times it too.
 DGRAD = "auto"
 # Whether DGRAD = "auto" also times "grouped": all K students in one grouped convolution (what
 # vmap's own rule runs), the operands copied into and out of its [N, K*C, H, W] channels-last
@@ -72,14 +72,15 @@ GROUPED = True
 # "auto" (both timed per shape at first use). Its heuristics gave this layer 64x64 tiles for the
 # gradients (143-149 TFLOP/s) where its forward ran at 270.
 CUDNN_BENCHMARK = "auto"
-# The weight gradient by fastagg's own kernel (fastagg.kernels.grouped_conv's
-# conv_backward_weight_rows: all K students in one launch, a program per row of taps reading dy's
-# tile once for the row): "auto" times the ways " + rows wgrad" beside cuDNN's per-student weight
-# gradients on CUDA (with Triton), True runs only them (anywhere Triton runs: the interpreter in
-# the tests), False never. On the H100 (twentieth session) cuDNN's weight gradients of `cnn`'s
-# second layer took 6.1 ms a pass of 128 students (141 TFLOP/s), a workspace-clearing kernel per
-# student 0.37 more and a copy per student into dw after.
-WGRAD_ROWS = "auto"
+# fastagg's own kernels for the dense ops (fastagg.kernels.grouped_conv, "rows of taps": all K
+# students in one launch, a program reading each pixel's (s, c) pairs along a row of taps as one
+# contiguous run): the forward ("rows", after cuDNN's ways), the stride-1 data gradient ("rows dgrad", written into
+# dx's storage) and the weight gradient (" + rows wgrad", a program per row of taps reading dy's
+# tile once for the row). "auto" times them beside cuDNN's ways per shape on CUDA (with Triton),
+# True runs only them (anywhere Triton runs: the interpreter in the tests), False never. On the
+# H100 (twentieth session) cuDNN's weight gradients of `cnn`'s second layer took 6.1 ms a pass of
+# 128 students (141 TFLOP/s), its data gradients 5.3 (162), each followed by a copy per student.
+ROWS_KERNELS = "auto"
 ROWS = " + rows wgrad"
 choices: dict = {}  # (op, shapes, dtype, stride, padding, ...) -> {variant: ms, ..., "chosen": variant}
 # "forward x", "backward x", "backward dy" -> [calls, calls that copied it into the students-last
@@ -119,11 +120,11 @@ def _variants(device, can_forward, rows=False, drows=False):
             dgrads = ["rows dgrad"] if drows else ["backward"]
         else:
             dgrads = [DGRAD] if can_forward else ["backward"]
-        if rows and WGRAD_ROWS is True:
+        if rows and ROWS_KERNELS is True:
             dgrads = [d + ROWS for d in dgrads]
         elif rows:
             dgrads += [d + ROWS for d in dgrads]
-        dgrads += ["grouped"] if GROUPED and DGRAD == "auto" and WGRAD_ROWS is not True else []
+        dgrads += ["grouped"] if GROUPED and DGRAD == "auto" and ROWS_KERNELS is not True else []
     cudnn_here = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     searches = ([False, True] if CUDNN_BENCHMARK == "auto" else [bool(CUDNN_BENCHMARK)]) if cudnn_here else [None]
     return [(d, b) for d in dgrads for b in (searches if d != "rows dgrad" + ROWS else [None])]
@@ -135,13 +136,13 @@ def _name(variant):
 
 
 def _rows_here(x, dtype):
-    """Whether the rows weight gradient can run for an input on x's device in ``dtype``: WGRAD_ROWS
-    not False, Triton importable, and CUDA (or WGRAD_ROWS True: under the interpreter on a CPU)."""
-    if WGRAD_ROWS is False or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """Whether the rows kernels can run for an input on x's device in ``dtype``: ROWS_KERNELS not
+    False, Triton importable, and CUDA (or ROWS_KERNELS True: under the interpreter on a CPU)."""
+    if ROWS_KERNELS is False or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if importlib.util.find_spec("triton") is None:
         return False
-    return x.is_cuda or WGRAD_ROWS is True
+    return x.is_cuda or ROWS_KERNELS is True
 
 
 def _grouped(t):
@@ -237,7 +238,16 @@ def dense_grouped_conv_saving(x: torch.Tensor, w: torch.Tensor, b: Optional[torc
     ws = _students_last(w)  # each student's [Co, C, R, S] channels-last
     out = _empty_students_last(K, N, CO, HO, WO, x)
 
+    variants = _variants(x.device, False)
+    if _rows_here(x, x.dtype):  # all students by the rows kernel, written into out
+        from fastagg.kernels.grouped_conv import ROWS_MAX_RUN, conv_forward_rows, rows_layout_ok
+        if rows_layout_ok(xs) and S * x.shape[2] <= ROWS_MAX_RUN:
+            variants = [("rows", None)] if ROWS_KERNELS is True else variants + [("rows", None)]
+
     def run(variant):
+        if variant[0] == "rows":
+            conv_forward_rows(xs, w, stride, padding, out=out)
+            return
         with _cudnn_search(variant[1]):
             if variant[0] == "grouped":  # one grouped convolution, its output copied into place
                 y = F.conv2d(_grouped(x), _grouped_weight(ws), None, stride, padding, 1, K)
@@ -245,7 +255,7 @@ def dense_grouped_conv_saving(x: torch.Tensor, w: torch.Tensor, b: Optional[torc
             else:
                 _each_student(K, x.device, lambda k: _conv_into(out[k], xs[k], ws[k], stride, padding))
 
-    run(_choose(("forward", *_key(x, w, stride, padding)), _variants(x.device, False), run, x.device))
+    run(_choose(("forward", *_key(x, w, stride, padding)), variants, run, x.device))
     if b is not None:  # one add for all K (F.conv2d adds a bias by a kernel of its own: K of them)
         out.add_(b.view(K, 1, CO, 1, 1))
     return out, (x.new_empty(0) if _is_students_last(x) else xs)
