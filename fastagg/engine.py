@@ -579,42 +579,52 @@ class StudentGradEngine:
                 views[name].add_(g.to(out.dtype))
         return loss.detach()
 
+    def _kd_parts(self, probs):
+        """(the teacher's part of every student's KD loss, pt): T^2 / B * sum pt log pt, the same
+        for all students, computed once per pass instead of once per student inside vmap (a log of
+        every teacher probability per student: for the LM, 16M a student, most of what its loss
+        cost on a CPU beside the log-softmax), and the teacher's probabilities in the accumulation
+        dtype. Each student's loss is that plus _kd_cross of its logits."""
+        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        pt = probs.to(acc)
+        return (self.temperature ** 2 / pt.shape[0]) * torch.xlogy(pt, pt).sum(), pt
+
+    def _kd_cross(self, z, pt):
+        """A student's part of its KD loss from its logits z [B, C]: -T^2 / B * sum pt log q."""
+        T = self.temperature
+        return -(T * T / z.shape[0]) * (pt * torch.log_softmax(z.to(pt.dtype) / T, dim=-1)).sum()
+
     def _dense_losses(self, s, probs, x, chain_names, ys):
         """The students' KD losses [K] from their parameters ``s`` [K, P] (requires grad), with plain
         ops and the dense convolutions' ops: what torch.compile traces on the dense routes. With
         ``ys`` (the shared chains' pooled outputs, [N, K, Co, h, w]), the rest of the model after
         them (split_model), without the chains' parameters ``chain_names``."""
-        T = self.temperature
         trainable, frozen = self._split(s)
         trainable = {n: v for n, v in trainable.items() if n not in chain_names}
         frozen = {n: v.detach() for n, v in frozen.items() if n not in chain_names}  # buffers: no KD gradient
         net = self.split_model()[0] if ys else self.model
-        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        teacher, pt = self._kd_parts(probs)
 
         def loss_k(p, b, *yy):
             with self._autocast():
                 z = functional_call(net, {**p, **b}, (x, *yy))
-            logq = torch.log_softmax(z.to(acc) / T, dim=-1)
-            pt = probs.to(acc)
-            return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
+            return self._kd_cross(z, pt)
 
-        return vmap(loss_k, in_dims=(0, 0) + (1,) * len(ys))(trainable, frozen, *ys)
+        return teacher + vmap(loss_k, in_dims=(0, 0) + (1,) * len(ys))(trainable, frozen, *ys)
 
     def _split_grads(self, params, frozen, ys, probs, rest):
         """(loss [K], {name: grad [K, ...]}, the pooled outputs' gradients [K, N, Co, h, w]) of the
         model after its shared chains, with plain ops only: what torch.compile traces."""
-        x, T = self.proxy, self.temperature
-        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        x = self.proxy
+        teacher, pt = self._kd_parts(probs)
 
         def loss_k(p, b, yy):
             with self._autocast():
                 z = functional_call(rest, {**p, **b}, (x, *yy))
-            logq = torch.log_softmax(z.to(acc) / T, dim=-1)
-            pt = probs.to(acc)
-            return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
+            return self._kd_cross(z, pt)
 
         (grads, gys), loss = vmap(grad_and_value(loss_k, argnums=(0, 2)), in_dims=(0, 0, 1))(params, frozen, ys)
-        return loss, grads, gys
+        return teacher + loss, grads, gys
 
     def product_model(self):
         """A copy of the model whose layers on the proxy batch run as one matrix product
@@ -636,23 +646,21 @@ class StudentGradEngine:
         ``net`` when given: product_model; on ``x`` when given, else the proxy batch). ``out``:
         the loss only is returned, the gradients written into ``out`` by the traced code itself
         (inductor can then have the concatenation write there, with no [K, P] copy after it)."""
-        x, T = self.proxy if x is None else x, self.temperature
+        x = self.proxy if x is None else x
         trainable, frozen = self._split(students)
-        acc = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        teacher, pt = self._kd_parts(probs)
 
         def loss_k(p, b):
             with self._autocast():
                 z = self._forward({**p, **b}, x, net)
-            logq = torch.log_softmax(z.to(acc) / T, dim=-1)
-            pt = probs.to(acc)
-            return (T * T / z.shape[0]) * (torch.xlogy(pt, pt) - pt * logq).sum()
+            return self._kd_cross(z, pt)
 
         grads, loss = vmap(grad_and_value(loss_k), in_dims=(0, 0))(trainable, frozen)
         parts = self._flat_parts(grads, students.shape[0], students.dtype, students.device)
         if out is None:
-            return loss, torch.cat(parts, dim=1)
+            return teacher + loss, torch.cat(parts, dim=1)
         torch.cat([p.to(out.dtype) for p in parts], dim=1, out=out)
-        return loss
+        return teacher + loss
 
     def work_rows(self, n, dtype):
         """Rows [n, P] for students and [n, P] for their gradients that a pass captured as a CUDA
