@@ -298,6 +298,12 @@ def vmap_baseline(model, spec, proxy, probs, T, bf16):
     return lambda students: g(spec.unflatten(students), proxy)
 
 
+def flattened(grads_fn, flat):
+    """``grads_fn(students)``'s per-parameter gradients [K, ...] (a vmap baseline's) copied into
+    ``flat`` [K, P] in the spec's order, the layout the engine writes and the merge reads."""
+    return lambda students: torch.cat([g.flatten(1) for g in grads_fn(students).values()], 1, out=flat)
+
+
 def flower_numpy_merge(layers_per_client, weights):
     total = sum(weights)
     scaled = [[layer * w for layer in layers] for layers, w in zip(layers_per_client, weights)]
@@ -561,6 +567,10 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
         if compile_baseline:
             compiled = torch.compile(vmap_baseline(model, spec, proxy, probs, T, True))
             cands["compiled_vmap_bf16"] = (lambda: compiled(students), K)
+            # the same with its gradients copied into one flat [K, P] buffer: what the merge reads,
+            # and what the engine's figure includes (its passes write that buffer)
+            flat_fn = flattened(compiled, torch.empty_like(out))
+            cands["compiled_vmap_bf16_flat"] = (lambda: flat_fn(students), K)
     rates = interleaved(cands, device)
     if not isinstance(rates["engine"], float):
         raise RuntimeError(f"{name}: the engine failed: {rates['engine']}")

@@ -166,6 +166,27 @@ def test_a_model_that_fails_is_reported_and_the_next_one_runs(tmp_path, monkeypa
     assert ok["complete"] is True and ok["correction_updates_per_s"] > 0
 
 
+def test_a_flattened_vmap_baseline_writes_the_engines_layout(rng):
+    """The baseline charged with the flat [K, P] buffer (compiled_vmap_bf16_flat, here uncompiled
+    and fp32) writes each student's gradients where the engine writes them: equal to the engine's
+    fp32 gradients within rounding, parameter by parameter in the spec's order."""
+    from fastagg.engine import StudentGradEngine
+    from fastagg.flat import ParamSpec
+
+    model, proxy = bench.make("lm", "cpu", small=True)
+    model.eval()
+    spec = ParamSpec.from_module(model)
+    base = spec.flatten(dict(model.named_parameters())).detach()
+    students = base + 1e-2 * torch.randn(3, spec.numel, generator=rng)
+    with torch.no_grad():
+        probs = torch.softmax(model(proxy) / 3.0, -1)
+    flat = torch.full((3, spec.numel), float("nan"))
+    got = bench.flattened(bench.vmap_baseline(model, spec, proxy, probs, 3.0, False), flat)(students)
+    assert got is flat
+    _, want = StudentGradEngine(model, spec, proxy, 3.0)(students, probs)
+    torch.testing.assert_close(flat, want, rtol=1e-4, atol=1e-6)
+
+
 def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     """With every timed call taking 'one second', each rate must equal the number of updates that
     call processed (a per-client baseline timed on fewer clients than K must not count K)."""
