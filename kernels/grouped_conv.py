@@ -431,8 +431,8 @@ def conv_backward_weight(dy, x, w_shape, stride, padding):
 
 
 # -- the weight gradient over rows of taps (the dense routes' students-last operands) ------------
-# For a layer with few input channels (`cnn`'s second: 32) the kernel above wastes most of a tile
-# on masked channels and reloads dy once per tap (25 times for 5x5). Here a program owns one row r
+# For a layer with few input channels (`cnn`'s second: 32) the kernel above masks off half of its
+# 64-channel tiles (more in its wider configs) and reloads dy once per tap (25 times for 5x5). Here a program owns one row r
 # of taps and a block of the (s, c) pairs along it: for a channels-last x those are BJ consecutive
 # elements from one pixel onwards (x[n, ih, iw0 + s, c] = x_row + (iw0 * C + s * C + c)), one
 # vector load per row of the tile; dy's tile is loaded once for all of them.
@@ -492,6 +492,7 @@ def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk,
         a = tl.load(dy_k + (m * CO)[:, None] + offs_co[None, :], mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         iw = iw0[:, None] + s_j[None, :]
         b_ok = (m_ok & (ih >= 0) & (ih < H))[:, None] & (iw >= 0) & (iw < W) & j_ok[None, :]
+        # (".ca": through L1 where the load is not pipelined; a pipelined one is cp.async.cg anyway)
         b = tl.load(x_k + ((n * H + ih) * W * C + iw0 * C)[:, None] + offs_j[None, :], mask=b_ok, other=0.0,
                     cache_modifier=".ca")
         acc = _mma(tl.trans(a), b, acc, TF32)

@@ -46,7 +46,8 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
         calls = {"conv_backward_weight_rows": [], "conv_backward_data_rows": [], "conv_forward_rows": []}
         for name, seen in calls.items():
             real = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
+            monkeypatch.setattr(kernels, name,
+                                lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
     monkeypatch.setattr(dense_conv, "DGRAD", "auto" if way == "rows" else way)
     K, N, C, H, W, CO, R, S, stride, padding, bias = geometry
     x = torch.randn(K, N, C, H, W, generator=rng, dtype=torch.float64)
@@ -77,7 +78,7 @@ def test_dense_grouped_conv_and_its_gradients_equal_the_grouped_reference(geomet
     if way.startswith("rows"):  # the weight gradient came from the kernel (cuDNN's was not asked for), at
         # each variant's timed runs and the kept one's, in both the batched op and the vmap'd one
         chosen = [rec["chosen"] for key, rec in dense_conv.choices.items() if key[0] == "backward"]
-        assert all(c.endswith(dense_conv.ROWS) for c in chosen)
+        assert all(c.endswith(dense_conv.ROWS_WGRAD) for c in chosen)
         assert len(calls["conv_backward_weight_rows"]) >= 2 and len(calls["conv_forward_rows"]) >= 2
         if way == "rows dgrad":  # and the data gradient too, where the stride is 1
             assert (len(calls["conv_backward_data_rows"]) >= 2) == (tuple(stride) == (1, 1))
@@ -112,17 +113,16 @@ def test_the_rows_weight_gradient_is_a_candidate_on_cuda_and_where_forced(monkey
         assert dense_conv._rows_here(cuda_like, torch.bfloat16) is on_cuda
         assert dense_conv._rows_here(cpu, torch.float32) is on_cpu and not dense_conv._rows_here(cpu, torch.float64)
     monkeypatch.setattr(dense_conv, "ROWS_KERNELS", "auto")
-    ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True)]
-    assert ways == ["forward", "backward", "forward" + dense_conv.ROWS, "backward" + dense_conv.ROWS, "grouped"]
-    ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), True, rows=True, drows=True)]
-    assert ways == ["forward", "backward", "rows dgrad"] + [w + dense_conv.ROWS for w in ways[:3]] + ["grouped"]
+    wg, cpu_ = dense_conv.ROWS_WGRAD, torch.device("cpu")
+    ways = [v[0] for v in dense_conv._variants(cpu_, True, rows=True)]
+    assert ways == ["forward", "backward", "forward" + wg, "backward" + wg, "grouped"]
+    ways = [v[0] for v in dense_conv._variants(cpu_, True, rows=True, drows=True)]
+    assert ways == ["forward", "backward", "rows dgrad"] + [w + wg for w in ways[:3]] + ["grouped"]
     monkeypatch.setattr(dense_conv, "ROWS_KERNELS", True)
-    ways = [v[0] for v in dense_conv._variants(torch.device("cpu"), False, rows=True)]
-    assert ways == ["backward" + dense_conv.ROWS]
+    assert [v[0] for v in dense_conv._variants(cpu_, False, rows=True)] == ["backward" + wg]
     monkeypatch.setattr(dense_conv, "DGRAD", "rows dgrad")
     for drows, want in ((True, "rows dgrad"), (False, "backward")):  # not applicable: per student
-        assert dense_conv._variants(torch.device("cpu"), False, rows=True, drows=drows) == [(want + dense_conv.ROWS,
-                                                                                              None)]
+        assert dense_conv._variants(cpu_, False, rows=True, drows=drows) == [(want + wg, None)]
 
 
 def test_dense_backward_computes_only_the_gradients_asked_for(rng, device, monkeypatch):

@@ -74,14 +74,15 @@ GROUPED = True
 CUDNN_BENCHMARK = "auto"
 # fastagg's own kernels for the dense ops (fastagg.kernels.grouped_conv, "rows of taps": all K
 # students in one launch, a program reading each pixel's (s, c) pairs along a row of taps as one
-# contiguous run): the forward ("rows", after cuDNN's ways), the stride-1 data gradient ("rows dgrad", written into
+# contiguous run): the forward ("rows"), the stride-1 data gradient ("rows dgrad", written into
 # dx's storage) and the weight gradient (" + rows wgrad", a program per row of taps reading dy's
-# tile once for the row). "auto" times them beside cuDNN's ways per shape on CUDA (with Triton),
+# tile once for the row), each after cuDNN's ways in the lists timed. "auto" times them beside
+# cuDNN's ways per shape on CUDA (with Triton),
 # True runs only them (anywhere Triton runs: the interpreter in the tests), False never. On the
 # H100 (twentieth session) cuDNN's weight gradients of `cnn`'s second layer took 6.1 ms a pass of
 # 128 students (141 TFLOP/s), its data gradients 5.3 (162), each followed by a copy per student.
 ROWS_KERNELS = "auto"
-ROWS = " + rows wgrad"
+ROWS_WGRAD = " + rows wgrad"
 choices: dict = {}  # (op, shapes, dtype, stride, padding, ...) -> {variant: ms, ..., "chosen": variant}
 # "forward x", "backward x", "backward dy" -> [calls, calls that copied it into the students-last
 # layout]: a diagnosis for the bench JSON (each copy of `cnn`'s second-layer input moves 1.1 GB a
@@ -121,13 +122,13 @@ def _variants(device, can_forward, rows=False, drows=False):
         else:
             dgrads = [DGRAD] if can_forward else ["backward"]
         if rows and ROWS_KERNELS is True:
-            dgrads = [d + ROWS for d in dgrads]
+            dgrads = [d + ROWS_WGRAD for d in dgrads]
         elif rows:
-            dgrads += [d + ROWS for d in dgrads]
+            dgrads += [d + ROWS_WGRAD for d in dgrads]
         dgrads += ["grouped"] if GROUPED and DGRAD == "auto" and ROWS_KERNELS is not True else []
     cudnn_here = device.type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     searches = ([False, True] if CUDNN_BENCHMARK == "auto" else [bool(CUDNN_BENCHMARK)]) if cudnn_here else [None]
-    return [(d, b) for d in dgrads for b in (searches if d != "rows dgrad" + ROWS else [None])]
+    return [(d, b) for d in dgrads for b in (searches if d != "rows dgrad" + ROWS_WGRAD else [None])]
 
 
 def _name(variant):
@@ -323,7 +324,7 @@ def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tens
             with _cudnn_search(variant[1]):
                 _grouped_backward(x, ws, dy, stride, padding, need_x, need_w, dx, dw)
             return
-        by_rows, dgrad = variant[0].endswith(ROWS), variant[0].removesuffix(ROWS)
+        by_rows, dgrad = variant[0].endswith(ROWS_WGRAD), variant[0].removesuffix(ROWS_WGRAD)
         as_forward = dgrad == "forward"
         mask = [need_x and dgrad == "backward", need_w and not by_rows, False]
 
