@@ -85,6 +85,8 @@ def route_lines(res):
                    + ", ".join(f"{v} {ms:.2f}" for v, ms in d["ms"].items())
                    + f" ms; {d['chosen']} kept" + (f" ({d['timed']})" if d.get("timed") else "")
                    + _failed(d))
+        for t in r.get("autotuned") or []:  # the config each Triton kernel's autotuner kept, per key
+            yield f"{r['model']} autotuned {t['kernel']} {', '.join(t['key'])}: {t['config']}"
         if r.get("dense_conv_relayouts"):  # which activations reached the dense ops in another layout
             yield f"{r['model']} dense ops, copied into the students-last layout (calls, copies): " + ", ".join(
                 f"{k} {v['calls']}/{v['copied']}" for k, v in r["dense_conv_relayouts"].items())

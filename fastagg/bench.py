@@ -298,6 +298,29 @@ def vmap_baseline(model, spec, proxy, probs, T, bf16):
     return lambda students: g(spec.unflatten(students), proxy)
 
 
+KERNEL_MODULES = ("fastagg.kernels.grouped_conv", "fastagg.kernels.shared_conv", "fastagg.kernels.merge",
+                  "fastagg.kernels.kd_loss")
+
+
+def autotuned(modules=KERNEL_MODULES):
+    """{(kernel, key): config} for every autotuned Triton kernel of ``modules`` (those imported):
+    the config Triton's autotuner kept for each key it met (its cache; a kernel with one config
+    is never timed and has none), e.g. whether a rows kernel kept a pipelined config or a
+    single-stage one."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
+    got = {}
+    for modname in modules:
+        mod = sys.modules.get(modname)
+        for name, obj in vars(mod).items() if mod is not None else ():
+            if isinstance(obj, Autotuner):
+                for key, cfg in obj.cache.items():
+                    got[(name, tuple(str(k) for k in key))] = str(cfg)
+    return got
+
+
 def flattened(grads_fn, flat):
     """``grads_fn(students)``'s per-parameter gradients [K, ...] (a vmap baseline's) copied into
     ``flat`` [K, P] in the spec's order, the layout the engine writes and the merge reads."""
@@ -431,6 +454,7 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     T = 3.0
     dense = sys.modules.get("fastagg.ops.dense_conv")
     dense_seen = set(getattr(dense, "choices", {}))  # an earlier model's
+    tuned_seen = set(autotuned())  # likewise
     if dense is not None:
         dense.relayouts.clear()  # counted from here, for this model
     corr = KDCorrection(proxy, precision="bf16" if device.type == "cuda" else "fp32", steps=1, min_staleness=1,
@@ -619,6 +643,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                               for key, rec in dense.choices.items()
                               if key not in dense_seen]
         r["dense_conv_relayouts"] = {k: {"calls": n, "copied": c} for k, (n, c) in dense.relayouts.items()}
+    r["autotuned"] = [{"kernel": name, "key": list(key), "config": cfg}  # this model's new keys
+                      for (name, key), cfg in autotuned().items() if (name, key) not in tuned_seen]
     log(f"{name}: P={P / 1e6:.2f}M K={K} step {r['step_updates_per_s']:.0f} upd/s (host updates), "
         f"{r['step_bf16_updates_per_s']:.0f} (bf16 host updates), "
         f"{r['step_device_updates_per_s']:.0f} (device updates); correction "

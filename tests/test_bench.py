@@ -187,6 +187,31 @@ def test_a_flattened_vmap_baseline_writes_the_engines_layout(rng):
     torch.testing.assert_close(flat, want, rtol=1e-4, atol=1e-6)
 
 
+def test_autotuned_reports_the_config_each_kernel_kept_per_key(monkeypatch):
+    """bench.autotuned: for each autotuned Triton kernel of the modules named, the config its
+    autotuner kept for each key it met (a kernel never autotuned reports nothing)."""
+    triton = pytest.importorskip("triton")
+    import types
+
+    @triton.autotune([triton.Config({"B": 16}, num_warps=4), triton.Config({"B": 32}, num_warps=8)], key=["n"])
+    @triton.jit
+    def tuned(x_ptr, n, B: triton.language.constexpr):
+        pass
+
+    @triton.autotune([triton.Config({"B": 16}), triton.Config({"B": 32})], key=["n"])
+    @triton.jit
+    def untouched(x_ptr, n, B: triton.language.constexpr):
+        pass
+
+    mod = types.ModuleType("fake_kernels")
+    mod.tuned, mod.untouched, mod.other = tuned, untouched, 3
+    monkeypatch.setitem(sys.modules, "fake_kernels", mod)
+    tuned.cache[(1024, "torch.bfloat16")] = tuned.configs[1]
+    got = bench.autotuned(("fake_kernels", "not_imported"))
+    assert got == {("tuned", ("1024", "torch.bfloat16")): str(tuned.configs[1])}
+    assert "B: 32" in got[("tuned", ("1024", "torch.bfloat16"))]
+
+
 def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     """With every timed call taking 'one second', each rate must equal the number of updates that
     call processed (a per-client baseline timed on fewer clients than K must not count K)."""
@@ -362,6 +387,10 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
     assert chain.endswith("resident kept (CUDA graph replays); columns failed (OutOfResources: shared memory)")
     dense = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn dense backward"))
     assert dense.endswith("backward, cudnn heuristics kept (CUDA graph replays)"), dense
+    r["autotuned"] = [{"kernel": "_conv_rows", "key": ["256", "torch.bfloat16"], "config": "BM: 128, num_stages: 1"}]
+    path.write_text(json.dumps({"device": "test", "models": [r]}))
+    out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert "cnn autotuned _conv_rows 256, torch.bfloat16: BM: 128, num_stages: 1" in out.stdout.splitlines()
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn by backend:"))
     assert "torch step 1,302/s, stage - ms, merge 1.90 ms" in line
     r["route_ms"] = {"128": {"native": 71.8, "compiled_fused": 25.04, "compiled": 41.9, "gemm_fused": "failed: X"}}
