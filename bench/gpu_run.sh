@@ -108,6 +108,10 @@ elif [ "$part" = 2 ]; then  # after `all`: ~390 s; the routes that won or came c
       --routes compiled,compiled_vmap_baseline 2>&1 | grep -v -i warn | tee "$OUT/gpu_profile_lm_log.txt"
   OUT=$OUT/profile_resnet18 timeout ${T_R18_PROF:-60} python3 bench/gpu_profile.py --profiles-only \
       --models resnet18 --routes compiled_dense 2>&1 | grep -v -i warn | tee "$OUT/gpu_profile_resnet18_log.txt"
+  # the rows kernels against cuDNN's per-student ways pass by pass (twenty-second session), the
+  # autotuned configs with them; its JSON is written after each layer (cnn's first); printed, not
+  # logged to a file (this part leaves 7 files; at most 8 come back)
+  OUT=$OUT timeout ${T_ROWS:-60} python3 bench/gpu_rows.py --models cnn,resnet18 2>&1 | grep -v -i warn | tail -40
 else
   # the distributed aggregator on the GPU: two gloo ranks sharing it, and NCCL's path on one rank
   FASTAGG_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings \

@@ -212,6 +212,25 @@ def test_autotuned_reports_the_config_each_kernel_kept_per_key(monkeypatch):
     assert "B: 32" in got[("tuned", ("1024", "torch.bfloat16"))]
 
 
+def test_the_rows_kernels_device_check_runs_its_passes(tmp_path, monkeypatch):
+    """bench/gpu_rows.py (the rows kernels against cuDNN's per-student ways, pass by pass, on a
+    GPU) in its CPU smoke mode: each per-student layer of `cnn` timed for the forward, the weight
+    gradient and, with stride 1, the data gradient, written to gpu_rows.json."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_rows.py"
+    spec = importlib.util.spec_from_file_location("gpu_rows", path)
+    gpu_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_rows)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    res = gpu_rows.main(["--small", "--models", "cnn"])
+    (layer,) = res["layers"]  # cnn's second layer: 5x5, stride 1
+    assert set(layer["ms"]) == {"forward", "wgrad", "dgrad"} and layer["shape"][5:7] == [5, 5]
+    assert all(0 < t < float("inf") for ms in layer["ms"].values() for t in ms.values())
+    assert json.loads((tmp_path / "gpu_rows.json").read_text())["layers"] == res["layers"]
+
+
 def test_rates_count_the_updates_each_timed_call_processes(monkeypatch):
     """With every timed call taking 'one second', each rate must equal the number of updates that
     call processed (a per-client baseline timed on fewer clients than K must not count K)."""
