@@ -432,15 +432,16 @@ def conv_backward_weight(dy, x, w_shape, stride, padding):
 
 # -- the weight gradient over rows of taps (the dense routes' students-last operands) ------------
 # For a layer with few input channels (`cnn`'s second: 32) the kernel above masks off half of its
-# 64-channel tiles (more in its wider configs) and reloads dy once per tap (25 times for 5x5). Here a program owns one row r
-# of taps and a block of the (s, c) pairs along it: for a channels-last x those are BJ consecutive
-# elements from one pixel onwards (x[n, ih, iw0 + s, c] = x_row + (iw0 * C + s * C + c)), one
-# vector load per row of the tile; dy's tile is loaded once for all of them.
+# 64-channel tiles (more in its wider configs) and reloads dy once per tap (25 times for 5x5).
+# Here a program owns one row r of taps and a block of the (s, c) pairs along it: for a
+# channels-last x those are BJ consecutive elements from one pixel onwards (x[n, ih, iw0 + s, c] =
+# x_row + (iw0 * C + s * C + c)), one vector load per row of the tile; dy's tile is loaded once
+# for all of them.
 # Two kinds of config: pipelined (cp.async into shared memory, which bypasses L1, so the x tile's
 # overlapping rows, BJ / C pixels wide each, are all read from L2) and unpipelined (one stage: x's
 # vector loads go through L1, where those overlaps hit; latency hidden by the other resident
 # programs). Which wins is the device's to say. Few configs: each is compiled at the first
-# autotuning of every layer shape (ResNet-18 has five that the rows way takes: ROWS_MAX_RUN).
+# autotuning of every layer shape (ResNet-18 has about five that the rows ways take: ROWS_MAX_RUN).
 _ROWS = ([triton.Config({"BM": 16, "BCO": 16, "BJ": 16}, num_warps=4)] if _INTERPRET else
          [triton.Config({"BM": bm, "BCO": bco, "BJ": bj}, num_warps=w, num_stages=s)
           for bm, bco, bj, w, s in [(64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (64, 64, 256, 8, 3),
@@ -534,7 +535,7 @@ def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=N
         raise ValueError(f"weight gradient by rows: out {tuple(out.shape)} must be a contiguous {(K, CO, C, R, S)}")
     tiles = K * triton.cdiv(CO, 64) * triton.cdiv(S * C, 128) * R
     split = reduction_split(tiles, N * HO * WO, x.device)
-    if split > 1 or out is None or out.dtype != dtype:
+    if split > 1 or out is None:  # a split reduction sums into fp32 first
         dw = (torch.zeros if split > 1 else torch.empty)(K, CO, C, R, S, device=x.device,
                                                          dtype=torch.float32 if split > 1 else dtype)
     else:
