@@ -15,7 +15,6 @@ import os
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
@@ -26,23 +25,6 @@ from fastagg.kernels import grouped_conv as gck
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
 dev = torch.device("cuda")
-
-
-def layer_shapes(name):
-    """(N, C, H, W, Co, R, S, stride, padding) of every distinct Conv2d of the bench model."""
-    model, proxy = bench.make(name, dev)
-    seen, hooks = {}, []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(lambda m, inp, out: seen.setdefault(
-                (*inp[0].shape, m.out_channels, *m.kernel_size, m.stride, m.padding), None)))
-    with torch.no_grad():
-        model(proxy)
-    for h in hooks:
-        h.remove()
-    # the first layer reads the proxy batch all students share: the engine leaves it to vmap's
-    # rule (one ordinary convolution), so it is not timed here
-    return list(seen)[1:]
 
 
 def run_layer(K, shape):
@@ -172,7 +154,7 @@ def main():
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
     for name, K in (("cnn", 64), ("resnet18", 32), ("cnn4", 64)):
-        for shape in layer_shapes(name):
+        for shape in bench.per_student_conv_shapes(name, dev):
             try:
                 row = run_layer(K, shape)
             except Exception as exc:  # a failed shape is a result too: keep going, record it

@@ -23,28 +23,11 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 
 from fastagg import bench
 from fastagg.kernels import grouped_conv as gck
 from fastagg.ops import dense_conv
 from fastagg.ops.timing import time_each
-
-
-def layer_shapes(name, device):
-    """(N, C, H, W, Co, R, S, stride, padding) of each distinct Conv2d of the bench model that reads
-    a per-student input (the first reads the proxy batch and is not a dense op's)."""
-    model, proxy = bench.make(name, device)
-    seen, hooks = {}, []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(lambda m, inp, out: seen.setdefault(
-                (*inp[0].shape, m.out_channels, *m.kernel_size, m.stride, m.padding), None)))
-    with torch.no_grad():
-        model(proxy)
-    for h in hooks:
-        h.remove()
-    return list(seen)[1:]
 
 
 def students_last(t):
@@ -112,7 +95,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for name in args.models.split(","):
         K = args.K or {"cnn": 128, "cnn4": 64, "resnet18": 32}[name]
-        shapes = layer_shapes(name, device)
+        shapes = bench.per_student_conv_shapes(name, device)
         if args.small:  # one image of a few pixels and channels, the taps, strides and padding kept
             K, shapes = 2, [(1, min(C, 8), 6, 5, min(CO, 8), R, S, st, pd)
                             for (_, C, _, _, CO, R, S, st, pd) in shapes[:2]]

@@ -143,6 +143,23 @@ class TinyLM(nn.Module):
 MODELS = ("cnn", "cnn4", "resnet18", "lm")
 
 
+def per_student_conv_shapes(name, device):
+    """(N, C, H, W, Co, R, S, stride, padding) of each distinct Conv2d of bench model ``name``
+    after its first: the first reads the proxy batch all students share (not a per-student
+    convolution: the engine's chains or vmap's rule run it), the others a per-student input."""
+    model, proxy = make(name, device)
+    seen, hooks = {}, []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda m, inp, out: seen.setdefault(
+                (*inp[0].shape, m.out_channels, *m.kernel_size, m.stride, m.padding), None)))
+    with torch.no_grad():
+        model(proxy)
+    for h in hooks:
+        h.remove()
+    return list(seen)[1:]
+
+
 def make(name: str, device, small=False):
     """(model, proxy inputs) for 'cnn', 'cnn4', 'resnet18' or 'lm' (``small``: tiny sizes for CPU runs)."""
     g = torch.Generator().manual_seed(0)
