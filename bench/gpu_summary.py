@@ -76,6 +76,8 @@ def route_lines(res):
                    + " ms" + (f"; failed: {', '.join(failed)}" if failed else ""))
         for route, why in (r.get("uncaptured") or {}).items():
             yield f"{r['model']} {route} ran uncaptured (its CUDA-graph capture failed): {why}"
+        if r.get("teacher_uncaptured"):
+            yield f"{r['model']} teacher ran eagerly (its CUDA-graph capture failed): {r['teacher_uncaptured']}"
         for w in r.get("shared_wgrad_ms") or []:  # the fused routes' chain weight gradient, each method
             yield f"{r['model']} chain weight gradient, dp {w['dp']} {w['dtype']}: " + _methods(w)
         for f in r.get("shared_fwd_ms") or []:  # and its forward, each kernel

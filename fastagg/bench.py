@@ -625,6 +625,9 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
                                          out=merged, backend=agg.backend), device, reps=5)
     corr.invalidate()
     t_teacher = timeit(lambda: (corr.invalidate(), corr.teacher(agg.params, agg.version)), device, reps=3)
+    # with CUDA graphs the teacher's forward is a replay; why not, where its capture failed
+    r["teacher_graphed"] = corr._teacher_graph is not None
+    r["teacher_uncaptured"] = corr.teacher_uncaptured
     lim = r["limits"] = limits(device)
     r["stages_ms"] = {"decode_per_update": t_decode * 1e3, "ingest_per_update": t_ingest * 1e3,
                       "teacher_per_version": t_teacher * 1e3, "correction": t_corr * 1e3, "merge": t_merge * 1e3,

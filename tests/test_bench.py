@@ -407,9 +407,11 @@ def test_gpu_summary_says_met_only_when_the_step_and_both_ratios_reach_their_tar
     dense = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn dense backward"))
     assert dense.endswith("backward, cudnn heuristics kept (CUDA graph replays)"), dense
     r["autotuned"] = [{"kernel": "_conv_rows", "key": ["256", "torch.bfloat16"], "config": "BM: 128, num_stages: 1"}]
+    r["teacher_uncaptured"] = "RuntimeError: capture"
     path.write_text(json.dumps({"device": "test", "models": [r]}))
     out = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
     assert "cnn autotuned _conv_rows 256, torch.bfloat16: BM: 128, num_stages: 1" in out.stdout.splitlines()
+    assert "cnn teacher ran eagerly (its CUDA-graph capture failed): RuntimeError: capture" in out.stdout.splitlines()
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("cnn by backend:"))
     assert "torch step 1,302/s, stage - ms, merge 1.90 ms" in line
     r["route_ms"] = {"128": {"native": 71.8, "compiled_fused": 25.04, "compiled": 41.9, "gemm_fused": "failed: X"}}

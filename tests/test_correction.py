@@ -264,6 +264,63 @@ def test_cuda_graph_engine_and_pinned_ingest_match_eager(rng):
     assert float((res[1] - res[0]).norm() / res[0].norm()) < 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_teachers_forward_replayed_as_a_cuda_graph_equals_eager(rng):
+    """With cuda_graphs the teacher's forward is captured once and replayed per version: probs,
+    confidence and accuracy equal the eager forward's for each of three global models, a Teacher
+    kept from an earlier version is not changed by a later replay, and a forward that cannot be
+    captured (it synchronises) runs eagerly, with a warning and the reason kept."""
+    model = cnn().cuda()
+    proxy = torch.randn(32, 2, 5, 5, generator=rng)
+    labels = torch.randint(0, 3, (32,), generator=rng)
+    graphed = fastagg.KDCorrection(proxy, cuda_graphs=True, proxy_labels=labels)
+    eager = fastagg.KDCorrection(proxy, cuda_graphs=False, proxy_labels=labels)
+    aggs = [fastagg.Aggregator(model, fastagg.FedBuff(4), correction=c, device="cuda") for c in (graphed, eager)]
+    thetas = [aggs[0].params + 0.1 * v * torch.randn(aggs[0].spec.numel, generator=rng).cuda() for v in range(3)]
+    kept = []
+    for v, theta in enumerate(thetas):
+        t, want = graphed.teacher(theta, v), eager.teacher(theta, v)
+        torch.testing.assert_close(t.probs, want.probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t.confidence, want.confidence)
+        torch.testing.assert_close(t.accuracy, want.accuracy)
+        kept.append((t, want.probs.clone()))
+    for t, want in kept:  # every earlier teacher as it was
+        torch.testing.assert_close(t.probs, want, rtol=1e-5, atol=1e-6)
+    assert graphed._teacher_graph is not None and graphed.teacher_uncaptured is None
+    assert graphed.teacher_forwards == 3
+
+    class Syncing(torch.nn.Module):  # .item() inside the forward: not capturable
+        def __init__(self):
+            super().__init__()
+            self.inner = cnn()
+
+        def forward(self, x):
+            y = self.inner(x)
+            return y * (1.0 + 0.0 * float(y.sum().item()))
+
+    corr = fastagg.KDCorrection(proxy, cuda_graphs=True)
+    agg = fastagg.Aggregator(Syncing().cuda(), fastagg.FedBuff(4), correction=corr, device="cuda")
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        t = corr.teacher(agg.params, 7)
+    assert corr.teacher_uncaptured and t.probs.shape == (32, 4)
+    want = fastagg.KDCorrection(proxy)
+    fastagg.Aggregator(Syncing().cuda(), fastagg.FedBuff(4), correction=want, device="cuda")
+    torch.testing.assert_close(t.probs, want.teacher(agg.params, 7).probs, rtol=1e-5, atol=1e-6)
+
+
+def test_the_teacher_runs_eagerly_on_a_cpu_with_cuda_graphs_asked_for(rng):
+    """cuda_graphs on a CPU: the teacher's forward is the eager one, nothing captured or refused."""
+    proxy = torch.randn(8, 2, 5, 5, generator=rng)
+    model = cnn()
+    corr = fastagg.KDCorrection(proxy, cuda_graphs=True)
+    agg = fastagg.Aggregator(model, fastagg.FedBuff(4), correction=corr)
+    t = corr.teacher(agg.params, 0)
+    with torch.no_grad():
+        want = torch.softmax(model(proxy) / corr.temperature, dim=-1)
+    assert corr._teacher_graph is None and corr.teacher_uncaptured is None
+    torch.testing.assert_close(t.probs, want)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs a CUDA device")
 @pytest.mark.parametrize("delta_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_pinned_ingest_of_the_next_buffers_waits_for_a_slow_merge(delta_dtype, rng, monkeypatch):
