@@ -166,12 +166,13 @@ class KDCorrection:
         """_teacher_outputs as the replay of a CUDA graph captured at the first call (cuda_graphs):
         the forward's launches cost the host nothing then. On the H100 (twentieth session) the
         eager teacher took 2.8 ms a version for `lm` against its correction's 6.85 ms a buffer,
-        3.8 for ResNet-18 and 0.64 for `cnn`: host launches, the work itself tenths of that. theta is
-        copied into the graph's input; the outputs are copied out, so that a Teacher kept by a
-        caller never changes under it. A forward that cannot be captured runs eagerly from then
-        on, with a warning, and ``teacher_uncaptured`` says why."""
+        3.8 for ResNet-18 and 0.64 for `cnn`, mostly host launches by our reading (not profiled).
+        theta is copied into the graph's input; the outputs are copied out, so that a Teacher kept
+        by a caller never changes under it. A forward that cannot be captured runs eagerly from
+        then on, with a warning, and ``teacher_uncaptured`` says why."""
         g = self._teacher_graph
-        if g is None or not (g[1].shape == theta.shape and g[1].dtype == theta.dtype and g[1].device == theta.device):
+        same = g is not None and (g[1].shape, g[1].dtype, g[1].device) == (theta.shape, theta.dtype, theta.device)
+        if not same:
             static = theta.detach().clone()
             try:
                 side = torch.cuda.Stream(theta.device)
