@@ -308,6 +308,96 @@ def test_the_teachers_forward_replayed_as_a_cuda_graph_equals_eager(rng):
     torch.testing.assert_close(t.probs, want.teacher(agg.params, 7).probs, rtol=1e-5, atol=1e-6)
 
 
+class _RecordingGraph:
+    """A CPU stand-in for torch.cuda.CUDAGraph: what the teacher computed inside the capture block
+    (its _teacher_outputs call: the static input and the outputs) is recomputed into those same
+    output tensors at each replay, as a real graph's kernels would write them."""
+
+    capturing = None
+
+    def __init__(self):
+        self.call = None
+
+    def replay(self):
+        fn, static, outs = self.call
+        for o, n in zip(outs, fn(static)):
+            if o is not None:
+                o.copy_(n)
+
+
+def _stand_in_cuda_graphs(monkeypatch, corr, fail=False):
+    """torch.cuda's streams and graphs replaced by CPU stand-ins for ``corr``'s graphed teacher
+    (``fail``: the capture raises, as a forward that synchronises would)."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, *a, **k):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode=None):
+        _RecordingGraph.capturing = g
+        try:
+            if fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            yield
+        finally:
+            _RecordingGraph.capturing = None
+
+    real = corr._teacher_outputs
+
+    def outputs(theta):
+        outs = real(theta)
+        if _RecordingGraph.capturing is not None:
+            _RecordingGraph.capturing.call = (real, theta, outs)
+        return outs
+
+    monkeypatch.setattr(corr, "_teacher_outputs", outputs)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RecordingGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+def test_the_graphed_teachers_plumbing_with_stand_in_graphs(rng, monkeypatch):
+    """The graphed teacher's plumbing on a CPU, torch.cuda's graphs replaced by stand-ins that
+    recompute what was captured: captured once, then for each new global model theta copied into
+    the graph's input and the outputs copied out (equal to the eager teacher's, earlier Teachers
+    unchanged by later replays), and a capture that fails runs the eager forward from then on,
+    with a warning and the reason kept."""
+    proxy = torch.randn(8, 2, 5, 5, generator=rng)
+    labels = torch.randint(0, 4, (8,), generator=rng)
+    corr = fastagg.KDCorrection(proxy, cuda_graphs=True, proxy_labels=labels)
+    agg = fastagg.Aggregator(cnn(), fastagg.FedBuff(4), correction=corr)
+    eager = fastagg.KDCorrection(proxy, proxy_labels=labels)
+    fastagg.Aggregator(cnn(), fastagg.FedBuff(4), correction=eager)
+    _stand_in_cuda_graphs(monkeypatch, corr)
+    thetas = [agg.params + 0.3 * v * torch.randn(agg.spec.numel, generator=rng) for v in range(3)]
+    got = [corr._teacher_replayed(theta) for theta in thetas]
+    first = corr._teacher_graph
+    assert first is not None and first[0].call is not None
+    for (probs, conf, acc), theta in zip(got, thetas):
+        want = eager._teacher_outputs(theta)
+        torch.testing.assert_close(probs, want[0])
+        torch.testing.assert_close(conf, want[1])
+        torch.testing.assert_close(acc, want[2])
+        assert probs.data_ptr() != first[2][0].data_ptr()  # a copy, not the graph's output
+    assert not torch.equal(got[0][0], got[2][0])  # each version its own probs, kept as they were
+    assert corr._teacher_graph is first  # captured once
+
+    failing = fastagg.KDCorrection(proxy, cuda_graphs=True)
+    fastagg.Aggregator(cnn(), fastagg.FedBuff(4), correction=failing)
+    _stand_in_cuda_graphs(monkeypatch, failing, fail=True)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        probs, _, _ = failing._teacher_replayed(thetas[2])
+    assert failing.teacher_uncaptured.startswith("RuntimeError") and failing._teacher_graph is None
+    torch.testing.assert_close(probs, eager._teacher_outputs(thetas[2])[0])
+
+
 def test_the_teacher_runs_eagerly_on_a_cpu_with_cuda_graphs_asked_for(rng):
     """cuda_graphs on a CPU: the teacher's forward is the eager one, nothing captured or refused."""
     proxy = torch.randn(8, 2, 5, 5, generator=rng)
