@@ -42,7 +42,7 @@ FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other
 # does so for every integer argument not in do_not_specialize whose value is one): the per-student
 # strides and output channels of the rows gradients (`cnn`: 256 * 16 * 16 * 32, 64), and the columns kernels'
 # row length (`cnn`: 96) and pooled sizes (16 x 16 windows, 32 channels a student).
-DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "CO"), "_conv_rows": ("sxk", "swk", "syk", "CO"),
+DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "swo", "swr", "CO"), "_conv_rows": ("sxk", "swk", "syk", "CO"),
          "_shared_fwd_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
          "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO")}
 

@@ -455,13 +455,14 @@ ROWS_MAX_RUN = 512
 @triton.autotune(_ROWS, key=["N", "H", "W", "CO", "HO", "WO", "C", "R", "S", "SH", "SW", "SPLIT"],
                  restore_value=["dw_ptr"])
 @triton.jit(do_not_specialize=["N", "H", "W", "HO", "WO"])  # CO specialised: dy's rows are CO long
-def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk,
+def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk, swo, swc, swr, sws,
                      C: tl.constexpr, R: tl.constexpr, S: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                      PH: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, TF32: tl.constexpr,
                      BM: tl.constexpr, BCO: tl.constexpr, BJ: tl.constexpr):
     """dw[k, co, c, r, s] = sum over (n, oh, ow) of dy[k, n, oh, ow, co] x[k, n, oh*SH-PH+r, ow*SW-PW+s, c]
     for dy [K, N, HO, WO, CO] and x [K, N, H, W, C], each student's block contiguous (k strides
-    sdk, sxk); dw [K, CO, C, R, S] contiguous per student (k stride swk).
+    sdk, sxk); dw [K, CO, C, R, S] with strides swk, swo, swc, swr, sws (stored [K, CO, R, S, C],
+    the dense ops' layout, each row of the tile's store is contiguous).
 
     Grid: (co tiles * j tiles * R, K * SPLIT), j = s * C + c over the row's S * C pairs; with
     SPLIT > 1 each program reduces one slice of the N*HO*WO pixels into the fp32 dw (zeroed by the
@@ -498,7 +499,7 @@ def _conv_wgrad_rows(dy_ptr, x_ptr, dw_ptr, N, H, W, CO, HO, WO, sdk, sxk, swk,
                     cache_modifier=".ca")
         acc = _mma(tl.trans(a), b, acc, TF32)
     c = offs_j % C
-    dst = dw_ptr + k * swk + (offs_co * (C * R * S))[:, None] + (c * (R * S) + r * S + s_j)[None, :]
+    dst = dw_ptr + k * swk + (offs_co * swo)[:, None] + (c * swc + r * swr + s_j * sws)[None, :]
     mask = co_ok[:, None] & j_ok[None, :]
     if SPLIT == 1:
         tl.store(dst, _downcast(acc, dw_ptr.dtype.element_ty), mask=mask)
@@ -516,9 +517,10 @@ def rows_layout_ok(t):
 
 def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=None):
     """dw [K, Co, C, R, S] (contiguous, ``dtype``, default x's; written into ``out`` when given, a
-    contiguous tensor of that shape) for dy [K, N, Co, Ho, Wo] and x [K, N, C, H, W] both stored
-    students-last (``rows_layout_ok``), by _conv_wgrad_rows: one launch for all K students, fp32
-    accumulation (atomics into an fp32 buffer where the reduction is split, then one cast)."""
+    tensor of that shape with any strides, the dense ops' [K, Co, R, S, C] storage included) for
+    dy [K, N, Co, Ho, Wo] and x [K, N, C, H, W] both stored students-last (``rows_layout_ok``), by
+    _conv_wgrad_rows: one launch for all K students, fp32 accumulation (atomics into an fp32
+    buffer where the reduction is split, then one cast)."""
     K, N, C, H, W = x.shape
     CO, R, S = w_shape[1], w_shape[3], w_shape[4]
     HO, WO = dy.shape[-2:]
@@ -531,8 +533,8 @@ def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=N
         raise ValueError("weight gradient by rows: x and dy must be stored [K, N, H, W, C], each student's "
                          f"block contiguous (strides {x.stride()}, {dy.stride()})")
     dtype = (x.dtype if dtype is None else dtype) if out is None else out.dtype
-    if out is not None and (tuple(out.shape) != (K, CO, C, R, S) or not out.is_contiguous()):
-        raise ValueError(f"weight gradient by rows: out {tuple(out.shape)} must be a contiguous {(K, CO, C, R, S)}")
+    if out is not None and tuple(out.shape) != (K, CO, C, R, S):
+        raise ValueError(f"weight gradient by rows: out {tuple(out.shape)} must be a {(K, CO, C, R, S)}")
     tiles = K * triton.cdiv(CO, 64) * triton.cdiv(S * C, 128) * R
     split = reduction_split(tiles, N * HO * WO, x.device)
     if split > 1 or out is None:  # a split reduction sums into fp32 first
@@ -544,7 +546,7 @@ def conv_backward_weight_rows(dy, x, w_shape, stride, padding, dtype=None, out=N
     def grid(meta):
         return triton.cdiv(CO, meta["BCO"]) * triton.cdiv(S * C, meta["BJ"]) * R, K * split
 
-    _conv_wgrad_rows[grid](dy, x, dw, N, H, W, CO, HO, WO, dy.stride(0), x.stride(0), dw.stride(0),
+    _conv_wgrad_rows[grid](dy, x, dw, N, H, W, CO, HO, WO, dy.stride(0), x.stride(0), *dw.stride(),
                            C=C, R=R, S=S, SH=SH, SW=SW, PH=PH, PW=PW, SPLIT=split, TF32=_tf32(x.dtype))
     if out is None:
         return dw if dw.dtype == dtype else dw.to(dtype)

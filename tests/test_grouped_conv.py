@@ -286,7 +286,8 @@ def _students_last(t):
 def test_rows_weight_gradient_matches_float64(case, rng, device):
     """conv_backward_weight_rows (the dense routes' weight gradient, all students in one launch,
     a program per row of taps) against float64 autograd, in fp32 (x's dtype out) and bf16 (bf16
-    out: one rounding of the fp32 sum), into a given ``out`` and a fresh tensor; the reduction
+    out: one rounding of the fp32 sum), into a given ``out`` (contiguous, or stored [K, Co, R, S,
+    C] as the dense ops' dw) and a fresh contiguous tensor; the reduction
     split over programs (atomics, then a cast) where the output pixels pass one split's share
     and whole where not (the last case)."""
     K, N, C, CO, H, W, (R, S), stride, padding = case
@@ -298,10 +299,11 @@ def test_rows_weight_gradient_matches_float64(case, rng, device):
         xq, dyq = x.to(dtype), dy.to(dtype)  # the reference from the same rounded operands
         xr, wr = xq.double().requires_grad_(), w.clone().requires_grad_()
         grouped_conv2d_reference(xr, wr, None, stride, padding).backward(dyq.double())
-        for out in (None, torch.full(w.shape, float("nan"), dtype=dtype, device=device)):
+        poisoned = torch.full(w.shape, float("nan"), dtype=dtype, device=device)
+        for out in (None, poisoned, _students_last(poisoned)):  # the dense ops' dw is stored [K, Co, R, S, C]
             got = gck.conv_backward_weight_rows(_students_last(dyq.to(device)), _students_last(xq.to(device)),
                                                 w.shape, stride, padding, out=out)
-            assert got.dtype == dtype and got.is_contiguous() and (out is None or got is out)
+            assert got.dtype == dtype and (got.is_contiguous() if out is None else got is out)
             err = float((got.double().cpu() - wr.grad).abs().max() / wr.grad.abs().max())
             assert err < tol, (dtype, err)
 
@@ -357,7 +359,7 @@ def test_rows_weight_gradient_refuses_other_layouts_and_shapes(rng, device):
         gck.conv_backward_weight_rows(dy.contiguous(), x, w_shape, (1, 1), (1, 1))  # NCHW per student
     with pytest.raises(ValueError, match="do not fit"):
         gck.conv_backward_weight_rows(dy, x, w_shape, (1, 1), (0, 0))  # the output would be 4x4
-    with pytest.raises(ValueError, match="must be a contiguous"):
+    with pytest.raises(ValueError, match=r"must be a \(2, 5, 4, 3, 3\)"):
         gck.conv_backward_weight_rows(dy, x, w_shape, (1, 1), (1, 1), out=torch.empty(2, 5, 3, 3, 4, device=device))
     assert gck.rows_layout_ok(x) and not gck.rows_layout_ok(x.contiguous())
     w = torch.randn(w_shape, generator=rng).to(device)

@@ -291,14 +291,16 @@ def _(x, w, b, stride, padding):
 def dense_grouped_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: list[int],
                                 padding: list[int], need_x: bool, need_w: bool,
                                 need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx [K, N, C, H, W] stored [K, N, H, W, C], dw [K, Co, C, R, S] in x's dtype, db [K, Co]
-    summed in fp32); a gradient not needed comes back empty."""
+    """(dx [K, N, C, H, W] stored [K, N, H, W, C], dw [K, Co, C, R, S] stored [K, Co, R, S, C] in
+    x's dtype, db [K, Co] summed in fp32); a gradient not needed comes back empty."""
     K = x.shape[0]
     R, S = w.shape[-2:]
     xs, dys = _students_last(x, "backward x"), _students_last(dy, "backward dy")
     ws = _students_last(w)
     dx = _empty_students_last(*x.shape, x) if need_x else x.new_empty(0)
-    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0)
+    # dw stored as each student's weight is read ([K, Co, R, S, C]: cuDNN's channels-last gradients
+    # of the channels-last ws copy in as plain memcpys, and the rows kernel's stores run along (s, c))
+    dw = _empty_students_last(*w.shape, w) if need_w else w.new_empty(0)
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
     db = dy.sum(dim=(1, 3, 4), dtype=acc) if need_b else dy.new_empty(0, dtype=acc)
     # With stride 1 the data gradient can be a forward convolution of dy with each student's weight
@@ -372,7 +374,7 @@ def _grouped_backward(x, ws, dy, stride, padding, need_x, need_w, dx, dw):
 def _(x, w, dy, stride, padding, need_x, need_w, need_b):
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
     return (_empty_students_last(*x.shape, x) if need_x else x.new_empty(0),
-            torch.empty_like(w, memory_format=torch.contiguous_format) if need_w else w.new_empty(0),
+            _empty_students_last(*w.shape, w) if need_w else w.new_empty(0),
             dy.new_empty(w.shape[:2], dtype=acc) if need_b else dy.new_empty(0, dtype=acc))
 
 
