@@ -39,6 +39,7 @@ shared-input convolution's docstring says of the first try there. The routes tha
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from typing import Optional
 
@@ -141,9 +142,15 @@ def _rows_here(x, dtype):
     False, Triton importable, and CUDA (or ROWS_KERNELS True: under the interpreter on a CPU)."""
     if ROWS_KERNELS is False or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_here():
         return False
     return x.is_cuda or ROWS_KERNELS is True
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_here():
+    """Whether Triton is importable: looked up once (30 us a lookup, and each dense op asks)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _grouped(t):
