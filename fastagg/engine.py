@@ -98,6 +98,7 @@ from .ops.grouped_conv import (cast_operands, conv_relu_pool_chains, fuse_conv_r
 from .ops.shared_conv import _out_hw, conv2d_as_product, shared_input_convs
 from .ops.streams import round_streams
 from .ops.kd_loss import kd_loss_grad
+from .ops.vocab_head import vocab_head_kd
 
 
 def _product_forward(module, device_type, x, w, b):
@@ -108,7 +109,10 @@ def _product_forward(module, device_type, x, w, b):
 
 
 CONV_CHOICES = ("auto", "native", "native_cl", "loop", "loop_cl", "loop_fused", "loop_fused_cl", "gemm", "gemm_fused",
-                "triton", "triton_cl", "triton_fused", "torch", "torch_fused")
+                "triton", "triton_cl", "triton_fused", "torch", "torch_fused", "head")
+# the head route is a candidate of auto from this many classes (an LM's vocabulary; below it the
+# logits are small next to the rest of a student)
+HEAD_MIN_CLASSES = 2048
 CUDA_ONLY = ("native_cl", "loop_cl", "loop_fused_cl")  # channels-last for cuDNN (see StudentGradEngine.__init__)
 CUDA_ONLY_ROUTES = CUDA_ONLY + ("compiled_cl", "compiled_fused_cl")  # the compiled ones: candidates of auto on CUDA
 # the routes that run the model (or its rest after the chains) under vmap on channels-last activations:
@@ -211,6 +215,9 @@ class StudentGradEngine:
         if conv == "native_cl" and proxy.device.type == "cuda" and self.channels_last_vmap() is not None:
             raise ValueError(f"conv='native_cl' cannot run this model: {self.channels_last_vmap()}; use 'native' "
                              "(or 'loop_cl', which runs each student without vmap)")
+        self._head = None  # vocab_head's answer, once asked
+        if conv == "head" and self.vocab_head() is None:
+            raise ValueError(f"conv='head' cannot run this model: {self.head_refused}")
         self.chunk = chunk if chunk in (None, "auto") else int(chunk)
         self.chunks: dict = {}  # buffer size K -> students per pass (chunk="auto")
         self.chunk_timings: dict = {}  # K -> {students per pass: seconds per student, or why not}
@@ -262,6 +269,8 @@ class StudentGradEngine:
                              f"{route.removesuffix('_cl')}")
         if route.startswith("compiled"):
             return self._compiled_step(students, probs, out, route)
+        if route == "head":
+            return self._head_step(students, probs, out)
         if route in ("loop", "loop_cl"):
             return self._loop_step(students, probs, out, route == "loop_cl")
         if route in ("loop_fused", "loop_fused_cl"):  # float64: the chains as the model has them, as
@@ -594,6 +603,107 @@ class StudentGradEngine:
         T = self.temperature
         return -(T * T / z.shape[0]) * (pt * torch.log_softmax(z.to(pt.dtype) / T, dim=-1)).sum()
 
+    def vocab_head(self):
+        """(trunk, weight name, bias name or None) when the model's logits are the output of one
+        ``nn.Linear`` (its vocabulary head) with only views after it, else None (``head_refused``
+        says why): what the ``head`` route needs. ``trunk`` is a copy of the model with that layer
+        replaced by an identity, so that it returns the layer's input rows in the logits' order.
+        Found once, from a forward of the model on the proxy batch: the layer whose output holds
+        the model's output in its own memory, used once, with trainable weights that nothing else
+        shares (a head tied to the embedding is refused); and the trunk's output checked to be
+        exactly that layer's input, row for row."""
+        if self._head is None:
+            self._head = self._find_vocab_head()
+        return self._head[0]
+
+    @property
+    def head_refused(self):
+        self.vocab_head()
+        return self._head[1]
+
+    def _find_vocab_head(self):
+        names = {id(m): n for n, m in self.model.named_modules()}
+        seen, hooks = {}, []
+
+        def record(m, inp, out):
+            seen.setdefault(id(m), []).append((inp[0], out))
+
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                hooks.append(m.register_forward_hook(record))
+        training = [m for m in self.model.modules() if m.training]
+        self.model.eval()  # as the passes run it (dropout off)
+        try:
+            with torch.no_grad():
+                y = self.model(self.proxy)
+        except Exception as exc:  # noqa: BLE001 - the model's own error, said
+            return None, f"the model's forward on the proxy batch failed: {type(exc).__name__}: {exc}"
+        finally:
+            for hk in hooks:
+                hk.remove()
+            for m in training:
+                m.training = True
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or not y.is_contiguous():
+            return None, "the model's output is not one contiguous [rows, classes] tensor"
+        head = [i for i, calls in seen.items() if any(o.is_contiguous() and o.numel() == y.numel()
+                                                       and o.data_ptr() == y.data_ptr() for _, o in calls)]
+        if not head:
+            return None, "the model's logits are not a linear layer's output (or something other than a view follows it)"
+        name = names[head[0]]
+        module = self.model.get_submodule(name)
+        if len(seen[head[0]]) != 1:
+            return None, f"the output layer {name!r} runs {len(seen[head[0]])} times in a forward"
+        w, b = f"{name}.weight", (None if module.bias is None else f"{name}.bias")
+        trainable = {n for n, tr in zip(self.spec.names, self.spec.trainable) if tr}
+        tied = {n for pair in self.spec.aliases for n in pair}
+        shared = sum(p is module.weight for _, p in self.model.named_parameters(remove_duplicate=False)) > 1
+        if tied & {w, b} or shared:
+            return None, f"the output layer {name!r} shares its weight with another layer (tied)"
+        if not {w, b} - {None} <= trainable:
+            return None, f"the output layer {name!r} has weights that are not trained"
+        trunk = copy.deepcopy(self.model).eval()
+        parent, _, leaf = name.rpartition(".")
+        setattr(trunk.get_submodule(parent) if parent else trunk, leaf, torch.nn.Identity())
+        h = seen[head[0]][0][0]
+        try:
+            with torch.no_grad():
+                t = trunk(self.proxy)
+        except Exception:  # noqa: BLE001 - e.g. a reshape after the layer that names the vocabulary's size
+            t = None
+        if not (isinstance(t, torch.Tensor) and t.shape == (y.shape[0], module.in_features)
+                and torch.equal(t, h.reshape(-1, module.in_features))):
+            return None, f"what follows the output layer {name!r} does not keep its rows in order for its input"
+        return (trunk, w, b), None
+
+    def _head_step(self, students, probs, out):
+        """The ``head`` route: vmap's forward of the trunk (vocab_head) to the output layer's input,
+        then the KD loss and the layer's gradients chunk by chunk over the vocabulary
+        (fastagg.ops.vocab_head: the [K, N, C] logits never held), the layer's weight gradients
+        written into their rows of ``out`` there, and one vjp of the trunk with the input's
+        gradient. Under bf16 the layer's products take bf16 operands, as autocast gives them."""
+        trunk, wname, bname = self.vocab_head()
+        trainable, frozen = self._split(students)
+        W, b = trainable.pop(wname), (trainable.pop(bname) if bname else None)
+        x = self.proxy
+
+        def batched(p):
+            return vmap(lambda pp, bb: functional_call(trunk, {**pp, **bb}, (x,)), in_dims=(0, 0))(p, frozen)
+
+        with self._autocast():
+            h, pullback = vjp(batched, trainable)
+        views = self.spec.unflatten(out)
+        cd = torch.bfloat16 if self.precision == "bf16" and h.dtype == torch.float32 else h.dtype
+        loss, dh = vocab_head_kd(h, W, b, probs, self.temperature, views[wname], views[bname] if bname else None,
+                                 compute_dtype=cd)
+        with self._autocast():
+            (grads,) = pullback(dh.to(h.dtype))
+        for name, _, _, _ in self.spec.items():
+            if name in grads:
+                views[name].copy_(grads[name])
+            elif name not in (wname, bname):  # a floating buffer: no KD gradient
+                views[name].zero_()
+        return loss
+
     def _dense_losses(self, s, probs, x, chain_names, ys):
         """The students' KD losses [K] from their parameters ``s`` [K, P] (requires grad), with plain
         ops and the dense convolutions' ops: what torch.compile traces on the dense routes. With
@@ -830,6 +940,9 @@ class StudentGradEngine:
                         + (["compiled_dense"] if dense else [])
                         + (["compiled_fused_cl"] if chains else []) + (["compiled_cl"] if convs else [])
                         + (["compiled_fused"] if chains else []) + (["compiled_gemm"] if shared else []))
+        head = self.vocab_head() if self.conv == "auto" else None
+        if head is not None and self.spec.shapes[self.spec.names.index(head[1])][0] >= HEAD_MIN_CLASSES:
+            routes = routes + ["head"]  # an LM: its vocabulary's logits never held
         routes = routes + (compiled if self.compile else [])
         if any(r in VMAP_CL_ROUTES for r in routes) and self.channels_last_vmap() is not None:
             routes = [r for r in routes if r not in VMAP_CL_ROUTES]  # never empty: native_cl is refused in __init__

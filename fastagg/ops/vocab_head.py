@@ -1,0 +1,116 @@
+"""KD loss and gradients through a model's output layer, chunked over the vocabulary.
+
+For K students whose logits are a linear layer of their hidden states,
+
+    z_k = h_k W_k^T + b_k          h_k [R, H], W_k [C, H], b_k [C]   (R = the teacher's rows)
+    loss_k = T^2 / R * sum_r sum_c p[r, c] (log p[r, c] - log softmax(z_k[r] / T)[c])
+
+``vocab_head_kd`` returns loss [K] and d loss_k / d h_k [K, R, H], and writes d loss_k / d W_k
+and d loss_k / d b_k into given tensors (the flat gradient rows' views), without ever holding
+the [K, R, C] logits: the vocabulary is taken ``chunk`` columns at a time, twice. The first sweep
+builds each row's log-sum-exp and its sum of p * z; the second recomputes each chunk's logits,
+turns them into their gradient T / R * (softmax(z / T) - p), and takes from it that chunk's
+columns of dW and db (complete: no accumulation across chunks) and its share of dh. The price is
+one more product (four instead of the three of forward + backward); what it saves is every pass
+over the full logits and their gradient, which for a 32k vocabulary are most of the memory
+traffic of a student (and on a CPU page faults: each pass's fresh [K, R, C] tensors).
+
+Rows are split the other way by fastagg.kernels.fused_linear_kd (Liger-Kernel's scheme): chunks
+of rows with whole vocabularies, dW accumulated over them. That suits hidden sizes in the
+thousands; with the small hidden sizes of a server's proxy models (H = 128 for the bench's LM
+against R = 512 rows) dW's accumulation would cost as much as the logits it avoids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# columns per chunk: what keeps a chunk's fp32 logits [K, R, chunk] within this many bytes
+# (a CPU core's share of the caches; on CUDA fewer, larger launches)
+CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 32 << 20}
+
+
+def chunk_columns(K, R, C, device, chunk_bytes=None):
+    """Columns per chunk for K students' [R, C] logits on ``device`` (at least 64, at most C)."""
+    budget = CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES["cuda"]) if chunk_bytes is None else chunk_bytes
+    return int(min(C, max(64, budget // (4 * K * R))))
+
+
+def check_head_args(h, W, b, probs, dW, db):
+    """Shapes and dtypes of vocab_head_kd's arguments; raises ValueError naming what disagrees."""
+    if h.dim() != 3 or W.dim() != 3:
+        raise ValueError(f"hidden states must be [K, R, H] and weights [K, C, H], got {tuple(h.shape)} and "
+                         f"{tuple(W.shape)}")
+    K, R, H = h.shape
+    C = W.shape[1]
+    if W.shape != (K, C, H):
+        raise ValueError(f"weights {tuple(W.shape)} do not match hidden states {tuple(h.shape)}: want {(K, C, H)}")
+    if probs.shape != (R, C):
+        raise ValueError(f"teacher probabilities {tuple(probs.shape)} do not match the students' logits: "
+                         f"want {(R, C)}")
+    if dW.shape != (K, C, H):
+        raise ValueError(f"dW must be {(K, C, H)}, got {tuple(dW.shape)}")
+    if (b is None) != (db is None):
+        raise ValueError("give db exactly when the layer has a bias")
+    if b is not None and (b.shape != (K, C) or db.shape != (K, C)):
+        raise ValueError(f"bias and db must be {(K, C)}, got {tuple(b.shape)} and {tuple(db.shape)}")
+    return K, R, H, C
+
+
+def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, chunk=None):
+    """(loss [K], dh [K, R, H]) of K students' KD losses through their output layers; dW [K, C, H]
+    and db [K, C] (views of the flat gradient rows, any strides) receive the layer's gradients.
+    ``compute_dtype``: the products' operand dtype (bf16 under the engine's bf16 precision, as
+    autocast would give the layer; default h's); logits are read and the softmax taken in fp32
+    (float64 for float64 inputs), the gradient rounded to the operand dtype for its products.
+    ``chunk``: vocabulary columns per chunk (default: chunk_columns)."""
+    K, R, H, C = check_head_args(h, W, b, probs, dW, db)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    cd = compute_dtype or h.dtype
+    cb = chunk or chunk_columns(K, R, C, h.device)
+    T = float(temperature)
+    hc = h.detach().to(cd)
+    p = probs.to(acc)
+
+    def logits(c0, c1):
+        Wc = W[:, c0:c1].detach().to(cd)
+        if b is None:
+            return torch.bmm(hc, Wc.transpose(1, 2)), Wc
+        return torch.baddbmm(b[:, None, c0:c1].detach().to(cd), hc, Wc.transpose(1, 2)), Wc
+
+    lse = torch.full((K, R), -float("inf"), dtype=acc, device=h.device)
+    pz = torch.zeros(K, R, dtype=torch.float64, device=h.device)  # sum_c p z / T per row
+    for c0 in range(0, C, cb):
+        c1 = min(C, c0 + cb)
+        z = logits(c0, c1)[0].to(acc).mul_(1.0 / T)
+        pz += torch.einsum("krc,rc->kr", z, p[:, c0:c1])
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+    dh = torch.zeros(K, R, H, dtype=acc, device=h.device)
+    for c0 in range(0, C, cb):
+        c1 = min(C, c0 + cb)
+        z, Wc = logits(c0, c1)
+        g = z.to(acc).mul_(1.0 / T).sub_(lse[..., None]).exp_().sub_(p[:, c0:c1]).mul_(T / R)
+        if db is not None:
+            db[:, c0:c1] = g.sum(1)
+        g = g.to(cd)
+        dW[:, c0:c1] = torch.bmm(g.transpose(1, 2), hc)
+        dh += torch.bmm(g, Wc)
+    # sum_c p log q = sum_c p z / T - lse * sum_c p, row by row in float64 (p sums to 1 only
+    # within rounding); the teacher's own part T^2 / R * sum p log p is the same for all K
+    rows = torch.xlogy(p, p).sum(-1).double() - (pz - lse.double() * p.sum(-1).double())
+    loss = rows.sum(-1) * (T * T / R)
+    return loss.to(acc), dh
+
+
+def vocab_head_kd_reference(h, W, b, probs, temperature):
+    """(loss [K], dh, dW, db) through the full [K, R, C] logits with autograd, in float64: the
+    independent reference of the tests."""
+    T = float(temperature)
+    h = h.detach().double().requires_grad_(True)
+    W = W.detach().double().requires_grad_(True)
+    bb = None if b is None else b.detach().double().requires_grad_(True)
+    z = torch.einsum("krh,kch->krc", h, W) + (0 if bb is None else bb[:, None, :])
+    p = probs.double()
+    loss = (torch.xlogy(p, p) - p * torch.log_softmax(z / T, -1)).sum((1, 2)) * (T * T / h.shape[1])
+    grads = torch.autograd.grad(loss.sum(), [h, W] + ([bb] if bb is not None else []))
+    return (loss.detach(), *grads) + ((None,) if bb is None else ())

@@ -1,0 +1,208 @@
+"""The head route: KD through a model's output layer chunk by chunk over the vocabulary
+(fastagg.ops.vocab_head), against float64 autograd through the full logits."""
+
+import pytest
+import torch
+
+import fastagg
+import fastagg.engine as engine_mod
+import fastagg.ops.vocab_head as vh
+from fastagg.engine import StudentGradEngine
+from fastagg.flat import ParamSpec
+from fastagg.ops.vocab_head import vocab_head_kd, vocab_head_kd_reference
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("dtype,compute,tol", [(torch.float64, None, 1e-12), (torch.float32, None, 2e-5),
+                                               (torch.float32, torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk", [10, 37, 64])  # tails of 7; one chunk exactly; one larger than C
+def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, rng):
+    K, R, H, C = 3, 7, 5, 37
+    h = torch.randn(K, R, H, generator=rng, dtype=dtype)
+    W = torch.randn(K, C, H, generator=rng, dtype=dtype)
+    b = torch.randn(K, C, generator=rng, dtype=dtype) if bias else None
+    p = torch.softmax(2 * torch.randn(R, C, generator=rng, dtype=torch.float64), -1)
+    p = p.to(dtype)
+    # poisoned outputs, strided as the flat rows' views are: every element must be written
+    dW = torch.full((K, C * H + 3), float("nan"), dtype=dtype)[:, 3:].view(K, C, H)
+    db = torch.full((K, C + 1), float("nan"), dtype=dtype)[:, 1:] if bias else None
+    loss, dh = vocab_head_kd(h, W, b, p, 3.0, dW, db, compute_dtype=compute, chunk=chunk)
+    ref_loss, ref_dh, ref_dW, *ref_db = vocab_head_kd_reference(h, W, b, p, 3.0)
+    assert _rel(loss, ref_loss) < tol
+    assert _rel(dh, ref_dh) < tol
+    assert _rel(dW, ref_dW) < tol
+    if bias:
+        assert _rel(db, ref_db[0]) < tol
+
+
+def test_the_chunked_head_refuses_shapes_that_disagree():
+    h, W, b, p = torch.zeros(2, 4, 3), torch.zeros(2, 9, 3), torch.zeros(2, 9), torch.zeros(4, 9)
+    dW, db = torch.zeros(2, 9, 3), torch.zeros(2, 9)
+    for args, words in [((h, W[:1], b, p, 3.0, dW, db), "do not match"),
+                        ((h, W, b, p[:3], 3.0, dW, db), "teacher probabilities"),
+                        ((h, W, b, p, 3.0, dW[:, :8], db), "dW must be"),
+                        ((h, W, b, p, 3.0, dW, None), "exactly when"),
+                        ((h[0], W, b, p, 3.0, dW, db), "must be [K, R, H]")]:
+        with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            vocab_head_kd(*args)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> MLP -> layer norm -> output layer, logits for every position flattened to
+    [B * S, vocab] after it (a view), as language models return them."""
+
+    def __init__(self, vocab=300, d=12, tie=False, post=None, twice=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+        self.norm, self.out = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab)
+        self.register_buffer("scale", torch.ones(d))  # a floating buffer: aggregated, no KD gradient
+        if tie:
+            self.out.weight = self.emb.weight
+        self.post, self.twice = post, twice
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        x = self.norm(x + self.mlp(x)) * self.scale
+        z = self.out(x)
+        if self.twice:  # the layer run once more (an auxiliary output, say)
+            self.out(x.detach())
+        z = z.flatten(0, -2)
+        return z if self.post is None else self.post(z)
+
+
+def _engine(model, proxy, conv, precision="fp32"):
+    return StudentGradEngine(model, ParamSpec.from_module(model), proxy, 3.0, "torch", precision, conv=conv,
+                             chunk=None)
+
+
+def _students(model, K, rng, dtype=torch.float32):
+    spec = ParamSpec.from_module(model)
+    theta = spec.flatten(model.state_dict())
+    return (theta + 0.05 * torch.randn(K, theta.numel(), generator=rng, dtype=theta.dtype)).to(dtype)
+
+
+def _probs(model, proxy):
+    with torch.no_grad():
+        return torch.softmax(model(proxy).float() / 3.0, -1).to(torch.float64 if proxy.dtype == torch.float64
+                                                                 else torch.float32)
+
+
+@pytest.mark.parametrize("vocab", [300, 64])  # several chunks with a tail; one chunk
+def test_the_head_route_equals_native_in_float64_and_fp32(vocab, rng, monkeypatch):
+    monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = TinyLM(vocab).double()
+    tokens = torch.randint(0, vocab, (3, 5), generator=rng)
+    students = _students(model, 4, rng, torch.float64)
+    probs = _probs(model, tokens).double()
+    got = {}
+    for conv in ("native", "head"):
+        eng = _engine(model, tokens, conv)
+        out = torch.full_like(students, float("nan"))
+        loss, _ = eng(students, probs, out=out)
+        got[conv] = (loss, out)
+    assert _rel(got["head"][0], got["native"][0]) < 1e-12
+    assert _rel(got["head"][1], got["native"][1]) < 1e-12
+    spec = ParamSpec.from_module(model)
+    assert torch.equal(spec.unflatten(got["head"][1])["scale"], torch.zeros(4, 12, dtype=torch.float64))
+    # fp32 against the float64 result
+    model32 = model.float()
+    eng = _engine(model32, tokens, "head")
+    out = torch.empty(4, spec.numel)
+    eng(students.float(), probs.float(), out=out)
+    assert _rel(out, got["native"][1]) < 1e-5
+
+
+def test_the_head_route_in_bf16_is_within_the_stated_tolerance_of_fp32(rng):
+    from test_correction import BF16_TOLERANCE
+
+    model = TinyLM(3000, d=32)
+    tokens = torch.randint(0, 3000, (4, 8), generator=rng)
+    students, probs = _students(model, 3, rng), _probs(model, tokens)
+    ref = torch.empty_like(students)
+    _engine(model, tokens, "native")(students, probs, out=ref)
+    out = torch.empty_like(students)
+    _engine(model, tokens, "head", "bf16")(students, probs, out=out)
+    assert 0 < _rel(out, ref) < BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("case,words", [
+    ("tied", "tied"), ("scaled", "not a linear layer's output"), ("twice", "runs 2 times"),
+    ("log_softmax", "not a linear layer's output"), ("frozen", "not trained"), ("reshaped", "in order"),
+])
+def test_a_model_the_head_route_cannot_run_is_refused_with_the_reason(case, words, rng):
+    kw = {"tied": {"tie": True}, "scaled": {"post": lambda z: 2 * z}, "twice": {"twice": True},
+          "log_softmax": {"post": lambda z: z.log_softmax(-1)},
+          # a view that names the vocabulary's size: the trunk's [rows, d] output cannot take it
+          "reshaped": {"post": lambda z: z.reshape(-1, 300)}}.get(case, {})
+    model = TinyLM(300, **kw)
+    if case == "frozen":
+        model.out.bias.requires_grad_(False)
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    with pytest.raises(ValueError, match=words):
+        _engine(model, tokens, "head")
+    # and auto leaves it out, at any vocabulary size
+    eng = _engine(model, tokens, "auto")
+    assert "head" not in eng._candidates(_students(model, 2, rng))
+    assert words in eng.head_refused
+
+
+def test_auto_times_the_head_route_from_a_vocabulary_of_head_min_classes(rng, monkeypatch):
+    model = TinyLM(300)
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    students = _students(model, 2, rng)
+    monkeypatch.setattr(engine_mod, "HEAD_MIN_CLASSES", 301)
+    assert "head" not in _engine(model, tokens, "auto")._candidates(students)
+    monkeypatch.setattr(engine_mod, "HEAD_MIN_CLASSES", 300)
+    eng = _engine(model, tokens, "auto")
+    assert eng._candidates(students) == ["native", "head"]
+    out = torch.empty_like(students)
+    eng(students, _probs(model, tokens), out=out)
+    assert set(eng.route_timings[2]) == {"native", "head"}
+    assert eng.routes[2] in ("native", "head")
+
+
+def test_fedbuff_with_the_head_route_merges_as_with_native(rng):
+    """Through the public API: a FedADT buffer of an LM corrected through the head route merges
+    to the same global model as through native (float64), and the model's own training flags
+    (dropout) are as they were."""
+    model = TinyLM(300).double().train()
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    deltas = 0.05 * torch.randn(6, ParamSpec.from_module(model).numel, generator=rng, dtype=torch.float64)
+    params, theta0 = [], ParamSpec.from_module(model).flatten(model.state_dict())
+    for conv in ("native", "head"):
+        corr = fastagg.KDCorrection(tokens, conv=conv, schedule=fastagg.schedules.constant(1.0), chunk=None)
+        agg = fastagg.Aggregator(model, fastagg.FedBuff(3), correction=corr, backend="torch")
+        for i, d in enumerate(deltas):
+            agg.submit(d, base_version=max(0, agg.version - i % 2))
+        params.append(agg.params - theta0)  # the two merges' sum of corrected updates
+        assert agg.version == 2 and model.training
+    assert _rel(params[1], params[0]) < 1e-12
+
+
+def test_conv_head_is_refused_for_a_model_without_an_output_layer(rng):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh())  # logits squashed after the layer
+    proxy = torch.randn(4, 6, generator=rng)
+    with pytest.raises(ValueError, match="conv='head' cannot run this model"):
+        fastagg.Aggregator(model, fastagg.FedBuff(2), correction=fastagg.KDCorrection(proxy, conv="head"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_head_route_replayed_as_a_cuda_graph_equals_native(rng):
+    model = TinyLM(5000, d=32).cuda()
+    tokens = torch.randint(0, 5000, (4, 16), generator=rng).cuda()
+    students = _students(model, 8, rng).cuda()
+    probs = _probs(model, tokens)
+    ref = torch.empty_like(students)
+    StudentGradEngine(model, ParamSpec.from_module(model), tokens, 3.0, "triton", "fp32", conv="native",
+                      chunk=None)(students, probs, out=ref)
+    eng = StudentGradEngine(model, ParamSpec.from_module(model), tokens, 3.0, "triton", "fp32", cuda_graphs=True,
+                            conv="head", chunk=None)
+    out = torch.empty_like(students)
+    for _ in range(3):  # capture, then replays
+        eng(students, probs, out=out)
+    assert eng._graphs and _rel(out, ref) < 1e-3  # TF32 in both routes' products
