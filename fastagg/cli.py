@@ -110,6 +110,8 @@ def main(argv=None):
     b.add_argument("--models", default="cnn,resnet18,lm", help='comma-separated; "" for the K sweep alone')
     b.add_argument("--k", type=int, default=None, help="buffer size (default per model)")
     b.add_argument("--small", action="store_true", default=None, help="tiny proxy sets (default on CPU)")
+    b.add_argument("--full", action="store_false", dest="small",
+                   help="the GPU's sizes on any device (e.g. the LM's 32k vocabulary on a CPU)")
     b.add_argument("--no-sweep", action="store_true")
     b.add_argument("--sweep-models", default="cnn", help="models of the K sweep (comma-separated)")
     b.add_argument("--sweep-k", default="1,16,64,256,1024", help="buffer sizes of the K sweep")
