@@ -24,7 +24,8 @@ import time
 
 import torch
 
-METHODS = ("native", "head", "compiled", "compiled_vmap")  # engine routes; the torch.compile'd bf16 vmap
+# engine routes, and the torch.compile'd vmap (bf16 only: the stock-PyTorch baseline)
+METHODS = ("native", "head", "compiled", "compiled_head", "compiled_vmap")
 
 
 def _status_kb(field):
@@ -51,10 +52,9 @@ def child(method, precision, vocab, K, reps, device):
         fn = torch.compile(vmap_baseline(model, spec, proxy, probs, 3.0, precision == "bf16"))
         run = lambda: fn(students)  # noqa: E731
     else:
-        eng = StudentGradEngine(model, spec, proxy, 3.0, "auto", precision, conv="head" if method == "head" else "native",
-                                chunk=None, compile=method == "compiled")
-        if method == "compiled":
-            eng.only_routes = {"compiled"}
+        eng = StudentGradEngine(model, spec, proxy, 3.0, "auto", precision, conv="head" if "head" in method else "native",
+                                chunk=None, compile=method.startswith("compiled"))
+        eng.only_routes = {method}
         run = lambda: eng(students, probs, out=out)  # noqa: E731
     run()  # compilation, route choice, lazy initialisation: not in the peak
     sync()

@@ -123,7 +123,7 @@ VMAP_CL_ROUTES = ("native_cl", "compiled_cl", "compiled_fused_cl")
 DENSE_ROUTES = ("compiled_dense", "compiled_fused_dense")
 # every route a pass can take: the conv choices, and the compiled routes (compile=True)
 ROUTE_NAMES = tuple(c for c in CONV_CHOICES if c != "auto") + (
-    "compiled", "compiled_cl", "compiled_gemm", "compiled_fused", "compiled_fused_cl") + DENSE_ROUTES
+    "compiled", "compiled_cl", "compiled_gemm", "compiled_fused", "compiled_fused_cl", "compiled_head") + DENSE_ROUTES
 
 
 def _own_code(method):
@@ -493,6 +493,8 @@ class StudentGradEngine:
             return self._dense_step(students, probs, out, route)
         if route in ("compiled_fused", "compiled_fused_cl"):
             return self._compiled_fused_step(students, probs, out, route)
+        if route == "compiled_head":
+            return self._head_step(students, probs, out, compiled=True)
         if route not in self._compiled:
             # one static graph per shape (dynamo's automatic dynamic shapes, after a second shape,
             # failed inside vmap(grad)), under a code object of this engine and route (_own_code)
@@ -675,26 +677,41 @@ class StudentGradEngine:
             return None, f"what follows the output layer {name!r} does not keep its rows in order for its input"
         return (trunk, w, b), None
 
-    def _head_step(self, students, probs, out):
+    def _head_step(self, students, probs, out, compiled=False):
         """The ``head`` route: vmap's forward of the trunk (vocab_head) to the output layer's input,
         then the KD loss and the layer's gradients chunk by chunk over the vocabulary
         (fastagg.ops.vocab_head: the [K, N, C] logits never held), the layer's weight gradients
         written into their rows of ``out`` there, and one vjp of the trunk with the input's
-        gradient. Under bf16 the layer's products take bf16 operands, as autocast gives them."""
+        gradient. Under bf16 the layer's products take bf16 operands, as autocast gives them.
+        ``compiled_head`` (``compiled``): the trunk's forward through torch.compile and its
+        gradient by torch.autograd of it (inductor's backward), as on the dense routes."""
         trunk, wname, bname = self.vocab_head()
-        trainable, frozen = self._split(students)
-        W, b = trainable.pop(wname), (trainable.pop(bname) if bname else None)
-        x = self.proxy
-
-        def batched(p):
-            return vmap(lambda pp, bb: functional_call(trunk, {**pp, **bb}, (x,)), in_dims=(0, 0))(p, frozen)
-
-        with self._autocast():
-            h, pullback = vjp(batched, trainable)
         views = self.spec.unflatten(out)
+        W = self.spec.unflatten(students)[wname]
+        b = self.spec.unflatten(students)[bname] if bname else None
+        if compiled:
+            if "compiled_head" not in self._compiled:
+                self._compiled["compiled_head"] = torch.compile(_own_code(self._trunk_hidden), dynamic=False)
+            s = students.detach().requires_grad_()
+            h = self._compiled["compiled_head"](s, self.proxy)  # (_compiled_step holds _cache_tag)
+        else:
+            trainable, frozen = self._split(students)
+            trainable = {n: v for n, v in trainable.items() if n not in (wname, bname)}
+            x = self.proxy
+
+            def batched(p):
+                return vmap(lambda pp, bb: functional_call(trunk, {**pp, **bb}, (x,)), in_dims=(0, 0))(p, frozen)
+
+            with self._autocast():
+                h, pullback = vjp(batched, trainable)
         cd = torch.bfloat16 if self.precision == "bf16" and h.dtype == torch.float32 else h.dtype
         loss, dh = vocab_head_kd(h, W, b, probs, self.temperature, views[wname], views[bname] if bname else None,
                                  compute_dtype=cd)
+        if compiled:
+            (g,) = torch.autograd.grad(h, s, dh.to(h.dtype))
+            for lo, hi in self._outside_head():  # the trunk's gradients; zeros at its buffers
+                out[:, lo:hi].copy_(g[:, lo:hi])
+            return loss
         with self._autocast():
             (grads,) = pullback(dh.to(h.dtype))
         for name, _, _, _ in self.spec.items():
@@ -703,6 +720,31 @@ class StudentGradEngine:
             elif name not in (wname, bname):  # a floating buffer: no KD gradient
                 views[name].zero_()
         return loss
+
+    def _outside_head(self):
+        """The column ranges of the flat rows outside the output layer's weight and bias."""
+        _, wname, bname = self.vocab_head()
+        cuts = sorted((off, off + n) for name, _, off, n in self.spec.items() if name in (wname, bname))
+        edges, lo = [], 0
+        for a, b in cuts:
+            if a > lo:
+                edges.append((lo, a))
+            lo = b
+        return edges + ([(lo, self.spec.numel)] if lo < self.spec.numel else [])
+
+    def _trunk_hidden(self, s, x):
+        """The trunk's outputs [K, N, H] (the output layer's inputs) of the students ``s`` [K, P]
+        (requires grad), with plain ops: what torch.compile traces on the compiled_head route."""
+        trunk, wname, bname = self.vocab_head()
+        trainable, frozen = self._split(s)
+        trainable = {n: v for n, v in trainable.items() if n not in (wname, bname)}
+        frozen = {n: v.detach() for n, v in frozen.items()}  # buffers: no KD gradient
+
+        def hidden(p, b):
+            with self._autocast():
+                return functional_call(trunk, {**p, **b}, (x,))
+
+        return vmap(hidden, in_dims=(0, 0))(trainable, frozen)
 
     def _dense_losses(self, s, probs, x, chain_names, ys):
         """The students' KD losses [K] from their parameters ``s`` [K, P] (requires grad), with plain
@@ -916,8 +958,9 @@ class StudentGradEngine:
             routes = [self.conv]
             f64 = students.dtype == torch.float64
             compiled = [{"gemm": "compiled_gemm", "gemm_fused": "compiled_fused", "loop_fused": "compiled_fused",
-                         "loop_fused_cl": "compiled_fused_cl", "native_cl": "compiled_cl"}.get(self.conv, "compiled")
-                        if not f64 else "compiled"]
+                         "loop_fused_cl": "compiled_fused_cl", "native_cl": "compiled_cl",
+                         "head": "compiled_head"}.get(self.conv, "compiled")
+                        if not f64 or self.conv == "head" else "compiled"]  # head: float64 throughout
         else:
             # Routes measured slower than native on every card that timed them stay out (they can
             # be named): triton and triton_fused (H100, seventh session: 2-9x native for `cnn` and
@@ -943,6 +986,7 @@ class StudentGradEngine:
         head = self.vocab_head() if self.conv == "auto" else None
         if head is not None and self.spec.shapes[self.spec.names.index(head[1])][0] >= HEAD_MIN_CLASSES:
             routes = routes + ["head"]  # an LM: its vocabulary's logits never held
+            compiled = compiled + ["compiled_head"]
         routes = routes + (compiled if self.compile else [])
         if any(r in VMAP_CL_ROUTES for r in routes) and self.channels_last_vmap() is not None:
             routes = [r for r in routes if r not in VMAP_CL_ROUTES]  # never empty: native_cl is refused in __init__

@@ -206,3 +206,22 @@ def test_the_head_route_replayed_as_a_cuda_graph_equals_native(rng):
     for _ in range(3):  # capture, then replays
         eng(students, probs, out=out)
     assert eng._graphs and _rel(out, ref) < 1e-3  # TF32 in both routes' products
+
+
+def test_the_compiled_head_route_equals_native(rng):
+    """compiled_head: the trunk through torch.compile, its gradient by autograd of the compiled
+    forward, the output layer's through the chunked op (float64: exact within rounding)."""
+    model = TinyLM(300).double()
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    students = _students(model, 3, rng, torch.float64)
+    probs = _probs(model, tokens).double()
+    ref = torch.empty_like(students)
+    ref_loss, _ = _engine(model, tokens, "native")(students, probs, out=ref)
+    eng = StudentGradEngine(model, ParamSpec.from_module(model), tokens, 3.0, "torch", "fp32", conv="head",
+                            chunk=None, compile=True)
+    assert eng._candidates(students) == ["head", "compiled_head"]
+    eng.only_routes = {"compiled_head"}
+    out = torch.full_like(students, float("nan"))
+    loss, _ = eng(students, probs, out=out)
+    assert eng.routes[3] == "compiled_head"
+    assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
