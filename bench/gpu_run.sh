@@ -14,11 +14,13 @@
 #                             layer's variants, the kernels of a pass per route); 6 files in $OUT
 #   bash bench/gpu_run.sh 1   device/versions, all CUDA tests of the kernels and the engine, the
 #                             grouped-conv kernels vs cuDNN per layer, `fastagg bench` on `cnn`
-#   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm (the routes that won or came close),
+#   bash bench/gpu_run.sh 2   `fastagg bench` on resnet18 and lm (the routes that won or came close, and
+#                             lm's head routes),
 #                             then lm's pass profiled against the compiled vmap's and resnet18's
 #                             compiled_dense pass (~390 s; T_REST, T_LM_PROF, T_R18_PROF set the limits)
 #   bash bench/gpu_run.sh 3   if time is left: the distributed aggregator's CUDA tests and HTTP clients
-#                             feeding a CUDA aggregator from threads (~40 s), bench/bf16_regime.py
+#                             feeding a CUDA aggregator from threads (~40 s), bench/bench_vocab_head.py
+#                             (the LM's head route by vocabulary, ~100 s), bench/bf16_regime.py
 #                             (bf16 vs fp32 KD gradients by student-teacher distance, ~20 s), then
 #                             `fastagg simulate --device cuda` on Fashion-MNIST,
 #                             FedADT through cuDNN and through the Triton conv routes (the data
@@ -53,7 +55,7 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # (forward, stride-1 data gradient, weight gradient: their float64 tests; the cnn bench times
   # them against cuDNN's ways per shape: "rows", "rows dgrad", " + rows wgrad" in dense_conv_ms)
   # and a choice that survives a way that fails: 190 s for the tests, 170 for the cnn bench.
-  TESTS="tests/test_grouped_conv.py::test_rows_weight_gradient_matches_float64 tests/test_grouped_conv.py::test_rows_forward_matches_float64 tests/test_grouped_conv.py::test_rows_data_gradient_matches_float64 tests/test_dense_conv.py::test_a_way_that_fails_is_left_out_of_the_choice_and_the_gradients_stay_right tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_dense_routes_equal_native tests/test_shared_conv.py::test_shared_chain_kernels_match_float64 tests/test_shared_conv.py::test_window_columns_hold_each_pixels_receptive_field_by_window_position tests/test_shared_conv.py::test_shared_chain_weight_gradient_auto_times_each_method_once_on_a_gpu tests/test_shared_conv.py::test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_time_each_times_captured_graphs_on_a_gpu_and_says_when_it_cannot tests/test_dense_conv.py::test_nothing_is_timed_while_a_cuda_graph_is_captured tests/test_dense_conv.py::test_auto_times_the_grouped_way_too tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager tests/test_correction.py::test_the_teachers_forward_replayed_as_a_cuda_graph_equals_eager" \
+  TESTS="tests/test_grouped_conv.py::test_rows_weight_gradient_matches_float64 tests/test_grouped_conv.py::test_rows_forward_matches_float64 tests/test_grouped_conv.py::test_rows_data_gradient_matches_float64 tests/test_dense_conv.py::test_a_way_that_fails_is_left_out_of_the_choice_and_the_gradients_stay_right tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_dense_routes_equal_native tests/test_shared_conv.py::test_shared_chain_kernels_match_float64 tests/test_shared_conv.py::test_window_columns_hold_each_pixels_receptive_field_by_window_position tests/test_shared_conv.py::test_shared_chain_weight_gradient_auto_times_each_method_once_on_a_gpu tests/test_shared_conv.py::test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_time_each_times_captured_graphs_on_a_gpu_and_says_when_it_cannot tests/test_dense_conv.py::test_nothing_is_timed_while_a_cuda_graph_is_captured tests/test_dense_conv.py::test_auto_times_the_grouped_way_too tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager tests/test_correction.py::test_the_teachers_forward_replayed_as_a_cuda_graph_equals_eager tests/test_vocab_head.py" \
       T_TESTS=190 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=170 T_SYNCS=0 \
       CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
       bash "$0" 1
@@ -98,7 +100,7 @@ with torch.autocast('cuda', dtype=torch.bfloat16): print('conv under vmap + auto
   fi
 elif [ "$part" = 2 ]; then  # after `all`: ~390 s; the routes that won or came close before
   timeout ${T_REST:-280} python3 -m fastagg.cli bench --device cuda --models ${MODELS_REST:-resnet18,lm} \
-      ${REST_ARGS:---no-sweep --no-backends --routes compiled_dense,compiled,native} \
+      ${REST_ARGS:---no-sweep --no-backends --routes compiled_dense,compiled,native,head,compiled_head} \
       --out "$OUT/gpu_bench_rest.json" \
       2>&1 | grep -v -i warn | tee "$OUT/gpu_bench_rest_log.txt"
   # lm's pass, kernel by kernel, against the compiled bf16 vmap's (which beat the engine on lm in
@@ -117,6 +119,10 @@ else
   FASTAGG_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider -p no:warnings \
       tests/test_distributed.py tests/test_http.py -k "cuda or nccl or direct_submits or concurrent_clients" \
       2>&1 | tail -4 | tee "$OUT/gpu_distributed_tests.txt"
+  # the LM's head route (twenty-third session) against native and the compiled bf16 vmap by
+  # vocabulary, time and peak memory, each method in a process of its own (~100 s)
+  timeout 150 python3 bench/bench_vocab_head.py --device cuda --k 16 --vocab 32000,128000 --precision bf16 \
+      --methods native,head,compiled_vmap --rounds 1 --out "$OUT/gpu_vocab_head.json" 2>&1 | grep -v -i warn
   # the bf16 correction against fp32 by student-teacher distance, with the GPU's bf16 convolutions (~20 s)
   timeout 60 python3 bench/bf16_regime.py --device cuda --out "$OUT/gpu_bf16_regime.json" 2>&1 \
       | grep -v -i warn  # printed only: the JSON holds it (at most 8 files come back)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import torch
 
-# columns per chunk: what keeps a chunk's fp32 logits [K, R, chunk] within this many bytes
-# (a CPU core's share of the caches; on CUDA fewer, larger launches)
-CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 32 << 20}
+# columns per chunk: what keeps a chunk's fp32 logits [K, R, chunk] within this many bytes. On a
+# CPU a few MB (the bench's LM, K = 4: 256 columns, 1.2x faster than 1024 or 2048 in bf16); on
+# CUDA fewer, larger launches (each chunk is ~28 of them; the bench's LM, K = 16: 8 chunks), not
+# yet timed there
+CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 128 << 20}
 
 
 def chunk_columns(K, R, C, device, chunk_bytes=None):
