@@ -641,6 +641,8 @@ def bench_model(name, device, K=64, baselines=True, compile_baseline=True, small
     if "engine_bf16" in rates:
         r["correction_bf16_updates_per_s"] = rates.pop("engine_bf16")
         r["route_bf16"] = {str(k): v for k, v in eng16.routes.items()}  # its own choice, made in its first pass
+        r["route_bf16_ms"] = {str(k): {route: t * 1e3 if isinstance(t, float) else t for route, t in v.items()}
+                              for k, v in eng16.route_timings.items()}  # what each candidate measured there
     eng = corr.engine  # conv="auto": on CUDA both routes were timed for this K, the faster kept
     r["chunk"] = eng.chunk  # the setting: "auto", None (all K) or students per pass
     per_pass = eng.chunks.get(K, K) if eng.chunk == "auto" else (eng.chunk or K)

@@ -19,8 +19,14 @@ def _rel(a, b):
                                                (torch.float32, torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [10, 37, 64])  # tails of 7; one chunk exactly; one larger than C
-def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, rng):
-    K, R, H, C = 3, 7, 5, 37
+@pytest.mark.parametrize("kernels", [False, True])  # torch ops; the Triton kernels (interpreter on a CPU)
+def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng):
+    if kernels and dtype == torch.float64:
+        pytest.skip("the kernels take fp32 / bf16 (float64 runs the torch ops)")
+    # 37 rows: two of the kernels' 32-row blocks, the second with a tail; 300 columns with the
+    # largest chunk: three of their 128-column blocks, the last with a tail
+    K, R, H, C = 3, 37 if kernels else 7, 5, 300 if kernels and chunk == 64 else 37
+    chunk = C if kernels and chunk == 64 else chunk
     h = torch.randn(K, R, H, generator=rng, dtype=dtype)
     W = torch.randn(K, C, H, generator=rng, dtype=dtype)
     b = torch.randn(K, C, generator=rng, dtype=dtype) if bias else None
@@ -29,7 +35,7 @@ def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, ch
     # poisoned outputs, strided as the flat rows' views are: every element must be written
     dW = torch.full((K, C * H + 3), float("nan"), dtype=dtype)[:, 3:].view(K, C, H)
     db = torch.full((K, C + 1), float("nan"), dtype=dtype)[:, 1:] if bias else None
-    loss, dh = vocab_head_kd(h, W, b, p, 3.0, dW, db, compute_dtype=compute, chunk=chunk)
+    loss, dh = vocab_head_kd(h, W, b, p, 3.0, dW, db, compute_dtype=compute, chunk=chunk, kernels=kernels)
     ref_loss, ref_dh, ref_dW, *ref_db = vocab_head_kd_reference(h, W, b, p, 3.0)
     assert _rel(loss, ref_loss) < tol
     assert _rel(dh, ref_dh) < tol
@@ -225,3 +231,41 @@ def test_the_compiled_head_route_equals_native(rng):
     loss, _ = eng(students, probs, out=out)
     assert eng.routes[3] == "compiled_head"
     assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
+
+
+def test_the_head_routes_kernels_equal_native(rng, monkeypatch):
+    """The engine's head route with the chunks' elementwise steps in the Triton kernels (as on
+    CUDA; here through the interpreter): fp32 gradients and losses equal native's."""
+    monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
+    calls = []
+    import fastagg.kernels.vocab_head as kv
+    for name in ("head_stats", "head_grad"):
+        monkeypatch.setattr(kv, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(getattr(kv, name),
+                                                                                                      name))
+    monkeypatch.setattr(vh, "_use_kernels", lambda kernels, h: True)
+    model = TinyLM(300)
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    students, probs = _students(model, 4, rng), _probs(model, tokens)
+    ref = torch.empty_like(students)
+    ref_loss, _ = _engine(model, tokens, "native")(students, probs, out=ref)
+    out = torch.full_like(students, float("nan"))
+    loss, _ = _engine(model, tokens, "head")(students, probs, out=out)
+    assert calls.count("head_stats") == 5 and calls.count("head_grad") == 5
+    assert _rel(out, ref) < 1e-5
+    # the loss (reported, not merged) from fp32 row sums and log-sum-exps, as the fused KD op's;
+    # two fp32 evaluations of a KL this small (~2e-3 a row) differ by ~1e-7 of the log-sum-exp
+    assert _rel(loss, ref_loss) < 2e-4
+
+
+def test_the_kernels_refuse_layouts_they_cannot_read():
+    from fastagg.kernels.vocab_head import head_grad, head_stats
+
+    z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="contiguous along c"):
+        head_stats(z.transpose(1, 2), p, 3.0, acc, acc.clone(), acc.clone())
+    with pytest.raises(ValueError, match="accumulators"):
+        head_stats(z, p, 3.0, acc.double(), acc, acc)
+    with pytest.raises(ValueError, match="lse"):
+        head_grad(z, p, 3.0, acc[:1], 1.0)
+    with pytest.raises(ValueError, match="db must be"):
+        head_grad(z, p, 3.0, acc, 1.0, torch.zeros(6, 2).t())

@@ -59,14 +59,26 @@ def check_head_args(h, W, b, probs, dW, db):
     return K, R, H, C
 
 
-def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, chunk=None):
+def _use_kernels(kernels, h):
+    """Whether the chunks' elementwise steps run as fastagg.kernels.vocab_head's Triton kernels:
+    ``kernels`` True or False, or None: on CUDA, for fp32 / bf16 (float64 stays in torch)."""
+    if kernels is not None:
+        return bool(kernels)
+    return h.is_cuda and h.dtype != torch.float64
+
+
+def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, chunk=None, kernels=None):
     """(loss [K], dh [K, R, H]) of K students' KD losses through their output layers; dW [K, C, H]
     and db [K, C] (views of the flat gradient rows, any strides) receive the layer's gradients.
     ``compute_dtype``: the products' operand dtype (bf16 under the engine's bf16 precision, as
     autocast would give the layer; default h's); logits are read and the softmax taken in fp32
     (float64 for float64 inputs), the gradient rounded to the operand dtype for its products.
-    ``chunk``: vocabulary columns per chunk (default: chunk_columns)."""
+    ``chunk``: vocabulary columns per chunk (default: chunk_columns). ``kernels``: the chunks'
+    elementwise steps as two Triton kernels (fastagg.kernels.vocab_head; default on CUDA) or as
+    torch ops (a CPU; float64)."""
     K, R, H, C = check_head_args(h, W, b, probs, dW, db)
+    if _use_kernels(kernels, h):
+        return _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     cd = compute_dtype or h.dtype
     cb = chunk or chunk_columns(K, R, C, h.device)
@@ -102,6 +114,44 @@ def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, 
     rows = torch.xlogy(p, p).sum(-1).double() - (pz - lse.double() * p.sum(-1).double())
     loss = rows.sum(-1) * (T * T / R)
     return loss.to(acc), dh
+
+
+def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk):
+    """vocab_head_kd with each chunk's elementwise steps in fastagg.kernels.vocab_head: the
+    logits are the products' output in the operand dtype, read once by the first sweep's kernel
+    and once by the second's, which writes the gradient over them."""
+    from ..kernels.vocab_head import head_grad, head_stats
+
+    K, R, H, C = h.shape[0], h.shape[1], h.shape[2], W.shape[1]
+    cd = compute_dtype or h.dtype
+    cb = chunk or chunk_columns(K, R, C, h.device)
+    T = float(temperature)
+    hc = h.detach().to(cd)
+    Wc = W.detach().to(cd)  # once: both sweeps read it
+    bc = None if b is None else b.detach().to(cd)[:, None, :]
+    p = probs.float()
+    if p.stride(-1) != 1:
+        p = p.contiguous()
+    m = torch.full((K, R), -float("inf"), dtype=torch.float32, device=h.device)
+    s, pz = torch.zeros_like(m), torch.zeros_like(m)
+
+    def logits(c0, c1):
+        w = Wc[:, c0:c1].transpose(1, 2)
+        return torch.bmm(hc, w) if bc is None else torch.baddbmm(bc[:, :, c0:c1], hc, w)
+
+    for c0 in range(0, C, cb):
+        c1 = min(C, c0 + cb)
+        head_stats(logits(c0, c1), p[:, c0:c1], T, m, s, pz)
+    lse = m + s.log()
+    dh = torch.zeros(K, R, H, dtype=torch.float32, device=h.device)
+    for c0 in range(0, C, cb):
+        c1 = min(C, c0 + cb)
+        g = logits(c0, c1)
+        head_grad(g, p[:, c0:c1], T, lse, T / R, None if db is None else db[:, c0:c1])
+        dW[:, c0:c1] = torch.bmm(g.transpose(1, 2), hc)
+        dh += torch.bmm(g, Wc[:, c0:c1])
+    rows = torch.xlogy(p, p).sum(-1).double() - (pz.double() - lse.double() * p.sum(-1).double())
+    return (rows.sum(-1) * (T * T / R)).float(), dh
 
 
 def vocab_head_kd_reference(h, W, b, probs, temperature):
