@@ -33,9 +33,10 @@ from triton.compiler import ASTSource, compile  # noqa: E402
 from fastagg.kernels import grouped_conv as gc  # noqa: E402
 from fastagg.kernels import kd_loss, merge  # noqa: E402
 from fastagg.kernels import shared_conv as sc  # noqa: E402
+from fastagg.kernels import vocab_head as vh  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other plain argument is an integer
+FLOATS = {"c0", "inv_T", "grad_scale", "scale"}  # the kernels' fp32 scalars; every other plain argument is an integer
 
 
 # Integer arguments that the runtime specialises as multiples of 16 for the bench's models (Triton
@@ -44,7 +45,10 @@ FLOATS = {"c0", "inv_T", "grad_scale"}  # the kernels' fp32 scalars; every other
 # row length (`cnn`: 96) and pooled sizes (16 x 16 windows, 32 channels a student).
 DIV16 = {"_conv_wgrad_rows": ("sdk", "sxk", "swk", "swo", "swr", "CO"), "_conv_rows": ("sxk", "swk", "syk", "CO"),
          "_shared_fwd_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
-         "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO")}
+         "_shared_wgrad_relu_pool_columns": ("CRSP", "PHO", "PWO", "CO"),
+         # the head route's chunks (`lm`: 16 students, 512 rows, chunks of 4,096 of 32,000 columns)
+         "_head_stats_kernel": ("zs_k", "zs_r", "ps_r", "R", "NC"),
+         "_head_grad_kernel": ("zs_k", "zs_r", "ps_r", "dbs_k", "R", "NC")}
 
 
 def hints(fn, pointers):
@@ -186,6 +190,15 @@ def cases(quick=False):
                    {"TEACHER_LOGITS": teacher_logits, "BLOCK_C": 4096}, 8, 3, "i32")
         yield (f"_kd_small_kernel {dt}", kd_loss._kd_small_kernel, kd_ptrs, {"BLOCK_M": 16, "BLOCK_C": 128}, 4, 3,
                "i32")
+    # the LM's head route (twenty-third session): a chunk's logits in the products' dtype
+    for dt in ("fp32", "bf16"):
+        blocks = {"BLOCK_R": vh.BLOCK_R, "BLOCK_C": vh.BLOCK_C}
+        yield (f"_head_stats_kernel {dt}", vh._head_stats_kernel,
+               {"z_ptr": dt, "p_ptr": "fp32", "m_ptr": "fp32", "s_ptr": "fp32", "pz_ptr": "fp32"}, blocks, 4, 3, "i32")
+        for has_db in (True, False):
+            yield (f"_head_grad_kernel {dt} HAS_DB={has_db}", vh._head_grad_kernel,
+                   {"z_ptr": dt, "p_ptr": "fp32", "lse_ptr": "fp32", "db_ptr": "fp32"}, {"HAS_DB": has_db, **blocks},
+                   4, 3, "i32")
 
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -23,7 +23,7 @@ def _rel(a, b):
 def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng):
     if kernels and dtype == torch.float64:
         pytest.skip("the kernels take fp32 / bf16 (float64 runs the torch ops)")
-    # 37 rows: two of the kernels' 32-row blocks, the second with a tail; 300 columns with the
+    # 37 rows: three of the kernels' 16-row blocks, the last with a tail; 300 columns with the
     # largest chunk: three of their 128-column blocks, the last with a tail
     K, R, H, C = 3, 37 if kernels else 7, 5, 300 if kernels and chunk == 64 else 37
     chunk = C if kernels and chunk == 64 else chunk
