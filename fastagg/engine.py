@@ -46,6 +46,13 @@ native_cl, compiled_cl and compiled_fused_cl run the model under vmap on channel
 activations, which functorch cannot do for some layers (a batch norm on CUDA): for such a
 model auto leaves them out and ``conv="native_cl"`` is refused (``channels_last_vmap``).
 
+``"head"`` (any model whose logits are one ``nn.Linear``'s output with only views after it; see
+``vocab_head``): vmap's forward of the model up to that layer's input, then the KD loss and the
+layer's gradients chunk by chunk over the vocabulary (fastagg.ops.vocab_head; on CUDA its two
+Triton kernels), so that a language model's [K, N, C] logits are never held, then one vjp of the
+rest; a candidate of auto from HEAD_MIN_CLASSES classes (and ``"compiled_head"``, the rest
+through torch.compile, with ``compile=True``).
+
 ``compile=True`` adds candidates: ``torch.compile`` of the whole per-pass function (vmap of
 grad of a plain-op KD loss, which inductor fuses; the fused KD kernel is not used there), with
 vmap's convolutions (``"compiled"``; ``"compiled_cl"`` on CUDA: on the channels-last proxy
