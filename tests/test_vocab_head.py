@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastagg
+import fastagg.cpu_cpp
 import fastagg.engine as engine_mod
 import fastagg.ops.vocab_head as vh
 from fastagg.engine import StudentGradEngine
@@ -19,14 +20,18 @@ def _rel(a, b):
                                                (torch.float32, torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [10, 37, 64])  # tails of 7; one chunk exactly; one larger than C
-@pytest.mark.parametrize("kernels", [False, True])  # torch ops; the Triton kernels (interpreter on a CPU)
+# torch ops; the Triton kernels (interpreter on a CPU); the C++ extension's
+@pytest.mark.parametrize("kernels", ["torch", "triton", "cpp"])
 def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng):
-    if kernels and dtype == torch.float64:
+    if kernels != "torch" and dtype == torch.float64:
         pytest.skip("the kernels take fp32 / bf16 (float64 runs the torch ops)")
+    if kernels == "cpp" and not fastagg.cpu_cpp.available()[0]:
+        pytest.skip(fastagg.cpu_cpp.available()[1])
+    kernels_on = kernels != "torch"
     # 37 rows: three of the kernels' 16-row blocks, the last with a tail; 300 columns with the
     # largest chunk: three of their 128-column blocks, the last with a tail
-    K, R, H, C = 3, 37 if kernels else 7, 5, 300 if kernels and chunk == 64 else 37
-    chunk = C if kernels and chunk == 64 else chunk
+    K, R, H, C = 3, 37 if kernels_on else 7, 5, 300 if kernels_on and chunk == 64 else 37
+    chunk = C if kernels_on and chunk == 64 else chunk
     h = torch.randn(K, R, H, generator=rng, dtype=dtype)
     W = torch.randn(K, C, H, generator=rng, dtype=dtype)
     b = torch.randn(K, C, generator=rng, dtype=dtype) if bias else None
@@ -233,16 +238,22 @@ def test_the_compiled_head_route_equals_native(rng):
     assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
 
 
-def test_the_head_routes_kernels_equal_native(rng, monkeypatch):
+@pytest.mark.parametrize("impl", ["triton", "cpp"])
+def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch):
     """The engine's head route with the chunks' elementwise steps in the Triton kernels (as on
-    CUDA; here through the interpreter): fp32 gradients and losses equal native's."""
+    CUDA; here through the interpreter) or the C++ ones (a CPU's default where they are built):
+    fp32 gradients and losses equal native's."""
+    if impl == "cpp" and not fastagg.cpu_cpp.available()[0]:
+        pytest.skip(fastagg.cpu_cpp.available()[1])
     monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
     calls = []
+    import fastagg.cpu_cpp as kc
     import fastagg.kernels.vocab_head as kv
+    mod = kv if impl == "triton" else kc
     for name in ("head_stats", "head_grad"):
-        monkeypatch.setattr(kv, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(getattr(kv, name),
-                                                                                                      name))
-    monkeypatch.setattr(vh, "_use_kernels", lambda kernels, h: True)
+        monkeypatch.setattr(mod, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(getattr(mod, name),
+                                                                                                        name))
+    monkeypatch.setattr(vh, "_kernels", lambda kernels, h: impl)
     model = TinyLM(300)
     tokens = torch.randint(0, 300, (3, 5), generator=rng)
     students, probs = _students(model, 4, rng), _probs(model, tokens)
@@ -269,3 +280,25 @@ def test_the_kernels_refuse_layouts_they_cannot_read():
         head_grad(z, p, 3.0, acc[:1], 1.0)
     with pytest.raises(ValueError, match="db must be"):
         head_grad(z, p, 3.0, acc, 1.0, torch.zeros(6, 2).t())
+
+
+def test_the_cpp_kernels_refuse_layouts_they_cannot_read():
+    if not fastagg.cpu_cpp.available()[0]:
+        pytest.skip(fastagg.cpu_cpp.available()[1])
+    from fastagg.cpu_cpp import head_grad, head_stats
+
+    z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="contiguous along c"):
+        head_stats(z.transpose(1, 2), p, 3.0, acc, acc.clone(), acc.double())
+    with pytest.raises(ValueError, match="accumulators"):
+        head_stats(z, p, 3.0, acc, acc.clone(), acc.clone())  # pz must be float64 here
+    with pytest.raises(ValueError, match="bias must be"):
+        head_stats(z, p, 3.0, acc, acc.clone(), acc.double(), bias=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="db must be"):
+        head_grad(z, p, 3.0, acc, 1.0, torch.zeros(2, 6, dtype=torch.float64))
+
+
+def test_an_unknown_kernels_choice_is_refused():
+    h, W, p = torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), torch.full((2, 4), 0.25)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        vocab_head_kd(h, W, None, p, 3.0, torch.zeros(1, 4, 3), kernels="numba")

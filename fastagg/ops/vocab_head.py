@@ -59,12 +59,24 @@ def check_head_args(h, W, b, probs, dW, db):
     return K, R, H, C
 
 
-def _use_kernels(kernels, h):
-    """Whether the chunks' elementwise steps run as fastagg.kernels.vocab_head's Triton kernels:
-    ``kernels`` True or False, or None: on CUDA, for fp32 / bf16 (float64 stays in torch)."""
+KERNELS = ("torch", "triton", "cpp")
+
+
+def _kernels(kernels, h):
+    """Which implementation runs the chunks' elementwise steps: ``kernels`` if given (one of
+    KERNELS), else Triton on CUDA, the C++ extension on a CPU where it is built, torch ops for
+    float64 (the kernels accumulate in fp32) or without the extension."""
     if kernels is not None:
-        return bool(kernels)
-    return h.is_cuda and h.dtype != torch.float64
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        return kernels
+    if h.dtype == torch.float64:
+        return "torch"
+    if h.is_cuda:
+        return "triton"
+    from .. import cpu_cpp
+
+    return "cpp" if cpu_cpp.available()[0] else "torch"
 
 
 def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, chunk=None, kernels=None):
@@ -74,53 +86,70 @@ def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, 
     autocast would give the layer; default h's); logits are read and the softmax taken in fp32
     (float64 for float64 inputs), the gradient rounded to the operand dtype for its products.
     ``chunk``: vocabulary columns per chunk (default: chunk_columns). ``kernels``: the chunks'
-    elementwise steps as two Triton kernels (fastagg.kernels.vocab_head; default on CUDA) or as
-    torch ops (a CPU; float64)."""
+    elementwise steps as two kernels per chunk, "triton" (fastagg.kernels.vocab_head; default on
+    CUDA) or "cpp" (the C++ extension; default on a CPU where it is built), or as "torch" ops
+    (float64, or a CPU without the extension)."""
     K, R, H, C = check_head_args(h, W, b, probs, dW, db)
-    if _use_kernels(kernels, h):
-        return _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk)
+    impl = _kernels(kernels, h)
+    if impl != "torch":
+        return _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk, impl)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     cd = compute_dtype or h.dtype
     cb = chunk or chunk_columns(K, R, C, h.device)
     T = float(temperature)
     hc = h.detach().to(cd)
+    Wc = W.detach().to(cd)  # once: both sweeps read it (a chunk's strided cast twice cost ~5% on a CPU)
+    # the bias rounded to the operand dtype, as autocast gives it to the layer, then added in acc
+    bc = None if b is None else b.detach().to(cd).to(acc)[:, None, :]
     p = probs.to(acc)
 
-    def logits(c0, c1):
-        Wc = W[:, c0:c1].detach().to(cd)
-        if b is None:
-            return torch.bmm(hc, Wc.transpose(1, 2)), Wc
-        return torch.baddbmm(b[:, None, c0:c1].detach().to(cd), hc, Wc.transpose(1, 2)), Wc
+    def scaled_logits(c0, c1):
+        """(z / T in the accumulation dtype, the chunk's weights): the products in the operand
+        dtype, the bias added as they widen (one pass; baddbmm first copies the bias into its
+        output), then the scaling."""
+        w = Wc[:, c0:c1]
+        z = torch.bmm(hc, w.transpose(1, 2))
+        z = z.to(acc) if bc is None else torch.add(z, bc[:, :, c0:c1])
+        return z.mul_(1.0 / T), w
 
     lse = torch.full((K, R), -float("inf"), dtype=acc, device=h.device)
     pz = torch.zeros(K, R, dtype=torch.float64, device=h.device)  # sum_c p z / T per row
+    plogp = torch.zeros(R, dtype=torch.float64, device=h.device)  # sum_c p log p per row (the teacher's part)
     for c0 in range(0, C, cb):
         c1 = min(C, c0 + cb)
-        z = logits(c0, c1)[0].to(acc).mul_(1.0 / T)
-        pz += torch.einsum("krc,rc->kr", z, p[:, c0:c1])
+        z, _ = scaled_logits(c0, c1)
+        pc = p[:, c0:c1]
+        pz += (z * pc).sum(-1)  # (an einsum went through permuting copies: 10% of a CPU pass)
+        plogp += torch.xlogy(pc, pc).sum(-1)  # chunk by chunk, in the caches
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
     dh = torch.zeros(K, R, H, dtype=acc, device=h.device)
     for c0 in range(0, C, cb):
         c1 = min(C, c0 + cb)
-        z, Wc = logits(c0, c1)
-        g = z.to(acc).mul_(1.0 / T).sub_(lse[..., None]).exp_().sub_(p[:, c0:c1]).mul_(T / R)
+        g, w = scaled_logits(c0, c1)
+        g.sub_(lse[..., None]).exp_().sub_(p[:, c0:c1]).mul_(T / R)
         if db is not None:
             db[:, c0:c1] = g.sum(1)
         g = g.to(cd)
         dW[:, c0:c1] = torch.bmm(g.transpose(1, 2), hc)
-        dh += torch.bmm(g, Wc)
+        dh += torch.bmm(g, w)
     # sum_c p log q = sum_c p z / T - lse * sum_c p, row by row in float64 (p sums to 1 only
     # within rounding); the teacher's own part T^2 / R * sum p log p is the same for all K
-    rows = torch.xlogy(p, p).sum(-1).double() - (pz - lse.double() * p.sum(-1).double())
+    rows = plogp - (pz - lse.double() * p.sum(-1).double())
     loss = rows.sum(-1) * (T * T / R)
     return loss.to(acc), dh
 
 
-def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk):
-    """vocab_head_kd with each chunk's elementwise steps in fastagg.kernels.vocab_head: the
-    logits are the products' output in the operand dtype, read once by the first sweep's kernel
-    and once by the second's, which writes the gradient over them."""
-    from ..kernels.vocab_head import head_grad, head_stats
+def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk, impl):
+    """vocab_head_kd with each chunk's elementwise steps as one kernel per sweep, Triton's
+    (fastagg.kernels.vocab_head) or the C++ extension's: the logits are the products' output in
+    the operand dtype, read once by the first sweep's kernel and once by the second's, which
+    writes the gradient over them. The C++ kernels add the bias themselves (in fp32, rounded to
+    the operand dtype first as autocast gives it) and sum p z / T in double; Triton's take it in
+    the product (baddbmm) and sum in fp32."""
+    if impl == "triton":
+        from ..kernels.vocab_head import head_grad, head_stats
+    else:
+        from ..cpu_cpp import head_grad, head_stats
 
     K, R, H, C = h.shape[0], h.shape[1], h.shape[2], W.shape[1]
     cd = compute_dtype or h.dtype
@@ -128,29 +157,41 @@ def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chun
     T = float(temperature)
     hc = h.detach().to(cd)
     Wc = W.detach().to(cd)  # once: both sweeps read it
-    bc = None if b is None else b.detach().to(cd)[:, None, :]
+    bc = None if b is None else b.detach().to(cd)
+    bf = None if bc is None or impl == "triton" else bc.float()
     p = probs.float()
     if p.stride(-1) != 1:
         p = p.contiguous()
     m = torch.full((K, R), -float("inf"), dtype=torch.float32, device=h.device)
-    s, pz = torch.zeros_like(m), torch.zeros_like(m)
+    s = torch.zeros_like(m)
+    pz = torch.zeros(K, R, dtype=torch.float32 if impl == "triton" else torch.float64, device=h.device)
+    plogp = torch.zeros(R, dtype=torch.float64, device=h.device)
 
     def logits(c0, c1):
         w = Wc[:, c0:c1].transpose(1, 2)
-        return torch.bmm(hc, w) if bc is None else torch.baddbmm(bc[:, :, c0:c1], hc, w)
+        if bc is None or impl != "triton":
+            return torch.bmm(hc, w)
+        return torch.baddbmm(bc[:, None, c0:c1], hc, w)
+
+    def bias(c0, c1):
+        return {} if bf is None else {"bias": bf[:, c0:c1]}
 
     for c0 in range(0, C, cb):
         c1 = min(C, c0 + cb)
-        head_stats(logits(c0, c1), p[:, c0:c1], T, m, s, pz)
+        head_stats(logits(c0, c1), p[:, c0:c1], T, m, s, pz, **bias(c0, c1))
+        if impl != "triton":  # on a CPU chunk by chunk, in the caches (the whole [R, C] at once page-faults)
+            plogp += torch.xlogy(p[:, c0:c1], p[:, c0:c1]).sum(-1)
+    if impl == "triton":
+        plogp = torch.xlogy(p, p).sum(-1).double()
     lse = m + s.log()
     dh = torch.zeros(K, R, H, dtype=torch.float32, device=h.device)
     for c0 in range(0, C, cb):
         c1 = min(C, c0 + cb)
         g = logits(c0, c1)
-        head_grad(g, p[:, c0:c1], T, lse, T / R, None if db is None else db[:, c0:c1])
+        head_grad(g, p[:, c0:c1], T, lse, T / R, None if db is None else db[:, c0:c1], **bias(c0, c1))
         dW[:, c0:c1] = torch.bmm(g.transpose(1, 2), hc)
         dh += torch.bmm(g, Wc[:, c0:c1])
-    rows = torch.xlogy(p, p).sum(-1).double() - (pz.double() - lse.double() * p.sum(-1).double())
+    rows = plogp - (pz.double() - lse.double() * p.sum(-1).double())
     return (rows.sum(-1) * (T * T / R)).float(), dh
 
 
