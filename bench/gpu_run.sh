@@ -31,7 +31,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # the C++ host kernels (staging a host update into its pinned row; pybind11 is in the device's
 # image): without them the fifteenth session's H200 run staged with numba, one thread, 1.1 ms per
 # `cnn` update (torch took 0.51 there), and the host step ran at 613 updates/s
-if ! python3 -c "import fastagg._cpu" 2>/dev/null; then
+if ! python3 -c "from fastagg import cpu_cpp; assert cpu_cpp.available()[0]" 2>/dev/null; then  # missing or stale
   python3 setup.py build_ext --inplace -q > /tmp/build_ext.txt 2>&1 || tail -3 /tmp/build_ext.txt
 fi
 part=${1:-1}
