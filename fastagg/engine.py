@@ -990,7 +990,10 @@ class StudentGradEngine:
                         + (["compiled_dense"] if dense else [])
                         + (["compiled_fused_cl"] if chains else []) + (["compiled_cl"] if convs else [])
                         + (["compiled_fused"] if chains else []) + (["compiled_gemm"] if shared else []))
-        head = self.vocab_head() if self.conv == "auto" else None
+        # (looked for only where some linear layer is that wide: finding it costs a forward and a
+        # copy of the model, which a CNN or ResNet would pay for nothing)
+        wide = any(isinstance(m, torch.nn.Linear) and m.out_features >= HEAD_MIN_CLASSES for m in self.model.modules())
+        head = self.vocab_head() if self.conv == "auto" and wide else None
         if head is not None and self.spec.shapes[self.spec.names.index(head[1])][0] >= HEAD_MIN_CLASSES:
             routes = routes + ["head"]  # an LM: its vocabulary's logits never held
             compiled = compiled + ["compiled_head"]
