@@ -52,8 +52,9 @@ def child(method, precision, vocab, K, reps, device):
         fn = torch.compile(vmap_baseline(model, spec, proxy, probs, 3.0, precision == "bf16"))
         run = lambda: fn(students)  # noqa: E731
     else:
-        eng = StudentGradEngine(model, spec, proxy, 3.0, "auto", precision, conv="head" if "head" in method else "native",
-                                chunk=None, compile=method.startswith("compiled"))
+        conv = "head" if "head" in method else "native"
+        eng = StudentGradEngine(model, spec, proxy, 3.0, "auto", precision, conv=conv, chunk=None,
+                                compile=method.startswith("compiled"))
         eng.only_routes = {method}
         run = lambda: eng(students, probs, out=out)  # noqa: E731
     run()  # compilation, route choice, lazy initialisation: not in the peak

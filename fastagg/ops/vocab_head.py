@@ -15,6 +15,10 @@ one more product (four instead of the three of forward + backward); what it save
 over the full logits and their gradient, which for a 32k vocabulary are most of the memory
 traffic of a student (and on a CPU page faults: each pass's fresh [K, R, C] tensors).
 
+Each sweep's elementwise work on a chunk is one kernel: Triton's on CUDA (fastagg.kernels.vocab_head),
+the C++ extension's on a CPU (fastagg.cpu_cpp.head_stats / head_grad), so that a chunk's logits
+are read once per sweep in the products' dtype; torch ops for float64 or without the extension.
+
 Rows are split the other way by fastagg.kernels.fused_linear_kd (Liger-Kernel's scheme): chunks
 of rows with whole vocabularies, dW accumulated over them. That suits hidden sizes in the
 thousands; with the small hidden sizes of a server's proxy models (H = 128 for the bench's LM
