@@ -302,3 +302,26 @@ def test_an_unknown_kernels_choice_is_refused():
     h, W, p = torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), torch.full((2, 4), 0.25)
     with pytest.raises(ValueError, match="kernels must be one of"):
         vocab_head_kd(h, W, None, p, 3.0, torch.zeros(1, 4, 3), kernels="numba")
+
+
+def test_the_head_routes_kernels_follow_the_engines_backend(rng, monkeypatch):
+    """backend "cpp": the chunks through the C++ kernels; "torch": torch ops, no kernel called;
+    the C++ ones asked for where the extension is not there: BackendUnavailable with the reason."""
+    import fastagg.cpu_cpp as kc
+
+    calls = []
+    real = kc.head_stats
+    monkeypatch.setattr(kc, "head_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    model = TinyLM(300)
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    students, probs = _students(model, 2, rng), _probs(model, tokens)
+    spec = ParamSpec.from_module(model)
+    out = torch.empty_like(students)
+    StudentGradEngine(model, spec, tokens, 3.0, "torch", "fp32", conv="head", chunk=None)(students, probs, out=out)
+    assert calls == []
+    if kc.available()[0]:
+        StudentGradEngine(model, spec, tokens, 3.0, "cpp", "fp32", conv="head", chunk=None)(students, probs, out=out)
+        assert calls
+    monkeypatch.setattr(kc, "available", lambda: (False, "not built here (a test)"))
+    with pytest.raises(fastagg.backends.BackendUnavailable, match="not built here"):
+        StudentGradEngine(model, spec, tokens, 3.0, "cpp", "fp32", conv="head", chunk=None)(students, probs, out=out)

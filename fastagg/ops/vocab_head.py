@@ -153,7 +153,12 @@ def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chun
     if impl == "triton":
         from ..kernels.vocab_head import head_grad, head_stats
     else:
+        from .. import cpu_cpp
+        from ..backends import BackendUnavailable
         from ..cpu_cpp import head_grad, head_stats
+
+        if not cpu_cpp.available()[0]:
+            raise BackendUnavailable(f"the head route's C++ kernels: {cpu_cpp.available()[1]}")
 
     K, R, H, C = h.shape[0], h.shape[1], h.shape[2], W.shape[1]
     cd = compute_dtype or h.dtype
