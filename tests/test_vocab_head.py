@@ -16,15 +16,14 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("dtype,compute,tol", [(torch.float64, None, 1e-12), (torch.float32, None, 2e-5),
-                                               (torch.float32, torch.bfloat16, 2e-2)])
+# torch ops (float64 too); the Triton kernels (interpreter on a CPU) and the C++ extension's, which
+# take fp32 / bf16
+@pytest.mark.parametrize("dtype,compute,tol,kernels", [(torch.float64, None, 1e-12, "torch")] + [
+    (torch.float32, compute, tol, k) for compute, tol in ((None, 2e-5), (torch.bfloat16, 2e-2))
+    for k in ("torch", "triton", "cpp")])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [10, 37, 64])  # tails of 7; one chunk exactly; one larger than C
-# torch ops; the Triton kernels (interpreter on a CPU); the C++ extension's
-@pytest.mark.parametrize("kernels", ["torch", "triton", "cpp"])
 def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng):
-    if kernels != "torch" and dtype == torch.float64:
-        pytest.skip("the kernels take fp32 / bf16 (float64 runs the torch ops)")
     if kernels == "cpp" and not fastagg.cpu_cpp.available()[0]:
         pytest.skip(fastagg.cpu_cpp.available()[1])
     kernels_on = kernels != "torch"
