@@ -30,9 +30,9 @@ from __future__ import annotations
 import torch
 
 # columns per chunk: what keeps a chunk's fp32 logits [K, R, chunk] within this many bytes. On a
-# CPU a few MB (the bench's LM, K = 4: 256 columns, 1.2x faster than 1024 or 2048 in bf16); on
-# CUDA fewer, larger launches (each chunk is ~28 of them; the bench's LM, K = 16: 8 chunks), not
-# yet timed there
+# CPU a few MB (the bench's LM, K = 4: 256 columns, 1.2-1.3x faster than 1024 or 2048 in bf16 in
+# a first version of torch ops; not re-tuned for the C++ kernels); on CUDA fewer, larger launches
+# (six or so a chunk with the Triton kernels; the bench's LM, K = 16: 8 chunks), not yet timed there
 CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 128 << 20}
 
 
