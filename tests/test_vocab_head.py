@@ -324,3 +324,20 @@ def test_the_head_routes_kernels_follow_the_engines_backend(rng, monkeypatch):
     monkeypatch.setattr(kc, "available", lambda: (False, "not built here (a test)"))
     with pytest.raises(fastagg.backends.BackendUnavailable, match="not built here"):
         StudentGradEngine(model, spec, tokens, 3.0, "cpp", "fp32", conv="head", chunk=None)(students, probs, out=out)
+
+
+def test_a_classifiers_last_layer_in_a_sequential_runs_the_head_route_too(rng):
+    """Any model whose logits are a linear layer's output: nn.Sequential's last layer (named "2")
+    is replaced in the trunk by position; float64 gradients equal native's."""
+    from conftest import mlp
+
+    model = mlp(d_in=6, hidden=9, classes=5, dtype=torch.float64)
+    proxy = torch.randn(11, 6, generator=rng, dtype=torch.float64)
+    students = _students(model, 3, rng, torch.float64)
+    probs = _probs(model, proxy)
+    eng = _engine(model, proxy, "head")
+    assert eng.vocab_head()[1:] == ("2.weight", "2.bias")
+    out, ref = torch.empty_like(students), torch.empty_like(students)
+    eng(students, probs, out=out)
+    _engine(model, proxy, "native")(students, probs, out=ref)
+    assert _rel(out, ref) < 1e-12
