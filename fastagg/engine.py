@@ -614,14 +614,15 @@ class StudentGradEngine:
         return -(T * T / z.shape[0]) * (pt * torch.log_softmax(z.to(pt.dtype) / T, dim=-1)).sum()
 
     def vocab_head(self):
-        """(trunk, weight name, bias name or None) when the model's logits are the output of one
-        ``nn.Linear`` (its vocabulary head) with only views after it, else None (``head_refused``
-        says why): what the ``head`` route needs. ``trunk`` is a copy of the model with that layer
-        replaced by an identity, so that it returns the layer's input rows in the logits' order.
-        Found once, from a forward of the model on the proxy batch: the layer whose output holds
-        the model's output in its own memory, used once, with trainable weights that nothing else
-        shares (a head tied to the embedding is refused); and the trunk's output checked to be
-        exactly that layer's input, row for row."""
+        """(trunk, weight name, bias name or None, {trunk's tensor name: flat name}) when the
+        model's logits are the output of one ``nn.Linear`` (its vocabulary head) with only views
+        after it, else None (``head_refused`` says why): what the ``head`` route needs. ``trunk``
+        is a copy of the model with that layer replaced by an identity, so that it returns the
+        layer's input rows in the logits' order. Found once, from a forward of the model on the
+        proxy batch: the layer whose output holds the model's output in its own memory, used once,
+        with trainable weights; and the trunk's output checked to be exactly that layer's input,
+        row for row. A weight tied to the embedding (GPT-2's) is the flat rows' one tensor, named
+        as the spec holds it: the trunk's embedding reads it, and its gradient is the two uses'."""
         if self._head is None:
             self._head = self._find_vocab_head()
         return self._head[0]
@@ -663,17 +664,23 @@ class StudentGradEngine:
         module = self.model.get_submodule(name)
         if len(seen[head[0]]) != 1:
             return None, f"the output layer {name!r} runs {len(seen[head[0]])} times in a forward"
-        w, b = f"{name}.weight", (None if module.bias is None else f"{name}.bias")
+        canon = dict(self.spec.aliases).get  # a tied name -> the name its tensor is held under
+        w, b = canon(f"{name}.weight", f"{name}.weight"), (None if module.bias is None else f"{name}.bias")
         trainable = {n for n, tr in zip(self.spec.names, self.spec.trainable) if tr}
-        tied = {n for pair in self.spec.aliases for n in pair}
-        shared = sum(p is module.weight for _, p in self.model.named_parameters(remove_duplicate=False)) > 1
-        if tied & {w, b} or shared:
-            return None, f"the output layer {name!r} shares its weight with another layer (tied)"
+        if b is not None and any(b in pair for pair in self.spec.aliases):
+            return None, f"the output layer {name!r} shares its bias with another layer"
         if not {w, b} - {None} <= trainable:
             return None, f"the output layer {name!r} has weights that are not trained"
         trunk = copy.deepcopy(self.model).eval()
         parent, _, leaf = name.rpartition(".")
         setattr(trunk.get_submodule(parent) if parent else trunk, leaf, torch.nn.Identity())
+        # the trunk's tensors by the names it knows them by, one name each, against the flat rows'
+        # names; a weight tied to the output layer's (an embedding) stays in the trunk, under its
+        # own name, and its gradient there is added to the layer's
+        trunk_names = {}
+        for n, t in trunk.state_dict(keep_vars=True).items():
+            if torch.is_floating_point(t) and canon(n, n) not in trunk_names.values():
+                trunk_names[n] = canon(n, n)
         h = seen[head[0]][0][0]
         try:
             with torch.no_grad():
@@ -683,7 +690,7 @@ class StudentGradEngine:
         if not (isinstance(t, torch.Tensor) and t.shape == (y.shape[0], module.in_features)
                 and torch.equal(t, h.reshape(-1, module.in_features))):
             return None, f"what follows the output layer {name!r} does not keep its rows in order for its input"
-        return (trunk, w, b), None
+        return (trunk, w, b, trunk_names), None
 
     def _head_step(self, students, probs, out, compiled=False):
         """The ``head`` route: vmap's forward of the trunk (vocab_head) to the output layer's input,
@@ -693,18 +700,18 @@ class StudentGradEngine:
         gradient. Under bf16 the layer's products take bf16 operands, as autocast gives them.
         ``compiled_head`` (``compiled``): the trunk's forward through torch.compile and its
         gradient by torch.autograd of it (inductor's backward), as on the dense routes."""
-        trunk, wname, bname = self.vocab_head()
+        trunk, wname, bname, trunk_names = self.vocab_head()
         views = self.spec.unflatten(out)
         W = self.spec.unflatten(students)[wname]
         b = self.spec.unflatten(students)[bname] if bname else None
+        tied = wname in trunk_names.values()  # the embedding's weight: its trunk gradient is added
         if compiled:
             if "compiled_head" not in self._compiled:
                 self._compiled["compiled_head"] = torch.compile(_own_code(self._trunk_hidden), dynamic=False)
             s = students.detach().requires_grad_()
             h = self._compiled["compiled_head"](s, self.proxy)  # (_compiled_step holds _cache_tag)
         else:
-            trainable, frozen = self._split(students)
-            trainable = {n: v for n, v in trainable.items() if n not in (wname, bname)}
+            trainable, frozen = self._trunk_params(students)
             x = self.proxy
 
             def batched(p):
@@ -722,19 +729,33 @@ class StudentGradEngine:
             (g,) = torch.autograd.grad(h, s, dh.to(h.dtype))
             for lo, hi in self._outside_head():  # the trunk's gradients; zeros at its buffers
                 out[:, lo:hi].copy_(g[:, lo:hi])
+            if tied:
+                views[wname].add_(self.spec.unflatten(g)[wname])
             return loss
         with self._autocast():
             (grads,) = pullback(dh.to(h.dtype))
+        grads = {trunk_names[n]: v for n, v in grads.items()}  # by the flat rows' names
         for name, _, _, _ in self.spec.items():
-            if name in grads:
+            if name == wname and tied:
+                views[name].add_(grads[name])
+            elif name in grads:
                 views[name].copy_(grads[name])
             elif name not in (wname, bname):  # a floating buffer: no KD gradient
                 views[name].zero_()
         return loss
 
+    def _trunk_params(self, students):
+        """({trunk's name: view [K, ...]} of its trained tensors, the same of its floating
+        buffers): the flat rows as the trunk (vocab_head) names them."""
+        trunk_names = self.vocab_head()[3]
+        views = self.spec.unflatten(students)
+        trained = {n for n, tr in zip(self.spec.names, self.spec.trainable) if tr}
+        return ({n: views[c] for n, c in trunk_names.items() if c in trained},
+                {n: views[c] for n, c in trunk_names.items() if c not in trained})
+
     def _outside_head(self):
         """The column ranges of the flat rows outside the output layer's weight and bias."""
-        _, wname, bname = self.vocab_head()
+        _, wname, bname, _ = self.vocab_head()
         cuts = sorted((off, off + n) for name, _, off, n in self.spec.items() if name in (wname, bname))
         edges, lo = [], 0
         for a, b in cuts:
@@ -746,9 +767,8 @@ class StudentGradEngine:
     def _trunk_hidden(self, s, x):
         """The trunk's outputs [K, N, H] (the output layer's inputs) of the students ``s`` [K, P]
         (requires grad), with plain ops: what torch.compile traces on the compiled_head route."""
-        trunk, wname, bname = self.vocab_head()
-        trainable, frozen = self._split(s)
-        trainable = {n: v for n, v in trainable.items() if n not in (wname, bname)}
+        trunk = self.vocab_head()[0]
+        trainable, frozen = self._trunk_params(s)
         frozen = {n: v.detach() for n, v in frozen.items()}  # buffers: no KD gradient
 
         def hidden(p, b):

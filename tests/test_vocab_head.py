@@ -64,18 +64,24 @@ class TinyLM(torch.nn.Module):
     """Embedding -> MLP -> layer norm -> output layer, logits for every position flattened to
     [B * S, vocab] after it (a view), as language models return them."""
 
-    def __init__(self, vocab=300, d=12, tie=False, post=None, twice=False):
+    def __init__(self, vocab=300, d=12, tie=False, post=None, twice=False, tie_bias=False):
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, d)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
         self.norm, self.out = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab)
         self.register_buffer("scale", torch.ones(d))  # a floating buffer: aggregated, no KD gradient
-        if tie:
+        if tie:  # GPT-2's: the output layer's weight is the embedding's
             self.out.weight = self.emb.weight
+        self.gate = None
+        if tie_bias:  # a vocabulary-wide gate on the input sharing the output layer's bias
+            self.gate = torch.nn.Linear(d, vocab)
+            self.gate.bias = self.out.bias
         self.post, self.twice = post, twice
 
     def forward(self, tokens):
         x = self.emb(tokens)
+        if self.gate is not None:
+            x = x * torch.sigmoid(self.gate(x)).mean(-1, keepdim=True)
         x = self.norm(x + self.mlp(x)) * self.scale
         z = self.out(x)
         if self.twice:  # the layer run once more (an auxiliary output, say)
@@ -141,11 +147,11 @@ def test_the_head_route_in_bf16_is_within_the_stated_tolerance_of_fp32(rng):
 
 
 @pytest.mark.parametrize("case,words", [
-    ("tied", "tied"), ("scaled", "not a linear layer's output"), ("twice", "runs 2 times"),
+    ("bias_tied", "shares its bias"), ("scaled", "not a linear layer's output"), ("twice", "runs 2 times"),
     ("log_softmax", "not a linear layer's output"), ("frozen", "not trained"), ("reshaped", "in order"),
 ])
 def test_a_model_the_head_route_cannot_run_is_refused_with_the_reason(case, words, rng):
-    kw = {"tied": {"tie": True}, "scaled": {"post": lambda z: 2 * z}, "twice": {"twice": True},
+    kw = {"bias_tied": {"tie_bias": True}, "scaled": {"post": lambda z: 2 * z}, "twice": {"twice": True},
           "log_softmax": {"post": lambda z: z.log_softmax(-1)},
           # a view that names the vocabulary's size: the trunk's [rows, d] output cannot take it
           "reshaped": {"post": lambda z: z.reshape(-1, 300)}}.get(case, {})
@@ -336,8 +342,33 @@ def test_a_classifiers_last_layer_in_a_sequential_runs_the_head_route_too(rng):
     students = _students(model, 3, rng, torch.float64)
     probs = _probs(model, proxy)
     eng = _engine(model, proxy, "head")
-    assert eng.vocab_head()[1:] == ("2.weight", "2.bias")
+    assert eng.vocab_head()[1:3] == ("2.weight", "2.bias")
     out, ref = torch.empty_like(students), torch.empty_like(students)
     eng(students, probs, out=out)
     _engine(model, proxy, "native")(students, probs, out=ref)
     assert _rel(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("route", ["head", "compiled_head"])
+def test_a_head_tied_to_the_embedding_gets_the_gradient_of_both_uses(route, rng):
+    """GPT-2's tie: the output layer's weight is the embedding's, one tensor of the flat rows; the
+    head routes give it the sum of the layer's gradient and the embedding's (float64, against
+    native, whose functional_call ties them as the model does)."""
+    model = TinyLM(300, tie=True).double()
+    spec = ParamSpec.from_module(model)
+    assert spec.aliases == (("out.weight", "emb.weight"),)
+    tokens = torch.randint(0, 300, (3, 5), generator=rng)
+    students = _students(model, 3, rng, torch.float64)
+    probs = _probs(model, tokens)
+    ref = torch.empty_like(students)
+    ref_loss, _ = _engine(model, tokens, "native")(students, probs, out=ref)
+    eng = StudentGradEngine(model, spec, tokens, 3.0, "torch", "fp32", conv="head", chunk=None,
+                            compile=route == "compiled_head")
+    eng.only_routes = {route}
+    assert eng.vocab_head()[1] == "emb.weight"  # the layer's weight by the name the flat rows hold it under
+    out = torch.full_like(students, float("nan"))
+    loss, _ = eng(students, probs, out=out)
+    assert eng.routes[3] == route
+    assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
+    emb = spec.unflatten(out)["emb.weight"]
+    assert emb[:, tokens.unique()].abs().sum() < emb.abs().sum()  # the layer's part reaches rows no token used
