@@ -12,6 +12,7 @@ from fastagg.engine import StudentGradEngine
 from fastagg.flat import ParamSpec
 from fastagg.ops.vocab_head import vocab_head_kd, vocab_head_kd_reference
 
+
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
