@@ -12,6 +12,8 @@ from fastagg.engine import StudentGradEngine
 from fastagg.flat import ParamSpec
 from fastagg.ops.vocab_head import vocab_head_kd, vocab_head_kd_reference
 
+from conftest import need_backend
+
 
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
@@ -24,10 +26,12 @@ def _rel(a, b):
     for k in ("torch", "triton", "cpp")])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [10, 37, 64])  # tails of 7; one chunk exactly; one larger than C
-def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng):
-    if kernels == "cpp" and not fastagg.cpu_cpp.available()[0]:
-        pytest.skip(fastagg.cpu_cpp.available()[1])
+def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng, device):
+    if kernels == "cpp":
+        need_backend("cpp")
     kernels_on = kernels != "torch"
+    # the Triton kernels on the test device: a GPU's (FASTAGG_TEST_DEVICE=cuda), else the interpreter's
+    dev = device if kernels == "triton" else torch.device("cpu")
     # 37 rows: three of the kernels' 16-row blocks, the last with a tail; 300 columns with the
     # largest chunk: three of their 128-column blocks, the last with a tail
     K, R, H, C = 3, 37 if kernels_on else 7, 5, 300 if kernels_on and chunk == 64 else 37
@@ -40,7 +44,10 @@ def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, ch
     # poisoned outputs, strided as the flat rows' views are: every element must be written
     dW = torch.full((K, C * H + 3), float("nan"), dtype=dtype)[:, 3:].view(K, C, H)
     db = torch.full((K, C + 1), float("nan"), dtype=dtype)[:, 1:] if bias else None
-    loss, dh = vocab_head_kd(h, W, b, p, 3.0, dW, db, compute_dtype=compute, chunk=chunk, kernels=kernels)
+    on = [None if t is None else t.to(dev) for t in (h, W, b, p, dW, db)]
+    loss, dh = vocab_head_kd(*on[:4], 3.0, *on[4:], compute_dtype=compute, chunk=chunk, kernels=kernels)
+    dW, db = on[4].cpu(), None if db is None else on[5].cpu()
+    loss, dh = loss.cpu(), dh.cpu()
     ref_loss, ref_dh, ref_dW, *ref_db = vocab_head_kd_reference(h, W, b, p, 3.0)
     assert _rel(loss, ref_loss) < tol
     assert _rel(dh, ref_dh) < tol
@@ -245,12 +252,14 @@ def test_the_compiled_head_route_equals_native(rng):
 
 
 @pytest.mark.parametrize("impl", ["triton", "cpp"])
-def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch):
+def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch, device):
     """The engine's head route with the chunks' elementwise steps in the Triton kernels (as on
-    CUDA; here through the interpreter) or the C++ ones (a CPU's default where they are built):
-    fp32 gradients and losses equal native's."""
-    if impl == "cpp" and not fastagg.cpu_cpp.available()[0]:
-        pytest.skip(fastagg.cpu_cpp.available()[1])
+    CUDA; on a CPU through the interpreter) or the C++ ones (a CPU's default where they are
+    built): fp32 gradients and losses equal native's."""
+    if impl == "cpp":
+        need_backend("cpp")
+    elif device.type == "cuda":  # this engine runs on the CPU: its Triton launches need the interpreter
+        pytest.skip("the Triton kernels run on the GPU in test_the_chunked_head_matches_float64_autograd there")
     monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
     calls = []
     import fastagg.cpu_cpp as kc
@@ -274,10 +283,10 @@ def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch):
     assert _rel(loss, ref_loss) < 2e-4
 
 
-def test_the_kernels_refuse_layouts_they_cannot_read():
+def test_the_kernels_refuse_layouts_they_cannot_read(device):
     from fastagg.kernels.vocab_head import head_grad, head_stats
 
-    z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
+    z, p, acc = torch.zeros(2, 4, 6, device=device), torch.zeros(4, 6, device=device), torch.zeros(2, 4, device=device)
     with pytest.raises(ValueError, match="contiguous along c"):
         head_stats(z.transpose(1, 2), p, 3.0, acc, acc.clone(), acc.clone())
     with pytest.raises(ValueError, match="accumulators"):
@@ -285,12 +294,11 @@ def test_the_kernels_refuse_layouts_they_cannot_read():
     with pytest.raises(ValueError, match="lse"):
         head_grad(z, p, 3.0, acc[:1], 1.0)
     with pytest.raises(ValueError, match="db must be"):
-        head_grad(z, p, 3.0, acc, 1.0, torch.zeros(6, 2).t())
+        head_grad(z, p, 3.0, acc, 1.0, torch.zeros(6, 2, device=device).t())
 
 
 def test_the_cpp_kernels_refuse_layouts_they_cannot_read():
-    if not fastagg.cpu_cpp.available()[0]:
-        pytest.skip(fastagg.cpu_cpp.available()[1])
+    need_backend("cpp")
     from fastagg.cpu_cpp import head_grad, head_stats
 
     z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
