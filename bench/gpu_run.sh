@@ -54,9 +54,11 @@ if [ "$part" = all ]; then  # a bench stopped by its timeout saves what it measu
   # autotuning: 170 s for the tests. The twenty-second session adds the dense ops' rows kernels
   # (forward, stride-1 data gradient, weight gradient: their float64 tests; the cnn bench times
   # them against cuDNN's ways per shape: "rows", "rows dgrad", " + rows wgrad" in dense_conv_ms)
-  # and a choice that survives a way that fails: 190 s for the tests, 170 for the cnn bench.
+  # and a choice that survives a way that fails: 190 s for the tests, 170 for the cnn bench. The
+  # twenty-third adds tests/test_vocab_head.py (the head route's Triton kernels on the GPU, its
+  # CUDA-graph test, the rest CPU cases, two of them compiling): 210 s for the tests.
   TESTS="tests/test_grouped_conv.py::test_rows_weight_gradient_matches_float64 tests/test_grouped_conv.py::test_rows_forward_matches_float64 tests/test_grouped_conv.py::test_rows_data_gradient_matches_float64 tests/test_dense_conv.py::test_a_way_that_fails_is_left_out_of_the_choice_and_the_gradients_stay_right tests/test_dense_conv.py::test_compiled_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_dense_routes_equal_native tests/test_shared_conv.py::test_shared_chain_kernels_match_float64 tests/test_shared_conv.py::test_window_columns_hold_each_pixels_receptive_field_by_window_position tests/test_shared_conv.py::test_shared_chain_weight_gradient_auto_times_each_method_once_on_a_gpu tests/test_shared_conv.py::test_the_forwards_auto_choice_is_timed_once_per_shape_on_a_gpu tests/test_shared_conv.py::test_loop_routes_replayed_as_cuda_graphs_equal_native tests/test_dense_conv.py::test_time_each_times_captured_graphs_on_a_gpu_and_says_when_it_cannot tests/test_dense_conv.py::test_nothing_is_timed_while_a_cuda_graph_is_captured tests/test_dense_conv.py::test_auto_times_the_grouped_way_too tests/test_work_rows.py tests/test_correction.py::test_cuda_graph_engine_and_pinned_ingest_match_eager tests/test_correction.py::test_the_teachers_forward_replayed_as_a_cuda_graph_equals_eager tests/test_vocab_head.py" \
-      T_TESTS=190 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=170 T_SYNCS=0 \
+      T_TESTS=210 T_CONV=0 T_PROF=${T_PROF:-0} T_CNN=170 T_SYNCS=0 \
       CNN_ARGS="--chunk none --no-backends --routes compiled_fused_dense,compiled_fused_cl,compiled_dense,compiled" \
       bash "$0" 1
   timeout 150 python3 -m fastagg.cli bench --device cuda --models "" --sweep-models cnn \
