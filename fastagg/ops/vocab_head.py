@@ -95,95 +95,42 @@ def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, 
     (float64, or a CPU without the extension)."""
     K, R, H, C = check_head_args(h, W, b, probs, dW, db)
     impl = _kernels(kernels, h)
-    if impl != "torch":
-        return _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk, impl)
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    cd = compute_dtype or h.dtype
-    cb = chunk or chunk_columns(K, R, C, h.device)
-    T = float(temperature)
-    hc = h.detach().to(cd)
-    Wc = W.detach().to(cd)  # once: both sweeps read it (a chunk's strided cast twice cost ~5% on a CPU)
-    # the bias rounded to the operand dtype, as autocast gives it to the layer, then added in acc
-    bc = None if b is None else b.detach().to(cd).to(acc)[:, None, :]
-    p = probs.to(acc)
-
-    def scaled_logits(c0, c1):
-        """(z / T in the accumulation dtype, the chunk's weights): the products in the operand
-        dtype, the bias added as they widen (one pass; baddbmm first copies the bias into its
-        output), then the scaling."""
-        w = Wc[:, c0:c1]
-        z = torch.bmm(hc, w.transpose(1, 2))
-        z = z.to(acc) if bc is None else torch.add(z, bc[:, :, c0:c1])
-        return z.mul_(1.0 / T), w
-
-    lse = torch.full((K, R), -float("inf"), dtype=acc, device=h.device)
-    pz = torch.zeros(K, R, dtype=torch.float64, device=h.device)  # sum_c p z / T per row
-    plogp = torch.zeros(R, dtype=torch.float64, device=h.device)  # sum_c p log p per row (the teacher's part)
-    for c0 in range(0, C, cb):
-        c1 = min(C, c0 + cb)
-        z, _ = scaled_logits(c0, c1)
-        pc = p[:, c0:c1]
-        pz += (z * pc).sum(-1)  # (an einsum went through permuting copies: 10% of a CPU pass)
-        plogp += torch.xlogy(pc, pc).sum(-1)  # chunk by chunk, in the caches
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-    dh = torch.zeros(K, R, H, dtype=acc, device=h.device)
-    for c0 in range(0, C, cb):
-        c1 = min(C, c0 + cb)
-        g, w = scaled_logits(c0, c1)
-        g.sub_(lse[..., None]).exp_().sub_(p[:, c0:c1]).mul_(T / R)
-        if db is not None:
-            db[:, c0:c1] = g.sum(1)
-        g = g.to(cd)
-        dW[:, c0:c1] = torch.bmm(g.transpose(1, 2), hc)
-        dh += torch.bmm(g, w)
-    # sum_c p log q = sum_c p z / T - lse * sum_c p, row by row in float64 (p sums to 1 only
-    # within rounding); the teacher's own part T^2 / R * sum p log p is the same for all K
-    rows = plogp - (pz - lse.double() * p.sum(-1).double())
-    loss = rows.sum(-1) * (T * T / R)
-    return loss.to(acc), dh
-
-
-def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chunk, impl):
-    """vocab_head_kd with each chunk's elementwise steps as one kernel per sweep, Triton's
-    (fastagg.kernels.vocab_head) or the C++ extension's: the logits are the products' output in
-    the operand dtype, read once by the first sweep's kernel and once by the second's, which
-    writes the gradient over them. The C++ kernels add the bias themselves (in fp32, rounded to
-    the operand dtype first as autocast gives it) and sum p z / T in double; Triton's take it in
-    the product (baddbmm) and sum in fp32."""
     if impl == "triton":
         from ..kernels.vocab_head import head_grad, head_stats
-    else:
+    elif impl == "cpp":
         from .. import cpu_cpp
         from ..backends import BackendUnavailable
         from ..cpu_cpp import head_grad, head_stats
 
         if not cpu_cpp.available()[0]:
             raise BackendUnavailable(f"the head route's C++ kernels: {cpu_cpp.available()[1]}")
-
-    K, R, H, C = h.shape[0], h.shape[1], h.shape[2], W.shape[1]
+    else:
+        head_grad, head_stats = _torch_head_grad, _torch_head_stats
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     cd = compute_dtype or h.dtype
     cb = chunk or chunk_columns(K, R, C, h.device)
     T = float(temperature)
     hc = h.detach().to(cd)
-    Wc = W.detach().to(cd)  # once: both sweeps read it
-    bc = None if b is None else b.detach().to(cd)
-    bf = None if bc is None or impl == "triton" else bc.float()
-    p = probs.float()
+    Wc = W.detach().to(cd)  # once: both sweeps read it (a chunk's strided cast twice cost ~5% on a CPU)
+    bc = None if b is None else b.detach().to(cd)  # rounded to the operand dtype, as autocast gives it
+    # Triton's take the bias in the product (baddbmm); the others add it as they widen the logits
+    # (baddbmm on a CPU first copies the bias into its output: one more pass)
+    bw = None if bc is None or impl == "triton" else bc.to(acc)
+    p = probs.to(acc)
     if p.stride(-1) != 1:
         p = p.contiguous()
-    m = torch.full((K, R), -float("inf"), dtype=torch.float32, device=h.device)
+    # the rows' running max, sum of exp(z / T - max) and sum p z / T (in double but for Triton's)
+    m = torch.full((K, R), -float("inf"), dtype=acc, device=h.device)
     s = torch.zeros_like(m)
     pz = torch.zeros(K, R, dtype=torch.float32 if impl == "triton" else torch.float64, device=h.device)
-    plogp = torch.zeros(R, dtype=torch.float64, device=h.device)
+    plogp = torch.zeros(R, dtype=torch.float64, device=h.device)  # sum_c p log p (the teacher's part)
 
     def logits(c0, c1):
         w = Wc[:, c0:c1].transpose(1, 2)
-        if bc is None or impl != "triton":
-            return torch.bmm(hc, w)
-        return torch.baddbmm(bc[:, None, c0:c1], hc, w)
+        return torch.bmm(hc, w) if bc is None or bw is not None else torch.baddbmm(bc[:, None, c0:c1], hc, w)
 
     def bias(c0, c1):
-        return {} if bf is None else {"bias": bf[:, c0:c1]}
+        return {} if bw is None else {"bias": bw[:, c0:c1]}
 
     for c0 in range(0, C, cb):
         c1 = min(C, c0 + cb)
@@ -193,15 +140,38 @@ def _vocab_head_kernels(h, W, b, probs, temperature, dW, db, compute_dtype, chun
     if impl == "triton":
         plogp = torch.xlogy(p, p).sum(-1).double()
     lse = m + s.log()
-    dh = torch.zeros(K, R, H, dtype=torch.float32, device=h.device)
+    dh = torch.zeros(K, R, H, dtype=acc, device=h.device)
     for c0 in range(0, C, cb):
         c1 = min(C, c0 + cb)
         g = logits(c0, c1)
         head_grad(g, p[:, c0:c1], T, lse, T / R, None if db is None else db[:, c0:c1], **bias(c0, c1))
         dW[:, c0:c1] = torch.bmm(g.transpose(1, 2), hc)
         dh += torch.bmm(g, Wc[:, c0:c1])
+    # sum_c p log q = sum_c p z / T - lse * sum_c p, row by row in float64 (p sums to 1 only
+    # within rounding); the teacher's own part T^2 / R * sum p log p is the same for all K
     rows = plogp - (pz.double() - lse.double() * p.sum(-1).double())
-    return (rows.sum(-1) * (T * T / R)).float(), dh
+    return (rows.sum(-1) * (T * T / R)).to(acc), dh
+
+
+def _torch_head_stats(z, p, temperature, m, s, pz, bias=None):
+    """The first sweep's step as torch ops (float64; a CPU without the C++ extension): the
+    contract of fastagg.cpu_cpp.head_stats, the accumulators m and s in p's dtype."""
+    x = z.to(p.dtype) if bias is None else torch.add(z, bias[:, None, :])
+    x = x.mul_(1.0 / float(temperature))
+    pz += (x * p).sum(-1)  # (an einsum went through permuting copies: 10% of a CPU pass)
+    m_new = torch.maximum(m, x.amax(-1))
+    s.mul_(torch.exp(m - m_new)).add_(torch.exp(x - m_new[..., None]).sum(-1))
+    m.copy_(m_new)
+
+
+def _torch_head_grad(z, p, temperature, lse, scale, db=None, bias=None):
+    """The second sweep's step as torch ops: the contract of fastagg.cpu_cpp.head_grad (the
+    gradient widened to p's dtype, db summed there, then written over z in z's dtype)."""
+    g = z.to(p.dtype) if bias is None else torch.add(z, bias[:, None, :])
+    g.mul_(1.0 / float(temperature)).sub_(lse[..., None]).exp_().sub_(p).mul_(scale)
+    if db is not None:
+        db.copy_(g.sum(1))
+    z.copy_(g)
 
 
 def vocab_head_kd_reference(h, W, b, probs, temperature):
