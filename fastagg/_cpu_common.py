@@ -35,3 +35,39 @@ def check_kd_args(logits, teacher_probs):
     if logits.dtype not in DTYPE_CODE:
         raise TypeError(f"CPU kd kernels take fp32 / bf16 / fp16 logits, got {logits.dtype}")
     return logits.contiguous(), teacher_probs.float().contiguous(), K, N
+
+
+def check_head_chunk(z, p, bias):
+    """The head route's chunk kernels' operands (fastagg.ops.vocab_head): logits z [K, R, c]
+    (fp32 / bf16 / fp16, contiguous along c), the teacher's p fp32 [R, c] and the bias's chunk
+    fp32 [K, c] or None, each contiguous along c. Returns (K, R, c)."""
+    K, R, NC = z.shape
+    if z.dtype not in DTYPE_CODE or z.stride(2) != 1 or p.stride(1) != 1 or p.shape != (R, NC) or p.dtype != torch.float32:
+        raise ValueError(f"a chunk's logits must be fp32 / bf16 / fp16 [K, R, c] and its teacher probabilities fp32 "
+                         f"[R, c], each contiguous along c; got {tuple(z.shape)} {z.dtype} {z.stride()} and "
+                         f"{tuple(p.shape)} {p.dtype}")
+    if bias is not None and (bias.shape != (K, NC) or bias.dtype != torch.float32 or bias.stride(1) != 1):
+        raise ValueError(f"bias must be fp32 [{K}, {NC}] contiguous along c, got {tuple(bias.shape)} {bias.dtype}")
+    return K, R, NC
+
+
+def check_head_stats(z, p, m, s, pz, bias):
+    """head_stats' arguments: the chunk's (check_head_chunk) and the rows' accumulators m, s fp32
+    and pz float64, each contiguous [K, R]."""
+    K, R, NC = check_head_chunk(z, p, bias)
+    for t, dt in ((m, torch.float32), (s, torch.float32), (pz, torch.float64)):
+        if t.shape != (K, R) or t.dtype != dt or not t.is_contiguous():
+            raise ValueError(f"accumulators must be contiguous [{K}, {R}] (m, s fp32, pz float64), got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    return K, R, NC
+
+
+def check_head_grad(z, p, lse, db, bias):
+    """head_grad's arguments: the chunk's (check_head_chunk), lse fp32 [K, R] contiguous, db fp32
+    [K, c] contiguous along c or None."""
+    K, R, NC = check_head_chunk(z, p, bias)
+    if lse.shape != (K, R) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be contiguous fp32 [{K}, {R}], got {tuple(lse.shape)} {lse.dtype}")
+    if db is not None and (db.shape != (K, NC) or db.dtype != torch.float32 or db.stride(1) != 1):
+        raise ValueError(f"db must be fp32 [{K}, {NC}] contiguous along c, got {tuple(db.shape)} {db.dtype}")
+    return K, R, NC

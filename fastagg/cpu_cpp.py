@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._cpu_common import DTYPE_CODE, STAGE_CODE, check_kd_args, merge_groups
+from ._cpu_common import DTYPE_CODE, STAGE_CODE, check_head_grad, check_head_stats, check_kd_args, merge_groups
 from .ops.stage import check_stage_args
 
 ABI = 3  # the calling convention this module speaks; csrc/fastagg_cpu.cpp sets the same
@@ -51,15 +51,12 @@ def kd_loss_grad(logits, teacher_probs, temperature):
 
 
 def _head_args(z, p, bias):
+    """The chunk's pointer, dtype, sizes and strides as the C++ kernels take them; the bias is
+    always given (zeros of student stride 0 for a layer without one, so that no loop branches)."""
     K, R, NC = z.shape
-    if z.stride(2) != 1 or p.stride(1) != 1 or p.shape != (R, NC) or p.dtype != torch.float32:
-        raise ValueError(f"a chunk's logits must be [K, R, c] and its teacher probabilities fp32 [R, c], each "
-                         f"contiguous along c; got {tuple(z.shape)} {z.stride()} and {tuple(p.shape)} {p.dtype}")
     if bias is None:
         bias, bs_k = torch.zeros(NC, dtype=torch.float32), 0
     else:
-        if bias.shape != (K, NC) or bias.dtype != torch.float32 or bias.stride(1) != 1:
-            raise ValueError(f"bias must be fp32 [{K}, {NC}] contiguous along c, got {tuple(bias.shape)} {bias.dtype}")
         bs_k = bias.stride(0)
     return (DTYPE_CODE[z.dtype], K, R, NC, z.stride(0), z.stride(1), p.data_ptr(), p.stride(0), bias.data_ptr(),
             bs_k), bias
@@ -69,12 +66,8 @@ def head_stats(z, p, temperature, m, s, pz, bias=None):
     """fastagg.ops.vocab_head's first sweep over a chunk z [K, R, c] (fp32 / bf16 / fp16), with
     the bias's chunk [K, c] (fp32) added: m, s (fp32 [K, R]) and pz (float64 [K, R]), contiguous,
     take the chunk's max, sum of exp(z / T - m) and sum p z / T."""
+    check_head_stats(z, p, m, s, pz, bias)
     args, keep = _head_args(z, p, bias)
-    K, R = z.shape[:2]
-    for t, dt in ((m, torch.float32), (s, torch.float32), (pz, torch.float64)):
-        if t.shape != (K, R) or t.dtype != dt or not t.is_contiguous():
-            raise ValueError(f"accumulators must be contiguous [{K}, {R}] (m, s fp32, pz float64), got "
-                             f"{tuple(t.shape)} {t.dtype}")
     _cpu.head_stats(z.data_ptr(), *args, m.data_ptr(), s.data_ptr(), pz.data_ptr(), float(temperature))
     del keep
 
@@ -82,12 +75,8 @@ def head_stats(z, p, temperature, m, s, pz, bias=None):
 def head_grad(z, p, temperature, lse, scale, db=None, bias=None):
     """The second sweep: z <- scale * (softmax((z + bias) / T) - p) from each row's log-sum-exp
     lse (fp32 [K, R], contiguous); db (fp32 [K, c], contiguous along c) <- its sums over the rows."""
+    check_head_grad(z, p, lse, db, bias)
     args, keep = _head_args(z, p, bias)
-    K, R, NC = z.shape
-    if lse.shape != (K, R) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"lse must be contiguous fp32 [{K}, {R}], got {tuple(lse.shape)} {lse.dtype}")
-    if db is not None and (db.shape != (K, NC) or db.dtype != torch.float32 or db.stride(1) != 1):
-        raise ValueError(f"db must be fp32 [{K}, {NC}] contiguous along c, got {tuple(db.shape)} {db.dtype}")
     _cpu.head_grad(z.data_ptr(), *args, lse.data_ptr(), float(scale), 0 if db is None else db.data_ptr(),
                    0 if db is None else db.stride(0), float(temperature))
     del keep

@@ -720,9 +720,9 @@ class StudentGradEngine:
             with self._autocast():
                 h, pullback = vjp(batched, trainable)
         cd = torch.bfloat16 if self.precision == "bf16" and h.dtype == torch.float32 else h.dtype
-        # the chunks' kernels follow the engine's backend (Triton's or the C++ extension's, torch ops
-        # for "torch"); "numba" (no head kernels) and "auto", and float64, take what vocab_head picks
-        kernels = self.backend if self.backend in ("torch", "triton", "cpp") and h.dtype != torch.float64 else None
+        # the chunks' kernels follow the engine's backend (Triton's, the C++ extension's or numba's,
+        # torch ops for "torch"); "auto", and float64, take what vocab_head picks
+        kernels = self.backend if self.backend != "auto" and h.dtype != torch.float64 else None
         loss, dh = vocab_head_kd(h, W, b, probs, self.temperature, views[wname], views[bname] if bname else None,
                                  compute_dtype=cd, kernels=kernels)
         if compiled:

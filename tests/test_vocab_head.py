@@ -19,16 +19,16 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-# torch ops (float64 too); the Triton kernels (interpreter on a CPU) and the C++ extension's, which
-# take fp32 / bf16
+# torch ops (float64 too); the Triton kernels (interpreter on a CPU), the C++ extension's and numba's,
+# which take fp32 / bf16
 @pytest.mark.parametrize("dtype,compute,tol,kernels", [(torch.float64, None, 1e-12, "torch")] + [
     (torch.float32, compute, tol, k) for compute, tol in ((None, 2e-5), (torch.bfloat16, 2e-2))
-    for k in ("torch", "triton", "cpp")])
+    for k in ("torch", "triton", "cpp", "numba")])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk", [10, 37, 64])  # tails of 7; one chunk exactly; one larger than C
 def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, chunk, kernels, rng, device):
-    if kernels == "cpp":
-        need_backend("cpp")
+    if kernels in ("cpp", "numba"):
+        need_backend(kernels)
     kernels_on = kernels != "torch"
     # the Triton kernels on the test device: a GPU's (FASTAGG_TEST_DEVICE=cuda), else the interpreter's
     dev = device if kernels == "triton" else torch.device("cpu")
@@ -251,20 +251,20 @@ def test_the_compiled_head_route_equals_native(rng):
     assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
 
 
-@pytest.mark.parametrize("impl", ["triton", "cpp"])
+@pytest.mark.parametrize("impl", ["triton", "cpp", "numba"])
 def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch, device):
     """The engine's head route with the chunks' elementwise steps in the Triton kernels (as on
-    CUDA; on a CPU through the interpreter) or the C++ ones (a CPU's default where they are
-    built): fp32 gradients and losses equal native's."""
-    if impl == "cpp":
-        need_backend("cpp")
+    CUDA; on a CPU through the interpreter), the C++ ones (a CPU's default where they are built)
+    or numba's: fp32 gradients and losses equal native's."""
+    if impl in ("cpp", "numba"):
+        need_backend(impl)
     elif device.type == "cuda":  # this engine runs on the CPU: its Triton launches need the interpreter
         pytest.skip("the Triton kernels run on the GPU in test_the_chunked_head_matches_float64_autograd there")
     monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
     calls = []
-    import fastagg.cpu_cpp as kc
-    import fastagg.kernels.vocab_head as kv
-    mod = kv if impl == "triton" else kc
+    import importlib
+
+    mod = importlib.import_module("fastagg.kernels.vocab_head" if impl == "triton" else f"fastagg.cpu_{impl}")
     for name in ("head_stats", "head_grad"):
         monkeypatch.setattr(mod, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(getattr(mod, name),
                                                                                                         name))
@@ -297,9 +297,13 @@ def test_the_kernels_refuse_layouts_they_cannot_read(device):
         head_grad(z, p, 3.0, acc, 1.0, torch.zeros(6, 2, device=device).t())
 
 
-def test_the_cpp_kernels_refuse_layouts_they_cannot_read():
-    need_backend("cpp")
-    from fastagg.cpu_cpp import head_grad, head_stats
+@pytest.mark.parametrize("impl", ["cpp", "numba"])
+def test_the_cpu_kernels_refuse_layouts_they_cannot_read(impl):
+    need_backend(impl)
+    import importlib
+
+    mod = importlib.import_module(f"fastagg.cpu_{impl}")
+    head_grad, head_stats = mod.head_grad, mod.head_stats
 
     z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
     with pytest.raises(ValueError, match="contiguous along c"):
@@ -310,22 +314,85 @@ def test_the_cpp_kernels_refuse_layouts_they_cannot_read():
         head_stats(z, p, 3.0, acc, acc.clone(), acc.double(), bias=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="db must be"):
         head_grad(z, p, 3.0, acc, 1.0, torch.zeros(2, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="fp32 / bf16 / fp16"):
+        head_grad(z.double(), p, 3.0, acc, 1.0)
+
+
+def _chunk_reference(z, b, p, T, lse=None):
+    """The chunk kernels' results in float64 from z's stored values: (max, sum of exp(x - max),
+    sum p x) per row of x = (z + b) / T; with lse, also the gradient T / R * (exp(x - lse) - p)."""
+    x = (z.double() + (0 if b is None else b.double()[:, None, :])) / T
+    p = p.double()
+    m = x.amax(-1)
+    stats = (m, torch.exp(x - m[..., None]).sum(-1), (x * p).sum(-1))
+    if lse is None:
+        return stats
+    return stats, (torch.exp(x - lse.double()[..., None]) - p) * (T / z.shape[1])
+
+
+@pytest.mark.parametrize("impl", ["cpp", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_cpu_chunk_kernels_equal_float64_in_each_dtype(impl, dtype, bias, rng):
+    """head_stats over two chunks folded into the same rows, then head_grad over a chunk: against
+    float64 from the same stored logits, on strided rows (the products' outputs are views), with
+    tails of the numba kernels' 8-row and 128-column tasks; the gradient stored in z's dtype
+    within one rounding, and db the sum of the values before rounding."""
+    need_backend(impl)
+    import importlib
+
+    mod = importlib.import_module(f"fastagg.cpu_{impl}")
+    K, R, T = 3, 13, 3.0
+    widths = (300, 77)
+    p_full = torch.softmax(2 * torch.randn(R, sum(widths), generator=rng), -1)
+    m, s = torch.full((K, R), -float("inf")), torch.zeros(K, R)
+    pz = torch.zeros(K, R, dtype=torch.float64)
+    chunks, c0 = [], 0
+    for w in widths:
+        z = (4 * torch.randn(K, R, w + 5, generator=rng)).to(dtype)[:, :, 5:]  # rows strided
+        b = torch.randn(K, w, generator=rng) if bias else None
+        p = p_full[:, c0:c0 + w]  # strided rows of the teacher's [R, C]
+        mod.head_stats(z, p, T, m, s, pz, bias=b)
+        chunks.append((z, b, p))
+        c0 += w
+    ref = [_chunk_reference(z, b, p, T) for z, b, p in chunks]
+    ref_m = torch.maximum(ref[0][0], ref[1][0])
+    ref_s = sum(r[1] * torch.exp(r[0] - ref_m) for r in ref)
+    assert torch.allclose(m.double(), ref_m, rtol=1e-6, atol=0)
+    assert torch.allclose(s.double(), ref_s, rtol=1e-5, atol=0)
+    assert torch.allclose(pz, ref[0][2] + ref[1][2], rtol=1e-5, atol=1e-5)
+    lse = (m.double() + s.double().log()).float()
+    for z, b, p in chunks:
+        _, g = _chunk_reference(z, b, p, T, lse)
+        for with_db in (True, False):
+            zz = z.clone()  # head_grad writes over it
+            db = torch.full((K, z.shape[2] + 2), float("nan"))[:, 2:] if with_db else None
+            mod.head_grad(zz, p, T, lse, T / R, db, bias=b)
+            # rounded to nearest: within half a unit in the last place of z's dtype (truncation
+            # is not), plus the fp32 arithmetic's error and half of fp16's subnormal spacing
+            half_ulp = torch.finfo(dtype).eps / 2
+            assert ((zz.double() - g).abs() <= (half_ulp + 2e-6) * g.abs() + 3e-8).all()
+            if with_db:
+                assert torch.allclose(db.double(), g.sum(1), rtol=1e-4, atol=1e-7)
 
 
 def test_an_unknown_kernels_choice_is_refused():
     h, W, p = torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), torch.full((2, 4), 0.25)
     with pytest.raises(ValueError, match="kernels must be one of"):
-        vocab_head_kd(h, W, None, p, 3.0, torch.zeros(1, 4, 3), kernels="numba")
+        vocab_head_kd(h, W, None, p, 3.0, torch.zeros(1, 4, 3), kernels="cuda")
 
 
 def test_the_head_routes_kernels_follow_the_engines_backend(rng, monkeypatch):
-    """backend "cpp": the chunks through the C++ kernels; "torch": torch ops, no kernel called;
-    the C++ ones asked for where the extension is not there: BackendUnavailable with the reason."""
+    """backend "cpp" / "numba": the chunks through that backend's kernels; "torch": torch ops, no
+    kernel called; the C++ ones asked for where the extension is not there: BackendUnavailable
+    with the reason."""
     import fastagg.cpu_cpp as kc
+    import fastagg.cpu_numba as kn
 
     calls = []
-    real = kc.head_stats
-    monkeypatch.setattr(kc, "head_stats", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for mod in (kc, kn):
+        monkeypatch.setattr(mod, "head_stats", (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(
+            mod.head_stats, mod.__name__))
     model = TinyLM(300)
     tokens = torch.randint(0, 300, (3, 5), generator=rng)
     students, probs = _students(model, 2, rng), _probs(model, tokens)
@@ -333,9 +400,12 @@ def test_the_head_routes_kernels_follow_the_engines_backend(rng, monkeypatch):
     out = torch.empty_like(students)
     StudentGradEngine(model, spec, tokens, 3.0, "torch", "fp32", conv="head", chunk=None)(students, probs, out=out)
     assert calls == []
-    if kc.available()[0]:
-        StudentGradEngine(model, spec, tokens, 3.0, "cpp", "fp32", conv="head", chunk=None)(students, probs, out=out)
-        assert calls
+    for mod, backend in ((kc, "cpp"), (kn, "numba")):
+        if mod.available()[0]:
+            calls.clear()
+            StudentGradEngine(model, spec, tokens, 3.0, backend, "fp32", conv="head", chunk=None)(students, probs,
+                                                                                                out=out)
+            assert calls and set(calls) == {mod.__name__}
     monkeypatch.setattr(kc, "available", lambda: (False, "not built here (a test)"))
     with pytest.raises(fastagg.backends.BackendUnavailable, match="not built here"):
         StudentGradEngine(model, spec, tokens, 3.0, "cpp", "fp32", conv="head", chunk=None)(students, probs, out=out)

@@ -16,8 +16,9 @@ over the full logits and their gradient, which for a 32k vocabulary are most of 
 traffic of a student (and on a CPU page faults: each pass's fresh [K, R, C] tensors).
 
 Each sweep's elementwise work on a chunk is one kernel: Triton's on CUDA (fastagg.kernels.vocab_head),
-the C++ extension's on a CPU (fastagg.cpu_cpp.head_stats / head_grad), so that a chunk's logits
-are read once per sweep in the products' dtype; torch ops for float64 or without the extension.
+the C++ extension's or numba's on a CPU (fastagg.cpu_cpp / cpu_numba .head_stats / head_grad), so
+that a chunk's logits are read once per sweep in the products' dtype; torch ops for float64 or
+where neither CPU backend is there.
 
 Rows are split the other way by fastagg.kernels.fused_linear_kd (Liger-Kernel's scheme): chunks
 of rows with whole vocabularies, dW accumulated over them. That suits hidden sizes in the
@@ -63,13 +64,14 @@ def check_head_args(h, W, b, probs, dW, db):
     return K, R, H, C
 
 
-KERNELS = ("torch", "triton", "cpp")
+KERNELS = ("torch", "triton", "cpp", "numba")
 
 
 def _kernels(kernels, h):
     """Which implementation runs the chunks' elementwise steps: ``kernels`` if given (one of
-    KERNELS), else Triton on CUDA, the C++ extension on a CPU where it is built, torch ops for
-    float64 (the kernels accumulate in fp32) or without the extension."""
+    KERNELS), else Triton on CUDA; on a CPU the C++ extension where it is built, else numba's
+    kernels where numba is installed, else torch ops; torch ops for float64 (the kernels
+    accumulate in fp32)."""
     if kernels is not None:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
@@ -78,9 +80,9 @@ def _kernels(kernels, h):
         return "torch"
     if h.is_cuda:
         return "triton"
-    from .. import cpu_cpp
+    from .. import cpu_cpp, cpu_numba
 
-    return "cpp" if cpu_cpp.available()[0] else "torch"
+    return "cpp" if cpu_cpp.available()[0] else "numba" if cpu_numba.available()[0] else "torch"
 
 
 def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, chunk=None, kernels=None):
@@ -91,19 +93,22 @@ def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, 
     (float64 for float64 inputs), the gradient rounded to the operand dtype for its products.
     ``chunk``: vocabulary columns per chunk (default: chunk_columns). ``kernels``: the chunks'
     elementwise steps as two kernels per chunk, "triton" (fastagg.kernels.vocab_head; default on
-    CUDA) or "cpp" (the C++ extension; default on a CPU where it is built), or as "torch" ops
-    (float64, or a CPU without the extension)."""
+    CUDA), "cpp" (the C++ extension; default on a CPU where it is built) or "numba" (the CPU's
+    default without it), or as "torch" ops (float64, or a CPU without either)."""
     K, R, H, C = check_head_args(h, W, b, probs, dW, db)
     impl = _kernels(kernels, h)
     if impl == "triton":
         from ..kernels.vocab_head import head_grad, head_stats
-    elif impl == "cpp":
-        from .. import cpu_cpp
-        from ..backends import BackendUnavailable
-        from ..cpu_cpp import head_grad, head_stats
+    elif impl in ("cpp", "numba"):
+        import importlib
 
-        if not cpu_cpp.available()[0]:
-            raise BackendUnavailable(f"the head route's C++ kernels: {cpu_cpp.available()[1]}")
+        from ..backends import BackendUnavailable
+
+        mod = importlib.import_module(f"fastagg.cpu_{impl}")
+        ok, why = mod.available()
+        if not ok:
+            raise BackendUnavailable(f"the head route's {impl} kernels: {why}")
+        head_grad, head_stats = mod.head_grad, mod.head_stats
     else:
         head_grad, head_stats = _torch_head_grad, _torch_head_stats
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
