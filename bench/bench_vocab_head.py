@@ -10,6 +10,7 @@ keeps its best time.
 
     python bench/bench_vocab_head.py                    # 32k and 128k vocabularies, K = 4, CPU
     python bench/bench_vocab_head.py --vocab 32000 --k 16 --device cuda
+    python bench/bench_vocab_head.py --methods head_cpp,head_numba,head_torch --out bench/results/cpu_vocab_head_kernels.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 
 # engine routes, and the torch.compile'd vmap (bf16 only: the issue's stock-PyTorch baseline)
 METHODS = ("native", "head", "compiled", "compiled_head", "compiled_vmap")
+# the head route with its chunks' kernels named (CPU): "head" takes the default, C++'s where built
+HEAD_KERNELS = ("head_cpp", "head_numba", "head_torch")
 
 
 def _status_kb(field):
@@ -53,9 +56,10 @@ def child(method, precision, vocab, K, reps, device):
         run = lambda: fn(students)  # noqa: E731
     else:
         conv = "head" if "head" in method else "native"
-        eng = StudentGradEngine(model, spec, proxy, 3.0, "auto", precision, conv=conv, chunk=None,
+        backend = method.split("_")[1] if method in HEAD_KERNELS else "auto"
+        eng = StudentGradEngine(model, spec, proxy, 3.0, backend, precision, conv=conv, chunk=None,
                                 compile=method.startswith("compiled"))
-        eng.only_routes = {method}
+        eng.only_routes = {"head" if method in HEAD_KERNELS else method}
         run = lambda: eng(students, probs, out=out)  # noqa: E731
     run()  # compilation, route choice, lazy initialisation: not in the peak
     sync()
@@ -83,7 +87,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precision", default="fp32,bf16")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"of {', '.join(METHODS + HEAD_KERNELS)}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/results/cpu_vocab_head.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
