@@ -387,18 +387,20 @@ def stage_row(src, dst, src_dtype=None, threads=1):  # threads: one, the caller'
 
 
 def _head_operands(z, p, bias):
-    """The chunk as the numba kernels read it: z as float32 or 16-bit patterns, p, and the bias
-    (a row of zeros, b_step 0, for a layer without one)."""
+    """The chunk as the numba kernels read it, every array contiguous, so that each kernel
+    compiles once per logits dtype, not once per mix of layouts (the chunks of p and the bias are
+    column slices: 8-10 versions, ~40 s of compiling before): z as float32 or 16-bit patterns, p,
+    and the bias (a row of zeros, b_step 0, for a layer without one)."""
     zr, code = _logits(z)
-    b = np.zeros((1, z.shape[2]), np.float32) if bias is None else bias.numpy()
-    return zr, code, p.numpy(), b, 0 if bias is None else 1
+    b = np.zeros((1, z.shape[2]), np.float32) if bias is None else bias.contiguous().numpy()
+    return zr, code, p.contiguous().numpy(), b, 0 if bias is None else 1
 
 
 def head_stats(z, p, temperature, m, s, pz, bias=None):
     """fastagg.cpu_cpp.head_stats' contract: m, s (fp32 [K, R]) and pz (float64 [K, R]) take the
     chunk z [K, R, c]'s max, sum of exp((z + bias) / T - m) and sum p (z + bias) / T."""
     check_head_stats(z, p, m, s, pz, bias)
-    zr, code, pn, b, b_step = _head_operands(z, p, bias)
+    zr, code, pn, b, b_step = _head_operands(z.contiguous(), p, bias)
     _head_stats(zr, code, pn, b, b_step, m.numpy(), s.numpy(), pz.numpy(), np.float32(temperature), _F16_TABLE)
 
 
@@ -406,7 +408,13 @@ def head_grad(z, p, temperature, lse, scale, db=None, bias=None):
     """fastagg.cpu_cpp.head_grad's contract: z <- scale * (softmax((z + bias) / T) - p) from each
     row's log-sum-exp lse (fp32 [K, R]); db (fp32 [K, c]) <- its sums over the rows."""
     check_head_grad(z, p, lse, db, bias)
-    zr, code, pn, b, b_step = _head_operands(z, p, bias)
-    dbn = np.zeros((1, 1), np.float32) if db is None else db.numpy()
+    work = z.contiguous()  # z itself: the products' output (a copy, written back, for other layouts)
+    sums = None if db is None else db.contiguous()
+    zr, code, pn, b, b_step = _head_operands(work, p, bias)
+    dbn = np.zeros((1, 1), np.float32) if sums is None else sums.numpy()
     _head_grad(zr, code, pn, b, b_step, lse.numpy(), np.float32(scale), dbn, 0 if db is None else db.shape[0],
                np.float32(temperature), _F16_TABLE)
+    if work.data_ptr() != z.data_ptr():
+        z.copy_(work)
+    if sums is not None and sums.data_ptr() != db.data_ptr():
+        db.copy_(sums)
