@@ -179,6 +179,9 @@ class Aggregator:
         self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
         self.delta_dtype = _delta_dtype(delta_dtype, self.dtype)
         self.backend = backends.resolve(backend, self.device, self.dtype)
+        if self.backend in ("cpp", "numba") and self.device.type != "cpu":  # their kernels read host memory
+            raise ValueError(f"backend {backend!r} runs its kernels on CPU tensors, but the model is on {self.device}: "
+                             f"use 'auto', 'triton' or 'torch' there")
         backends.get("fused_merge", self.backend, self.device)  # an unavailable backend fails here, not mid-merge
         if not isinstance(compute_stream, bool):
             raise ValueError(f"compute_stream must be True or False, got {compute_stream!r}")

@@ -30,7 +30,7 @@ def available():
 
 
 def fused_merge(theta, c0, groups, out=None):
-    groups = merge_groups(theta, groups)
+    groups = merge_groups(theta, groups, out)
     if out is None:
         out = torch.empty_like(theta)
     _cpu.fused_merge(theta.data_ptr(), out.data_ptr(), theta.numel(), float(c0),

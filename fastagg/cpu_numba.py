@@ -336,7 +336,7 @@ _EMPTY_U16 = np.zeros((1, 1), np.uint16)
 
 
 def fused_merge(theta, c0, groups, out=None):
-    groups = merge_groups(theta, groups)
+    groups = merge_groups(theta, groups, out)
     if len(groups) > 3:
         raise ValueError(f"at most 3 row groups, got {len(groups)}")
     if out is None:

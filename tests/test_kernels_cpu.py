@@ -111,6 +111,40 @@ def test_aggregator_cpu_backend_equals_torch_over_a_fedadt_run(name, rule, rng):
     assert _rel(results[1], results[0]) < 1e-5
 
 
+def test_cpu_kernels_refuse_what_they_would_read_or_write_out_of_bounds(cpu_backend):
+    """The kernels take raw pointers: memory elsewhere (a GPU's; "meta" stands in for it), an
+    ``out`` of another size or dtype, rows shorter than the parameters are refused before a
+    pointer is taken, and nothing is written."""
+    theta, rows = torch.zeros(10), torch.ones(2, 10)
+    elsewhere = torch.empty(2, 10, device="meta")
+    for kwargs, groups, words in [
+            ({"out": torch.zeros(9)}, [(rows, [1.0], None)], "out has 9 values"),
+            ({"out": torch.zeros(10, dtype=torch.float64)}, [(rows, [1.0], None)], "float32 CPU out"),
+            ({"out": torch.zeros(20)[::2]}, [(rows, [1.0], None)], "contiguous float32 CPU out"),
+            ({}, [(rows[:, :9], [1.0], None)], r"\[R, 10\]"),
+            ({}, [(elsewhere, [1.0], None)], "meta")]:
+        out = kwargs.get("out")
+        before = None if out is None else out.clone()
+        with pytest.raises((TypeError, ValueError), match=words):
+            cpu_backend.fused_merge(theta, 1.0, groups, **kwargs)
+        assert out is None or torch.equal(out, before)
+    with pytest.raises(TypeError, match="CPU tensors, got one on meta"):
+        cpu_backend.kd_loss_grad(torch.empty(4, 5, device="meta"), torch.full((2, 5), 0.2), 3.0)
+    z, p, acc = torch.zeros(2, 4, 6), torch.full((4, 6), 1 / 6), torch.zeros(2, 4)
+    with pytest.raises(TypeError, match="CPU tensors, got one on meta"):
+        cpu_backend.head_stats(z.to("meta"), p, 3.0, acc, acc.clone(), acc.double())
+    with pytest.raises(TypeError, match="CPU tensors, got one on meta"):
+        cpu_backend.head_grad(z, p, 3.0, acc.to("meta"), 1.0)
+
+
+@pytest.mark.parametrize("name", ["cpp", "numba"])
+def test_a_cpu_backend_is_refused_for_a_model_elsewhere(name):
+    """Aggregator(backend="cpp" or "numba") for a model that is not in host memory would hand a
+    GPU's pointers to host kernels at the first merge: refused when the aggregator is made."""
+    with pytest.raises(ValueError, match=f"backend '{name}' runs its kernels on CPU tensors, but the model is on meta"):
+        fastagg.Aggregator(mlp(), fastagg.FedBuff(2), device="meta", backend=name)
+
+
 def test_auto_falls_back_with_a_warning_when_the_extension_is_missing(monkeypatch):
     monkeypatch.setattr(cpu_cpp, "_cpu", None)
     monkeypatch.setattr(cpu_cpp, "_why", "simulated: not built", raising=False)
