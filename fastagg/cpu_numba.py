@@ -141,15 +141,7 @@ if numba is not None:
                 total += acc
                 continue
             # the block as fp32 values (fp64 rounded once, as torch does)
-            if scode == 0 or scode == 3:
-                for i in range(m):
-                    f[i] = np.float32(s[i])
-            elif scode == 1:
-                for i in range(m):
-                    fb[i] = np.uint32(s[i]) << np.uint32(16)
-            else:
-                for i in range(m):
-                    fb[i] = table[np.uint16(s[i])]
+            _load_row(f, fb, s, m, 0 if scode == 3 else scode, table)
             # stored, the block then holding the stored values
             if dcode == 1:
                 for i in range(m):
@@ -181,7 +173,8 @@ if numba is not None:
 
     @njit(inline="always")
     def _load_row(x, xb, zr, n, code, table):
-        """x[:n] <- the row zr (float32, or 16-bit patterns by code) as fp32 (xb: x's bits)."""
+        """x[:n] <- the row zr (float32 or float64, or 16-bit patterns by code) as fp32 (xb: x's
+        bits; also staging's)."""
         if code == 0:
             for i in range(n):
                 x[i] = zr[i]
