@@ -20,7 +20,7 @@ def merge_groups(theta, groups, out=None):
             raise TypeError(f"CPU kernels take contiguous float32 CPU {what}, got {t.dtype} on {t.device}")
     if out is not None and out.numel() != theta.numel():
         raise ValueError(f"out has {out.numel()} values, the parameters {theta.numel()}")
-    out = []
+    checked = []
     for rows, coefs, index in groups:
         if rows.dtype not in DTYPE_CODE:
             raise TypeError(f"rows must be fp32, bf16 or fp16, got {rows.dtype}")
@@ -31,8 +31,8 @@ def merge_groups(theta, groups, out=None):
         idx = list(range(len(coefs))) if index is None else [int(i) for i in index]
         if idx and (min(idx) < 0 or max(idx) >= rows.shape[0]):
             raise IndexError(f"row index out of range for {rows.shape[0]} rows")
-        out.append((rows, coefs, idx))
-    return out
+        checked.append((rows, coefs, idx))
+    return checked
 
 
 def check_on_cpu(*tensors):
@@ -56,6 +56,9 @@ def check_head_chunk(z, p, bias):
     (fp32 / bf16 / fp16, contiguous along c), the teacher's p fp32 [R, c] and the bias's chunk
     fp32 [K, c] or None, each contiguous along c. Returns (K, R, c)."""
     check_on_cpu(z, p, bias)
+    if z.dim() != 3 or p.dim() != 2:
+        raise ValueError(f"a chunk's logits must be [K, R, c] and its teacher probabilities [R, c], got "
+                         f"{tuple(z.shape)} and {tuple(p.shape)}")
     K, R, NC = z.shape
     if z.dtype not in DTYPE_CODE or z.stride(2) != 1 or p.stride(1) != 1 or p.shape != (R, NC) or p.dtype != torch.float32:
         raise ValueError(f"a chunk's logits must be fp32 / bf16 / fp16 [K, R, c] and its teacher probabilities fp32 "

@@ -316,6 +316,8 @@ def test_the_cpu_kernels_refuse_layouts_they_cannot_read(impl):
         head_grad(z, p, 3.0, acc, 1.0, torch.zeros(2, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="fp32 / bf16 / fp16"):
         head_grad(z.double(), p, 3.0, acc, 1.0)
+    with pytest.raises(ValueError, match=r"must be \[K, R, c\]"):
+        head_stats(z[0], p, 3.0, acc, acc.clone(), acc.double())
 
 
 def _chunk_reference(z, b, p, T, lse=None):
