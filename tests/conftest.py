@@ -41,7 +41,11 @@ def cnn(dtype=torch.float32, seed=0):
 
 
 def need_backend(name):
-    """Skip where a CPU backend is not available — except the C++ one where CI requires it."""
+    """Skip where a CPU backend is not available — except the C++ one where CI requires it — and
+    on the device run (FASTAGG_TEST_DEVICE=cuda), whose minutes are for the GPU's kernels: the CPU
+    backends' cases (numba compiling in every worker, mostly) are CI's."""
+    if DEVICE == "cuda" and name in ("cpp", "numba"):
+        pytest.skip(f"the {name} backend's cases run in CI, not on the device run")
     from fastagg import backends
     ok, why = backends.available()[name]
     if not ok:
