@@ -200,7 +200,7 @@ if numba is not None:
 
     @njit(inline="always", fastmath=True)
     def _fast_exp(x, e, bits, n):
-        """e[:n] <- exp(x[:n]) for x <= 0 (bits: an int32 buffer of n): fastagg_cpu.cpp's fast_exp,
+        """e[:n] <- exp(x[:n]) for x <= 0 (bits: an int32 buffer of n), returning their sum: fastagg_cpu.cpp's fast_exp,
         2^i * 2^f with a degree-7 polynomial for 2^f (relative error < 1e-8), as plain arithmetic
         in loops that vectorise (numba's np.exp is a call per element without Intel's SVML)."""
         scale = bits.view(np.float32)
@@ -217,8 +217,11 @@ if numba is not None:
             q = q * f + np.float32(1.0)
             e[i] = q * f + np.float32(1.0)
             bits[i] = (np.int32(fi) + np.int32(127)) << np.int32(23)
+        total = np.float32(0.0)
         for i in range(n):
             e[i] *= scale[i]
+            total += e[i]
+        return total
 
     @njit(parallel=True, cache=True, fastmath=True)
     def _kd(z, code, p, g, row_loss, plogp, T, grad_scale, table):
@@ -247,14 +250,16 @@ if numba is not None:
                     x[c] -= m
                     cross += np.float64(pr[c] * x[c])
                     mass += np.float64(pr[c])
-                _fast_exp(x, e, bits, C)
-                s = np.float32(0.0)
-                for c in range(C):
-                    s += e[c]
+                s = _fast_exp(x, e, bits, C)
                 inv_s = np.float32(1.0 / s)
-                for c in range(C):
-                    x[c] = (e[c] * inv_s - pr[c]) * grad_scale
-                _store_row(g[r], x, xb, C, code)
+                if code == 0:  # straight into the row
+                    gr = g[r]
+                    for c in range(C):
+                        gr[c] = (e[c] * inv_s - pr[c]) * grad_scale
+                else:
+                    for c in range(C):
+                        x[c] = (e[c] * inv_s - pr[c]) * grad_scale
+                    _store_row(g[r], x, xb, C, code)
                 row_loss[r] = plogp[r % N] - (cross - mass * np.log(np.float64(s)))
 
     @njit(parallel=True, cache=True, fastmath=True)
@@ -281,10 +286,7 @@ if numba is not None:
                     pz += np.float64(pr[c] * v)
                 for c in range(NC):
                     x[c] -= m
-                _fast_exp(x, e, bits, NC)
-                s = np.float32(0.0)
-                for c in range(NC):
-                    s += e[c]
+                s = _fast_exp(x, e, bits, NC)
                 # fold into the running row: max and sum of exp over the chunks so far
                 m_old = m_acc[k, r]
                 m_tot = max(m_old, m)
