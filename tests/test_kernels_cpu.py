@@ -122,10 +122,13 @@ def test_cpu_kernels_refuse_what_they_would_read_or_write_out_of_bounds(cpu_back
             ({"out": torch.zeros(10, dtype=torch.float64)}, [(rows, [1.0], None)], "float32 CPU out"),
             ({"out": torch.zeros(20)[::2]}, [(rows, [1.0], None)], "contiguous float32 CPU out"),
             ({}, [(rows[:, :9], [1.0], None)], r"\[R, 10\]"),
+            ({}, [(rows, [1.0], [2])], "row index out of range for 2 rows"),
+            ({}, [(rows, [1.0], [-1])], "row index out of range"),
+            ({}, [(rows.int(), [1.0], None)], "rows must be fp32, bf16 or fp16"),
             ({}, [(elsewhere, [1.0], None)], "meta")]:
         out = kwargs.get("out")
         before = None if out is None else out.clone()
-        with pytest.raises((TypeError, ValueError), match=words):
+        with pytest.raises((TypeError, ValueError, IndexError), match=words):
             cpu_backend.fused_merge(theta, 1.0, groups, **kwargs)
         assert out is None or torch.equal(out, before)
     with pytest.raises(TypeError, match="CPU tensors, got one on meta"):

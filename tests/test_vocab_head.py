@@ -63,6 +63,7 @@ def test_the_chunked_head_refuses_shapes_that_disagree():
                         ((h, W, b, p[:3], 3.0, dW, db), "teacher probabilities"),
                         ((h, W, b, p, 3.0, dW[:, :8], db), "dW must be"),
                         ((h, W, b, p, 3.0, dW, None), "exactly when"),
+                        ((h, W, b[:, :8], p, 3.0, dW, db), "bias and db must be"),
                         ((h[0], W, b, p, 3.0, dW, db), "must be [K, R, H]")]:
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
             vocab_head_kd(*args)
@@ -376,6 +377,36 @@ def test_the_cpu_chunk_kernels_equal_float64_in_each_dtype(impl, dtype, bias, rn
             assert ((zz.double() - g).abs() <= (half_ulp + 2e-6) * g.abs() + 3e-8).all()
             if with_db:
                 assert torch.allclose(db.double(), g.sum(1), rtol=1e-4, atol=1e-7)
+
+
+def test_on_a_cpu_the_chunks_default_to_cpp_then_numba_then_torch_ops(rng, monkeypatch):
+    """kernels=None: the C++ kernels where the extension is built, else numba's where numba is
+    there, else torch ops; float64 always torch ops (the kernels accumulate in fp32). Each
+    choice gives the float64 reference's gradients."""
+    import fastagg.cpu_cpp as kc
+    import fastagg.cpu_numba as kn
+
+    calls = []
+    for mod in (kc, kn):
+        monkeypatch.setattr(mod, "head_stats", (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(
+            mod.head_stats, mod.__name__.rsplit("_", 1)[1]))
+    monkeypatch.setattr(vh, "_torch_head_stats", (lambda f: lambda *a, **k: (calls.append("torch"), f(*a, **k))[1])(
+        vh._torch_head_stats))
+    K, R, H, C = 2, 5, 4, 70
+    h, W = torch.randn(K, R, H, generator=rng), torch.randn(K, C, H, generator=rng)
+    p = torch.softmax(torch.randn(R, C, generator=rng), -1)
+    ref = vocab_head_kd_reference(h, W, None, p, 3.0)
+    expected = [name for name, mod in (("cpp", kc), ("numba", kn)) if mod.available()[0]] + ["torch"]
+    for want in expected:
+        calls.clear()
+        dW = torch.empty(K, C, H)
+        _, dh = vocab_head_kd(h, W, None, p, 3.0, dW, chunk=32)
+        assert set(calls) == {want}
+        assert _rel(dh, ref[1]) < 2e-5 and _rel(dW, ref[2]) < 2e-5
+        monkeypatch.setattr({"cpp": kc, "numba": kn}.get(want, kc), "available", lambda: (False, "a test"))
+    calls.clear()
+    vocab_head_kd(h.double(), W.double(), None, p.double(), 3.0, torch.empty(K, C, H, dtype=torch.float64))
+    assert set(calls) == {"torch"}
 
 
 def test_an_unknown_kernels_choice_is_refused():
