@@ -46,6 +46,9 @@ BAD = {
     "flat_len": (errors.UpdateShapeError, lambda a: (torch.zeros(a.spec.numel + 1), {})),
     "dtype": (errors.UpdateDTypeError, lambda a: ({**_good_state(a), "0.bias": torch.zeros(9, dtype=torch.int64)}, {})),
     "ndarray_count": (errors.UpdateKeysError, lambda a: ([np.zeros((9, 6), np.float32)], {})),
+    "ndarray_shape": (errors.UpdateShapeError,  # the last layer's weight transposed
+                      lambda a: ([np.zeros(v.shape[::-1] if k == "2.weight" else v.shape, np.float32)
+                                  for k, v in _good_state(a).items()], {})),
     "nan": (errors.NonFiniteUpdateError, lambda a: (torch.full((a.spec.numel,), float("nan")), {})),
     "inf": (errors.NonFiniteUpdateError,
             lambda a: (torch.cat([torch.zeros(a.spec.numel - 1), torch.tensor([float("inf")])]), {})),
