@@ -60,7 +60,8 @@ def check_head_chunk(z, p, bias):
         raise ValueError(f"a chunk's logits must be [K, R, c] and its teacher probabilities [R, c], got "
                          f"{tuple(z.shape)} and {tuple(p.shape)}")
     K, R, NC = z.shape
-    if z.dtype not in DTYPE_CODE or z.stride(2) != 1 or p.stride(1) != 1 or p.shape != (R, NC) or p.dtype != torch.float32:
+    if (z.dtype not in DTYPE_CODE or z.stride(2) != 1 or p.stride(1) != 1 or p.shape != (R, NC)
+            or p.dtype != torch.float32):
         raise ValueError(f"a chunk's logits must be fp32 / bf16 / fp16 [K, R, c] and its teacher probabilities fp32 "
                          f"[R, c], each contiguous along c; got {tuple(z.shape)} {z.dtype} {z.stride()} and "
                          f"{tuple(p.shape)} {p.dtype}")

@@ -200,9 +200,10 @@ if numba is not None:
 
     @njit(inline="always", fastmath=True)
     def _fast_exp(x, e, bits, n):
-        """e[:n] <- exp(x[:n]) for x <= 0 (bits: an int32 buffer of n), returning their sum: fastagg_cpu.cpp's fast_exp,
-        2^i * 2^f with a degree-7 polynomial for 2^f (relative error < 1e-8), as plain arithmetic
-        in loops that vectorise (numba's np.exp is a call per element without Intel's SVML)."""
+        """e[:n] <- exp(x[:n]) for x <= 0, returning their sum (bits: an int32 buffer of n):
+        fastagg_cpu.cpp's fast_exp, 2^i * 2^f with a degree-7 polynomial for 2^f (relative error
+        < 1e-8), as plain arithmetic in loops that vectorise (numba's np.exp is a call per element
+        without Intel's SVML)."""
         scale = bits.view(np.float32)
         for i in range(n):
             t = max(x[i], np.float32(-87.0)) * np.float32(1.44269504088896341)
