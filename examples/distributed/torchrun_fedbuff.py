@@ -94,9 +94,9 @@ def main():
     # gloo's group is not torn down: with torch 2.13 on this project's 2-core machine, destroying it
     # aborted a rank now and then as it exited (SIGABRT, "terminate called without an active
     # exception": 2 of 22 runs under load with a barrier before it, 1 of 5 without), which torchrun
-    # reports as a failed job; left to the interpreter's exit it still did, once in ~5 CI runs
-    # (twenty-fourth session). The work is done and printed here, so the rank leaves without
-    # running the C++ teardown at all.
+    # reports as a failed job; left to the interpreter's exit it still did, in one of the
+    # twenty-fourth session's first three CI runs. The work is done and printed here, so the rank
+    # leaves without running the C++ teardown at all.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
