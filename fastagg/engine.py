@@ -49,7 +49,7 @@ model auto leaves them out and ``conv="native_cl"`` is refused (``channels_last_
 ``"head"`` (any model whose logits are one ``nn.Linear``'s output with only views after it; see
 ``vocab_head``): vmap's forward of the model up to that layer's input, then the KD loss and the
 layer's gradients chunk by chunk over the vocabulary (fastagg.ops.vocab_head: each chunk's
-elementwise steps are two Triton kernels on CUDA, two C++ ones on a CPU), so that a language
+elementwise steps are two Triton kernels on CUDA, two C++ or numba ones on a CPU), so that a language
 model's [K, N, C] logits are never held, then one vjp of the rest; a candidate of auto from
 HEAD_MIN_CLASSES classes (and ``"compiled_head"``, the rest through torch.compile, with
 ``compile=True``).

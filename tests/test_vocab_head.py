@@ -19,6 +19,13 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _kernel_module(impl):
+    """The module whose head_stats / head_grad run the chunks' steps for ``impl``."""
+    import importlib
+
+    return importlib.import_module("fastagg.kernels.vocab_head" if impl == "triton" else f"fastagg.cpu_{impl}")
+
+
 # torch ops (float64 too); the Triton kernels (interpreter on a CPU), the C++ extension's and numba's,
 # which take fp32 / bf16
 @pytest.mark.parametrize("dtype,compute,tol,kernels", [(torch.float64, None, 1e-12, "torch")] + [
@@ -263,9 +270,7 @@ def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch, device):
         pytest.skip("the Triton kernels run on the GPU in test_the_chunked_head_matches_float64_autograd there")
     monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
     calls = []
-    import importlib
-
-    mod = importlib.import_module("fastagg.kernels.vocab_head" if impl == "triton" else f"fastagg.cpu_{impl}")
+    mod = _kernel_module(impl)
     for name in ("head_stats", "head_grad"):
         monkeypatch.setattr(mod, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(getattr(mod, name),
                                                                                                         name))
@@ -301,9 +306,7 @@ def test_the_kernels_refuse_layouts_they_cannot_read(device):
 @pytest.mark.parametrize("impl", ["cpp", "numba"])
 def test_the_cpu_kernels_refuse_layouts_they_cannot_read(impl):
     need_backend(impl)
-    import importlib
-
-    mod = importlib.import_module(f"fastagg.cpu_{impl}")
+    mod = _kernel_module(impl)
     head_grad, head_stats = mod.head_grad, mod.head_stats
 
     z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
@@ -342,9 +345,7 @@ def test_the_cpu_chunk_kernels_equal_float64_in_each_dtype(impl, dtype, bias, rn
     tails of the numba kernels' 8-row and 128-column tasks; the gradient stored in z's dtype
     within one rounding, and db the sum of the values before rounding."""
     need_backend(impl)
-    import importlib
-
-    mod = importlib.import_module(f"fastagg.cpu_{impl}")
+    mod = _kernel_module(impl)
     K, R, T = 3, 13, 3.0
     widths = (300, 77)
     p_full = torch.softmax(2 * torch.randn(R, sum(widths), generator=rng), -1)

@@ -100,11 +100,10 @@ def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, 
     if impl == "triton":
         from ..kernels.vocab_head import head_grad, head_stats
     elif impl in ("cpp", "numba"):
-        import importlib
-
+        from .. import cpu_cpp, cpu_numba
         from ..backends import BackendUnavailable
 
-        mod = importlib.import_module(f"fastagg.cpu_{impl}")
+        mod = {"cpp": cpu_cpp, "numba": cpu_numba}[impl]
         ok, why = mod.available()
         if not ok:
             raise BackendUnavailable(f"the head route's {impl} kernels: {why}")
@@ -159,8 +158,8 @@ def vocab_head_kd(h, W, b, probs, temperature, dW, db=None, compute_dtype=None, 
 
 
 def _torch_head_stats(z, p, temperature, m, s, pz, bias=None):
-    """The first sweep's step as torch ops (float64; a CPU without the C++ extension): the
-    contract of fastagg.cpu_cpp.head_stats, the accumulators m and s in p's dtype."""
+    """The first sweep's step as torch ops (float64; a CPU without the C++ extension or numba):
+    the contract of fastagg.cpu_cpp.head_stats, the accumulators m and s in p's dtype."""
     x = z.to(p.dtype) if bias is None else torch.add(z, bias[:, None, :])
     x = x.mul_(1.0 / float(temperature))
     pz += (x * p).sum(-1)  # (an einsum went through permuting copies: 10% of a CPU pass)
