@@ -1,10 +1,12 @@
 """Builds the optional C++ CPU kernels (csrc/) as fastagg._cpu.
 
-The extension needs only pybind11 and a C++17 compiler (no torch headers). Without OpenMP it is
-built single-threaded; without a compiler the package still installs, with a one-line warning,
-and fastagg uses its numba or torch kernels (``fastagg info`` says which and why).
+One C++ file per fused op (merge, kd_loss, vocab_head, stage) and bindings.cpp, the only one that
+includes pybind11. The extension needs only pybind11 and a C++17 compiler (no torch headers).
+Without OpenMP it is built single-threaded; without a compiler the package still installs, with a
+one-line warning, and fastagg uses its numba or torch kernels (``fastagg info`` says which and why).
 """
 
+import glob
 import os
 import sys
 
@@ -42,12 +44,13 @@ def extensions():
     if os.environ.get("FASTAGG_NO_CPP") == "1":
         return []
     try:
-        from pybind11.setup_helpers import Pybind11Extension
+        from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
     except ImportError:
         print("fastagg: WARNING: pybind11 missing, C++ kernels not built", file=sys.stderr)
         return []
+    ParallelCompile("FASTAGG_BUILD_JOBS").install()  # the op files compile side by side (all cores unless set)
     native = [] if os.environ.get("FASTAGG_PORTABLE") == "1" else ["-march=native"]
-    return [Pybind11Extension("fastagg._cpu", ["csrc/fastagg_cpu.cpp"], cxx_std=17,
+    return [Pybind11Extension("fastagg._cpu", sorted(glob.glob("csrc/*.cpp")), depends=["csrc/fastagg_cpu.h"], cxx_std=17,
                               extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", *native],
                               extra_link_args=["-fopenmp"])]
 

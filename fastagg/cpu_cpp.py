@@ -1,4 +1,4 @@
-"""The C++ CPU backend (csrc/fastagg_cpu.cpp, built as fastagg._cpu): same contracts as the
+"""The C++ CPU backend (csrc/, one file per op, built as fastagg._cpu): same contracts as the
 references in fastagg.ops. Tensors are passed as raw pointers, so any torch version works."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from ._cpu_common import DTYPE_CODE, STAGE_CODE, check_head_grad, check_head_stats, check_kd_args, merge_groups
 from .ops.stage import check_stage_args
 
-ABI = 3  # the calling convention this module speaks; csrc/fastagg_cpu.cpp sets the same
+ABI = 3  # the calling convention this module speaks; csrc/bindings.cpp sets the same
 
 try:
     from . import _cpu

@@ -1,5 +1,5 @@
 """The numba CPU backend: the same fused ops as JIT kernels (parallel=True, compiled lazily
-on first use and cached on disk) — the portable CPU path where no C++ compiler was available at
+on first use and cached on disk; the GIL released while they run, as the C++ kernels do) — the portable CPU path where no C++ compiler was available at
 install. bf16 / fp16 rows are read as their raw 16-bit patterns and widened in the kernel."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ if numba is not None:
                 for i in range(n):
                     acc[i] += ca * vals[i]
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
     def _merge(theta, out, c0, a32, a16, acode, acoef, aidx, b32, b16, bcode, bcoef, bidx,
                c32, c16, ccode, ccoef, cidx, table):
         P = theta.shape[0]
@@ -201,7 +201,7 @@ if numba is not None:
     @njit(inline="always", fastmath=True)
     def _fast_exp(x, e, bits, n):
         """e[:n] <- exp(x[:n]) for x <= 0, returning their sum (bits: an int32 buffer of n):
-        fastagg_cpu.cpp's fast_exp, 2^i * 2^f with a degree-7 polynomial for 2^f (relative error
+        csrc/fastagg_cpu.h's fast_exp, 2^i * 2^f with a degree-7 polynomial for 2^f (relative error
         < 1e-8), as plain arithmetic in loops that vectorise (numba's np.exp is a call per element
         without Intel's SVML)."""
         scale = bits.view(np.float32)
@@ -224,12 +224,12 @@ if numba is not None:
             total += e[i]
         return total
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
     def _kd(z, code, p, g, row_loss, plogp, T, grad_scale, table):
         """Rows r of z [M, C] (float32, or bf16 / fp16 bits by code) against the teacher's row
         r % N of p [N, C]: g (z's dtype) <- grad_scale * (softmax(z / T) - p) and row_loss
         (float64) <- sum p log p - sum p log softmax(z / T), summed in double with log s kept apart
-        (fastagg_cpu.cpp's kd_rows: the loss is the small difference of two sums of ~log C)."""
+        (csrc/kd_loss.cpp's kd_rows: the loss is the small difference of two sums of ~log C)."""
         M, C = z.shape
         N = p.shape[0]
         nb = (M + TASK_ROWS - 1) // TASK_ROWS
@@ -263,7 +263,7 @@ if numba is not None:
                     _store_row(g[r], x, xb, C, code)
                 row_loss[r] = plogp[r % N] - (cross - mass * np.log(np.float64(s)))
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
     def _head_stats(z, code, p, b, b_step, m_acc, s_acc, pz_acc, T, table):
         K, R = m_acc.shape
         NC = p.shape[1]
@@ -296,7 +296,7 @@ if numba is not None:
                 m_acc[k, r] = m_tot
                 pz_acc[k, r] += pz
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
     def _head_grad(z, code, p, b, b_step, lse, scale, db, db_rows, T, table):
         """z <- scale * (exp((z + b) / T - lse) - p) in z's dtype (bf16 / fp16 rounded to nearest
         even); db[:db_rows] <- its sums over the rows, of the values before rounding."""

@@ -140,6 +140,58 @@ def test_cpu_kernels_refuse_what_they_would_read_or_write_out_of_bounds(cpu_back
         cpu_backend.head_grad(z, p, 3.0, acc.to("meta"), 1.0)
 
 
+def _kernel_calls(mod, g):
+    """One call of each fused op that runs for tens of milliseconds on this machine's two cores."""
+    P, K, R, NC = 8_000_000, 6, 512, 8192
+    theta, rows = torch.randn(P, generator=g), torch.randn(K, P, generator=g)
+    out = torch.empty(P)
+    logits, probs = torch.randn(2048, 16_000, generator=g), torch.softmax(torch.randn(2, 16_000, generator=g), 1)
+    z, p = torch.randn(K, R, NC, generator=g), torch.softmax(torch.randn(R, NC, generator=g), 1)
+    m, s, pz = torch.full((K, R), -float("inf")), torch.zeros(K, R), torch.zeros(K, R, dtype=torch.float64)
+    src, dst = torch.randn(4 * P, generator=g), torch.empty(4 * P, dtype=torch.bfloat16)
+    return {"fused_merge": lambda: mod.fused_merge(theta, 0.5, [(rows, [1.0] * K, None)], out=out),
+            "kd_loss_grad": lambda: mod.kd_loss_grad(logits, probs, 3.0),
+            "head_stats": lambda: mod.head_stats(z, p, 3.0, m, s, pz),
+            "head_grad": lambda: mod.head_grad(z, p, 3.0, torch.zeros(K, R), 1.0, db=torch.zeros(K, NC)),
+            "stage_row": lambda: mod.stage_row(src, dst)}
+
+
+@pytest.mark.parametrize("op", ["fused_merge", "kd_loss_grad", "head_stats", "head_grad", "stage_row"])
+def test_cpu_kernels_release_the_gil_while_they_run(cpu_backend, op, rng):
+    """A server's other threads (HTTP handlers decoding the next updates, submitting threads
+    staging theirs) keep running while a kernel merges or corrects. A thread that wakes every
+    0.1 ms stamps the time; during a kernel that held the GIL its stamps would stop for the
+    kernel's whole length."""
+    import threading
+    import time
+
+    call = _kernel_calls(cpu_backend, rng)[op]
+    call()  # compiled (numba) and warm
+    stamps, stop = [], threading.Event()
+
+    def wake():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(1e-4)
+
+    waker = threading.Thread(target=wake)
+    waker.start()
+    try:
+        time.sleep(0.01)
+        t0 = time.perf_counter()
+        call()
+        t1 = time.perf_counter()
+        time.sleep(0.01)
+    finally:
+        stop.set()
+        waker.join()
+    inside = [t0] + [t for t in stamps if t0 < t < t1] + [t1]
+    longest = max(b - a for a, b in zip(inside, inside[1:]))
+    assert t1 - t0 > 0.01, f"{op} ran {1e3 * (t1 - t0):.1f} ms: too short to tell"
+    assert longest < 0.5 * (t1 - t0), (f"{op}: no other thread ran for {1e3 * longest:.1f} ms of its "
+                                       f"{1e3 * (t1 - t0):.1f} ms (the GIL held)")
+
+
 @pytest.mark.parametrize("name", ["cpp", "numba"])
 def test_a_cpu_backend_is_refused_for_a_model_elsewhere(name):
     """Aggregator(backend="cpp" or "numba") for a model that is not in host memory would hand a
