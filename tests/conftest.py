@@ -1,3 +1,4 @@
+import importlib
 import importlib.util
 import os
 
@@ -52,6 +53,30 @@ def need_backend(name):
         if name == "cpp" and os.environ.get("FASTAGG_REQUIRE_CPP") == "1":
             pytest.fail(f"the C++ extension must be built here: {why}")
         pytest.skip(why)
+
+
+def cpu_kernels(name):
+    """fastagg's CPU kernel module for ``name`` ("cpp" or "numba"), or a skip as need_backend's."""
+    need_backend(name)
+    from fastagg import cpu_cpp, cpu_numba
+
+    return {"cpp": cpu_cpp, "numba": cpu_numba}[name]
+
+
+@pytest.fixture(params=["cpp", "numba"])
+def cpu_backend(request):
+    return cpu_kernels(request.param)
+
+
+def triton_kernels(op):
+    """fastagg.kernels.<op> (the Triton kernels of one op), or a skip where Triton is missing."""
+    pytest.importorskip("triton")
+    return importlib.import_module(f"fastagg.kernels.{op}")
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||, in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def random_delta(agg, scale=0.1, gen=None):

@@ -7,7 +7,7 @@ happens to be unmapped. ``install()`` wraps the interpreter's masked load, maske
 read-modify-write so that every address a lane really touches must lie inside the storage of one
 of the launch's tensor arguments; anything else raises (the launch fails with an
 ``InterpreterError`` that says which access and how many lanes). conftest.py installs it whenever
-the kernels run through the interpreter; test_kernels_triton.py checks that it is active.
+the kernels run through the interpreter; test_interpreter_bounds.py checks that it is active.
 """
 
 from __future__ import annotations

@@ -12,11 +12,7 @@ from fastagg.engine import StudentGradEngine
 from fastagg.flat import ParamSpec
 from fastagg.ops.vocab_head import vocab_head_kd, vocab_head_kd_reference
 
-from conftest import need_backend
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from conftest import cpu_kernels, need_backend, rel_err
 
 
 def _kernel_module(impl):
@@ -56,11 +52,11 @@ def test_the_chunked_head_matches_float64_autograd(dtype, compute, tol, bias, ch
     dW, db = on[4].cpu(), None if db is None else on[5].cpu()
     loss, dh = loss.cpu(), dh.cpu()
     ref_loss, ref_dh, ref_dW, *ref_db = vocab_head_kd_reference(h, W, b, p, 3.0)
-    assert _rel(loss, ref_loss) < tol
-    assert _rel(dh, ref_dh) < tol
-    assert _rel(dW, ref_dW) < tol
+    assert rel_err(loss, ref_loss) < tol
+    assert rel_err(dh, ref_dh) < tol
+    assert rel_err(dW, ref_dW) < tol
     if bias:
-        assert _rel(db, ref_db[0]) < tol
+        assert rel_err(db, ref_db[0]) < tol
 
 
 def test_the_chunked_head_refuses_shapes_that_disagree():
@@ -137,8 +133,8 @@ def test_the_head_route_equals_native_in_float64_and_fp32(vocab, rng, monkeypatc
         out = torch.full_like(students, float("nan"))
         loss, _ = eng(students, probs, out=out)
         got[conv] = (loss, out)
-    assert _rel(got["head"][0], got["native"][0]) < 1e-12
-    assert _rel(got["head"][1], got["native"][1]) < 1e-12
+    assert rel_err(got["head"][0], got["native"][0]) < 1e-12
+    assert rel_err(got["head"][1], got["native"][1]) < 1e-12
     spec = ParamSpec.from_module(model)
     assert torch.equal(spec.unflatten(got["head"][1])["scale"], torch.zeros(4, 12, dtype=torch.float64))
     # fp32 against the float64 result
@@ -146,7 +142,7 @@ def test_the_head_route_equals_native_in_float64_and_fp32(vocab, rng, monkeypatc
     eng = _engine(model32, tokens, "head")
     out = torch.empty(4, spec.numel)
     eng(students.float(), probs.float(), out=out)
-    assert _rel(out, got["native"][1]) < 1e-5
+    assert rel_err(out, got["native"][1]) < 1e-5
 
 
 def test_the_head_route_in_bf16_is_within_the_stated_tolerance_of_fp32(rng):
@@ -159,7 +155,7 @@ def test_the_head_route_in_bf16_is_within_the_stated_tolerance_of_fp32(rng):
     _engine(model, tokens, "native")(students, probs, out=ref)
     out = torch.empty_like(students)
     _engine(model, tokens, "head", "bf16")(students, probs, out=out)
-    assert 0 < _rel(out, ref) < BF16_TOLERANCE
+    assert 0 < rel_err(out, ref) < BF16_TOLERANCE
 
 
 @pytest.mark.parametrize("case,words", [
@@ -213,7 +209,7 @@ def test_fedbuff_with_the_head_route_merges_as_with_native(rng):
             agg.submit(d, base_version=max(0, agg.version - i % 2))
         params.append(agg.params - theta0)  # the two merges' sum of corrected updates
         assert agg.version == 2 and model.training
-    assert _rel(params[1], params[0]) < 1e-12
+    assert rel_err(params[1], params[0]) < 1e-12
 
 
 def test_conv_head_is_refused_for_a_model_without_an_output_layer(rng):
@@ -237,7 +233,7 @@ def test_the_head_route_replayed_as_a_cuda_graph_equals_native(rng):
     out = torch.empty_like(students)
     for _ in range(3):  # capture, then replays
         eng(students, probs, out=out)
-    assert eng._graphs and _rel(out, ref) < 1e-3  # TF32 in both routes' products
+    assert eng._graphs and rel_err(out, ref) < 1e-3  # TF32 in both routes' products
 
 
 def test_the_compiled_head_route_equals_native(rng):
@@ -256,7 +252,7 @@ def test_the_compiled_head_route_equals_native(rng):
     out = torch.full_like(students, float("nan"))
     loss, _ = eng(students, probs, out=out)
     assert eng.routes[3] == "compiled_head"
-    assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
+    assert rel_err(loss, ref_loss) < 1e-12 and rel_err(out, ref) < 1e-12
 
 
 @pytest.mark.parametrize("impl", ["triton", "cpp", "numba"])
@@ -283,10 +279,10 @@ def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch, device):
     out = torch.full_like(students, float("nan"))
     loss, _ = _engine(model, tokens, "head")(students, probs, out=out)
     assert calls.count("head_stats") == 5 and calls.count("head_grad") == 5
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
     # the loss (reported, not merged) from fp32 row sums and log-sum-exps, as the fused KD op's;
     # two fp32 evaluations of a KL this small (~2e-3 a row) differ by ~1e-7 of the log-sum-exp
-    assert _rel(loss, ref_loss) < 2e-4
+    assert rel_err(loss, ref_loss) < 2e-4
 
 
 def test_the_kernels_refuse_layouts_they_cannot_read(device):
@@ -403,7 +399,7 @@ def test_on_a_cpu_the_chunks_default_to_cpp_then_numba_then_torch_ops(rng, monke
         dW = torch.empty(K, C, H)
         _, dh = vocab_head_kd(h, W, None, p, 3.0, dW, chunk=32)
         assert set(calls) == {want}
-        assert _rel(dh, ref[1]) < 2e-5 and _rel(dW, ref[2]) < 2e-5
+        assert rel_err(dh, ref[1]) < 2e-5 and rel_err(dW, ref[2]) < 2e-5
         monkeypatch.setattr({"cpp": kc, "numba": kn}.get(want, kc), "available", lambda: (False, "a test"))
     calls.clear()
     vocab_head_kd(h.double(), W.double(), None, p.double(), 3.0, torch.empty(K, C, H, dtype=torch.float64))
@@ -459,7 +455,7 @@ def test_a_classifiers_last_layer_in_a_sequential_runs_the_head_route_too(rng):
     out, ref = torch.empty_like(students), torch.empty_like(students)
     eng(students, probs, out=out)
     _engine(model, proxy, "native")(students, probs, out=ref)
-    assert _rel(out, ref) < 1e-12
+    assert rel_err(out, ref) < 1e-12
 
 
 @pytest.mark.parametrize("route", ["head", "compiled_head"])
@@ -482,6 +478,18 @@ def test_a_head_tied_to_the_embedding_gets_the_gradient_of_both_uses(route, rng)
     out = torch.full_like(students, float("nan"))
     loss, _ = eng(students, probs, out=out)
     assert eng.routes[3] == route
-    assert _rel(loss, ref_loss) < 1e-12 and _rel(out, ref) < 1e-12
+    assert rel_err(loss, ref_loss) < 1e-12 and rel_err(out, ref) < 1e-12
     emb = spec.unflatten(out)["emb.weight"]
     assert emb[:, tokens.unique()].abs().sum() < emb.abs().sum()  # the layer's part reaches rows no token used
+
+
+@pytest.mark.parametrize("name", ["cpp", "numba"])
+def test_cpu_head_kernels_refuse_memory_elsewhere(name):
+    """The kernels take raw pointers: a chunk or statistics in a GPU's memory ("meta" stands in
+    for it) are refused before a pointer is taken."""
+    cpu_backend = cpu_kernels(name)
+    z, p, acc = torch.zeros(2, 4, 6), torch.full((4, 6), 1 / 6), torch.zeros(2, 4)
+    with pytest.raises(TypeError, match="CPU tensors, got one on meta"):
+        cpu_backend.head_stats(z.to("meta"), p, 3.0, acc, acc.clone(), acc.double())
+    with pytest.raises(TypeError, match="CPU tensors, got one on meta"):
+        cpu_backend.head_grad(z, p, 3.0, acc.to("meta"), 1.0)
