@@ -106,7 +106,7 @@ def test_batches_on_the_batched_path_match_one_submit_at_a_time(rule, rng, late,
     monkeypatch.setattr(fa, "_Ingest", GPU_INGEST)
     ref = _aggregator(rule, model, torch.float64)
     assert agg._staging is not None and ref._staging is None
-    P, client = agg.spec.numel, 0
+    P, client, sure = agg.spec.numel, 0, 0
     batched, norm_calls = [], []
     run = agg._accept_many_on_device
     monkeypatch.setattr(agg, "_accept_many_on_device", lambda *a: (batched.append(1), run(*a))[1])
@@ -117,6 +117,9 @@ def test_batches_on_the_batched_path_match_one_submit_at_a_time(rule, rng, late,
         n = int(torch.randint(1, 10, (1,), generator=rng))
         rows, bases, samples, clients = _batch(agg.version, n, P, rng, torch.float64, client)
         client += n
+        # the faults refused whatever the batch's order and merges (a future base version can
+        # become current within the batch, a repeated client need not have been accepted before)
+        sure += sum(not bool(torch.isfinite(r).all()) or float(r.norm()) > 4.0 or s < 1 for r, s in zip(rows, samples))
         before = len([c for c in norm_calls if c == 1])
         got = agg.submit_many(rows, bases, samples, clients)
         # one reduction per buffer's share of the updates past the argument checks (none if none is)
@@ -129,7 +132,7 @@ def test_batches_on_the_batched_path_match_one_submit_at_a_time(rule, rng, late,
             d = 0.05 * torch.randn(P, generator=rng, dtype=torch.float64)
             assert agg.submit(d, agg.version, 5, ("host", step)) == ref.submit(d, ref.version, 5, ("host", step))
     assert len(batched) == 14
-    assert agg.stats()["merged"] >= 12 and sum(agg.stats()["rejected"].values()) >= 14
+    assert agg.stats()["merged"] > 0 and sum(agg.stats()["rejected"].values()) >= sure > 0
     agg.flush(), ref.flush()
     _check_equal(agg, ref, 1e-12)
 
