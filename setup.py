@@ -50,8 +50,8 @@ def extensions():
         return []
     ParallelCompile("FASTAGG_BUILD_JOBS").install()  # the op files compile side by side (all cores unless set)
     native = [] if os.environ.get("FASTAGG_PORTABLE") == "1" else ["-march=native"]
-    return [Pybind11Extension("fastagg._cpu", sorted(glob.glob("csrc/*.cpp")), depends=["csrc/fastagg_cpu.h"], cxx_std=17,
-                              extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", *native],
+    return [Pybind11Extension("fastagg._cpu", sorted(glob.glob("csrc/*.cpp")), depends=["csrc/fastagg_cpu.h"],
+                              cxx_std=17, extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", *native],
                               extra_link_args=["-fopenmp"])]
 
 

@@ -37,7 +37,8 @@ static int num_threads() {
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "fastagg C++ CPU kernels (no torch headers; raw pointers)";
-    const auto nogil = py::call_guard<py::gil_scoped_release>();  // an error raised inside takes the GIL back first
+    // the GIL released for the whole call; an error raised inside takes it back before it is raised in Python
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
     m.def("fused_merge", &fused_merge_py, "out = c0*theta + sum coef*row over row groups (ptr, dtype, stride, coefs, rows)");
     m.def("kd_loss_grad", &kd_loss_grad, nogil, "row losses and logit gradient of the KD loss");
     m.def("stage_row", &stage_row, nogil, "dst = src converted to dst's dtype; returns the sum of squares of dst (double)");

@@ -1,6 +1,7 @@
 """The numba CPU backend: the same fused ops as JIT kernels (parallel=True, compiled lazily
-on first use and cached on disk; the GIL released while they run, as the C++ kernels do) — the portable CPU path where no C++ compiler was available at
-install. bf16 / fp16 rows are read as their raw 16-bit patterns and widened in the kernel."""
+on first use and cached on disk; the GIL released while they run, as the C++ kernels do) — the
+portable CPU path where no C++ compiler was available at install. bf16 / fp16 rows are read as
+their raw 16-bit patterns and widened in the kernel."""
 
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ def test_batches_on_the_batched_path_match_one_submit_at_a_time(rule, rng, late,
         client += n
         # the faults refused whatever the batch's order and merges (a future base version can
         # become current within the batch, a repeated client need not have been accepted before)
-        sure += sum(not bool(torch.isfinite(r).all()) or float(r.norm()) > 4.0 or s < 1 for r, s in zip(rows, samples))
+        sure += sum(not bool(torch.isfinite(r).all()) or float(r.norm()) > 4.0 or s < 1
+                    for r, s in zip(rows, samples))
         before = len([c for c in norm_calls if c == 1])
         got = agg.submit_many(rows, bases, samples, clients)
         # one reduction per buffer's share of the updates past the argument checks (none if none is)
