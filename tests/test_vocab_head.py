@@ -12,14 +12,7 @@ from fastagg.engine import StudentGradEngine
 from fastagg.flat import ParamSpec
 from fastagg.ops.vocab_head import vocab_head_kd, vocab_head_kd_reference
 
-from conftest import cpu_kernels, need_backend, rel_err
-
-
-def _kernel_module(impl):
-    """The module whose head_stats / head_grad run the chunks' steps for ``impl``."""
-    import importlib
-
-    return importlib.import_module("fastagg.kernels.vocab_head" if impl == "triton" else f"fastagg.cpu_{impl}")
+from conftest import cpu_kernels, need_backend, rel_err, triton_kernels
 
 
 # torch ops (float64 too); the Triton kernels (interpreter on a CPU), the C++ extension's and numba's,
@@ -266,7 +259,7 @@ def test_the_head_routes_kernels_equal_native(impl, rng, monkeypatch, device):
         pytest.skip("the Triton kernels run on the GPU in test_the_chunked_head_matches_float64_autograd there")
     monkeypatch.setattr(vh, "CHUNK_BYTES", {"cpu": 1, "cuda": 1})  # 64 columns a chunk: 300 = 4 * 64 + 44
     calls = []
-    mod = _kernel_module(impl)
+    mod = triton_kernels("vocab_head") if impl == "triton" else cpu_kernels(impl)
     for name in ("head_stats", "head_grad"):
         monkeypatch.setattr(mod, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(getattr(mod, name),
                                                                                                         name))
@@ -301,8 +294,7 @@ def test_the_kernels_refuse_layouts_they_cannot_read(device):
 
 @pytest.mark.parametrize("impl", ["cpp", "numba"])
 def test_the_cpu_kernels_refuse_layouts_they_cannot_read(impl):
-    need_backend(impl)
-    mod = _kernel_module(impl)
+    mod = cpu_kernels(impl)
     head_grad, head_stats = mod.head_grad, mod.head_stats
 
     z, p, acc = torch.zeros(2, 4, 6), torch.zeros(4, 6), torch.zeros(2, 4)
@@ -340,8 +332,7 @@ def test_the_cpu_chunk_kernels_equal_float64_in_each_dtype(impl, dtype, bias, rn
     float64 from the same stored logits, on strided rows (the products' outputs are views), with
     tails of the numba kernels' 8-row and 128-column tasks; the gradient stored in z's dtype
     within one rounding, and db the sum of the values before rounding."""
-    need_backend(impl)
-    mod = _kernel_module(impl)
+    mod = cpu_kernels(impl)
     K, R, T = 3, 13, 3.0
     widths = (300, 77)
     p_full = torch.softmax(2 * torch.randn(R, sum(widths), generator=rng), -1)
